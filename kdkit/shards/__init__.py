@@ -1,0 +1,1 @@
+"""Shard sets: the contract, the converters that write them, and `verify`."""

@@ -1,0 +1,171 @@
+"""The shard contract: the one place that says what a kdkit shard set is.
+
+Writers (converters, the teacher pass), readers (DALI pipelines, stock webdataset, timm) and
+`kdkit verify` all import these names instead of repeating string literals. `shards/FORMAT.md`
+documents the same facts for people; a test checks the two agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+FORMAT_NAME = "kdkit-shards"
+FORMAT_VERSION = 1
+
+# --- sample members (one tar member per field, all sharing the sample key) ---------------------
+IMAGE_EXT = "jpg"  # encoded image bytes: JPEG (source bytes where possible, else re-encoded RGB)
+LABEL_EXT = "cls"  # class index as ASCII decimal, zero-padded to LABEL_WIDTH digits
+# The class index is zero-padded so DALI can turn it into an int inside the graph with plain
+# arithmetic (fixed-length digit vector . powers of ten): DALI reads members as raw bytes and has
+# no ASCII-to-int operator (DALI #4839, #3658). `int(b"000042") == 42`, so stock webdataset and
+# timm read it unchanged.
+LABEL_WIDTH = 6
+MAX_CLASSES = 10**LABEL_WIDTH
+
+# --- files of a shard set (one folder per split) ----------------------------------------------
+MANIFEST = "manifest.json"
+SKIP_REPORT = "skipped.tsv"  # source path <TAB> reason, for every sample left out
+STATE_DIR = ".kdkit-state"  # per-shard completion records and the plan; what resume reads
+PLAN_FILE = "plan.json"
+TIMM_INFO = "_info.json"  # at the dataset root, aggregating every split (timm's reader_wds)
+DALI_INDEX_VERSION = "v1.2"  # first token of a DALI webdataset index (tools/wds2idx.py)
+
+
+def shard_stem(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def tar_name(split: str, index: int) -> str:
+    return shard_stem(split, index) + ".tar"
+
+
+def index_name(split: str, index: int) -> str:
+    return shard_stem(split, index) + ".idx"
+
+
+def encode_label(label: int) -> bytes:
+    if not 0 <= int(label) < MAX_CLASSES:
+        raise ValueError(f"class index {label} outside [0, {MAX_CLASSES})")
+    return f"{int(label):0{LABEL_WIDTH}d}".encode("ascii")
+
+
+def decode_label(raw: bytes) -> int:
+    return int(raw)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def key_from_relpath(relpath: str) -> str:
+    """Stable sample key from a source-relative path.
+
+    WebDataset splits a member name at the first dot of its basename, and DALI's index is
+    space-separated, so keys hold only [A-Za-z0-9_-]: folders are joined with "__", the extension
+    dropped. Where that loses information (dots, spaces, non-ASCII), a short hash of the original
+    path keeps the key unique and still stable across runs.
+    """
+    rel = relpath.replace("\\", "/")
+    stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    joined = "__".join(part for part in stem.split("/") if part)
+    safe = _UNSAFE.sub("_", joined)
+    if safe != joined:
+        safe += "-" + hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8]
+    return safe
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, ext) the way webdataset and DALI split a member name: at the first dot of the basename."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+@dataclass
+class ClassInfo:
+    index: int
+    id: str  # wnid, folder name or numeric id as the source names it
+    name: str = ""  # human-readable name where the source has one
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "id": self.id, "name": self.name}
+
+
+@dataclass
+class ShardRecord:
+    tar: str
+    idx: str
+    num_samples: int
+    bytes: int
+    sha256: str
+    skipped: int = 0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Manifest:
+    split: str
+    classes: list[ClassInfo]
+    shards: list[ShardRecord]
+    source: dict
+    options: dict
+    command: str
+    kdkit_version: str
+    skipped: int = 0
+    ignored_files: int = 0
+    teacher: dict | None = None
+    members: dict = field(default_factory=lambda: {"image": IMAGE_EXT, "label": LABEL_EXT})
+    label_width: int = LABEL_WIDTH
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "num_classes": len(self.classes),
+            "num_shards": len(self.shards),
+            "members": self.members,
+            "label_width": self.label_width,
+            "skipped": self.skipped,
+            "skip_report": SKIP_REPORT,
+            "ignored_files": self.ignored_files,
+            "classes": [c.to_json() for c in self.classes],
+            "shards": [s.to_json() for s in self.shards],
+            "source": self.source,
+            "options": self.options,
+            "command": self.command,
+            "kdkit_version": self.kdkit_version,
+            "teacher": self.teacher,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise ValueError(f"not a kdkit manifest (format={d.get('format')!r})")
+        if int(d.get("format_version", -1)) > FORMAT_VERSION:
+            raise ValueError(
+                f"manifest format_version {d['format_version']} is newer than this kdkit "
+                f"understands ({FORMAT_VERSION}); upgrade kdkit")
+        return cls(
+            split=d["split"],
+            classes=[ClassInfo(**c) for c in d["classes"]],
+            shards=[ShardRecord(**s) for s in d["shards"]],
+            source=d.get("source", {}),
+            options=d.get("options", {}),
+            command=d.get("command", ""),
+            kdkit_version=d.get("kdkit_version", ""),
+            skipped=d.get("skipped", 0),
+            ignored_files=d.get("ignored_files", 0),
+            teacher=d.get("teacher"),
+            members=d.get("members", {"image": IMAGE_EXT, "label": LABEL_EXT}),
+            label_width=d.get("label_width", LABEL_WIDTH),
+        )

@@ -1,0 +1,134 @@
+"""Writing and reading single shards: atomic tar + DALI index, checksums.
+
+The tar itself is written by webdataset's own TarWriter (so the format is exactly what stock
+webdataset writes). What webdataset does not do, and this module adds: write to a temporary name
+and rename only when complete (a killed run never leaves a half tar under a real name), fixed
+member metadata (so a rerun reproduces the same bytes and checksums), and the DALI index beside
+the tar, computed from the finished file's member offsets (DALI's `wds2idx` format v1.2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+
+from kdkit.shards import contract
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dali_index_lines(tar_path: Path) -> list[str]:
+    """Index lines for DALI's fn.readers.webdataset: per sample `ext offset size name ...`."""
+    groups: dict[str, list[str]] = {}
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, ext = contract.split_member_name(m.name)
+            if not key or key.endswith("/"):
+                continue  # hidden files, as DALI's wds2idx skips them
+            groups.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    return [" ".join(parts) for parts in groups.values()]
+
+
+def write_dali_index(tar_path: Path, idx_path: Path) -> int:
+    lines = dali_index_lines(tar_path)
+    text = f"{contract.DALI_INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+    atomic_write_bytes(idx_path, text.encode("ascii"))
+    return len(lines)
+
+
+def read_dali_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """[{ext: (offset, size)}] per sample, in tar order. Raises ValueError on a malformed index."""
+    with open(idx_path, "r", encoding="ascii") as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != contract.DALI_INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI {contract.DALI_INDEX_VERSION} index")
+        out = []
+        for line in f:
+            tok = line.split()
+            if len(tok) % 4:
+                raise ValueError(f"{idx_path}: malformed line {len(out) + 2}")
+            out.append({tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)})
+        if len(out) != int(header[1]):
+            raise ValueError(f"{idx_path}: header says {header[1]} samples, {len(out)} listed")
+        return out
+
+
+def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
+    """Write samples ({"__key__": str, ext: bytes, ...}) to tar_path + its DALI index, atomically.
+
+    Returns the shard record fields (num_samples, bytes, sha256). The tar is renamed into place last,
+    after its index, so a present tar always has its index beside it.
+    """
+    tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
+    idx_path = tar_path.with_suffix(".idx")
+    count = 0
+    with open(tmp, "wb") as f:
+        # mtime fixed and owner neutral: the same samples give byte-identical tars on every run
+        writer = wds.TarWriter(f, user="kdkit", group="kdkit", mode=0o444, mtime=0.0, encoder=False)
+        for sample in samples:
+            writer.write(sample)
+            count += 1
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    write_dali_index(tmp, idx_path)
+    digest = sha256_file(tmp)
+    size = tmp.stat().st_size
+    os.replace(tmp, tar_path)
+    return {"num_samples": count, "bytes": size, "sha256": digest}
+
+
+def iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) in tar order; raises tarfile.ReadError / EOFError on a damaged tar."""
+    key, members = None, {}
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            k, ext = contract.split_member_name(m.name)
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            data = tf.extractfile(m).read()
+            if len(data) != m.size:
+                raise EOFError(f"member {m.name} is truncated")
+            members[ext] = data
+        if key is not None:
+            yield key, members
+
+
+def remove_temp_files(folder: Path) -> int:
+    n = 0
+    for p in folder.glob("*" + TMP_SUFFIX):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n

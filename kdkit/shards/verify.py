@@ -1,0 +1,132 @@
+"""`kdkit verify`: check a shard set against its manifest and say exactly what is wrong."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from kdkit.errors import KdkitError
+from kdkit.shards import contract, tario
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def find_sets(path: Path) -> list[Path]:
+    """A shard-set folder (has a manifest), or a dataset root holding one per split."""
+    path = Path(path)
+    if not path.exists():
+        raise KdkitError(f"{path}: does not exist")
+    if (path / contract.MANIFEST).exists():
+        return [path]
+    sets = sorted(p.parent for p in path.glob(f"*/{contract.MANIFEST}"))
+    if not sets:
+        raise KdkitError(f"{path}: no {contract.MANIFEST} here or in its sub-folders; "
+                         "is this a kdkit shard set, and did its writing finish?")
+    return sets
+
+
+def load_manifest(folder: Path) -> contract.Manifest:
+    p = Path(folder) / contract.MANIFEST
+    try:
+        return contract.Manifest.from_json(json.loads(p.read_text()))
+    except FileNotFoundError:
+        raise KdkitError(f"{p}: missing; is this a kdkit shard set, and did its writing finish?") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise KdkitError(f"{p}: unreadable manifest ({e})") from None
+
+
+def _check_members(key: str, members: dict[str, bytes], man: contract.Manifest, where: str, decode: bool,
+                   problems: list[str]) -> None:
+    img_ext, lbl_ext = man.members["image"], man.members["label"]
+    if img_ext not in members:
+        problems.append(f"{where}: sample {key} has no .{img_ext} member")
+    if lbl_ext not in members:
+        problems.append(f"{where}: sample {key} has no .{lbl_ext} member")
+    else:
+        raw = members[lbl_ext]
+        try:
+            label = contract.decode_label(raw)
+            if len(raw) != man.label_width:
+                problems.append(f"{where}: sample {key} label {raw!r} is not {man.label_width} digits wide")
+            if not 0 <= label < len(man.classes):
+                problems.append(f"{where}: sample {key} label {label} outside 0..{len(man.classes) - 1}")
+        except ValueError:
+            problems.append(f"{where}: sample {key} label {raw[:20]!r} is not an integer")
+    if decode and img_ext in members:
+        try:
+            with Image.open(io.BytesIO(members[img_ext])) as im:
+                im.load()
+        except Exception as e:
+            problems.append(f"{where}: sample {key} image does not decode ({type(e).__name__}: {e})")
+
+
+def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> VerifyReport:
+    folder = Path(folder)
+    man = load_manifest(folder)
+    rep = VerifyReport(folder)
+    listed = {s.tar for s in man.shards}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        rep.problems.append(f"{folder / extra}: tar not listed in the manifest")
+    for s in tqdm(man.shards, desc=f"verify {folder.name}", unit="shard", disable=not progress):
+        tar, idx = folder / s.tar, folder / s.idx
+        rep.shards += 1
+        if not tar.exists():
+            rep.problems.append(f"{tar}: missing")
+            continue
+        size = tar.stat().st_size
+        if size != s.bytes:
+            rep.problems.append(f"{tar}: {size} bytes, manifest says {s.bytes} (truncated or replaced)")
+        elif tario.sha256_file(tar) != s.sha256:
+            rep.problems.append(f"{tar}: checksum differs from the manifest (modified after writing)")
+        keys = []
+        try:
+            for key, members in tario.iter_tar_samples(tar):
+                keys.append(key)
+                _check_members(key, members, man, str(tar), decode, rep.problems)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            rep.problems.append(f"{tar}: unreadable tar after {len(keys)} samples ({e})")
+        if len(set(keys)) != len(keys):
+            rep.problems.append(f"{tar}: sample keys repeat (members of one sample not adjacent?)")
+        if len(keys) != s.num_samples:
+            rep.problems.append(f"{tar}: {len(keys)} samples, manifest says {s.num_samples}")
+        rep.samples += len(keys)
+        if not idx.exists():
+            rep.problems.append(f"{idx}: DALI index missing (recreate with `kdkit verify --fix-index`)")
+        else:
+            try:
+                entries = tario.read_dali_index(idx)
+                if len(entries) != len(keys):
+                    rep.problems.append(f"{idx}: indexes {len(entries)} samples, tar holds {len(keys)}")
+                elif tar.exists() and tario.dali_index_lines(tar) != idx.read_text().splitlines()[1:]:
+                    rep.problems.append(f"{idx}: offsets do not match the tar (stale index)")
+            except (ValueError, tarfile.TarError, EOFError, OSError) as e:
+                rep.problems.append(f"{idx}: {e}")
+    if rep.samples != man.num_samples and not rep.problems:
+        rep.problems.append(f"{folder}: {rep.samples} samples, manifest says {man.num_samples}")
+    return rep
+
+
+def fix_indexes(folder: Path) -> int:
+    man = load_manifest(folder)
+    n = 0
+    for s in man.shards:
+        tar = Path(folder) / s.tar
+        if tar.exists():
+            tario.write_dali_index(tar, Path(folder) / s.idx)
+            n += 1
+    return n

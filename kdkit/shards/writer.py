@@ -1,0 +1,293 @@
+"""Write a listed dataset (SourceDataset) as kdkit shard sets: one folder per split.
+
+The flow per split:
+  order   all samples sorted by key, then shuffled with the seed: classes interleave across shards
+          and the order does not depend on how the file system lists folders;
+  plan    fixed samples per shard (given, or estimated once from the first images and stored), so
+          shard i always holds the same samples: that is what makes `--part i/N`, resume, and
+          "identical to an uninterrupted run" possible;
+  write   images prepared in worker processes, shards written in order by this process, each
+          atomically (tario.write_shard) and then recorded in .kdkit-state/ as done;
+  finish  once every shard of the plan is done (by this run or other parts), the manifest,
+          skip report and timm `_info.json` are written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import shlex
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kdkit import __version__
+from kdkit.errors import BadImage, KdkitError
+from kdkit.shards import contract, tario
+from kdkit.shards.images import ImageOptions, prepare_image
+from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit, read_ref
+
+ESTIMATE_SAMPLES = 32  # images encoded up front to turn --shard-size-mb into samples per shard
+
+
+@dataclass
+class ShardConfig:
+    samples_per_shard: int | None = None  # wins over shard_size_mb when given
+    shard_size_mb: float = 256.0
+    image: ImageOptions = field(default_factory=ImageOptions)
+    workers: int = max(1, (os.cpu_count() or 1))
+    seed: int = 0
+    part: tuple[int, int] = (0, 1)  # (i, N): write shards with index % N == i
+    strict: bool = False  # a bad image stops the run instead of being skipped and reported
+    command: str = ""
+    progress: bool = True
+
+    def output_options(self) -> dict:
+        """The options that change the bytes written: part of the set's identity."""
+        return {
+            "samples_per_shard": self.samples_per_shard,
+            "shard_size_mb": None if self.samples_per_shard else self.shard_size_mb,
+            "max_size": self.image.max_size,
+            "resize_side": self.image.resize_side,
+            "quality": self.image.quality,
+            "seed": self.seed,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side: runs in pool processes, so it takes and returns plain picklable values
+
+def _init_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+
+
+def _process(args):
+    sample, opts = args
+    try:
+        raw = read_ref(sample.ref)
+    except OSError as e:
+        return sample, None, f"unreadable: {e.strerror or e}"
+    except BadImage as e:
+        return sample, None, str(e)
+    try:
+        jpg, _ = prepare_image(raw, opts)
+    except BadImage as e:
+        return sample, None, str(e)
+    return sample, jpg, None
+
+
+# ---------------------------------------------------------------------------------------------
+
+def ordered_samples(samples: list[SourceSample], seed: int) -> list[SourceSample]:
+    out = sorted(samples, key=lambda s: s.key)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def fingerprint(split: SourceSplit, cfg: ShardConfig) -> str:
+    h = hashlib.sha256(json.dumps(cfg.output_options(), sort_keys=True).encode())
+    for s in sorted(split.samples, key=lambda s: s.key):
+        h.update(f"{s.key}\t{s.label}\n".encode())
+    return h.hexdigest()
+
+
+def _estimate_samples_per_shard(samples: list[SourceSample], cfg: ShardConfig) -> int:
+    sizes = []
+    for s in samples[:ESTIMATE_SAMPLES]:
+        _, jpg, err = _process((s, cfg.image))
+        if jpg is not None:
+            sizes.append(len(jpg) + 1536)  # + tar headers and padding for the image and label
+    mean = sum(sizes) / len(sizes) if sizes else 100_000
+    return max(1, int(cfg.shard_size_mb * 1e6 // mean))
+
+
+def _load_or_make_plan(folder: Path, split: SourceSplit, order: list[SourceSample], cfg: ShardConfig) -> dict:
+    state = folder / contract.STATE_DIR
+    plan_path = state / contract.PLAN_FILE
+    fp = fingerprint(split, cfg)
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        if plan["fingerprint"] != fp:
+            raise KdkitError(
+                f"{folder} holds a different shard set (made by: {plan.get('command') or 'unknown'}); "
+                "the source or the output options changed. Use another output folder, or delete this one to start over")
+        return plan
+    leftovers = [p.name for p in folder.iterdir() if p.name != contract.STATE_DIR] if folder.exists() else []
+    if leftovers:
+        raise KdkitError(
+            f"{folder} is not empty and was not started by this command ({', '.join(sorted(leftovers)[:3])}...); "
+            "nothing was overwritten. Use an empty or new output folder")
+    per = cfg.samples_per_shard or _estimate_samples_per_shard(order, cfg)
+    plan = {
+        "fingerprint": fp,
+        "num_samples": len(order),
+        "samples_per_shard": per,
+        "num_shards": (len(order) + per - 1) // per,
+        "options": cfg.output_options(),
+        "command": cfg.command,
+    }
+    state.mkdir(parents=True, exist_ok=True)
+    tario.atomic_write_json(plan_path, plan)
+    return plan
+
+
+def _state_path(folder: Path, split: str, i: int) -> Path:
+    return folder / contract.STATE_DIR / (contract.shard_stem(split, i) + ".json")
+
+
+def _shard_done(folder: Path, split: str, i: int) -> dict | None:
+    p = _state_path(folder, split, i)
+    if not p.exists():
+        return None
+    rec = json.loads(p.read_text())
+    tar = folder / rec["tar"]
+    if not tar.exists() or tar.stat().st_size != rec["bytes"] or not (folder / rec["idx"]).exists():
+        return None
+    return rec
+
+
+def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConfig) -> contract.Manifest | None:
+    """Write (or continue writing) one split. Returns its manifest once the whole set is complete."""
+    if not split.samples:
+        raise KdkitError(f"{ds.root}: split '{split.name}' has no images; check the path and layout")
+    folder = out / split.name
+    order = ordered_samples(split.samples, cfg.seed)
+    plan = _load_or_make_plan(folder, split, order, cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    tario.remove_temp_files(folder)  # leftovers of a killed run: never under a shard's real name
+    per, n_shards = plan["samples_per_shard"], plan["num_shards"]
+    part_i, part_n = cfg.part
+    mine = [i for i in range(n_shards) if i % part_n == part_i]
+    todo = [i for i in mine if _shard_done(folder, split.name, i) is None]
+    kept = len(mine) - len(todo)
+    if kept and cfg.progress:
+        print(f"{split.name}: resuming, {kept} of {len(mine)} shards already written and kept", file=sys.stderr)
+
+    work = [(s, cfg.image) for i in todo for s in order[i * per:(i + 1) * per]]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(work), unit="img", desc=f"{split.name}", disable=not cfg.progress, smoothing=0.1)
+    pool = None
+    try:
+        if cfg.workers > 1 and len(work) > 1:
+            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker)
+            results = pool.imap(_process, work, chunksize=8)
+        else:
+            results = map(_process, work)
+        for i in todo:
+            n_in = len(order[i * per:(i + 1) * per])
+            skipped: list[list[str]] = []
+
+            def samples_of_shard():
+                for _ in range(n_in):
+                    sample, jpg, err = next(results)
+                    bar.update(1)
+                    if err is not None:
+                        if cfg.strict:
+                            raise KdkitError(f"{sample.origin}: {err} (--strict; drop --strict to skip and report bad images)")
+                        skipped.append([sample.origin, err])
+                        bar.set_postfix(skipped=len(skipped))
+                        continue
+                    yield {"__key__": sample.key, contract.IMAGE_EXT: jpg,
+                           contract.LABEL_EXT: contract.encode_label(sample.label)}
+
+            tar = folder / contract.tar_name(split.name, i)
+            rec = tario.write_shard(tar, samples_of_shard())
+            rec.update(tar=tar.name, idx=contract.index_name(split.name, i), skipped=skipped)
+            tario.atomic_write_json(_state_path(folder, split.name, i), rec)
+    except KeyboardInterrupt:
+        tario.remove_temp_files(folder)
+        raise KdkitError(
+            f"interrupted: finished shards in {folder} are kept; run the same command again to resume") from None
+    except BaseException:
+        tario.remove_temp_files(folder)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    elapsed = time.perf_counter() - t0
+    return _finish(ds, split, folder, plan, cfg, written=len(work), elapsed=elapsed)
+
+
+def _finish(ds, split, folder, plan, cfg, written, elapsed) -> contract.Manifest | None:
+    records = [_shard_done(folder, split.name, i) for i in range(plan["num_shards"])]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        print(f"{split.name}: part {cfg.part[0]}/{cfg.part[1]} done ({written} images in {elapsed:.1f}s); "
+              f"{len(missing)} of {plan['num_shards']} shards still to be written by other parts "
+              "(the last part to finish writes the manifest)", file=sys.stderr)
+        return None
+    skipped = [row for r in records for row in r["skipped"]]
+    with open(folder / contract.SKIP_REPORT, "w", encoding="utf-8") as f:
+        f.write("path\treason\n")
+        f.writelines(f"{p}\t{why}\n" for p, why in skipped)
+        f.writelines(f"{p}\tignored: {why}\n" for p, why in split.ignored)
+    manifest = contract.Manifest(
+        split=split.name,
+        classes=ds.classes,
+        shards=[contract.ShardRecord(r["tar"], r["idx"], r["num_samples"], r["bytes"], r["sha256"],
+                                     len(r["skipped"])) for r in records],
+        source={"converter": ds.converter, "root": str(ds.root), "listed_samples": plan["num_samples"], **ds.info},
+        options={**plan["options"], "samples_per_shard": plan["samples_per_shard"]},
+        command=plan.get("command", ""),
+        kdkit_version=__version__,
+        skipped=len(skipped),
+        ignored_files=len(split.ignored),
+    )
+    tario.atomic_write_json(folder / contract.MANIFEST, manifest.to_json())
+    write_timm_info(folder.parent)
+    total = sum(r["bytes"] for r in records)
+    rate = f", {written / elapsed:.0f} img/s" if written and elapsed > 0 else ""
+    print(f"{split.name}: {manifest.num_samples} samples in {len(records)} shards "
+          f"({total / 1e6:.1f} MB){rate}; {len(skipped)} skipped, {len(split.ignored)} non-image files ignored"
+          + (f" (see {folder / contract.SKIP_REPORT})" if skipped or split.ignored else ""), file=sys.stderr)
+    return manifest
+
+
+def write_timm_info(root: Path) -> None:
+    """timm's `_info.json` for every complete split under root, so timm's train.py reads the set."""
+    splits = {}
+    for m in sorted(root.glob(f"*/{contract.MANIFEST}")):
+        d = json.loads(m.read_text())
+        rel = m.parent.name
+        splits[d["split"]] = {
+            "name": d["split"],
+            "num_samples": d["num_samples"],
+            "filenames": [f"{rel}/{s['tar']}" for s in d["shards"]],
+            "shard_lengths": [s["num_samples"] for s in d["shards"]],
+        }
+    if splits:
+        info = {"name": root.name, "num_classes": d["num_classes"], "splits": splits}
+        tario.atomic_write_json(root / contract.TIMM_INFO, info)
+
+
+def write_dataset(ds: SourceDataset, out: Path | str, cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
+    out = Path(out)
+    if not ds.classes:
+        raise KdkitError(f"{ds.root}: no classes found; check the path and layout")
+    if len(ds.classes) > contract.MAX_CLASSES:
+        raise KdkitError(f"{ds.root}: {len(ds.classes)} classes; the format holds at most {contract.MAX_CLASSES}")
+    i, n = cfg.part
+    if not (n >= 1 and 0 <= i < n):
+        raise KdkitError(f"--part {i}/{n}: expected i/N with 0 <= i < N")
+    for split in ds.splits:
+        seen = set()
+        for s in split.samples:
+            if s.key in seen:
+                raise KdkitError(f"{s.origin}: duplicate sample key {s.key!r} in split {split.name}")
+            seen.add(s.key)
+    out.mkdir(parents=True, exist_ok=True)
+    return {split.name: write_split(ds, split, out, cfg) for split in ds.splits}
+
+
+def command_line() -> str:
+    return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+__all__ = ["ShardConfig", "write_dataset", "write_split", "ordered_samples", "command_line", "asdict"]

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-step set-up: a virtual environment in .venv with kdkit and everything it needs.
+#
+# PyTorch comes from PyPI (the CUDA build; it also runs on CPU-only machines) together with the
+# matching DALI wheel (nvidia-dali-cuda130). Machines whose pip config points at a local CPU-only
+# torch would get a torch that PyPI's torchvision cannot import against, so pip is run isolated
+# from any local config (PIP_CONFIG_FILE=/dev/null, --isolated).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+export PIP_CONFIG_FILE=/dev/null
+.venv/bin/python -m pip install --isolated --quiet --upgrade pip
+.venv/bin/python -m pip install --isolated --quiet -e ".[test]"
+.venv/bin/python - <<'PY'
+import torch, torchvision, timm, webdataset, nvidia.dali as dali
+print(f"kdkit environment ready: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "
+      f"torchvision {torchvision.__version__}, timm {timm.__version__}, DALI {dali.__version__}")
+PY
