@@ -93,9 +93,15 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     with open(tmp, "wb") as f:
         # mtime fixed and owner neutral: the same samples give byte-identical tars on every run
         writer = wds.TarWriter(f, user="kdkit", group="kdkit", mode=0o444, mtime=0.0, encoder=False)
-        for sample in samples:
-            writer.write(sample)
-            count += 1
+        try:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        except BaseException:
+            # abandon the temp file: mark tarfile's stream closed so it never flushes into it later
+            writer.tarstream.closed = True
+            getattr(writer.tarstream.fileobj, "__dict__", {})["closed"] = True
+            raise
         writer.close()
         f.flush()
         os.fsync(f.fileno())

@@ -202,8 +202,8 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
             tario.atomic_write_json(_state_path(folder, split.name, i), rec)
     except KeyboardInterrupt:
         tario.remove_temp_files(folder)
-        raise KdkitError(
-            f"interrupted: finished shards in {folder} are kept; run the same command again to resume") from None
+        print(f"\n{split.name}: interrupted; finished shards in {folder} are kept", file=sys.stderr)
+        raise
     except BaseException:
         tario.remove_temp_files(folder)
         raise

@@ -1,0 +1,5 @@
+import sys
+
+from kdkit.cli import main
+
+sys.exit(main())
