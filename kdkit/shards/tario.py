@@ -15,8 +15,6 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import webdataset as wds
-
 from kdkit.shards import contract
 
 TMP_SUFFIX = ".tmp"
@@ -87,6 +85,8 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     Returns the shard record fields (num_samples, bytes, sha256). The tar is renamed into place last,
     after its index, so a present tar always has its index beside it.
     """
+    import webdataset as wds  # imported here: it pulls in torch, which readers of shards don't need
+
     tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
     idx_path = tar_path.with_suffix(".idx")
     count = 0

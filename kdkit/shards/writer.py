@@ -19,7 +19,6 @@ import multiprocessing as mp
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,10 +27,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdkit import __version__
-from kdkit.errors import BadImage, KdkitError
+from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
-from kdkit.shards.images import ImageOptions, prepare_image
-from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit, read_ref
+from kdkit.shards.images import ImageOptions
+from kdkit.shards.prepare import init_worker, process_sample
+from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
 
 ESTIMATE_SAMPLES = 32  # images encoded up front to turn --shard-size-mb into samples per shard
 
@@ -61,28 +61,6 @@ class ShardConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# worker side: runs in pool processes, so it takes and returns plain picklable values
-
-def _init_worker():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
-
-
-def _process(args):
-    sample, opts = args
-    try:
-        raw = read_ref(sample.ref)
-    except OSError as e:
-        return sample, None, f"unreadable: {e.strerror or e}"
-    except BadImage as e:
-        return sample, None, str(e)
-    try:
-        jpg, _ = prepare_image(raw, opts)
-    except BadImage as e:
-        return sample, None, str(e)
-    return sample, jpg, None
-
-
-# ---------------------------------------------------------------------------------------------
 
 def ordered_samples(samples: list[SourceSample], seed: int) -> list[SourceSample]:
     out = sorted(samples, key=lambda s: s.key)
@@ -100,7 +78,7 @@ def fingerprint(split: SourceSplit, cfg: ShardConfig) -> str:
 def _estimate_samples_per_shard(samples: list[SourceSample], cfg: ShardConfig) -> int:
     sizes = []
     for s in samples[:ESTIMATE_SAMPLES]:
-        _, jpg, err = _process((s, cfg.image))
+        _, jpg, err = process_sample((s, cfg.image))
         if jpg is not None:
             sizes.append(len(jpg) + 1536)  # + tar headers and padding for the image and label
     mean = sum(sizes) / len(sizes) if sizes else 100_000
@@ -175,10 +153,10 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
     pool = None
     try:
         if cfg.workers > 1 and len(work) > 1:
-            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker)
-            results = pool.imap(_process, work, chunksize=8)
+            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_worker)
+            results = pool.imap(process_sample, work, chunksize=8)
         else:
-            results = map(_process, work)
+            results = map(process_sample, work)
         for i in todo:
             n_in = len(order[i * per:(i + 1) * per])
             skipped: list[list[str]] = []

@@ -1,0 +1,32 @@
+"""The per-image work of the shard writer, run in worker processes.
+
+Kept apart from writer.py so spawned workers import only Pillow and numpy (not webdataset, which
+pulls in torch and costs seconds per process).
+"""
+from __future__ import annotations
+
+import signal
+
+from kdkit.errors import BadImage
+from kdkit.shards.images import ImageOptions, prepare_image
+from kdkit.shards.sources.base import SourceSample, read_ref
+
+
+def init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+
+
+def process_sample(args: tuple[SourceSample, ImageOptions]) -> tuple[SourceSample, bytes | None, str | None]:
+    """(sample, jpeg bytes, None) or (sample, None, reason it was left out)."""
+    sample, opts = args
+    try:
+        raw = read_ref(sample.ref)
+    except OSError as e:
+        return sample, None, f"unreadable: {e.strerror or e}"
+    except BadImage as e:
+        return sample, None, str(e)
+    try:
+        jpg, _ = prepare_image(raw, opts)
+    except BadImage as e:
+        return sample, None, str(e)
+    return sample, jpg, None

@@ -1,0 +1,23 @@
+"""shards/FORMAT.md and kdkit/shards/contract.py must say the same thing."""
+from pathlib import Path
+
+from kdkit.shards import contract
+
+DOC = (Path(__file__).resolve().parents[1] / "shards" / "FORMAT.md").read_text()
+
+
+def test_doc_states_the_contract_constants():
+    assert f"version {contract.FORMAT_VERSION}" in DOC
+    assert f'"{contract.FORMAT_NAME}"' in DOC
+    assert f"`KEY.{contract.IMAGE_EXT}`" in DOC and f"`KEY.{contract.LABEL_EXT}`" in DOC
+    assert f"zero-padded to **{contract.LABEL_WIDTH}** digits" in DOC
+    assert f"`{contract.DALI_INDEX_VERSION} <number of samples>`" in DOC
+    for name in (contract.MANIFEST, contract.SKIP_REPORT, contract.STATE_DIR, contract.TIMM_INFO):
+        assert name in DOC, name
+    assert contract.tar_name("train", 0) in DOC and contract.index_name("train", 0) in DOC
+
+
+def test_doc_lists_every_manifest_field():
+    man = contract.Manifest("train", [], [], {}, {}, "", "0").to_json()
+    for key in man:
+        assert f"`{key}`" in DOC, f"manifest field {key} is not documented in shards/FORMAT.md"
