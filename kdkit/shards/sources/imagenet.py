@@ -215,8 +215,9 @@ def list_imagenet(root: Path | str, splits: list[str] | None = None, val_labels:
 
     # Flat val labels are read before classes exist: with no train/ they may be the only class list.
     val_dir = found.get("val")
+    val_classes = class_dirs(val_dir) if val_dir is not None else []
     flat = None
-    if "val" in wanted and not class_dirs(val_dir):
+    if "val" in wanted and not val_classes:
         images, ignored = _flat_files(val_dir)
         if not images:
             raise KdkitError(f"{val_dir}: no images and no class folders")
@@ -241,8 +242,8 @@ def list_imagenet(root: Path | str, splits: list[str] | None = None, val_labels:
 
     if "train" in found:
         wnids, source = _train_classes(found["train"]), "train class folders"
-    elif val_dir is not None and class_dirs(val_dir):
-        wnids, source = class_dirs(val_dir), "val class folders"
+    elif val_classes:
+        wnids, source = val_classes, "val class folders"
     elif meta is not None:
         wnids, source = sorted(meta.words), "devkit meta.mat leaf synsets"
     elif names:
