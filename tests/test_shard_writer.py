@@ -247,6 +247,8 @@ def test_kill_9_then_rerun_gives_the_same_set(tmp_path):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "train" / contract.MANIFEST).exists()
     subprocess.run(base + [str(out)] + opts, check=True, capture_output=True)
     assert shard_digests(out / "train") == shard_digests(ref / "train")
 
