@@ -95,15 +95,13 @@ def feature_values(feature) -> list:
     for kind, _, lst in _fields(memoryview(feature)):
         out: list = []
         for f, wire, v in _fields(lst):
-            if f != 1:
-                continue
-            if kind == 1:
+            if f == 1 and kind == 1:
                 out.append(bytes(v))
-            elif kind == 2:  # floats: packed (wire 2) or one per field (wire 5)
+            elif f == 1 and kind == 2:  # floats: packed (wire 2) or one per field (wire 5)
                 out.extend(struct.unpack(f"<{len(v) // 4}f", v))
-            elif kind == 3 and wire == 0:  # int64 written one per field
+            elif f == 1 and kind == 3 and wire == 0:  # int64 written one per field
                 out.append(_signed64(v))
-            elif kind == 3:  # packed int64 (what TensorFlow writes)
+            elif f == 1 and kind == 3:  # packed int64 (what TensorFlow writes)
                 p = 0
                 while p < len(v):
                     x, p = _varint(v, p)
@@ -157,7 +155,7 @@ class _Stream:
                 return value
             shift += 7
 
-    def seek(self, pos: int) -> None:  # cheap within the buffer: CPython only refills when needed
+    def skip_to(self, pos: int) -> None:
         self.f.seek(pos)
         self.pos = pos
 
@@ -184,9 +182,10 @@ def _scan_example(s: _Stream, end: int) -> tuple[dict[str, list], set[str]]:
                 key, value = _entry(memoryview(s.read(n)))
                 if key in WANTED:
                     values[key] = feature_values(value)
-            else:  # map entries are written key first: read just the key
-                key = s.read(min(s.varint(), 1024)).decode("utf-8", "replace") if s.varint() == (1 << 3 | 2) else ""
-                s.seek(start + n)
+            else:  # map entries are written key first: read just the key, seek over the value
+                has_key = s.varint() == (1 << 3 | 2)
+                key = s.read(min(s.varint(), 1024)).decode("utf-8", "replace") if has_key else ""
+                s.skip_to(start + n)
             keys.add(key)
     if s.pos != end:
         raise ValueError("the Example runs past the end of its record")
@@ -231,9 +230,9 @@ def read_image(ref: tuple) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
-    if len(data) != length:
-        raise BadImage(f"record cut short ({len(data)} of {length} bytes)")
     try:
+        if len(data) != length:
+            raise ValueError(f"record cut short ({len(data)} of {length} bytes)")
         image = parse_example(data).get("image/encoded")
     except (ValueError, IndexError, struct.error) as e:
         raise BadImage(f"malformed tf.train.Example: {e}") from None
