@@ -23,6 +23,15 @@ LABEL_EXT = "cls"  # class index as ASCII decimal, zero-padded to LABEL_WIDTH di
 LABEL_WIDTH = 6
 MAX_CLASSES = 10**LABEL_WIDTH
 
+# --- teacher outputs (added by `kdkit add-teacher-logits`; absent until then) ----------------------
+# .npy members, so DALI decodes them in-graph with fn.decoders.numpy and webdataset with np.load.
+LOGITS_EXT = "logits.npy"  # float16 (C,) for the single centre-crop view, (K, C) for K stored views
+TOPK_VALUES_EXT = "topk_logits.npy"  # float16 (k,) or (K, k): the k largest logits (top-k storage)
+TOPK_INDICES_EXT = "topk_idx.npy"  # int32 (k,) or (K, k): their class indices
+VIEWS_EXT = "views.npy"  # float32 (K, 5) rows (x, y, w, h, flip): crop box relative to the decoded
+#                          image (x, y top-left corner; w, h size; all in [0, 1]), flip 1.0 = mirrored
+VIEW_FIELDS = ("x", "y", "w", "h", "flip")
+
 # --- files of a shard set (one folder per split) ----------------------------------------------
 MANIFEST = "manifest.json"
 SKIP_REPORT = "skipped.tsv"  # source path <TAB> reason, for every sample left out
