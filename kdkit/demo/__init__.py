@@ -1,0 +1,1 @@
+"""`kdkit demo`: the whole flow on real images (MNIST) with no download."""

