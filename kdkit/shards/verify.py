@@ -75,6 +75,36 @@ def _check_members(key: str, members: dict[str, bytes], man: contract.Manifest, 
             problems.append(f"{where}: sample {key} image does not decode ({type(e).__name__}: {e})")
 
 
+def _check_teacher(key: str, members: dict[str, bytes], teacher: dict, where: str, problems: list[str]) -> None:
+    """Teacher outputs as the manifest's teacher block promises them: every member present, with
+    the stored dtype and shape (classes, views, top-k), indices and view boxes in range."""
+    import numpy as np  # here: plain `kdkit verify` of a set without teacher outputs never needs it
+
+    classes, views, topk = int(teacher["num_classes"]), teacher.get("views"), teacher.get("topk")
+    lead = (int(views),) if views else ()
+    k = min(int(topk), classes) if topk else None
+    want = {contract.LOGITS_EXT: ("float16", lead + (classes,)), contract.TOPK_VALUES_EXT: ("float16", lead + (k,)),
+            contract.TOPK_INDICES_EXT: ("int32", lead + (k,)), contract.VIEWS_EXT: ("float32", lead + (5,))}
+    for ext in (teacher.get("members") or {}).values():
+        if ext not in members:
+            problems.append(f"{where}: sample {key} has no .{ext} member (the manifest's teacher block lists it)")
+            continue
+        try:
+            arr = np.load(io.BytesIO(members[ext]), allow_pickle=False)
+        except Exception as e:  # any numpy failure means the member is not a usable .npy
+            problems.append(f"{where}: sample {key} .{ext} is not a readable .npy ({type(e).__name__}: {e})")
+            continue
+        dtype, shape = want.get(ext, (str(arr.dtype), arr.shape))
+        if str(arr.dtype) != dtype or arr.shape != shape:
+            problems.append(f"{where}: sample {key} .{ext} is {arr.dtype} {arr.shape}, the teacher block "
+                            f"implies {dtype} {shape}")
+        elif ext == contract.TOPK_INDICES_EXT and arr.size and not (0 <= arr.min() and arr.max() < classes):
+            problems.append(f"{where}: sample {key} .{ext} holds class indices outside 0..{classes - 1}")
+        elif ext == contract.VIEWS_EXT and not (np.isfinite(arr).all() and (arr >= 0).all()
+                                                and (arr <= 1 + 1e-6).all()):
+            problems.append(f"{where}: sample {key} .{ext} holds view boxes outside [0, 1]")
+
+
 def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> VerifyReport:
     folder = Path(folder)
     man = load_manifest(folder)
@@ -98,6 +128,9 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
             for key, members in tario.iter_tar_samples(tar):
                 keys.append(key)
                 _check_members(key, members, man, str(tar), decode, rep.problems)
+                if man.teacher:
+                    _check_teacher(key, members, {"num_classes": len(man.classes), **man.teacher}, str(tar),
+                                   rep.problems)
         except (tarfile.TarError, EOFError, OSError) as e:
             rep.problems.append(f"{tar}: unreadable tar after {len(keys)} samples ({e})")
         if len(set(keys)) != len(keys):

@@ -1,0 +1,265 @@
+"""`kdkit add-teacher-logits`: run a teacher once over a shard set and store its outputs per sample.
+
+    for each split, for each shard this process owns (index % world == rank) not yet done:
+        read the tar's samples            (tario: keys, labels, original members)
+        teacher outputs for its views     (compute.run_shard: DALI eval / teacher_views pipeline)
+          - or the rows of an HDF5 file   (h5.H5Outputs: joined by key, checked before any work)
+        write the tar again: original members unchanged + the teacher members   (state.write_shard)
+    when every shard of a set is done: its manifest, with the teacher block, is written last.
+
+Everything that can refuse the run (checkpoint, class count, HDF5 keys, destination) is checked
+before the first image is decoded.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kdkit import __version__
+from kdkit.errors import KdkitError
+from kdkit.shards import contract, tario
+from kdkit.shards.verify import find_sets, load_manifest
+from kdkit.teach import members as mem
+from kdkit.teach import state
+from kdkit.teach.compute import cpu_threads
+from kdkit.teach.config import TeacherPassConfig, fingerprint
+
+
+@dataclass
+class SplitReport:
+    split: str
+    folder: Path
+    samples: int  # in the set
+    written: int  # shards written by this process in this run
+    kept: int  # shards of this process found done and kept
+    images_per_s: float | None
+    complete: bool  # manifest written (every shard of the set done)
+    payload_bytes_per_sample: float | None = None  # .npy bytes the teacher members add per sample
+    bytes_per_sample: float | None = None  # the same with tar headers and padding
+    share_of_set: float | None = None  # teacher bytes / bytes of the whole set after the pass
+
+
+def select_sets(path: Path, splits: list[str] | None) -> tuple[list[tuple[str, Path]], bool]:
+    """[(split, set folder)] to process, and whether `path` was a dataset root (vs a set folder)."""
+    path = Path(path)
+    folders = find_sets(path)
+    is_root = folders != [path]
+    found = [(load_manifest(f).split, f) for f in folders]
+    if splits:
+        unknown = sorted(set(splits) - {s for s, _ in found})
+        if unknown:
+            raise KdkitError(f"{path}: no shard set for split(s) {', '.join(unknown)} "
+                             f"(found: {', '.join(s for s, _ in found)})")
+        found = [(s, f) for s, f in found if s in splits]
+    return found, is_root
+
+
+def parts(cfg: TeacherPassConfig) -> tuple[int, int, bool]:
+    """(rank, world, distributed): torchrun's when initialized, else the config's (default 0 of 1)."""
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = cfg.rank if cfg.rank is not None else (torch.distributed.get_rank() if dist else 0)
+    world = cfg.world if cfg.world is not None else (torch.distributed.get_world_size() if dist else 1)
+    if not 0 <= rank < world:
+        raise KdkitError(f"rank {rank} outside 0..{world - 1}")
+    return rank, world, dist
+
+
+def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
+    """Whole shards per rank, interleaved, so ranks finish at about the same time."""
+    return [i for i in range(num_shards) if i % world == rank]
+
+
+class _Source:
+    """Where outputs come from: teachers run here, or an HDF5 file. `identity` feeds the fingerprint."""
+
+    def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], num_classes: int):
+        self.cfg, self.h5, self.groups = cfg, None, {}
+        if cfg.teachers:
+            from kdkit.teach.compute import torch_device
+            from kdkit.teach.teachers import load_teachers
+
+            self.ensemble, self.teachers, self.size, self.ratio = load_teachers(
+                cfg.teachers, num_classes, cfg.image_size, cfg.crop_ratio)
+            self.ensemble.to(torch_device(cfg))
+            if cfg.device == "gpu":  # DALI hands over NHWC memory (layout "channels_last"): keep it
+                self.ensemble.to(memory_format=torch.channels_last)
+            self.transform = cfg.view_transform(self.size, self.ratio)
+            # the checkpoint's path is not part of the identity (its hash is): a moved file is the same teacher
+            records = [{k: v for k, v in t.record.items() if k != "checkpoint"} for t in self.teachers]
+            self.identity = {"teachers": records,
+                             "transform": self.transform, "topk": cfg.topk, "dtype": "float16"}
+            return
+        from pipelines import ShardSet, scan_shards
+
+        from kdkit.teach.h5 import H5Outputs
+
+        self.h5 = H5Outputs(cfg.import_h5)
+        for split, folder in sets:
+            man = load_manifest(folder)
+            g = self.h5.group(split, single_split=len(sets) == 1)
+            scan = scan_shards(ShardSet([folder / s.tar for s in man.shards]), [contract.IMAGE_EXT])
+            self.h5.check(split, g, [k for keys in scan.keys for k in keys], len(man.classes), cfg.topk)
+            self.groups[split] = g
+        self.identity = {"import_sha256": self.h5.sha256, "topk": cfg.topk, "dtype": "float16"}
+
+    def outputs(self, split: str, tar: Path, index: int, keys: list[str], labels: list[int], bar) -> dict:
+        """{key: teacher members} for one shard's samples."""
+        if self.h5 is not None:
+            out = self.h5.members(split, self.groups[split], keys, self.cfg.topk)
+            bar.update(len(keys))
+            return out
+        from kdkit.teach.compute import run_shard
+
+        t = self.teachers[0]
+        res = run_shard(tar, index, labels, self.ensemble, self.cfg, self.size, self.ratio, t.mean, t.std,
+                        on_images=bar.update)
+        if res.keys != keys:
+            raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
+                             "rewrite it with `kdkit verify --fix-index`")
+        return {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
+                for i, k in enumerate(keys)}
+
+    def block(self, split: str, fp: str, num_classes: int) -> dict:
+        cfg = self.cfg
+        common = {"fingerprint": fp, "num_classes": num_classes, "dtype": "float16", "topk": cfg.topk,
+                  "command": cfg.command, "kdkit_version": __version__}
+        if self.h5 is None:
+            return {**common, "source": "computed", "model": "+".join(t.name for t in self.teachers),
+                    "checkpoint_sha256": "+".join(t.record["checkpoint_sha256"] for t in self.teachers),
+                    "teachers": [t.record for t in self.teachers], "combine": self.ensemble.combine,
+                    "views": cfg.views, "transform": self.transform,
+                    "members": mem.member_names(cfg.topk, cfg.views is not None),
+                    "device": cfg.device, "amp": cfg.amp and cfg.device == "gpu"}
+        g, theirs = self.groups[split], self.h5.teacher_block(self.groups[split])
+        views = g["views"].shape[1] if "views" in g else None
+        topk = cfg.topk or (g["topk_logits"].shape[-1] if "logits" not in g else None)
+        return {**{k: v for k, v in theirs.items() if k not in ("storage", "fingerprint")}, **common,
+                "topk": topk, "views": views, "members": mem.member_names(topk, views is not None),
+                "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
+
+
+def _process_shard(source: _Source, dest: state.Destination, split: str, index: int, rec: contract.ShardRecord,
+                   bar) -> dict:
+    tar = dest.source / rec.tar
+    samples = list(tario.iter_tar_samples(tar))
+    keys = [k for k, _ in samples]
+    labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
+    outputs = source.outputs(split, tar, index, keys, labels, bar)
+    payload = in_tar = 0
+    for key in keys:
+        p, b = mem.added_bytes(key, outputs[key])
+        payload, in_tar = payload + p, in_tar + b
+    new = ({"__key__": k, **mem.without_teacher(m), **outputs[k]} for k, m in samples)
+    return state.write_shard(dest, rec, new, {"teacher_payload": payload, "teacher_bytes": in_tar})
+
+
+def _storage(records: list[dict], samples: int) -> dict:
+    total = sum(r["bytes"] for r in records)
+    added = sum(r["teacher_bytes"] for r in records)
+    return {"payload_bytes_per_sample": sum(r["teacher_payload"] for r in records) / max(samples, 1),
+            "bytes_per_sample": added / max(samples, 1), "share_of_set": added / max(total, 1), "set_bytes": total}
+
+
+def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
+    """Run the pass described by cfg (see the module docstring); one report per split."""
+    cfg.check()
+    sets, is_root = select_sets(cfg.shards, cfg.splits)
+    rank, world, dist = parts(cfg)
+    if not (cfg.teachers or cfg.import_h5):  # export only: one writer of the file
+        if rank == 0:
+            n = export_h5(sets, cfg.export_h5)
+            print(f"{cfg.export_h5}: teacher outputs of {n} samples exported", file=sys.stderr)
+        return []
+    mans = {split: load_manifest(folder) for split, folder in sets}
+    counts = {len(m.classes) for m in mans.values()}
+    if len(counts) != 1:
+        raise KdkitError(f"{cfg.shards}: the splits have different class counts ({sorted(counts)}); "
+                         "run them one at a time (--split)")
+    num_classes = counts.pop()
+    barrier = torch.distributed.barrier if dist else (lambda: None)
+    source = _Source(cfg, sets, num_classes)
+    fp = fingerprint(source.identity)
+    reports, done_sets = [], []
+    for split, folder in sets:
+        man = mans[split]
+        out = folder if cfg.in_place else (Path(cfg.out) / split if is_root else Path(cfg.out))
+        if state.teacher_fingerprint(out) == fp:
+            print(f"{split}: {out} already holds the outputs of this teacher pass; nothing to do", file=sys.stderr)
+            reports.append(_report(split, out, load_manifest(out), 0, len(man.shards), None))
+            done_sets.append((split, out))
+            continue
+        # rank 0 checks the destination and writes the plan; the others then only check it
+        if rank == 0 or not dist:
+            dest = state.open_destination(folder, out, cfg.in_place, fp, cfg.command)
+        barrier()
+        if dist and rank != 0:
+            dest = state.open_destination(folder, out, cfg.in_place, fp, cfg.command)
+        mine = my_shards(len(man.shards), rank, world)
+        todo = [i for i in mine if state.shard_done(dest, man.shards[i].tar) is None]
+        bar = tqdm(total=sum(man.shards[i].num_samples for i in todo), unit="img", desc=f"teacher {split}",
+                   disable=not cfg.progress, smoothing=0.1)
+        t0 = time.perf_counter()
+        try:
+            with cpu_threads(cfg):
+                for i in todo:
+                    bar.set_postfix_str(man.shards[i].tar)
+                    _process_shard(source, dest, split, i, man.shards[i], bar)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        rate = sum(man.shards[i].num_samples for i in todo) / elapsed if todo and elapsed > 0 else None
+        barrier()
+        new_man = None
+        if rank == 0 or not dist:
+            records = state.complete_records(dest, man)
+            if records is not None:
+                new_man = state.write_manifest(dest, man, records, {**source.block(split, fp, num_classes),
+                                                                    "storage": _storage(records, man.num_samples)})
+                if is_root and not cfg.in_place:
+                    from kdkit.shards.writer import write_timm_info
+
+                    write_timm_info(Path(cfg.out))
+                done_sets.append((split, out))
+            else:
+                print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
+                      "(the last one to finish writes the manifest)", file=sys.stderr)
+        reports.append(_report(split, out, new_man, len(todo), len(mine) - len(todo), rate))
+    barrier()
+    if source.h5 is not None:
+        source.h5.close()
+    if cfg.export_h5 and rank == 0 and len(done_sets) == len(sets):
+        n = export_h5(done_sets, cfg.export_h5)
+        print(f"{cfg.export_h5}: teacher outputs of {n} samples exported", file=sys.stderr)
+    return reports
+
+
+def export_h5(sets, path):
+    from kdkit.teach.h5 import export_h5 as export
+
+    return export(sets, Path(path))
+
+
+def _report(split, folder, man, written, kept, rate) -> SplitReport:
+    rep = SplitReport(split, folder, man.num_samples if man else 0, written, kept, rate, man is not None)
+    if man is not None:
+        st = man.teacher.get("storage", {})
+        rep.payload_bytes_per_sample = st.get("payload_bytes_per_sample")
+        rep.bytes_per_sample, rep.share_of_set = st.get("bytes_per_sample"), st.get("share_of_set")
+    return rep
+
+
+def format_report(reports: list[SplitReport]) -> str:
+    lines = []
+    for r in reports:
+        speed = f", {r.images_per_s:.0f} img/s" if r.images_per_s else ""
+        head = f"{r.split}: {r.written} shards written, {r.kept} kept{speed}"
+        if r.complete and r.bytes_per_sample is not None:
+            head += (f"; {r.folder}: {r.samples} samples, teacher outputs add {r.bytes_per_sample:.0f} bytes/sample "
+                     f"in the tars ({r.payload_bytes_per_sample:.0f} as .npy), {100 * r.share_of_set:.1f}% of the set")
+        lines.append(head)
+    return "\n".join(lines)
