@@ -21,3 +21,9 @@ def test_doc_lists_every_manifest_field():
     man = contract.Manifest("train", [], [], {}, {}, "", "0").to_json()
     for key in man:
         assert f"`{key}`" in DOC, f"manifest field {key} is not documented in shards/FORMAT.md"
+
+
+def test_doc_names_the_teacher_members():
+    for ext in (contract.LOGITS_EXT, contract.TOPK_VALUES_EXT, contract.TOPK_INDICES_EXT, contract.VIEWS_EXT):
+        assert f"KEY.{ext}" in DOC, ext
+    assert ", ".join(contract.VIEW_FIELDS) in DOC
