@@ -1,0 +1,255 @@
+"""`kdkit eval`, `kdkit predict` and `kdkit export`: options parsed into the configs of
+kdkit.evaluate, and the library called. `add_parsers(sub)` registers the three subcommands.
+Heavy imports (torch, DALI) happen when a command runs, so `kdkit --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from kdkit.errors import KdkitError
+
+EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
+  TensorRT:  trtexec --onnx=model.onnx --fp16 --minShapes=images:1x3xSxS \\
+                     --optShapes=images:32x3xSxS --maxShapes=images:256x3xSxS --saveEngine=model.plan
+  OpenVINO:  ovc model.onnx   (writes model.xml/.bin; benchmark_app -m model.xml)"""
+
+
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, except where the help already says what the default means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
+def _csv_paths(text: str) -> list[Path]:
+    return [Path(t) for t in text.split(",") if t]
+
+
+def _command() -> str:
+    return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
+    g = p.add_argument_group("Model")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the checkpoint's EMA weights when it has them")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help="timm model name for a bare timm/torchvision state dict (default: the name a kdkit checkpoint "
+                        "holds)")
+    g.add_argument("--crop-ratio", type=float, default=0.875,
+                   help="image_size / resized shorter side of the eval transform (224/256)")
+    if device:
+        g.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where decoding and the model run")
+
+
+# ---------------------------------------------------------------------------------------------
+# kdkit eval
+
+def _run_eval(a: argparse.Namespace) -> int:
+    from kdkit.evaluate.corruptions import parse_corruptions, parse_severities
+
+    try:
+        corruptions = parse_corruptions(a.corruptions)
+        severities = parse_severities(a.severities)
+    except ValueError as e:
+        raise KdkitError(str(e)) from None
+    if a.write_corrupted:
+        from kdkit.evaluate.corrupted_shards import write_corrupted
+        from kdkit.evaluate.models import load_model
+
+        if not 1 <= a.store_quality <= 100:
+            raise KdkitError(f"--store-quality {a.store_quality}: written sets are JPEGs, give 1..100")
+        size = a.image_size or (load_model(a.checkpoints[0], a.ema, a.model)[1].image_size if a.checkpoints else 224)
+        folders = write_corrupted(a.data, a.write_corrupted, size, corruptions or parse_corruptions("all"), severities,
+                                  split=a.split, crop_ratio=a.crop_ratio, seed=a.corruption_seed,
+                                  quality=a.store_quality,
+                                  frost_dir=a.frost_dir, batch_size=a.batch_size, num_threads=a.threads,
+                                  workers=a.workers, command=_command(), progress=not a.quiet)
+        print(f"wrote {len(folders)} corrupted shard sets ({size} px) under {a.write_corrupted}; "
+              f"check them with `kdkit verify {a.write_corrupted}`")
+        if not a.checkpoints:
+            return 0
+    if not a.checkpoints:
+        raise KdkitError("give at least one CHECKPOINT (or only --write-corrupted OUT)")
+    from kdkit.evaluate.eval import EvalConfig, evaluate, format_report, write_outputs
+    from kdkit.evaluate.robustness import RobustnessConfig
+
+    corrupted = a.corrupted or a.write_corrupted  # just written: evaluate on those
+    if corrupted and not corruptions:  # every corruption with a set there
+        corruptions = [c for c in parse_corruptions("all")
+                       if any((corrupted / f"{c}-{s}").is_dir() for s in severities)]
+        if not corruptions:
+            raise KdkitError(f"{corrupted}: no <corruption>-<severity> shard sets for severities {severities}")
+    robust = None
+    if corruptions:
+        robust = RobustnessConfig(corruptions=corruptions, severities=severities,
+                                  reference=a.reference, corrupted=corrupted, seed=a.corruption_seed,
+                                  store_quality=a.store_quality or None, frost_dir=a.frost_dir, workers=a.workers,
+                                  progress=not a.quiet)
+    elif a.reference:
+        raise KdkitError("--reference normalises corruption errors: give --corruptions too (e.g. all)")
+    cfg = EvalConfig(checkpoints=a.checkpoints, data=a.data, split=a.split, views=a.views, crop_ratio=a.crop_ratio,
+                     batch_size=a.batch_size, num_threads=a.threads, device=a.device, prefer_ema=a.ema,
+                     model_name=a.model, robustness=robust, extra={"command": _command()})
+    report = evaluate(cfg)
+    print(format_report(report))
+    out = a.out or Path(a.checkpoints[0]).parent / "eval"
+    files = write_outputs(report, out, a.json, plots=a.plots)
+    print("\nwrote " + ", ".join(map(str, files)))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, calibration and corruption robustness (mCE) on a shard set",
+                       formatter_class=_Fmt,
+                       description="Evaluate checkpoints on a shard set with the DALI eval pipeline: top-1/top-5, "
+                                   "per-class accuracy, confusion matrix, calibration (ECE, 15 bins, reliability "
+                                   "plot). Several checkpoints are averaged as an ensemble (mean of softmax "
+                                   "probabilities, as are test-time views). --corruptions adds ImageNet-C "
+                                   "corruption errors and mCE against --reference (kdkit/evaluate/CORRUPTIONS.md).")
+    p.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
+                   help="kdkit checkpoint(s); several are averaged as an ensemble (default: none, only with "
+                        "--write-corrupted)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="a shard-set folder, or a dataset root holding --split (default: required)")
+    p.add_argument("--split", default="val", help="split to read from a dataset root")
+    p.add_argument("--views", choices=["center", "flip", "tencrop"], default="center",
+                   help="test-time views: centre crop, + its mirror image, or ten crops (corners + centre, mirrored)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (x views with --views)")
+    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+    _add_model_args(p)
+    g = p.add_argument_group("Output")
+    g.add_argument("--out", type=Path, default=None, help="folder for metrics.json, confusion.png, reliability.png "
+                                                          "(default: eval/ beside the first checkpoint)")
+    g.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="write the JSON report here (default: OUT/metrics.json)")
+    g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the two PNGs")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("Robustness (ImageNet-C corruptions, mCE)")
+    g.add_argument("--corruptions", default=None,
+                   help="'all', a group (noise, blur, weather, digital) or a comma list of corruption names "
+                        "(default: no corruption evaluation)")
+    g.add_argument("--severities", default="1-5", help="e.g. 1-5, 3 or 1,3,5")
+    g.add_argument("--reference", default=None, metavar="CKPT|JSON|alexnet",
+                   help="normalise corruption errors by this model: a checkpoint (evaluated in this run on the "
+                        "same images), an earlier metrics.json, or 'alexnet' (published ImageNet-C errors) "
+                        "(default: none, unnormalised errors only)")
+    g.add_argument("--corrupted", type=Path, default=None, metavar="DIR",
+                   help="read corrupted sets written by --write-corrupted; without --corruptions, every "
+                        "set found there (default: corrupt on the fly)")
+    g.add_argument("--write-corrupted", type=Path, default=None, metavar="OUT",
+                   help="write OUT/<corruption>-<severity>/ shard sets of --data, then evaluate if checkpoints "
+                        "are given (default: not written)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="image size of --write-corrupted (default: the checkpoint's, else 224)")
+    g.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (per sample key)")
+    g.add_argument("--store-quality", type=int, default=85,
+                   help="JPEG quality of corrupted images, as ImageNet-C stored them (0: no round trip on the fly)")
+    g.add_argument("--frost-dir", type=Path, default=None,
+                   help="folder with the reference's frost1.png..frost6.jpg (default: procedural frost, an "
+                        "approximation)")
+    g.add_argument("--workers", type=int, default=1, help="processes applying corruptions")
+    p.set_defaults(func=_run_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdkit predict
+
+def _run_predict(a: argparse.Namespace) -> int:
+    from kdkit.evaluate.predict import PredictConfig, format_predictions, predict
+
+    results = predict(PredictConfig(checkpoint=a.checkpoint, inputs=a.images, topk=a.topk, crop_ratio=a.crop_ratio,
+                                    batch_size=a.batch_size, prefer_ema=a.ema, model_name=a.model, device=a.device))
+    text = format_predictions(results)
+    if text:
+        print(text)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"kdkit: error: {r.error}", file=sys.stderr)
+    if a.json:
+        a.json.write_text(json.dumps([r.__dict__ for r in results], indent=1) + "\n")
+    if failed:
+        print(f"kdkit: {len(failed)} of {len(results)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-k classes with names and probabilities for images", formatter_class=_Fmt,
+                       description="Predict images (files, or folders searched recursively) with a checkpoint's eval "
+                                   "transform (Pillow + torch; equal to the DALI eval view up to the resize "
+                                   "filter). An image that does not decode is reported on stderr and the others are "
+                                   "still predicted; the exit status is then 1.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="kdkit checkpoint (or a bare state dict "
+                                                                       "with --model)")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="also write the predictions as JSON (default: not written)")
+    _add_model_args(p)
+    p.set_defaults(func=_run_predict)
+
+
+# ---------------------------------------------------------------------------------------------
+# kdkit export
+
+def _run_export(a: argparse.Namespace) -> int:
+    from kdkit.evaluate.export import ExportConfig, export, format_export
+
+    report = export(ExportConfig(checkpoint=a.checkpoint, output=a.output, exporter=a.exporter, opset=a.opset,
+                                 data=a.data, images=a.images or [], split=a.split, crop_ratio=a.crop_ratio,
+                                 parity_samples=a.parity_samples, atol=a.atol, benchmark=a.benchmark,
+                                 batch_size=a.batch_size, iterations=a.iterations, warmup=a.warmup,
+                                 threads=a.threads, prefer_ema=a.ema, model_name=a.model))
+    print(format_export(report))
+    json_path = Path(report["onnx"]).with_suffix(".export.json")
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {report['onnx']}, {json_path}")
+    return 0 if report["parity"]["ok"] else 1
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="ONNX export with an ONNX Runtime parity check and throughput",
+                       formatter_class=_Fmt, epilog=EXPORT_EPILOG,
+                       description="Export a checkpoint to ONNX (dynamic batch axis; input 'images' normalised "
+                                   "float32 NCHW, output 'logits'; eval transform and classes in the metadata), "
+                                   "compare ONNX Runtime with PyTorch on real inputs (max |diff|, top-1 agreement; "
+                                   "exit status 1 if above --atol), and time both on the CPU.")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="kdkit checkpoint (or a bare state dict "
+                                                                       "with --model)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="ONNX file (default: CHECKPOINT with .onnx; "
+                                                                    "the report beside it as .export.json)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="auto: torch.export-based (dynamo), falling back to the TorchScript-based one")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
+    g = p.add_argument_group("Parity check")
+    g.add_argument("--data", type=Path, default=None,
+                   help="shard set whose first eval views are the test inputs (default: --images)")
+    g.add_argument("--images", type=_csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
+                   help="or these image files / folders, comma-separated (default: random inputs if neither)")
+    g.add_argument("--split", default="val", help="split of --data to read")
+    g.add_argument("--parity-samples", type=int, default=16, help="inputs compared (as one batch and one by one)")
+    g.add_argument("--atol", type=float, default=1e-3, help="largest allowed |ONNX Runtime - PyTorch| on the logits")
+    g = p.add_argument_group("Throughput (same run, same batch)")
+    g.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="time PyTorch eager and ONNX Runtime")
+    g.add_argument("--batch-size", type=int, default=32, help="batch of the timing runs")
+    g.add_argument("--iterations", type=int, default=20, help="timed batches per runtime")
+    g.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of both runtimes")
+    _add_model_args(p, device=False)  # export, parity and timing run on the CPU
+    p.set_defaults(func=_run_export)
+
+
+def add_parsers(sub) -> None:
+    """Register `eval`, `predict` and `export` on the `kdkit` command's subparsers."""
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_export(sub)

@@ -1,0 +1,183 @@
+"""Corrupted copies of an eval set: computed on the fly, or written once as kdkit shard sets.
+
+Both start from the same pixels: the DALI eval pipeline's centre view (resize the shorter side
+to image_size / crop_ratio, centre crop), read as uint8 HWC. DALI cannot run the corruptions
+itself (they are numpy/scipy functions, and kdkit's graphs never call back into Python), so the
+views leave DALI as raw pixels and are corrupted in Python, optionally in worker processes. The
+random state of each corruption comes from the sample key (corruptions.sample_rng), so on-the-fly
+and written-once images are the same. As ImageNet-C's files, the result is stored as a JPEG of
+quality 85 (`quality`); on the fly the same JPEG round trip is applied, unless turned off.
+
+Written once, each corruption x severity is one shard set, OUT/<corruption>-<severity>/, with the
+source's sample keys, labels and shard layout, 224-style images that need no further crop
+(evaluate them with crop_ratio=1), a manifest recording the corruption, and DALI indexes: it
+passes `kdkit verify` and reads like any other set (`kdkit eval CKPT --data OUT/fog-3`).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdkit import __version__
+from kdkit.errors import KdkitError
+from kdkit.evaluate.corruptions import corrupt, encode_jpeg, jpeg_roundtrip, sample_rng
+from kdkit.shards import contract, tario
+
+STORE_QUALITY = 85  # ImageNet-C saved its images as JPEG, quality 85 (make_imagenet_c.py)
+
+
+def set_name(corruption: str, severity: int) -> str:
+    return f"{corruption}-{severity}"
+
+
+def raw_view_loader(shards, image_size: int, crop_ratio: float, batch_size: int, num_threads: int,
+                    device: str = "cpu"):
+    """A DALI eval loader yielding the centre view as pixel values (float 0..255, HWC, exact integers)."""
+    from pipelines.loader import DaliLoader, LoaderConfig
+
+    cfg = LoaderConfig(device=device, batch_size=batch_size, num_threads=num_threads, image_size=image_size,
+                       crop_ratio=crop_ratio, eval_views="center", layout="HWC", mean=(0.0, 0.0, 0.0),
+                       std=(1 / 255,) * 3, last_batch="partial")
+    return DaliLoader(shards, cfg, role="eval")
+
+
+def as_uint8(images) -> np.ndarray:
+    return images.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def corrupt_views(task) -> list:
+    """One image, one corruption, several severities: uint8 arrays (after the JPEG round trip when
+    `quality` is set) or JPEG bytes (`as_jpeg`). Top-level so worker processes can run it."""
+    img, key, name, severities, seed, quality, frost_dir, as_jpeg = task
+    out = []
+    for s in severities:
+        x = corrupt(img, name, s, sample_rng(seed, name, s, key), frost_dir)
+        if as_jpeg:
+            out.append(encode_jpeg(x, quality))
+        else:
+            out.append(jpeg_roundtrip(x, quality) if quality else x)
+    return out
+
+
+class CorruptionPool:
+    """Maps corrupt_views over tasks, in order: in this process, or in `workers` processes
+    (spawned: forking a process that runs DALI threads is unsafe)."""
+
+    def __init__(self, workers: int = 1):
+        self.workers = workers
+        self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+
+    def map(self, tasks: list) -> list:
+        if self.pool is None:
+            return [corrupt_views(t) for t in tasks]
+        return self.pool.map(corrupt_views, tasks, chunksize=max(1, len(tasks) // (4 * self.workers)))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _record(tar: Path, split: str, index: int) -> contract.ShardRecord:
+    n = sum(1 for _ in tario.iter_tar_samples(tar))
+    return contract.ShardRecord(tar.name, contract.index_name(split, index), n, tar.stat().st_size,
+                                tario.sha256_file(tar))
+
+
+def write_corrupted(data, out, image_size: int, corruptions: list[str], severities: list[int],
+                    split: str = "val", crop_ratio: float = 0.875, seed: int = 0, quality: int = STORE_QUALITY,
+                    frost_dir=None, batch_size: int = 32, num_threads: int = 2, workers: int = 1,
+                    command: str = "", progress: bool = True) -> list[Path]:
+    """Write OUT/<corruption>-<severity>/ shard sets for every pair; returns their folders.
+
+    Resumable: an output tar that exists is complete (tario writes atomically) and is kept. The
+    source is decoded once; the views of one source shard are held in memory while its
+    corrupted copies are written (about image_size^2 * 3 bytes per sample).
+    """
+    from pipelines.shardset import resolve_shards
+
+    src = resolve_shards(data, split)
+    if src.manifest is None:
+        raise KdkitError(f"{data}: no manifest.json; corrupted sets copy the class list from it")
+    out = Path(out)
+    pairs = [(c, s) for c in corruptions for s in severities]
+    if not pairs:
+        raise KdkitError("no corruptions selected")
+    for c, s in pairs:
+        (out / set_name(c, s)).mkdir(parents=True, exist_ok=True)
+    loader = raw_view_loader(src, image_size, crop_ratio, batch_size, num_threads)
+    order = loader.keys()
+    tar_index = {t: i for i, t in enumerate(src.tars)}
+    records: dict[tuple[str, int], list] = {p: [] for p in pairs}
+    pending: list[tuple[str, np.ndarray, int]] = []  # (key, view, label) of the current source shard
+    current = None
+    pos = 0
+    done_shards = 0
+
+    def flush(tar: Path, pool: CorruptionPool):
+        i = tar_index[tar]
+        name = contract.tar_name(split, i)
+        for c in corruptions:
+            todo = [s for s in severities if not (out / set_name(c, s) / name).exists()]
+            if todo:
+                jpegs = pool.map([(img, key, c, todo, seed, quality, frost_dir, True) for key, img, _ in pending])
+                for j, s in enumerate(todo):
+                    samples = [{"__key__": key, contract.IMAGE_EXT: jpegs[k][j],
+                                contract.LABEL_EXT: contract.encode_label(y)} for k, (key, _, y) in enumerate(pending)]
+                    tario.write_shard(out / set_name(c, s) / name, samples)
+            for s in severities:
+                records[(c, s)].append(_record(out / set_name(c, s) / name, split, i))
+
+    with CorruptionPool(workers) as pool:
+        for images, labels, _ in loader:
+            imgs = as_uint8(images)
+            for img, y in zip(imgs, labels.tolist()):
+                tar, key = order[pos]
+                pos += 1
+                if current is not None and tar != current:
+                    flush(current, pool)
+                    done_shards += 1
+                    pending = []
+                    if progress:
+                        print(f"corrupted shard {done_shards}/{len(src.tars)} x {len(pairs)} sets", file=sys.stderr)
+                current = tar
+                pending.append((key, img, int(y)))
+        if current is not None:
+            flush(current, pool)
+    folders = []
+    for (c, s), recs in records.items():
+        folder = out / set_name(c, s)
+        man = contract.Manifest(
+            split=src.manifest.split, classes=src.manifest.classes, shards=recs,
+            source={"converter": "kdkit-corrupt", "root": str(src.folder), "corruption": c, "severity": s},
+            options={"corruption": c, "severity": s, "image_size": image_size, "crop_ratio": crop_ratio,
+                     "quality": quality, "seed": seed, "frost": "photos" if frost_dir else "procedural"},
+            command=command, kdkit_version=__version__)
+        (folder / contract.SKIP_REPORT).write_text("path\treason\n")
+        tario.atomic_write_json(folder / contract.MANIFEST, man.to_json())
+        folders.append(folder)
+    return folders
+
+
+def corrupted_set(root: Path, corruption: str, severity: int, image_size: int):
+    """The written-once set for one pair, checked to have been written for this image size."""
+    from kdkit.shards.verify import load_manifest
+    from pipelines.shardset import resolve_shards
+
+    folder = Path(root) / set_name(corruption, severity)
+    if not (folder / contract.MANIFEST).exists():
+        raise KdkitError(f"{folder}: no corrupted shard set here; write it with "
+                         f"`kdkit eval --write-corrupted {root} --data SHARDS ...`")
+    made = load_manifest(folder).options
+    if int(made.get("image_size", -1)) != image_size:
+        raise KdkitError(f"{folder}: written at {made.get('image_size')} px, the model wants {image_size} px")
+    return resolve_shards(folder)

@@ -1,0 +1,184 @@
+"""`kdkit eval`: accuracy, per-class accuracy, confusion, calibration and (optionally) corruption
+robustness of one checkpoint or an ensemble, on a shard set read by the DALI eval pipeline.
+
+    report = evaluate(EvalConfig(checkpoints=["runs/r50/best.pt"], data="shards/imagenet", views="tencrop"))
+    print(format_report(report)); write_outputs(report, Path("runs/r50/eval"))
+
+Views: "center" (resize the shorter side to image_size / crop_ratio, centre crop), "flip" (centre
++ mirror) or "tencrop" (four corners + centre, each mirrored: the TF2 seed's 10-crop test).
+Probabilities are averaged over views, then over the checkpoints of an ensemble (models.ensemble_probs).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kdkit import __version__
+from kdkit.errors import KdkitError
+from kdkit.evaluate import metrics
+from kdkit.evaluate.models import (ModelInfo, check_eval_classes, check_same_classes, check_same_transform,
+                                   ensemble_probs, load_model)
+
+if TYPE_CHECKING:
+    from kdkit.evaluate.robustness import RobustnessConfig  # imported when used: it pulls in scipy
+
+
+@dataclass
+class EvalConfig:
+    checkpoints: list[Path]  # several: averaged as an ensemble
+    data: Path  # a shard-set folder, or a dataset root holding `split`
+    split: str = "val"
+    views: str = "center"  # "center" | "flip" | "tencrop"
+    crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
+    batch_size: int = 64
+    num_threads: int = 2  # DALI CPU threads
+    device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there
+    prefer_ema: bool = True  # use the checkpoint's EMA weights when it has them
+    model_name: str | None = None  # for bare timm/torchvision state dicts
+    ece_bins: int = metrics.ECE_BINS
+    robustness: RobustnessConfig | None = None  # corruption errors and mCE too, when given
+    extra: dict = field(default_factory=dict)  # recorded in the report as given (e.g. the command line)
+
+
+def torch_device(device: str) -> torch.device:
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise KdkitError("--device gpu: no CUDA device visible to torch")
+        return torch.device("cuda")
+    if device != "cpu":
+        raise KdkitError(f"device {device!r}: expected 'cpu' or 'gpu'")
+    return torch.device("cpu")
+
+
+def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = None,
+                device: str = "cpu") -> tuple[list[torch.nn.Module], list[ModelInfo]]:
+    """Load every checkpoint of an ensemble and check they can be averaged."""
+    if not checkpoints:
+        raise KdkitError("no checkpoint given")
+    dev = torch_device(device)
+    loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name) for c in checkpoints]
+    models, infos = [m.to(dev) for m, _ in loaded], [i for _, i in loaded]
+    check_same_classes(infos)
+    check_same_transform(infos)
+    return models, infos
+
+
+def open_eval_set(data, split: str, infos: list[ModelInfo]):
+    """The ShardSet, after checking its classes against the model's (by id and order)."""
+    from pipelines.shardset import resolve_shards
+
+    shards = resolve_shards(data, split)
+    if shards.manifest is not None:
+        for info in infos:
+            check_eval_classes(info, shards.manifest.classes, str(shards.folder or data))
+    return shards
+
+
+def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, K), labels (N,)) over the whole set, in stored order."""
+    from pipelines.loader import DaliLoader, LoaderConfig
+
+    info = infos[0]
+    lcfg = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                        image_size=info.image_size, crop_ratio=cfg.crop_ratio, eval_views=cfg.views,
+                        mean=info.mean, std=info.std, last_batch="partial")
+    loader = DaliLoader(shards, lcfg, role="eval")
+    dev = torch_device(cfg.device)
+    probs, labels = [], []
+    for images, y, _ in loader:
+        probs.append(ensemble_probs(models, images.to(dev)).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation `cfg` describes and return the report (JSON-ready)."""
+    from pipelines.eval import EVAL_VIEWS
+
+    if cfg.views not in EVAL_VIEWS:
+        raise KdkitError(f"views {cfg.views!r}: expected one of {', '.join(EVAL_VIEWS)}")
+    t0 = time.perf_counter()
+    models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, cfg.device)
+    shards = open_eval_set(cfg.data, cfg.split, infos)
+    probs, labels = collect_probs(models, infos, shards, cfg)
+    info = infos[0]
+    try:
+        scores = metrics.classification_metrics(probs, labels, info.class_ids(), info.class_names(), cfg.ece_bins)
+    except ValueError as e:  # labels beyond the model's classes: only possible without a manifest to check
+        raise KdkitError(f"{shards.folder or cfg.data}: {e}; the set does not match {info.source}") from None
+    report = {
+        "kdkit_version": __version__,
+        "models": [i.to_json() for i in infos],
+        "ensemble": len(infos) > 1,
+        "data": {"path": str(shards.folder or cfg.data), "split": cfg.split,
+                 "classes_checked": shards.manifest is not None},
+        "transform": {"image_size": info.image_size, "crop_ratio": cfg.crop_ratio, "views": cfg.views,
+                      "num_views": EVAL_VIEWS[cfg.views], "mean": list(info.mean), "std": list(info.std),
+                      "averaging": "softmax probabilities, over views then over models"},
+        "metrics": scores,
+        **({"extra": cfg.extra} if cfg.extra else {}),
+    }
+    if cfg.robustness is not None:
+        from kdkit.evaluate.robustness import evaluate_robustness
+
+        report["robustness"] = evaluate_robustness(models, infos, shards, cfg, cfg.robustness)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def write_outputs(report: dict, out: Path, json_path: Path | None = None, plots: bool = True) -> list[Path]:
+    """metrics.json (or json_path), confusion.png and reliability.png; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(json_path) if json_path else out / "metrics.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    written = [json_path]
+    if plots:
+        from kdkit.evaluate.plots import confusion_png, reliability_png
+
+        m = report["metrics"]
+        names = [c["name"] or c["id"] for c in m["per_class"]]
+        confusion_png(m["confusion"], names, out / "confusion.png",
+                      title=f"confusion ({m['num_samples']} samples, top-1 {100 * m['top1']:.2f} %)")
+        reliability_png(m["reliability"], m["ece"], out / "reliability.png")
+        written += [out / "confusion.png", out / "reliability.png"]
+    return written
+
+
+def format_report(report: dict, max_classes: int = 20) -> str:
+    """The table `kdkit eval` prints."""
+    m, t = report["metrics"], report["transform"]
+    models = ", ".join(f"{x['source']} ({x['model']}, {x['weights']} weights)" for x in report["models"])
+    lines = [f"{'ensemble of ' if report['ensemble'] else ''}{models}",
+             f"on {report['data']['path']}: {m['num_samples']} samples, {len(m['per_class'])} classes; "
+             f"{t['views']} ({t['num_views']} view{'s' if t['num_views'] > 1 else ''}), {t['image_size']} px, "
+             f"crop ratio {t['crop_ratio']}",
+             "",
+             f"{'top-1':<10}{100 * m['top1']:>8.2f} %",
+             f"{'top-' + str(m['top5_k']):<10}{100 * m['top5']:>8.2f} %",
+             f"{'NLL':<10}{m['nll']:>8.4f}",
+             f"{'ECE':<10}{100 * m['ece']:>8.2f} %   ({m['ece_bins']} equal-width confidence bins)"]
+    rows = m["per_class"]
+    shown = rows
+    if len(rows) > max_classes:  # the worst classes are the ones worth reading; all are in the JSON
+        shown = sorted((r for r in rows if r["top1"] is not None), key=lambda r: r["top1"])[:10]
+        lines += ["", f"10 worst of {len(rows)} classes (all in the JSON):"]
+    else:
+        lines += ["", "per class:"]
+    width = max([len(str(r["name"] or r["id"])) for r in shown] + [5]) + 2
+    lines.append(f"  {'index':>5}  {'class':<{width}}{'samples':>8}{'top-1 %':>10}")
+    for r in shown:
+        acc = "-" if r["top1"] is None else f"{100 * r['top1']:.2f}"
+        lines.append(f"  {r['index']:>5}  {str(r['name'] or r['id']):<{width}}{r['support']:>8}{acc:>10}")
+    if "robustness" in report:
+        from kdkit.evaluate.robustness import format_robustness
+
+        lines += ["", format_robustness(report["robustness"])]
+    return "\n".join(lines)

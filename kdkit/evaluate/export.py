@@ -1,0 +1,203 @@
+"""`kdkit export`: a checkpoint as ONNX with a dynamic batch axis, checked against PyTorch on real
+inputs with ONNX Runtime, and timed against PyTorch eager in the same run.
+
+    report = export(ExportConfig(checkpoint="runs/r50/best.pt", data="shards/imagenet"))
+
+The graph takes `images` (N, 3, S, S) float32, normalised as the checkpoint's eval transform
+says, and returns `logits` (N, classes). The transform and the class list travel in the ONNX
+metadata (kdkit.image_size, kdkit.mean, kdkit.std, kdkit.crop_ratio, kdkit.classes) so a runtime
+can rebuild the preprocessing. Exporter: torch.export-based ("dynamo", PyTorch's default since
+2.9) first; the TorchScript-based exporter if that fails (the report says which, and why).
+EXPORT.md describes the next steps to TensorRT and OpenVINO.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdkit.errors import KdkitError
+from kdkit.evaluate.models import ModelInfo, load_model
+
+INPUT, OUTPUT = "images", "logits"
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path
+    output: Path | None = None  # default: the checkpoint's path with .onnx
+    exporter: str = "auto"  # "auto" (dynamo, else torchscript), "dynamo" or "torchscript"
+    opset: int = 18
+    data: Path | None = None  # parity inputs: the eval view of this shard set's first samples
+    images: list[Path] = field(default_factory=list)  # ... or these image files (predict's transform)
+    split: str = "val"
+    crop_ratio: float = 0.875
+    parity_samples: int = 16
+    atol: float = 1e-3  # max |ONNX Runtime - PyTorch| over the logits for the parity check to pass
+    benchmark: bool = True
+    batch_size: int = 32  # throughput batch
+    iterations: int = 20
+    warmup: int = 3
+    threads: int | None = None  # intra-op threads of both runtimes (default: torch's current setting)
+    prefer_ema: bool = True
+    model_name: str | None = None
+
+
+def export_onnx(model: torch.nn.Module, image_size: int, path: Path, opset: int = 18,
+                exporter: str = "auto") -> dict:
+    """Write `path`; returns {"exporter": used, "fallback_reason": why dynamo was not used | None}."""
+    example = torch.randn(2, 3, image_size, image_size)  # batch 2: torch.export specialises a batch of 1
+    reason = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines are not ours to print
+                torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset,
+                                  input_names=[INPUT], output_names=[OUTPUT], dynamic_shapes=({0: batch},),
+                                  verbose=False)
+            return {"exporter": "dynamo", "fallback_reason": None}
+        except Exception as e:  # any exporter failure: fall back, and say why in the report
+            if exporter == "dynamo":
+                raise KdkitError(f"dynamo ONNX export failed ({type(e).__name__}: {str(e)[:300]}); "
+                                 "try --exporter torchscript") from None
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if exporter not in ("auto", "torchscript"):
+        raise KdkitError(f"exporter {exporter!r}: expected auto, dynamo or torchscript")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter warns that it is legacy
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=min(opset, 17),
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    return {"exporter": "torchscript", "fallback_reason": reason}
+
+
+def add_metadata(path: Path, info: ModelInfo, crop_ratio: float) -> None:
+    """Store the eval transform and class list in the ONNX file, and check the model is valid."""
+    import onnx
+
+    m = onnx.load(str(path))
+    meta = {"kdkit.model": info.model, "kdkit.image_size": str(info.image_size), "kdkit.mean": json.dumps(info.mean),
+            "kdkit.std": json.dumps(info.std), "kdkit.crop_ratio": str(crop_ratio),
+            "kdkit.classes": json.dumps([{"index": i, "id": c, "name": n}
+                                         for i, (c, n) in enumerate(zip(info.class_ids(), info.class_names()))])}
+    for k, v in meta.items():
+        entry = m.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def parity_inputs(cfg: ExportConfig, info: ModelInfo) -> tuple[torch.Tensor, str]:
+    """Real inputs for the parity check: eval views from shards, or image files; noise otherwise."""
+    n = cfg.parity_samples
+    if cfg.data is not None:
+        from kdkit.evaluate.eval import open_eval_set
+        from pipelines.loader import DaliLoader, LoaderConfig
+
+        shards = open_eval_set(cfg.data, cfg.split, [info])
+        lcfg = LoaderConfig(batch_size=n, num_threads=2, image_size=info.image_size, crop_ratio=cfg.crop_ratio,
+                            eval_views="center", mean=info.mean, std=info.std, last_batch="partial")
+        images = next(iter(DaliLoader(shards, lcfg, role="eval"))).images
+        return images, f"{len(images)} eval views from {shards.folder or cfg.data}"
+    if cfg.images:
+        from kdkit.evaluate.predict import eval_transform, list_images, load_image
+
+        tf = eval_transform(info, cfg.crop_ratio)
+        paths = list_images(cfg.images)[:n]
+        return torch.stack([tf(load_image(p)) for p in paths]), f"{len(paths)} image files"
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, info.image_size, info.image_size, generator=g), \
+        f"{n} random inputs (synthetic: give --data or --images for real ones)"
+
+
+@torch.no_grad()
+def check_parity(model: torch.nn.Module, session, inputs: torch.Tensor, atol: float) -> dict:
+    """ONNX Runtime vs PyTorch on `inputs`, run as one batch and as batches of 1 (the dynamic axis)."""
+    ref = model(inputs).float().numpy()
+    full = session.run([OUTPUT], {INPUT: inputs.numpy()})[0]
+    single = np.concatenate([session.run([OUTPUT], {INPUT: inputs[i:i + 1].numpy()})[0] for i in range(len(inputs))])
+    diff = max(float(np.abs(full - ref).max()), float(np.abs(single - ref).max()))
+    agree = float((full.argmax(1) == ref.argmax(1)).mean())
+    return {"samples": len(inputs), "batch_sizes": [1, len(inputs)], "max_abs_diff": diff,
+            "top1_agreement": agree, "atol": atol, "ok": diff <= atol and agree == 1.0}
+
+
+@torch.no_grad()
+def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size: int, iterations: int,
+               warmup: int, repeats: int = 1) -> dict:
+    """Images/s of PyTorch eager and ONNX Runtime on the same batch. With repeats > 1 the two
+    alternate and the median of each is reported, so load from other processes hits both alike."""
+    import statistics
+
+    reps = -(-batch_size // len(sample))
+    batch = sample.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
+    feed = {INPUT: batch.numpy()}
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        return batch_size * iterations / (time.perf_counter() - t0)
+
+    eager, ort_rate = [], []
+    for _ in range(repeats):
+        eager.append(timed(lambda: model(batch)))
+        ort_rate.append(timed(lambda: session.run([OUTPUT], feed)))
+    e, o = statistics.median(eager), statistics.median(ort_rate)
+    return {"batch_size": batch_size, "iterations": iterations, "warmup": warmup, "repeats": repeats,
+            "threads": torch.get_num_threads(), "torch_eager_img_s": e, "onnxruntime_img_s": o, "speedup": o / e}
+
+
+def export(cfg: ExportConfig) -> dict:
+    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name)
+    out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_suffix(".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    how = export_onnx(model, info.image_size, out, cfg.opset, cfg.exporter)
+    add_metadata(out, info, cfg.crop_ratio)
+    session = ort_session(out, cfg.threads or torch.get_num_threads())
+    inputs, source = parity_inputs(cfg, info)
+    report = {"checkpoint": str(cfg.checkpoint), "onnx": str(out), "bytes": out.stat().st_size, **how,
+              "opset": cfg.opset if how["exporter"] == "dynamo" else min(cfg.opset, 17),
+              "model": info.to_json(),
+              "input": {"name": INPUT, "shape": ["batch", 3, info.image_size, info.image_size]},
+              "parity": {"inputs": source, **check_parity(model, session, inputs, cfg.atol)}}
+    if cfg.benchmark:
+        report["throughput"] = throughput(model, session, inputs, cfg.batch_size, cfg.iterations, cfg.warmup)
+    return report
+
+
+def format_export(r: dict) -> str:
+    p = r["parity"]
+    lines = [f"{r['onnx']}: {r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['exporter']} exporter"
+             + (f" (dynamo failed: {r['fallback_reason']})" if r.get("fallback_reason") else ""),
+             f"input {r['input']['name']} {tuple(r['input']['shape'])} float32, normalised; output logits",
+             f"parity vs PyTorch on {p['inputs']}, batch sizes {p['batch_sizes']}: max |diff| {p['max_abs_diff']:.2e}, "
+             f"top-1 agreement {100 * p['top1_agreement']:.1f} % -> {'OK' if p['ok'] else 'FAILED'} "
+             f"(atol {p['atol']:g})"]
+    if "throughput" in r:
+        t = r["throughput"]
+        lines += [f"throughput, batch {t['batch_size']}, CPU threads {t['threads']}: PyTorch eager "
+                  f"{t['torch_eager_img_s']:.1f} img/s, ONNX Runtime {t['onnxruntime_img_s']:.1f} img/s "
+                  f"({t['speedup']:.2f}x)"]
+    return "\n".join(lines)

@@ -1,0 +1,27 @@
+"""`kdkit train`: the knowledge-distillation trainer (teacher and student), its recipes and LR finder.
+
+    from kdkit.train import TrainConfig, fit, make_config
+    fit(make_config({"data": "shards/food", "model": "resnet50", "kd": "stored"}, recipe="bag-of-tricks"))
+
+Modules: config (options, recipes), data (shard checks, DALI loaders per epoch), model (build,
+fine-tune, AM-softmax head, teacher), losses, mix, optim (timm factories + SAM), build (all parts
+of a run), loop (the training step and epoch), state (checkpoint / resume), runs (run folder),
+distributed (DDP under torchrun), lr_find, cli.
+Heavy imports (torch, DALI, timm) happen in the modules, not here.
+"""
+from kdkit.train.config import TrainConfig, list_recipes, load_recipe, make_config
+
+
+def fit(cfg: TrainConfig) -> list[dict]:
+    from kdkit.train.loop import fit as _fit
+
+    return _fit(cfg)
+
+
+def lr_find(cfg: TrainConfig, **kwargs):
+    from kdkit.train.lr_find import lr_find as _lr_find
+
+    return _lr_find(cfg, **kwargs)
+
+
+__all__ = ["TrainConfig", "fit", "lr_find", "list_recipes", "load_recipe", "make_config"]

@@ -1,0 +1,154 @@
+"""`kdkit train teacher|student` and `kdkit lr-find`: flags built from TrainConfig's fields.
+
+    kdkit train teacher shards/food -c bag-of-tricks --model resnet50 --epochs 30
+    kdkit train student shards/food -c assemble-resnet50-kd --kd replay --name r50-kd
+    kdkit train student shards/food --name r50-kd --resume          # continue after a kill
+    torchrun --nproc_per_node 8 -m kdkit train student shards/imagenet -c assemble-resnet50-kd
+    kdkit lr-find shards/food -c bag-of-tricks --model resnet50
+
+Precedence (timm's train.py): TrainConfig default < recipe (-c NAME or FILE.yaml) < flag. Flags
+have no argparse defaults (SUPPRESS), so the namespace holds exactly what was typed and the recipe
+fills the rest. kdkit/cli.py wires these in with add_parser(sub) and add_lr_find_parser(sub).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import yaml
+
+from kdkit.errors import KdkitError
+from kdkit.train.config import FIELDS, TYPES, KD_MODES, TrainConfig, list_recipes, load_recipe, make_config
+
+
+class _Fmt(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k, yaml.safe_load(v)  # numbers, true/false, null, lists as YAML reads them
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_field(group, f: dataclasses.Field, default) -> None:
+    meta, hint = f.metadata, str(TYPES[f.name])
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f"{meta['help']} (default: {default})".replace("%", "%%")
+    kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
+    if hint == "<class 'bool'>":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif f.name == "model_kwargs":
+        group.add_argument(flag, nargs="*", type=_key_value, metavar="KEY=VALUE", **kw)
+    elif "nargs" in meta:
+        group.add_argument(flag, nargs=meta["nargs"], type=meta["item"], **kw)
+    else:
+        kind = int if "int" in hint else float if "float" in hint else str
+        kind = _optional(kind) if "None" in hint else kind
+        group.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if "choices" in meta
+                           else f.name.upper(), **kw)
+
+
+def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None) -> None:
+    """-c/--config, the DATA positional and one flag per TrainConfig field, in timm's argument groups.
+    kd_default None: no --kd flag (teacher training never distills)."""
+    p.add_argument("-c", "--config", default=None, metavar="RECIPE",
+                   help=f"recipe name ({', '.join(list_recipes())}) or YAML file filling the defaults")
+    p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
+                   help="dataset root (holding train/ and val/ shard sets) or a train shard-set folder")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "recipe") or (f.name == "kd" and kd_default is None):
+            continue
+        if f.name == "resume":
+            continue
+        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        default = kd_default if f.name == "kd" else (f.default if f.default is not dataclasses.MISSING
+                                                    else f.default_factory())
+        _add_field(g, f, default)
+    groups["Run parameters"].add_argument(
+        "--resume", nargs="?", const="last", default=argparse.SUPPRESS, metavar="CHECKPOINT",
+        help="continue the run named by --name from its last.pth, or from CHECKPOINT")
+
+
+def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
+    """TrainConfig of a parsed command line: the recipe's values, then every flag that was given."""
+    given = {k: v for k, v in vars(a).items() if k in FIELDS}
+    if "model_kwargs" in given:
+        given["model_kwargs"] = dict(given["model_kwargs"])
+    recipe = load_recipe(a.config) if a.config else {}
+    if mode == "teacher" and recipe.get("kd", "none") != "none":
+        raise KdkitError(f"recipe {a.config} distills (kd: {recipe['kd']}); use `kdkit train student`")
+    if mode == "student" and "kd" not in given and "kd" not in recipe:
+        given["kd"] = "stored"
+    if "model_kwargs" in recipe and "model_kwargs" in given:  # flags add to / override the recipe's kwargs
+        given["model_kwargs"] = {**recipe["model_kwargs"], **given["model_kwargs"]}
+    try:
+        return make_config({**recipe, **given})
+    except TypeError as e:
+        raise KdkitError(f"bad option: {e}") from None
+
+
+def _run(mode: str):
+    def run(a: argparse.Namespace) -> int:
+        from kdkit.train.loop import fit
+
+        fit(config_from_args(a, mode))
+        return 0
+    return run
+
+
+def add_parser(sub) -> None:
+    """`kdkit train` with its sub-commands `teacher` and `student`."""
+    p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set", formatter_class=_Fmt,
+                       description="Train on a kdkit shard set through the DALI loader.\n\n"
+                                   + __doc__.split("\n\n")[1])
+    s = p.add_subparsers(dest="train_mode", required=True, metavar="MODE")
+    for mode, kd_default, text in (
+            ("teacher", None, "train a model on the labels alone (no distillation): the teacher for a later "
+                              "teacher pass, or any plain classifier"),
+            ("student", "stored", "distill a student from the teacher logits stored in the shards "
+                                  "(--kd stored / replay) or from a teacher run alongside (--kd online)")):
+        q = s.add_parser(mode, help=text, description=text + ". Recipe values fill the defaults; every "
+                         "flag overrides them; the resolved config is saved as runs/NAME/config.yaml.",
+                         formatter_class=_Fmt)
+        add_train_arguments(q, kd_default)
+        q.set_defaults(func=_run(mode))
+
+
+def add_lr_find_parser(sub) -> None:
+    """`kdkit lr-find`: the LR range test with the same options as `kdkit train`."""
+    p = sub.add_parser("lr-find", help="LR range test: plot training loss against an exponentially growing LR",
+                       formatter_class=_Fmt,
+                       description="Train from the run's initial state with the LR growing exponentially from "
+                                   "--start-lr to --end-lr, one update per batch, with the same step and loss as "
+                                   "`kdkit train`; stop when the smoothed loss diverges. Writes lr_find.png and "
+                                   "lr_find.json into runs/NAME and prints the suggested LR.")
+    add_train_arguments(p, kd_default="none")
+    g = p.add_argument_group("LR finder")
+    g.add_argument("--start-lr", type=float, default=1e-7, help="first LR (default: 1e-7)")
+    g.add_argument("--end-lr", type=float, default=10.0, help="last LR (default: 10)")
+    g.add_argument("--num-steps", type=int, default=100, help="optimizer updates, one batch each (default: 100)")
+    g.add_argument("--diverge", type=float, default=4.0,
+                   help="stop when the smoothed loss exceeds this multiple of its minimum (default: 4)")
+
+    def run(a: argparse.Namespace) -> int:
+        from kdkit.train.lr_find import lr_find
+
+        r = lr_find(config_from_args(a, "lr-find"), a.start_lr, a.end_lr, a.num_steps, diverge=a.diverge)
+        print(f"suggested lr {r.suggested_lr:.3g} (steepest descent); loss minimum at {r.lr_at_min:.3g}; "
+              f"plot: {r.png}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+__all__ = ["add_parser", "add_lr_find_parser", "add_train_arguments", "config_from_args", "KD_MODES"]

@@ -1,0 +1,208 @@
+"""TrainConfig: every option of `kdkit train`, its recipe files, and the resolved config of a run.
+
+One dataclass is the single source of truth: the CLI builds its flags from the fields (name,
+type, default, help and argument group come from here), recipes are YAML files whose keys are
+field names, and the resolved config is written back as YAML into the run folder. Precedence,
+as in timm's train.py: dataclass default < recipe (-c/--config) < command-line flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kdkit.errors import KdkitError
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+KD_MODES = ("none", "stored", "replay", "online")
+
+
+def _f(default, help: str, group: str, **kw):
+    """A config field with its CLI help text and argument group."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "group": group, **kw})
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+D, M, K, R, O, S, E, P, N = ("Dataset parameters", "Model parameters", "Distillation parameters",
+                             "Augmentation and regularization parameters", "Optimizer parameters",
+                             "Learning rate schedule parameters", "Model EMA parameters",
+                             "Device and performance parameters", "Run parameters")
+
+
+@dataclass
+class TrainConfig:
+    # --- data (DALI loader over a kdkit shard set) ----------------------------------------
+    data: str = _f("", "dataset root (holding train/ and val/ shard sets) or a train shard-set folder", D)
+    train_split: str = _f("train", "split to train on", D)
+    val_split: str | None = _f("val", "split to evaluate on each epoch ('' or none: no evaluation)", D)
+    num_classes: int | None = _f(None, "number of classes (default: from the shard manifest)", D)
+    image_size: int = _f(224, "training and evaluation resolution (square)", D)
+    eval_crop_ratio: float = _f(0.875, "evaluation centre crop: image_size / resized shorter side", D)
+    batch_size: int = _f(64, "batch size per process (rank)", D)
+    loader_threads: int = _f(4, "DALI worker threads per process", D)
+    loader_device: str = _f("auto", "DALI backend: cpu, gpu, or auto (gpu where training runs on CUDA)", D,
+                             choices=("auto", "cpu", "gpu"))
+    shuffle_buffer: int = _f(4096, "DALI shuffle buffer (samples); more = better mixed batches, more memory", D)
+    random_area: list = _f([0.08, 1.0], "random-resized-crop area range", R, nargs=2, item=float)
+    flip: bool = _f(True, "random horizontal flip", R)
+    color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength (0 = off)", R)
+    auto_augment: str | None = _f(None, "autoaugment, randaugment or trivialaugment (DALI auto_aug)", R)
+    randaugment_n: int = _f(2, "RandAugment: operations per image", R)
+    randaugment_m: int = _f(9, "RandAugment: magnitude", R)
+    # --- model ------------------------------------------------------------------------------
+    model: str = _f("resnet50", "timm or kdkit model name (kdkit models lists kdkit's variants)", M)
+    model_kwargs: dict = _f({}, "extra create_model kwargs, KEY=VALUE (e.g. drop_rate=0.2 zero_init_last=true)", M)
+    am_softmax: bool = _f(False, "AM-softmax head: cosine logits with an additive margin", M)
+    am_margin: float = _f(0.35, "AM-softmax margin m", M)
+    am_scale: float = _f(30.0, "AM-softmax scale s", M)
+    finetune: str | None = _f(None, "checkpoint to fine-tune from: backbone loaded, classifier re-initialised", M)
+    freeze_epochs: int = _f(0, "fine-tuning: train only the new head for this many epochs", M)
+    sync_bn: bool = _f(False, "synchronized BatchNorm across ranks (DDP)", M)
+    # --- distillation -------------------------------------------------------------------------
+    kd: str = _f("none", "teacher signal: none, stored (logits in the shards), replay (stored multi-view "
+                          "logits, student sees the same view), online (run the teacher each step)", K,
+                  choices=KD_MODES)
+    kd_temperature: float = _f(4.0, "KD temperature T", K)
+    kd_alpha: float = _f(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", K)
+    teacher_model: str | None = _f(None, "online KD: teacher model name (default: from the checkpoint)", K)
+    teacher_checkpoint: str | None = _f(None, "online KD: teacher checkpoint (also checks class counts)", K)
+    # --- regularization -----------------------------------------------------------------------
+    label_smoothing: float = _f(0.0, "label smoothing of the hard-label loss", R)
+    mixup: float = _f(0.0, "mixup alpha (0 = off)", R)
+    cutmix: float = _f(0.0, "cutmix alpha (0 = off)", R)
+    mix_prob: float = _f(1.0, "probability of mixing a batch when mixup or cutmix is on", R)
+    mix_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", R)
+    mix_off_epoch: int = _f(0, "stop mixing from this epoch on (0 = never)", R)
+    # --- optimizer ----------------------------------------------------------------------------
+    opt: str = _f("sgd", "timm optimizer: sgd (Nesterov), momentum, adamw, radam, lamb, lars, ...; "
+                          "prefix lookahead_ for Lookahead", O)
+    lr: float = _f(0.1, "peak learning rate", O)
+    momentum: float = _f(0.9, "SGD momentum / Adam beta1", O)
+    weight_decay: float = _f(1e-4, "weight decay", O)
+    bias_decay: bool = _f(False, "weight decay on biases and norm weights too (1-d parameters); off is the "
+                                 "bag of tricks' no-bias-decay", O)
+    sam_rho: float = _f(0.0, "SAM neighbourhood size rho (0 = off; two forward/backward passes per step)", O)
+    sam_adaptive: bool = _f(False, "adaptive SAM (ASAM)", O)
+    clip_grad: float | None = _f(None, "gradient clipping threshold (off by default)", O)
+    clip_mode: str = _f("norm", "clipping by 'norm', 'value' or 'agc'", O, choices=("norm", "value", "agc"))
+    grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation, Keras' iter_size)", O)
+    # --- schedule -----------------------------------------------------------------------------
+    sched: str = _f("cosine", "cosine, step, multistep, plateau (reduce on plateau of val top-1), constant, none",
+                     S, choices=("cosine", "step", "multistep", "plateau", "constant", "none"))
+    epochs: int = _f(90, "epochs of training (warmup included)", S)
+    warmup_epochs: int = _f(0, "epochs of linear warmup from warmup_lr", S)
+    warmup_lr: float = _f(1e-5, "learning rate at the start of warmup", S)
+    min_lr: float = _f(0.0, "lower bound of cosine / plateau", S)
+    decay_epochs: float = _f(30, "step schedule: epochs between decays", S)
+    decay_milestones: list = _f([30, 60, 80], "multistep schedule: epochs to decay at", S, nargs="+", item=int)
+    decay_rate: float = _f(0.1, "step / multistep / plateau decay factor", S)
+    patience_epochs: int = _f(5, "plateau: epochs without improvement before decaying", S)
+    # --- EMA ----------------------------------------------------------------------------------
+    ema: bool = _f(False, "keep an EMA of the weights, evaluated alongside the model", E)
+    ema_decay: float = _f(0.9998, "EMA decay per optimizer update", E)
+    ema_warmup: bool = _f(False, "EMA decay warmup (timm ModelEmaV3 use_warmup)", E)
+    # --- device and performance -----------------------------------------------------------------
+    device: str = _f("auto", "cpu, cuda, or auto", P, choices=("auto", "cpu", "cuda"))
+    amp: str = _f("none", "mixed precision: none, bf16 or fp16 (fp16 with a grad scaler)", P,
+                   choices=("none", "bf16", "fp16"))
+    channels_last: bool = _f(False, "channels-last memory format (faster convolutions on GPU)", P)
+    compile: bool = _f(False, "torch.compile the model", P)
+    deterministic: bool = _f(False, "torch deterministic algorithms (slower; for exact reproduction on GPU)", P)
+    # --- run ----------------------------------------------------------------------------------
+    output: str = _f("runs", "folder holding the run folders", N)
+    name: str | None = _f(None, "run folder name (default: <teacher|student>-<model>)", N)
+    seed: int = _f(0, "seed of model init, data order, augmentation and mixing", N)
+    resume: str | None = _f(None, "continue a run: 'last' (its last.pth) or a checkpoint path", N)
+    checkpoint_every: int = _f(0, "also save last.pth every N optimizer updates inside an epoch (0 = per epoch)", N)
+    eval_every: int = _f(1, "evaluate every N epochs (and after the last)", N)
+    log_interval: int = _f(50, "micro-batches between progress updates and NaN checks", N)
+    progress: bool = _f(True, "progress bar per epoch", N)
+    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)", N)
+    recipe: str | None = _f(None, "recipe the defaults came from (set by -c/--config)", N)
+
+    def __post_init__(self):
+        self.random_area = [float(x) for x in self.random_area]
+        self.decay_milestones = [int(x) for x in self.decay_milestones]
+        if self.val_split in ("", "none", "None"):
+            self.val_split = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{'teacher' if self.kd == 'none' else 'student'}-{self.model}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.run_name
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe by file path, or by name from kdkit's bundled recipes (kdkit/train/recipes/NAME.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise KdkitError(f"recipe {p}: file does not exist")
+        return p
+    bundled = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not bundled.exists():
+        raise KdkitError(f"unknown recipe {name_or_path!r}; bundled recipes: {', '.join(list_recipes())}")
+    return bundled
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """The recipe's settings as a dict of TrainConfig fields; an unknown key is an error naming it."""
+    path = recipe_path(name_or_path)
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise KdkitError(f"recipe {path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise KdkitError(f"recipe {path}: expected a mapping of option: value")
+    check_keys(cfg, f"recipe {path}")
+    cfg.setdefault("recipe", path.stem if path.parent == RECIPE_DIR else str(path))
+    return cfg
+
+
+def check_keys(d: dict, where: str) -> None:
+    for key in d:
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            close = difflib.get_close_matches(name, FIELDS, n=3)
+            raise KdkitError(f"{where}: unknown key {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                             + "; `kdkit train teacher --help` lists every option")
+
+
+def make_config(overrides: dict | None = None, recipe: str | None = None) -> TrainConfig:
+    """TrainConfig from defaults < recipe < overrides (the Python-side twin of the CLI)."""
+    values = load_recipe(recipe) if recipe else {}
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    check_keys(overrides, "config")
+    return TrainConfig(**{k.replace("-", "_"): v for k, v in {**values, **overrides}.items()})
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """The resolved config (every field, after recipe and flags), loadable again with -c."""
+    d = cfg.to_dict()
+    d.pop("resume", None)  # a property of one invocation, not of the run
+    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+
+
+def config_diff(old: dict, new: TrainConfig) -> dict:
+    """{key: (old, new)} where a resumed run's options differ from the saved config."""
+    now = new.to_dict()
+    return {k: (old.get(k), now[k]) for k in now if k not in ("resume",) and k in old and old[k] != now[k]}

@@ -1,0 +1,95 @@
+"""Losses of the trainer: hard-label cross-entropy on (smoothed, mixed) soft targets, the KD term
+between temperature-softened teacher and student distributions, and the AM-softmax margin.
+
+Every hard-label target is a probability vector (one-hot, smoothed, or mixed by mixup/cutmix),
+so one soft-target cross-entropy serves all cases; timm's mixup_target builds the same vectors.
+
+    loss = (1 - alpha) * CE(student, target) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+The T^2 factor (Hinton et al., 2015) keeps the KD gradients' scale independent of T. Teacher
+targets enter as probabilities, not logits, so that mixed targets (a mix of two samples'
+teacher distributions) and top-k targets (a distribution over k classes) are the same thing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """(B,) class indices -> (B, C) targets: 1 - smoothing + smoothing / C on the class, smoothing / C elsewhere
+    (the same vectors as timm's mixup_target with lam=1 and LabelSmoothingCrossEntropy's loss)."""
+    off = smoothing / num_classes
+    target = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
+    return target.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum(target * log_softmax(logits)) (timm's SoftTargetCrossEntropy)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(t / T) in float32 (stored logits are float16); -inf logits get probability 0."""
+    return F.softmax(teacher_logits.float() / temperature, dim=-1)
+
+
+def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense (..., C) teacher logits from stored top-k (values, indices); the other classes get -inf.
+
+    With -inf elsewhere, softmax(t / T) is the teacher's distribution renormalized over its k best
+    classes: the classes it ranks below the k-th get no probability. That is the usual reading of
+    top-k soft labels (FKD, ReLabel); their share of the mass at temperature T is what top-k storage
+    gives up, small when k covers the teacher's confident classes.
+    """
+    dense = torch.full((*values.shape[:-1], num_classes), float("-inf"), dtype=torch.float32, device=values.device)
+    return dense.scatter_(-1, indices.long(), values.float())
+
+
+def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(target || softmax(s / T)), summed over classes, averaged over the batch.
+
+    xlogy makes 0 * log 0 = 0, so targets with zeros (top-k, one-hot teachers) are exact.
+    """
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = torch.special.xlogy(target_probs, target_probs) - target_probs * log_student
+    return kl.sum(dim=-1).mean() * temperature ** 2
+
+
+def am_softmax_margin(cos_logits: torch.Tensor, target: torch.Tensor, scale: float, margin: float) -> torch.Tensor:
+    """AM-softmax: subtract s * m from the (scaled cosine) logit of the target class before the CE.
+
+    With a soft target (smoothed / mixed) the margin is spread in proportion to the target mass,
+    which is the one-hot AM-softmax where the target is one-hot.
+    """
+    return cos_logits - scale * margin * target
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 4.0, alpha: float = 0.9, smoothing: float = 0.0) -> torch.Tensor:
+    """The plain KD loss for class-index labels and teacher logits (no mixing): see the module doc."""
+    target = one_hot_smoothed(labels, student_logits.shape[-1], smoothing)
+    return DistillationLoss(temperature, alpha)(student_logits, target, teacher_probs(teacher_logits, temperature))
+
+
+class DistillationLoss(torch.nn.Module):
+    """(student logits, hard target probs, teacher probs at temperature T | None) -> loss.
+
+    Without teacher probs (teacher training, kd=none) it is the hard-label loss alone. With an
+    AM-softmax head the margin applies to the hard-label term; the KD term compares the head's
+    scaled cosine logits with the teacher, as any other logits.
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, am_scale: float | None = None,
+                 am_margin: float = 0.0):
+        super().__init__()
+        self.temperature, self.alpha = temperature, alpha
+        self.am_scale, self.am_margin = am_scale, am_margin
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, t_probs: torch.Tensor | None = None) -> torch.Tensor:
+        hard_logits = logits if self.am_scale is None else am_softmax_margin(logits, target, self.am_scale,
+                                                                           self.am_margin)
+        hard = soft_target_ce(hard_logits, target)
+        if t_probs is None:
+            return hard
+        return (1.0 - self.alpha) * hard + self.alpha * kd_kl(logits, t_probs, self.temperature)

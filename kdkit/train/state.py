@@ -1,0 +1,112 @@
+"""What a checkpoint holds beyond the weights, and resuming from it.
+
+A checkpoint follows kdkit.models.checkpoint's format; `train_state` is everything the next step
+depends on, so a run killed and resumed reaches the same weights as one that never stopped:
+
+    optimizer, scheduler (plateau counters included), scaler     their state_dicts
+    updates                 optimizer updates so far (the scheduler's position, EMA warmup)
+    step_in_epoch           micro-batches of the current epoch already trained (0 at a boundary)
+    epoch_sums              that epoch's partial train-loss sums (so its metrics come out the same)
+    best                    best val top-1 so far (which epoch best.pth holds)
+    rng                     per rank: python, numpy, torch (and CUDA) generator states
+    world                   ranks that wrote it (RNG states are per rank)
+
+The data position is (epoch, step_in_epoch): the loader of an epoch is a pure function of
+(seed, epoch), see kdkit.train.data.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+import torch
+
+from kdkit import __version__
+from kdkit.errors import KdkitError
+from kdkit.models.checkpoint import load_weights, read_checkpoint
+from kdkit.train.distributed import gather_objects
+from kdkit.train.model import check_architecture, head_info
+from kdkit.train.optim import load_scheduler_state, scheduler_state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
+    """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG)."""
+    from pipelines.common import IMAGENET_MEAN, IMAGENET_STD
+
+    rngs = gather_objects(rng_state(), p.dist)
+    ckpt = {
+        "model": p.cfg.model, "model_kwargs": dict(p.cfg.model_kwargs),
+        "num_classes": p.data.num_classes, "classes": p.data.classes,
+        "image_size": p.cfg.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "state_dict": p.model.state_dict(),
+        "ema_state_dict": p.ema.module.state_dict() if p.ema is not None else None,
+        "epoch": epoch, "metrics": metrics, "kdkit_version": __version__,
+        "train_state": {
+            "optimizer": p.optimizer.state_dict(), "scheduler": scheduler_state(p.scheduler),
+            "scaler": p.scaler.state_dict(), "updates": p.updates, "step_in_epoch": step_in_epoch,
+            "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.dist.world,
+            "config": p.cfg.to_dict(),
+        },
+    }
+    if head_info(p.cfg):
+        ckpt["head"] = head_info(p.cfg)  # not in the base format: consumers must rebuild this head
+    return ckpt
+
+
+def for_use(ckpt: dict) -> dict:
+    """A checkpoint without its train_state (best.pth: for evaluation, export, fine-tuning)."""
+    return {**ckpt, "train_state": None}
+
+
+def read_resume_checkpoint(cfg) -> tuple[str, dict] | None:
+    if not cfg.resume:
+        return None
+    path = str(cfg.run_dir / "last.pth") if cfg.resume == "last" else cfg.resume
+    ckpt = read_checkpoint(path)
+    check_architecture(ckpt, cfg.model, path)
+    if not isinstance(ckpt, dict) or not ckpt.get("train_state"):
+        raise KdkitError(f"{path}: holds no train_state (best.pth and exported checkpoints do not); resume "
+                         "from last.pth, or start a new run from these weights with --finetune")
+    return path, ckpt
+
+
+def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
+    """Load a resume checkpoint into the built parts; returns (epoch, step_in_epoch, epoch_sums)."""
+    if ckpt.get("num_classes") not in (None, p.data.num_classes):
+        raise KdkitError(f"{path}: {ckpt['num_classes']} classes, the shards have {p.data.num_classes}")
+    load_weights(p.model, ckpt["state_dict"], path)
+    if p.ema is not None and ckpt.get("ema_state_dict"):
+        p.ema.module.load_state_dict(ckpt["ema_state_dict"])
+    ts = ckpt["train_state"]
+    p.optimizer.load_state_dict(ts["optimizer"])
+    load_scheduler_state(p.scheduler, ts["scheduler"])
+    p.scaler.load_state_dict(ts["scaler"])
+    p.updates, p.best = ts["updates"], ts["best"]
+    rngs = ts["rng"]
+    if ts.get("world", 1) != p.dist.world:
+        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {p.dist.world}: "
+                      "training continues, but not bit-for-bit as the original would have")
+    set_rng_state(rngs[p.dist.rank % len(rngs)])
+    return int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")

@@ -1,0 +1,77 @@
+"""Replay pipeline: the student's training input is one of the K views the teacher saw, cut from
+the same crop box and flipped the same way, with that view's stored logits.
+
+Per sample, in-graph: read the stored (K, 5) view boxes, draw k uniformly from 0..K-1, turn row
+k's relative box back into the integer pixel box the teacher used (round(x * width), with the
+width from fn.peek_image_shape, EXIF orientation applied as the decoder applies it), decode only
+that region (fn.decoders.image_slice: ROI decode), resize, mirror by the row's flag, and pick row
+k of the stored logits. Cropping before resizing on the same pixel grid makes the student's view
+equal to the teacher's up to nothing but the decoder (tested against a full decode cut in numpy).
+
+Colour jitter / auto-augment from the config are applied on top when set; they change pixels the
+teacher never saw, so they are off by default for this role.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import nvidia.dali.math as dmath
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines import common
+from pipelines.train import augment_train
+
+if TYPE_CHECKING:
+    from pipelines.loader import LoaderConfig
+    from pipelines.shardset import ShardSet
+
+
+def choose_view(views):
+    """A uniformly drawn view index k in 0..K-1 per sample (INT32 scalar), K from the stored rows."""
+    count = fn.cast(views.shape()[0], dtype=types.INT32)
+    u = fn.random.uniform(range=[0.0, 1.0])
+    k = fn.cast(u * fn.cast(count, dtype=types.FLOAT), dtype=types.INT32)
+    return dmath.min(k, count - 1)  # guards the one float rounding case u * K == K
+
+
+def _to_pixels(rel, extent):
+    return fn.cast(dmath.floor(rel * extent + 0.5), dtype=types.INT32)
+
+
+def pixel_box(box, shape):
+    """Row (x, y, w, h, flip) relative -> integer (x, y) anchor and (w, h) size inside the image."""
+    height = fn.cast(shape[0], dtype=types.FLOAT)
+    width = fn.cast(shape[1], dtype=types.FLOAT)
+    h_max, w_max = fn.cast(shape[0], dtype=types.INT32), fn.cast(shape[1], dtype=types.INT32)
+    x = dmath.clamp(_to_pixels(box[0], width), 0, w_max - 1)
+    y = dmath.clamp(_to_pixels(box[1], height), 0, h_max - 1)
+    w = dmath.max(dmath.min(_to_pixels(box[2], width), w_max - x), 1)
+    h = dmath.max(dmath.min(_to_pixels(box[3], height), h_max - y), 1)
+    return fn.stack(x, y), fn.stack(w, h)
+
+
+def decode_view(jpegs, box, cfg: LoaderConfig):
+    """Decode exactly the stored crop of each image and resize it: uint8 HWC, size x size."""
+    anchor, size = pixel_box(box, fn.peek_image_shape(jpegs))
+    crop = fn.decoders.image_slice(jpegs, anchor, size, device=common.decoder_device(cfg),
+                                   output_type=types.RGB, **common.decoder_args(cfg))  # (x, y) order: "WH"
+    return common.resize_square(crop, cfg)
+
+
+@pipeline_def
+def replay_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
+                    with_logits: bool = True):
+    """(images, labels[, logits of the chosen view], chosen view index) for student training."""
+    exts = [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT] + ([common.LOGITS_EXT] if with_logits else [])
+    members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle, missing=cfg.missing)
+    views = common.decode_npy(members[2])
+    k = choose_view(views)
+    box = views[k]
+    images = augment_train(decode_view(members[0], box, cfg), cfg)
+    images = common.normalize(images, cfg, mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
+    labels = common.to_output_device(common.parse_label(members[1]), cfg)
+    index = common.to_output_device(k, cfg)
+    if not with_logits:
+        return images, labels, index
+    logits = common.decode_npy(members[3])[k]
+    return images, labels, common.to_output_device(logits, cfg), index

@@ -1,0 +1,243 @@
+"""The Python side of reading a shard set: which files, checked before DALI sees them, and
+turning DALI's failures into errors that name the shard and the sample key.
+
+DALI's own errors for bad shards are correct but unhelpful ("Malformed index file ... line 8",
+"nvImageCodec failure: '#3'"), and a missing `.idx` makes it silently re-scan every tar at start.
+Everything that can be checked from the index files alone (present, offsets inside the tar,
+requested members present, label width) is checked here first, in one pass over the indexes;
+what only decoding can reveal (a corrupt JPEG) is diagnosed after DALI fails, by decoding the
+rank's samples in reading order with Pillow until the bad one is found.
+"""
+from __future__ import annotations
+
+import io
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdkit.errors import KdkitError
+from kdkit.shards import contract
+from kdkit.shards.verify import find_sets, load_manifest
+
+
+class ShardError(KdkitError):
+    """A shard set DALI cannot read as asked; the message names the shard file and sample key."""
+
+
+@dataclass
+class ShardSet:
+    """The tars (with their DALI indexes) one pipeline reads, in the order it reads them."""
+
+    tars: list[Path]
+    folder: Path | None = None
+    manifest: contract.Manifest | None = None
+
+    @property
+    def indexes(self) -> list[Path]:
+        return [t.with_suffix(".idx") for t in self.tars]
+
+
+def resolve_shards(source, split: str = "train") -> ShardSet:
+    """A ShardSet from a shard-set folder, a dataset root (+ split), a tar, or a list of tars.
+
+    With a manifest the shards are read in the manifest's order; a folder without one (e.g. tars
+    written by hand with `tario.write_shard`) is read in sorted file-name order.
+    """
+    if isinstance(source, ShardSet):
+        return source
+    if isinstance(source, (list, tuple)):
+        tars = [Path(p) for p in source]
+        if not tars:
+            raise ShardError("no shards given")
+        return ShardSet(tars=tars)
+    path = Path(source)
+    if path.suffix == ".tar":
+        return ShardSet(tars=[path])
+    if not path.exists():
+        raise ShardError(f"{path}: does not exist")
+    if not (path / contract.MANIFEST).exists() and not any(path.glob("*.tar")):
+        sets = [s for s in find_sets(path) if s.name == split]
+        if not sets:
+            raise ShardError(f"{path}: no shard set for split {split!r} (looked for {path / split})")
+        path = sets[0]
+    if (path / contract.MANIFEST).exists():
+        man = load_manifest(path)
+        return ShardSet(tars=[path / s.tar for s in man.shards], folder=path, manifest=man)
+    return ShardSet(tars=sorted(path.glob("*.tar")), folder=path)
+
+
+@dataclass
+class ShardScan:
+    """What the indexes say: per shard, the sample keys and which of the requested members each has."""
+
+    keys: list[list[str]] = field(default_factory=list)  # per shard, in tar order
+    usable: list[list[bool]] = field(default_factory=list)  # per shard: has every requested member
+    skipped: int = 0  # samples DALI will skip (missing="skip")
+    present: dict[str, int] = field(default_factory=dict)  # samples holding each probed member
+
+    @property
+    def num_samples(self) -> int:
+        return sum(sum(u) for u in self.usable)
+
+
+def _parse_index(idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] per sample; the key from the member names (v1.2 lines name them)."""
+    lines = idx.read_text(encoding="ascii").splitlines()
+    if not lines or lines[0].split()[:1] != [contract.DALI_INDEX_VERSION]:
+        raise ShardError(f"{idx}: not a DALI {contract.DALI_INDEX_VERSION} index "
+                         "(rewrite it with `kdkit verify --fix-index`)")
+    out = []
+    for n, line in enumerate(lines[1:], start=2):
+        tok = line.split()
+        width = 4 if len(tok) % 4 == 0 else 3  # wds2idx may leave the member name out
+        if not tok or len(tok) % width:
+            raise ShardError(f"{idx}: malformed line {n}")
+        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), width)}
+        key = contract.split_member_name(tok[3])[0] if width == 4 else f"#{n - 2}"
+        out.append((key, comps))
+    return out
+
+
+def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
+                missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
+    """Check the indexes before building a pipeline; raise ShardError naming shard and key.
+
+    `required` members must be in every sample; with missing="skip" a sample lacking one is
+    counted in `skipped` instead (DALI's missing_component_behavior="skip" then leaves it out).
+    `probe` members are only counted (scan.present). Cost: one read of every index file.
+    """
+    if missing not in ("error", "skip"):
+        raise ValueError(f"missing={missing!r}: expected 'error' or 'skip'")
+    scan = ShardScan(present={e: 0 for e in probe})
+    for tar, idx in zip(shards.tars, shards.indexes):
+        if not tar.exists():
+            raise ShardError(f"{tar}: shard missing")
+        if not idx.exists():
+            raise ShardError(f"{idx}: DALI index missing for shard {tar.name} "
+                             "(recreate it with `kdkit verify --fix-index`)")
+        size = tar.stat().st_size
+        keys, usable = [], []
+        for key, comps in _parse_index(idx):
+            for ext, (off, n) in comps.items():
+                if off + n > size:
+                    raise ShardError(f"{tar}: sample {key}: member .{ext} ends at byte {off + n} but the "
+                                     f"tar has {size} bytes (truncated shard? compare with the manifest "
+                                     "via `kdkit verify`)")
+            lacking = [e for e in required if e not in comps]
+            if lacking and missing == "error":
+                raise ShardError(f"{tar}: sample {key} has no .{lacking[0]} member "
+                                 f"(members: {', '.join(sorted(comps))}); pass missing='skip' to leave "
+                                 "such samples out")
+            if label_ext and label_ext in comps and comps[label_ext][1] != contract.LABEL_WIDTH:
+                raise ShardError(f"{tar}: sample {key}: .{label_ext} is {comps[label_ext][1]} bytes, "
+                                 f"the contract wants {contract.LABEL_WIDTH} zero-padded digits")
+            for ext in probe:
+                scan.present[ext] += ext in comps
+            keys.append(key)
+            usable.append(not lacking)
+            scan.skipped += bool(lacking)
+        scan.keys.append(keys)
+        scan.usable.append(usable)
+    if scan.num_samples == 0:
+        raise ShardError(f"{shards.tars[0].parent}: no readable samples with members {', '.join(required)}")
+    return scan
+
+
+def shard_range(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[begin, end) of the samples rank `shard_id` reads: DALI's contiguous split of the set."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def reading_order(shards: ShardSet, scan: ShardScan, shard_id: int = 0, num_shards: int = 1) -> list[tuple[Path, str]]:
+    """(tar, key) in the order an unshuffled reader for `shard_id` yields samples in its first epoch.
+
+    A teacher pass joins its outputs back to samples by key through this order.
+    """
+    flat = [(tar, k) for tar, keys, ok in zip(shards.tars, scan.keys, scan.usable)
+            for k, u in zip(keys, ok) if u]
+    begin, end = shard_range(len(flat), shard_id, num_shards)
+    return flat[begin:end]
+
+
+# ---------------------------------------------------------------------------------------------
+# after DALI has failed
+
+_INDEX_LINE = re.compile(r'index file at "([^"]+)" line (\d+)')
+
+
+def _key_at(idx: Path, sample: int) -> str:
+    try:
+        entries = _parse_index(idx)
+        return entries[sample][0] if 0 <= sample < len(entries) else f"#{sample}"
+    except (OSError, ShardError, ValueError):
+        return f"#{sample}"
+
+
+def find_undecodable(shards: ShardSet, scan: ShardScan, image_ext: str, shard_id: int, num_shards: int,
+                     budget_s: float = 60.0) -> tuple[Path, str, str] | None:
+    """The first image in the rank's reading order that Pillow cannot decode: (tar, key, reason).
+
+    A decode failure happens within the first samples the reader reached, so scanning from the
+    rank's first sample finds it early; the time budget keeps a huge set from looking like a hang.
+    """
+    from PIL import Image
+
+    order = reading_order(shards, scan, shard_id, num_shards)
+    offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+    deadline = time.monotonic() + budget_s
+    handles: dict[Path, object] = {}
+    try:
+        for tar, key in order:
+            if time.monotonic() > deadline:
+                return None
+            if tar not in offsets:
+                offsets[tar] = {k: c[image_ext] for k, c in _parse_index(tar.with_suffix(".idx")) if image_ext in c}
+                handles[tar] = open(tar, "rb")
+            off, n = offsets[tar][key]
+            f = handles[tar]
+            f.seek(off)
+            try:
+                with Image.open(io.BytesIO(f.read(n))) as im:
+                    im.load()
+            except Exception as e:  # any Pillow failure means the bytes are not an image we can use
+                return tar, key, f"{type(e).__name__}: {e}"
+    finally:
+        for f in handles.values():
+            f.close()
+    return None
+
+
+def _dali_reason(msg: str) -> str:
+    """The one line of a DALI error that says what went wrong (after its operator traceback)."""
+    tail = msg.rsplit("encountered:", 1)[-1]
+    lines = [ln.strip() for ln in tail.splitlines()
+             if ln.strip() and "no longer valid" not in ln and not ln.strip().startswith("C++ context")]
+    return lines[0] if lines else msg.strip()
+
+
+def explain_failure(err: RuntimeError, shards: ShardSet, scan: ShardScan | None, image_ext: str,
+                    shard_id: int, num_shards: int) -> ShardError:
+    """A ShardError for a RuntimeError raised by a DALI pipeline over `shards`, with shard and key."""
+    msg = str(err)
+    first = _dali_reason(msg)
+    m = _INDEX_LINE.search(msg)
+    if m:
+        idx, line = Path(m.group(1)), int(m.group(2))
+        # DALI 2.4 counts the lines it names differently per message: a missing member's "line n" is
+        # sample n - 1, an offset's "line n" sample n - 2 (the header line counted as well)
+        sample = line - 1 if "Underful" in msg else line - 2
+        return ShardError(f"{idx.with_suffix('.tar')}: sample {_key_at(idx, sample)}: {first}")
+    if "decoders.numpy" in msg:
+        return ShardError(f"a stored .npy member (teacher logits or views) in {shards.tars[0].parent} does not "
+                          f"decode: {first}")
+    if "decode" in msg.lower() or "nvimagecodec" in msg.lower():
+        found = find_undecodable(shards, scan, image_ext, shard_id, num_shards) if scan else None
+        if found:
+            tar, key, why = found
+            return ShardError(f"{tar}: sample {key}: image does not decode ({why}). DALI cannot skip "
+                              "bad images inside a pipeline; rewrite the shard without it, and check "
+                              "the whole set with `kdkit verify --decode`")
+        return ShardError(f"an image in {shards.tars[0].parent} does not decode ({first}); "
+                          "`kdkit verify --decode` names it")
+    return ShardError(f"DALI pipeline over {shards.tars[0].parent} failed: {first}")

@@ -1,0 +1,79 @@
+"""Training pipeline: random-resized-crop decode, flip, optional colour jitter and auto-augment,
+normalize.
+
+Random-resized-crop is done by the decoder itself (fn.decoders.image_random_crop), which picks
+the crop window first and decodes only that region of the JPEG (ROI decode): at the default
+area range (8%..100%) that skips a large part of the decoding work, the biggest CPU cost here.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines import common
+
+if TYPE_CHECKING:
+    from pipelines.loader import LoaderConfig
+    from pipelines.shardset import ShardSet
+
+AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
+
+
+def decode_train(jpegs, cfg: LoaderConfig):
+    """Encoded JPEGs to size x size uint8 HWC crops (on the GPU when cfg.device == "gpu")."""
+    images = fn.decoders.image_random_crop(
+        jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
+        random_area=list(cfg.random_area), random_aspect_ratio=list(cfg.random_aspect_ratio),
+        **common.decoder_args(cfg))
+    return common.resize_square(images, cfg)
+
+
+def color_jitter(images, strength: float):
+    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (torchvision's
+    ColorJitter(s, s, s) without hue), in one colour-twist pass."""
+    def factor():
+        return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+    return fn.color_twist(images, brightness=factor(), contrast=factor(), saturation=factor())
+
+
+def auto_augment(images, cfg: LoaderConfig):
+    """DALI's auto_aug policies on uint8 HWC images (the pipeline needs enable_conditionals=True)."""
+    from nvidia.dali.auto_aug import auto_augment as aa, rand_augment as ra, trivial_augment as ta
+
+    shape = (cfg.image_size, cfg.image_size)  # translations scale with the image, as in timm
+    if cfg.auto_augment == "autoaugment":
+        return aa.auto_augment(images, shape=shape)
+    if cfg.auto_augment == "randaugment":
+        return ra.rand_augment(images, n=cfg.randaugment_n, m=cfg.randaugment_m, shape=shape)
+    if cfg.auto_augment == "trivialaugment":
+        return ta.trivial_augment_wide(images, shape=shape)
+    raise ValueError(f"auto_augment={cfg.auto_augment!r}: expected one of {AUTO_AUGMENTS} or None")
+
+
+def augment_train(images, cfg: LoaderConfig):
+    """Photometric and policy augmentation on the decoded crops; flipping is left to normalize()."""
+    if cfg.color_jitter:
+        images = color_jitter(images, cfg.color_jitter)
+    if cfg.auto_augment:
+        images = auto_augment(images, cfg)
+    return images
+
+
+def needs_conditionals(cfg: LoaderConfig) -> bool:
+    return bool(cfg.auto_augment)
+
+
+@pipeline_def
+def train_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
+                   with_logits: bool = False):
+    """(images, labels[, teacher logits as stored]) for training a student."""
+    exts = [common.IMAGE_EXT, common.LABEL_EXT] + ([common.LOGITS_EXT] if with_logits else [])
+    members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle,
+                                 missing=cfg.missing)
+    images = augment_train(decode_train(members[0], cfg), cfg)
+    images = common.normalize(images, cfg, mirror=common.random_flip(cfg))
+    labels = common.to_output_device(common.parse_label(members[1]), cfg)
+    if not with_logits:
+        return images, labels
+    return images, labels, common.to_output_device(common.decode_npy(members[2]), cfg)

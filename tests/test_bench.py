@@ -1,0 +1,79 @@
+"""`kdkit bench-loader` end to end on the tiny shard set (behaviour only: no timing assertions)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kdkit import cli
+from kdkit.bench.loader_bench import BenchConfig, format_table, run_bench
+from kdkit.bench.sysinfo import _proc_children_cpu, cpu_seconds
+from kdkit.errors import KdkitError
+
+TINY = ["--batch-size", "4", "--batches", "2", "--warmup", "1", "--size", "32"]
+
+
+@pytest.mark.timeout(120)
+def test_cli_prints_table_and_writes_json_with_both_loaders(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "bench" / "result.json"
+    assert cli.main(["bench-loader", str(tiny_shards), *TINY, "--repeats", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "dali" in table and "dataloader+pillow" in table and "DALI / DataLoader+Pillow" in table
+    report = json.loads(out.read_text())
+    rows = {r["loader"]: r for r in report["results"]}
+    assert set(rows) == {"dali", "dataloader+pillow"}
+    for r in rows.values():
+        assert 2 <= r["images"] <= 8 and r["images_per_s"] > 0 and r["cpu_percent"] >= 0 and r["device"] == "cpu"
+    assert len(report["runs"]["dali"]) == 2 and report["speedup"] > 0
+    assert report["config"]["threads"] == 2 and report["machine"]["cpu_cores"] >= 1
+    assert report["samples"] == 24
+    assert report["command"].startswith(f"kdkit bench-loader {tiny_shards} ") and "--repeats 2" in report["command"]
+
+
+@pytest.mark.timeout(120)
+def test_eval_aug_without_baseline(tiny_shards):
+    report = run_bench(BenchConfig(tiny_shards, split="val", batch_size=4, batches=2, warmup=1, size=32,
+                                   aug="eval", baseline=False), command="test")
+    assert [r["loader"] for r in report["results"]] == ["dali"] and report["speedup"] is None
+    assert report["samples"] == 12 and "DALI /" not in format_table(report)
+
+
+@pytest.mark.timeout(180)
+def test_gpu_feed_times_a_model_step(tiny_shards):
+    report = run_bench(BenchConfig(tiny_shards, batch_size=4, batches=2, warmup=1, size=32, baseline=False,
+                                   gpu_feed="resnet10t"), command="test")
+    feed = report["gpu_feed"]
+    assert feed["model_only"]["images"] == 8 and 2 <= feed["loader_fed"]["images"] <= 8
+    assert feed["bottleneck"] in ("loader", "model") and feed["amp"] == torch.cuda.is_available()
+    assert "GPU feed (resnet10t" in format_table(report)
+
+
+def test_bad_options_are_user_errors(tiny_shards):
+    with pytest.raises(KdkitError, match="--aug"):
+        run_bench(BenchConfig(tiny_shards, aug="mixup"))
+    with pytest.raises(KdkitError, match="--batches"):
+        run_bench(BenchConfig(tiny_shards, batches=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(KdkitError, match="no CUDA"):
+            run_bench(BenchConfig(tiny_shards, device="gpu"))
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench-loader", str(tiny_shards), "--aug", "mixup"])
+
+
+def test_cpu_use_counts_live_worker_processes():
+    # DataLoader workers are alive while measured; getrusage(CHILDREN) alone would miss them
+    before = cpu_seconds()
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while _proc_children_cpu(os.getpid()) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu_seconds() - before >= 0.3
+    finally:
+        child.kill()
+        child.wait()

@@ -1,0 +1,62 @@
+"""kdkit export: ONNX with a dynamic batch, parity with PyTorch under ONNX Runtime, throughput."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from kdkit.evaluate.export import ExportConfig, export, format_export, ort_session
+from kdkit.evaluate.models import load_model
+from test_eval import SIZE, ckpt, one_torch_thread, run_cli  # noqa: F401 (shared fixtures)
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, tiny_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    cfg = ExportConfig(ckpt, output=out, data=tiny_shards, parity_samples=3, batch_size=4, iterations=2, warmup=1,
+                       atol=1e-4)
+    return export(cfg)
+
+
+def test_onnx_parity_on_real_inputs_with_a_dynamic_batch(exported, ckpt):
+    p = exported["parity"]
+    assert exported["exporter"] == "dynamo" and exported["fallback_reason"] is None
+    assert "eval views from" in p["inputs"] and p["samples"] == 3 and p["batch_sizes"] == [1, 3]
+    assert p["max_abs_diff"] < 1e-4 and p["top1_agreement"] == 1.0 and p["ok"]
+    session = ort_session(exported["onnx"])
+    assert session.get_inputs()[0].name == "images" and isinstance(session.get_inputs()[0].shape[0], str)
+    model, _ = load_model(ckpt)
+    for batch in (1, 3, 5):  # batch sizes the export never saw
+        x = torch.randn(batch, 3, SIZE, SIZE)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = session.run(["logits"], {"images": x.numpy()})[0]
+        assert got.shape == (batch, 3) and np.abs(got - ref).max() < 1e-4
+
+
+def test_onnx_metadata_carries_the_transform_and_classes(exported):
+    meta = {p.key: p.value for p in onnx.load(exported["onnx"]).metadata_props}
+    assert int(meta["kdkit.image_size"]) == SIZE and float(meta["kdkit.crop_ratio"]) == 0.875
+    assert [c["id"] for c in json.loads(meta["kdkit.classes"])] == ["cat", "dog", "eel"]
+    assert json.loads(meta["kdkit.mean"]) == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_throughput_is_measured_for_both_runtimes(exported):
+    t = exported["throughput"]
+    assert t["batch_size"] == 4 and t["torch_eager_img_s"] > 0 and t["onnxruntime_img_s"] > 0
+    assert t["speedup"] == pytest.approx(t["onnxruntime_img_s"] / t["torch_eager_img_s"])
+    text = format_export(exported)
+    assert "parity" in text and "OK" in text and "ONNX Runtime" in text
+
+
+def test_torchscript_exporter_and_cli(ckpt, tmp_path, capsys):
+    out = tmp_path / "ts.onnx"
+    assert run_cli(["export", str(ckpt), "-o", str(out), "--exporter", "torchscript", "--no-benchmark",
+                    "--parity-samples", "2", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "torchscript exporter" in text and "random inputs (synthetic" in text
+    report = json.loads(out.with_suffix(".export.json").read_text())
+    assert report["parity"]["ok"] and report["opset"] == 17 and "throughput" not in report

@@ -1,0 +1,398 @@
+"""DALI pipelines on the CPU backend: labels, geometry, epochs, sharding, replay, bad input."""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import jpeg_bytes
+from kdkit.shards import contract, tario
+from pipelines import common
+from pipelines.loader import DaliLoader, LoaderConfig, build_pipeline
+from pipelines.shardset import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
+
+H, W = 48, 64  # image size of the hand-written shards below
+RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalize to plain 0..255 pixel values
+
+
+def cfg(**kw) -> LoaderConfig:
+    base = dict(batch_size=4, num_threads=2, image_size=32, shuffle_buffer=16)
+    return LoaderConfig(**{**base, **kw})
+
+
+def write_set(folder: Path, samples: list[dict], per_shard: int = 8) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    tars = []
+    for i in range(0, len(samples), per_shard):
+        tar = folder / contract.tar_name("s", i // per_shard)
+        tario.write_shard(tar, samples[i:i + per_shard])
+        tars.append(tar)
+    return tars
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def make_samples(n: int = 23, seed: int = 3) -> list[dict]:
+    """Samples whose label is their index, so a label identifies the sample after shuffling."""
+    rng = np.random.default_rng(seed)
+    return [{"__key__": f"s{i:03d}", "jpg": jpeg_bytes(rng, H, W), "cls": contract.encode_label(i)} for i in range(n)]
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.float32)
+
+
+def ids(loader) -> list[list[int]]:
+    return [b.labels.tolist() for b in loader]
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    samples = make_samples()
+    return write_set(tmp_path_factory.mktemp("indexed"), samples), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# labels, shapes, layouts
+
+def test_eval_labels_match_the_tars_key_by_key(tiny_shards):
+    shards = resolve_shards(tiny_shards, "train")
+    loader = DaliLoader(shards, cfg(batch_size=5), role="eval")
+    got = [label for b in loader for label in b.labels.tolist()]
+    truth = {k: contract.decode_label(m["cls"]) for t in shards.tars for k, m in tario.iter_tar_samples(t)}
+    assert got == [truth[k] for _, k in loader.keys()]
+    assert loader.keys() == reading_order(shards, loader.scan)
+    assert len(got) == shards.manifest.num_samples == 24
+
+
+@pytest.mark.parametrize("layout,dtype,shape", [
+    ("CHW", "float32", (4, 3, 32, 32)), ("HWC", "float16", (4, 32, 32, 3)),
+    ("channels_last", "float32", (4, 3, 32, 32))])
+def test_train_output_shape_dtype_layout(tiny_shards, layout, dtype, shape):
+    loader = DaliLoader(tiny_shards, cfg(layout=layout, dtype=dtype))
+    images, labels, logits = next(iter(loader))
+    assert tuple(images.shape) == shape and images.dtype == getattr(torch, dtype)
+    assert labels.dtype == torch.int64 and labels.shape == (4,) and logits is None
+    assert torch.isfinite(images.float()).all() and images.float().abs().max() < 5  # normalized
+    if layout == "channels_last":
+        assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_train_shuffles_but_covers_the_set(tiny_shards):
+    loader = DaliLoader(tiny_shards, cfg(batch_size=6, last_batch="partial"))
+    man = loader.shards.manifest
+    for _ in range(2):
+        labels = Counter(x for b in loader for x in b.labels.tolist())
+        assert labels == Counter({0: 8, 1: 8, 2: 8}) and man.num_samples == 24
+
+
+@pytest.mark.parametrize("aug", [dict(color_jitter=0.4), dict(auto_augment="randaugment"),
+                                 dict(auto_augment="autoaugment"), dict(auto_augment="trivialaugment")])
+def test_train_augmentations_run_on_cpu(tiny_shards, aug):
+    images, labels, _ = next(iter(DaliLoader(tiny_shards, cfg(**aug))))
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval geometry: compared with the image decoded by Pillow and cut in numpy
+
+def test_eval_center_crop_is_the_middle_of_the_image(indexed):
+    tars, samples = indexed
+    loader = DaliLoader(tars, cfg(image_size=H, crop_ratio=1.0, layout="HWC", **RAW), role="eval")
+    images = torch.cat([b.images for b in loader]).numpy()
+    for img, s in zip(images, samples):
+        ref = pil_rgb(s["jpg"])[:, (W - H) // 2:(W + H) // 2]  # shorter side already H: no resize
+        assert np.abs(img - ref).max() <= 2
+
+
+def test_eval_resize_then_crop_matches_pillow(indexed):
+    tars, samples = indexed
+    loader = DaliLoader(tars, cfg(image_size=24, crop_ratio=0.75, layout="HWC", **RAW), role="eval")
+    img = next(iter(loader)).images[0].numpy()
+    ref = Image.open(io.BytesIO(samples[0]["jpg"])).convert("RGB").resize((43, 32), Image.Resampling.BILINEAR)
+    ref = np.asarray(ref, np.float32)[4:28, 10:34]  # shorter side 32 = 24 / 0.75, then the middle 24 x 24
+    assert np.abs(img - ref).mean() < 4  # different resamplers, same geometry
+
+
+def test_ten_crop_views(indexed):
+    tars, samples = indexed
+    c = cfg(image_size=32, crop_ratio=32 / H, layout="HWC", eval_views="tencrop", **RAW)
+    views = next(iter(DaliLoader(tars, c, role="eval"))).images[0].numpy()
+    assert views.shape == (10, 32, 32, 3)
+    full = pil_rgb(samples[0]["jpg"])
+    corners = [(0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2)]
+    for i, (y, x) in enumerate(corners):
+        crop = full[y:y + 32, x:x + 32]
+        assert np.abs(views[i] - crop).max() <= 2
+        assert np.abs(views[5 + i] - crop[:, ::-1]).max() <= 2
+    flip = next(iter(DaliLoader(tars, cfg(eval_views="flip"), role="eval"))).images
+    assert flip.shape == (4, 2, 3, 32, 32) and torch.allclose(flip[:, 1], flip[:, 0].flip(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# epochs, last batch, sharding
+
+@pytest.mark.parametrize("policy,sizes", [("partial", [10, 10, 3]), ("drop", [10, 10]), ("fill", [10, 10, 10])])
+def test_epoch_length_and_last_batch(indexed, policy, sizes):
+    tars, _ = indexed  # 23 samples
+    loader = DaliLoader(tars, cfg(batch_size=10, last_batch=policy))
+    for _ in range(2):
+        batches = ids(loader)
+        assert len(loader) == len(sizes) and [len(b) for b in batches] == sizes
+        seen = Counter(x for b in batches for x in b)
+        if policy == "drop":
+            assert len(seen) == 20 and max(seen.values()) == 1
+        else:
+            assert set(seen) == set(range(23)) and sum(seen.values()) == sum(sizes)
+
+
+def test_shuffle_reorders_every_epoch_and_is_seeded(indexed):
+    tars, _ = indexed
+
+    def orders(seed):
+        loader = DaliLoader(tars, cfg(batch_size=23, last_batch="partial", seed=seed))
+        return [next(iter(loader)).labels.tolist() for _ in range(3)]
+
+    a = orders(1)
+    assert all(sorted(o) == list(range(23)) for o in a)
+    assert a[0] != list(range(23)) and a[0] != a[1] != a[2]
+    assert orders(1) == a and orders(2) != a  # the seed decides the order
+
+
+def test_two_ranks_see_every_sample_once_per_epoch(indexed):
+    tars, _ = indexed
+    ranks = [DaliLoader(tars, cfg(shard_id=r, num_shards=2, last_batch="partial")) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1])  # equal step counts, as DDP needs
+    assert [r.num_samples for r in ranks] == [11, 12]
+    for _ in range(3):
+        seen = [x for r in ranks for b in ids(r) for x in b]
+        assert sorted(seen) == list(range(23))
+
+
+def test_rank_and_world_come_from_torch_distributed(indexed, monkeypatch):
+    tars, _ = indexed
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    loader = DaliLoader(tars, cfg(shuffle=False, last_batch="partial"))
+    assert (loader.shard_id, loader.num_shards) == (1, 2)
+    assert [x for b in ids(loader) for x in b] == list(range(11, 23))
+
+
+def test_reading_order_is_what_dali_reads(indexed):
+    from nvidia.dali import pipeline_def
+
+    tars, _ = indexed
+    shards = resolve_shards(tars)
+    scan = scan_shards(shards, ["jpg", "cls"])
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def raw():
+        return common.read_shards(shards, ["jpg"], cfg(), 1, 2, shuffle=False)[0]
+
+    pipe = raw()
+    pipe.build()
+    got = []
+    while len(got) < 12:
+        got += [contract.split_member_name(t.source_info().rsplit(":", 1)[1])[0] for t in pipe.run()[0]]
+    assert got[:12] == [k for _, k in reading_order(shards, scan, 1, 2)]
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher views and replay
+
+def test_teacher_views_are_reproducible(indexed):
+    tars, _ = indexed
+
+    def run(seed):
+        loader = DaliLoader(tars, cfg(batch_size=8, seed=seed, num_views=3), role="teacher_views")
+        return [b for b in loader]
+
+    a, b, other = run(5), run(5), run(6)
+    assert [x.views.shape[1:] for x in a][0] == (3, 3, 32, 32) and a[0].center.shape == (8, 3, 32, 32)
+    for x, y in zip(a, b):
+        assert torch.equal(x.boxes, y.boxes) and torch.equal(x.views, y.views) and torch.equal(x.labels, y.labels)
+    assert not torch.equal(a[0].boxes, other[0].boxes)
+    boxes = torch.cat([x.boxes for x in a]).reshape(-1, 5)
+    assert boxes.shape == (23 * 3, 5) and (boxes[:, :4] >= 0).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= 1 + 1e-6).all() and (boxes[:, 1] + boxes[:, 3] <= 1 + 1e-6).all()
+    assert set(boxes[:, 4].tolist()) == {0.0, 1.0}
+
+
+def with_views(samples, views_of, num_classes: int = 4) -> list[dict]:
+    """Samples plus stored views (K, 5) and logits (K, num_classes) whose row k is [id, k, 0, ...]."""
+    out = []
+    for s in samples:
+        i = int(s["cls"])
+        views = np.asarray(views_of(i), np.float32)
+        logits = np.zeros((len(views), num_classes), np.float16)
+        logits[:, 0], logits[:, 1] = i, np.arange(len(views))
+        out.append({**s, common.VIEWS_EXT: npy(views), common.LOGITS_EXT: npy(logits)})
+    return out
+
+
+def test_replay_cuts_exactly_the_stored_box(indexed, tmp_path):
+    _, samples = indexed
+    # pixel boxes (x, y) of size 24 x 24, one mirrored: no resize at image_size=24, so the output
+    # must be the decoded pixels themselves
+    pixel = [(0, 0, 0), (40, 24, 1), (17, 9, 0)]
+    stored = with_views(samples, lambda i: [(x / W, y / H, 24 / W, 24 / H, f) for x, y, f in pixel])
+    tars = write_set(tmp_path, stored)
+    c = cfg(image_size=24, layout="HWC", batch_size=8, last_batch="partial", **RAW)
+    loader = DaliLoader(tars, c, role="replay")
+    chosen = Counter()
+    for images, labels, logits in loader:
+        for img, i, row, k in zip(images.numpy(), labels.tolist(), logits, loader.last_view_index.tolist()):
+            x, y, f = pixel[k]
+            ref = pil_rgb(samples[i]["jpg"])[y:y + 24, x:x + 24]
+            assert np.abs(img - (ref[:, ::-1] if f else ref)).max() <= 2
+            assert row.dtype == torch.float16 and row[:2].tolist() == [i, k]
+            chosen[k] += 1
+    assert sum(chosen.values()) == 23 and len(chosen) == 3  # every sample once, all views drawn
+
+
+def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
+    tars, samples = indexed
+    teacher = [b for b in DaliLoader(tars, cfg(batch_size=8, num_views=3, **RAW), role="teacher_views")]
+    views = {i: v for b in teacher for i, v in zip(b.labels.tolist(), b.views)}
+    boxes = {i: v.numpy() for b in teacher for i, v in zip(b.labels.tolist(), b.boxes)}
+    replay = DaliLoader(write_set(tmp_path, with_views(samples, boxes.__getitem__)),
+                        cfg(batch_size=8, last_batch="partial", **RAW), role="replay")
+    n = 0
+    for images, labels, _ in replay:
+        for img, i, k in zip(images, labels.tolist(), replay.last_view_index.tolist()):
+            assert (img - views[i][k]).abs().max() <= 1, f"sample {i} view {k}"
+            n += 1
+    assert n == 23
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher logits members
+
+def test_logits_are_read_when_every_sample_has_them(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, [{**s, common.LOGITS_EXT: npy(np.full(5, int(s["cls"]), np.float16))} for s in samples])
+    images, labels, logits = next(iter(DaliLoader(tars, cfg(shuffle=False))))
+    assert logits.shape == (4, 5) and logits.dtype == torch.float16
+    assert logits[:, 0].tolist() == labels.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_path):
+    _, samples = indexed
+    mixed = [{**s, common.LOGITS_EXT: npy(np.zeros(5, np.float16))} if i % 2 else s for i, s in enumerate(samples)]
+    tars = write_set(tmp_path, mixed)
+    assert next(iter(DaliLoader(tars, cfg()))).teacher_logits is None  # not every sample: not yielded
+    with pytest.raises(ShardError, match=r"s-000000\.tar: sample s000 has no \.logits\.npy member"):
+        DaliLoader(tars, cfg(teacher_logits=True))
+    loader = DaliLoader(tars, cfg(teacher_logits=True, missing="skip", last_batch="partial", shuffle=False))
+    assert loader.skipped == 12 and loader.num_samples == 11
+    assert [x for b in ids(loader) for x in b] == list(range(1, 23, 2))
+    # straight into DALI (no pre-check): its "underful sample" error is translated to the key
+    shards = resolve_shards(tars)
+    with pytest.raises(RuntimeError) as err:
+        build_pipeline("eval", shards, cfg(), with_logits=True).build()
+    assert "s-000000.tar: sample s000" in str(explain_failure(err.value, shards, None, "jpg", 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error naming shard and sample, never a hang
+
+@pytest.mark.timeout(60)
+def test_corrupt_image_names_shard_and_key(indexed, tmp_path):
+    _, samples = indexed
+    bad = [dict(s, jpg=b"\xff\xd8\xff\xe0" + b"not a jpeg" * 40) if s["__key__"] == "s010" else s for s in samples]
+    tars = write_set(tmp_path, bad)
+    loader = DaliLoader(tars, cfg(batch_size=8))
+    with pytest.raises(ShardError, match=r"s-000001\.tar: sample s010: image does not decode"):
+        for _ in range(2):
+            for _ in loader:
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_missing_index_is_named(indexed, tmp_path):
+    tars = write_set(tmp_path, indexed[1])
+    tars[1].with_suffix(".idx").unlink()
+    with pytest.raises(ShardError, match=r"s-000001\.idx: DALI index missing.*--fix-index"):
+        DaliLoader(tars, cfg())
+
+
+@pytest.mark.timeout(60)
+def test_tar_truncated_mid_member_names_shard_and_key(indexed, tmp_path):
+    tars = write_set(tmp_path, indexed[1])
+    offset, size = tario.read_dali_index(tars[2].with_suffix(".idx"))[3]["jpg"]  # sample s019's image
+    with open(tars[2], "r+b") as f:
+        f.truncate(offset + size // 2)
+    with pytest.raises(ShardError, match=r"s-000002\.tar: sample s019: member \.jpg ends at byte"):
+        DaliLoader(tars, cfg())
+    # the same shard straight into DALI (no pre-check): its error is translated too
+    shards = resolve_shards(tars)
+    pipe = build_pipeline("eval", shards, cfg())
+    with pytest.raises(RuntimeError) as err:
+        pipe.build()
+        for _ in range(6):
+            pipe.run()
+    named = explain_failure(err.value, shards, None, "jpg", 0, 1)
+    assert "s-000002.tar: sample s019" in str(named)
+
+
+@pytest.mark.timeout(60)
+def test_label_not_zero_padded_is_named(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, [dict(s, cls=b"7") if s["__key__"] == "s004" else s for s in samples])
+    with pytest.raises(ShardError, match=r"s-000000\.tar: sample s004: \.cls is 1 bytes"):
+        DaliLoader(tars, cfg())
+
+
+def test_split_folder_and_dataset_root_resolve_alike(tiny_shards):
+    a, b = resolve_shards(tiny_shards, "val"), resolve_shards(tiny_shards / "val")
+    assert a.tars == b.tars and len(a.tars) == 2 and a.manifest.split == "val"
+    with pytest.raises(ShardError, match="no shard set for split 'test'"):
+        resolve_shards(tiny_shards, "test")
+
+
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("role,extra", [("train", dict(color_jitter=0.4, auto_augment="randaugment")),
+                                        ("eval", dict(eval_views="tencrop")), ("teacher_views", {}),
+                                        ("replay", dict(hw_decoder_load=0.75))])
+def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
+    # defining the graph (not building it) checks every CPU/GPU placement: "mixed" decoders,
+    # GPU operators, CPU-side arguments, outputs moved with .gpu()
+    with warnings.catch_warnings(record=True):  # DALI's auto_aug: deprecated aliases, forced to show
+        pipe = build_pipeline(role, resolve_shards(tiny_shards), cfg(device="gpu", device_id=0, **extra),
+                              with_logits=role == "replay")
+    assert pipe.device_id == 0
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.parametrize("role", ["train", "eval", "teacher_views"])
+def test_gpu_outputs_are_on_the_device(tiny_shards, role):
+    batch = next(iter(DaliLoader(tiny_shards, cfg(device="gpu", device_id=int(os.environ.get("LOCAL_RANK", 0))),
+                                 role=role)))
+    assert all(t.is_cuda for t in batch if t is not None)
+
+
+@gpu
+def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: [(0.25, 0.25, 0.5, 0.5, 1)]))
+    c = dict(shuffle=False, last_batch="partial", batch_size=8, **RAW)
+    on_cpu = next(iter(DaliLoader(tars, cfg(**c), role="replay"))).images
+    on_gpu = next(iter(DaliLoader(tars, cfg(device="gpu", **c), role="replay"))).images.cpu()
+    assert (on_cpu - on_gpu).abs().mean() < 3  # GPU JPEG decoding differs slightly from libjpeg

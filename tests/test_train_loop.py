@@ -1,0 +1,301 @@
+"""`kdkit train` end to end on tiny shard sets through the DALI CPU loader: learning, KD modes, the
+run folder, resume equality, NaN stop, fine-tuning, bad input, and the LR finder."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdkit.errors import KdkitError
+from kdkit.models.checkpoint import read_checkpoint, save_checkpoint
+from kdkit.shards import contract, tario
+from kdkit.train import loop
+from kdkit.train.config import make_config
+from kdkit.train.loop import TrainingDiverged, fit
+
+RESNET = "test_resnet"  # timm's 0.4M-parameter ResNet (basic blocks, BN, zero-init last BN): learning, resume
+MODEL = "test_efficientnet"  # timm's 0.1M-parameter EfficientNet, ~10x faster on CPU: everything else
+FAST = dict(model=MODEL, image_size=32, batch_size=8, loader_threads=1, shuffle_buffer=32, progress=False,
+            opt="adamw", lr=3e-3, weight_decay=0.01, warmup_epochs=0, log_interval=1)
+
+
+def cfg_for(data, out, **kw):
+    return make_config({"data": str(data), "output": str(out), **FAST, **kw})
+
+
+def colour_jpeg(rng, label: int, h: int = 48, w: int = 56) -> bytes:
+    """Class = the dominant colour channel, plus noise: learnable from any crop in a few steps."""
+    img = rng.integers(0, 90, (h, w, 3)).astype(np.uint8)
+    img[..., label % 3] += 140
+    out = io.BytesIO()
+    Image.fromarray(img).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_colour_shards(root: Path, num_classes: int = 3, per_class=(8, 4), seed: int = 0) -> Path:
+    from kdkit.shards.sources.folder import list_folder
+    from kdkit.shards.writer import ShardConfig, write_dataset
+
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c in range(num_classes):
+            d = root / "raw" / split / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (d / f"{i}.jpg").write_bytes(colour_jpeg(rng, c))
+    write_dataset(list_folder(root / "raw"), root / "shards", ShardConfig(samples_per_shard=10, workers=1,
+                                                                         progress=False))
+    return root / "shards"
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: int = 0) -> Path:
+    """A copy of a dataset root whose train set holds teacher members as `kdkit add-teacher-logits`
+    would write them: float16 logits (C,) or, with views=K, (K, C) logits + (K, 5) view boxes."""
+    shutil.copytree(src, dst)
+    folder = dst / "train"
+    man = json.loads((folder / contract.MANIFEST).read_text())
+    rng = np.random.default_rng(0)
+    width = width or man["num_classes"]
+    for rec in man["shards"]:
+        tar = folder / rec["tar"]
+        samples = []
+        for key, members in tario.iter_tar_samples(tar):
+            label = contract.decode_label(members[contract.LABEL_EXT])
+            logits = rng.normal(0, 1, (max(views, 1), width)).astype(np.float16)
+            logits[:, label % width] += 3  # a confident, mostly right teacher
+            extra = {contract.LOGITS_EXT: npy(logits[0] if not views else logits)}
+            if views:
+                boxes = np.tile(np.array([[0.1, 0.1, 0.8, 0.8, 0.0]], np.float32), (views, 1))
+                boxes[1:, 4] = 1.0
+                extra[contract.VIEWS_EXT] = npy(boxes)
+            samples.append({"__key__": key, **members, **extra})
+        rec.update(tario.write_shard(tar, samples))
+    man["teacher"] = {"model": "hand-made", "num_classes": width, "views": views or 1, "dtype": "float16"}
+    (folder / contract.MANIFEST).write_text(json.dumps(man))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory):
+    return write_colour_shards(tmp_path_factory.mktemp("colour"))
+
+
+@pytest.fixture(scope="module")
+def colour_kd(colour, tmp_path_factory):
+    return add_teacher_outputs(colour, tmp_path_factory.mktemp("kd") / "shards")
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# learning and the run folder
+
+def test_teacher_training_learns_and_writes_the_run_folder(colour, tmp_path):
+    history = fit(cfg_for(colour, tmp_path, epochs=4, name="t", ema=True, ema_decay=0.5, sched="cosine", model=RESNET))
+    run = tmp_path / "t"
+    assert {"config.yaml", "metrics.jsonl", "last.pth", "best.pth", "curves.png"} <= {p.name for p in run.iterdir()}
+    losses = [r["train_loss"] for r in history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert history[-1]["val_top1"] >= 75 and history == rows(run)
+    for key in ("train_loss", "val_top1", "val_top5", "ema_top1", "lr", "images_per_s", "loader_wait_share"):
+        assert key in history[-1], key
+    assert 0 <= history[-1]["loader_wait_share"] < 1 and history[-1]["samples"] == 24
+    ckpt = read_checkpoint(run / "last.pth")
+    assert ckpt["model"] == RESNET and ckpt["num_classes"] == 3 and [c["id"] for c in ckpt["classes"]] == ["c0", "c1", "c2"]
+    assert ckpt["epoch"] == 4 and ckpt["train_state"]["updates"] == 12 and ckpt["ema_state_dict"]
+    best = read_checkpoint(run / "best.pth")
+    assert best["train_state"] is None and best["metrics"]["val_top1"] == max(r["val_top1"] for r in history)
+    assert Image.open(run / "curves.png").size[0] > 500
+    assert f"model: {RESNET}" in (run / "config.yaml").read_text()
+    with pytest.raises(KdkitError, match="already holds a run.*--resume"):
+        fit(cfg_for(colour, tmp_path, epochs=1, name="t"))
+
+
+@pytest.mark.parametrize("kd,extra", [
+    ("stored", dict(mixup=0.4, cutmix=1.0, label_smoothing=0.1)),
+    ("replay", dict(sam_rho=0.05, grad_accum=1)),
+])
+def test_student_from_stored_teacher_outputs(colour, tmp_path, kd, extra):
+    data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0)
+    history = fit(cfg_for(data, tmp_path, epochs=2, name="s", kd=kd, kd_temperature=2.0, **extra))
+    assert len(history) == 2 and all(np.isfinite(r["train_loss"]) for r in history)
+
+
+def test_online_teacher_and_grad_accumulation(colour, tmp_path):
+    fit(cfg_for(colour, tmp_path, epochs=1, name="teacher"))
+    history = fit(cfg_for(colour, tmp_path, epochs=1, name="student", kd="online",
+                          teacher_checkpoint=str(tmp_path / "teacher" / "best.pth"), grad_accum=2,
+                          clip_grad=1.0, am_softmax=True, model=RESNET))
+    assert history[0]["updates"] == 2  # 3 micro-batches: one full group of 2 and a short last one
+    assert read_checkpoint(tmp_path / "student" / "last.pth")["head"]["type"] == "am_softmax"
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: killed anywhere, started again, the same result
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs (no except / finally saves anything)."""
+
+
+def kill_at_step(monkeypatch, n: int):
+    calls = {"n": 0}
+    real = loop.train_step
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Killed()
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_step", step)
+
+
+def resume_cfg(data, out, name, **kw):
+    # every source of randomness on: augmentation, shuffling, mixup/cutmix, EMA, KD, warmup + cosine
+    return cfg_for(data, out, name=name, epochs=3, kd="stored", mixup=0.4, cutmix=1.0, label_smoothing=0.1,
+                   ema=True, ema_decay=0.9, warmup_epochs=1, opt="sgd", lr=0.05, model=RESNET, **kw)
+
+
+def same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_equals_uninterrupted(colour_kd, tmp_path, monkeypatch):
+    fit(resume_cfg(colour_kd, tmp_path, "whole"))
+    whole = read_checkpoint(tmp_path / "whole" / "last.pth")
+    # killed at the start of epoch 2 (an epoch boundary), and in the middle of epoch 3
+    for name, kill, every in (("boundary", 4, 0), ("mid", 8, 1)):
+        with monkeypatch.context() as m:
+            kill_at_step(m, kill)
+            with pytest.raises(Killed):
+                fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=every))
+        ckpt = read_checkpoint(tmp_path / name / "last.pth")
+        assert (ckpt["epoch"], ckpt["train_state"]["step_in_epoch"]) == ((1, 0) if name == "boundary" else (2, 1))
+        fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=every, resume="last"))
+        again = read_checkpoint(tmp_path / name / "last.pth")
+        same_state(whole["state_dict"], again["state_dict"])
+        same_state(whole["ema_state_dict"], again["ema_state_dict"])
+        got, want = rows(tmp_path / name), rows(tmp_path / "whole")
+        assert [r["epoch"] for r in got] == [1, 2, 3]
+        for key in ("train_loss", "val_loss", "val_top1", "ema_top1", "lr"):
+            assert [r[key] for r in got] == [r[key] for r in want], key
+
+
+# ---------------------------------------------------------------------------------------------
+# failures: NaN, bad input
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(colour, tmp_path, monkeypatch):
+    from kdkit.train import build as build_mod
+
+    real, calls = build_mod.build_model, {"n": 0}
+
+    def poisoned(cfg, n):
+        model = real(cfg, n)
+
+        def hook(module, args, out):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] >= 5:  # epoch 2, step 2
+                    return out * float("nan")
+            return out
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(build_mod, "build_model", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 2/3.*last good checkpoint is kept"):
+        fit(cfg_for(colour, tmp_path, epochs=3, name="nan"))
+    ckpt = read_checkpoint(tmp_path / "nan" / "last.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()
+                                      if v.is_floating_point())
+    assert [r["epoch"] for r in rows(tmp_path / "nan")] == [1]
+
+
+def test_kd_without_teacher_logits_is_a_clear_error(tiny_shards, tmp_path):
+    with pytest.raises(KdkitError, match=r"--kd stored: shard set .*train has no teacher logits; add them with "
+                                         r"`kdkit add-teacher-logits"):
+        fit(cfg_for(tiny_shards, tmp_path, kd="stored", epochs=1))
+    assert not (tmp_path / f"student-{MODEL}").exists()  # failed before anything was written
+
+
+def test_class_count_mismatches_are_errors_before_training(colour, tmp_path):
+    wide = add_teacher_outputs(colour, tmp_path / "wide", width=5)
+    with pytest.raises(KdkitError, match="teacher logits over 5 classes, the shards and model have 3"):
+        fit(cfg_for(wide, tmp_path, kd="stored", epochs=1))
+    with pytest.raises(KdkitError, match="--num-classes 4 disagrees with .*3 classes"):
+        fit(cfg_for(colour, tmp_path, num_classes=4, epochs=1))
+    teacher = tmp_path / "t5.pth"
+    from timm import create_model
+    save_checkpoint(teacher, {"model": MODEL, "model_kwargs": {}, "num_classes": 5,
+                              "state_dict": create_model(MODEL, num_classes=5).state_dict()})
+    with pytest.raises(KdkitError, match="teacher has 5 classes, the shards and the student 3"):
+        fit(cfg_for(colour, tmp_path, kd="online", teacher_checkpoint=str(teacher), epochs=1))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(colour, mixed)
+    man = json.loads((mixed / "val" / contract.MANIFEST).read_text())
+    man["classes"].append({"index": 3, "id": "c3", "name": ""})
+    (mixed / "val" / contract.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(KdkitError, match="class counts disagree: .*train has 3 classes, .*val 4"):
+        fit(cfg_for(mixed, tmp_path, epochs=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning with a new head
+
+def test_finetune_loads_the_backbone_and_reinitialises_the_head(colour, tiny_shards, tmp_path):
+    five = write_colour_shards(tmp_path / "five", num_classes=5, per_class=(2, 1))
+    fit(cfg_for(five, tmp_path, epochs=1, name="src"))
+    src = read_checkpoint(tmp_path / "src" / "last.pth")["state_dict"]
+    # one frozen epoch on a 3-class set: only the new 3-class head trains
+    fit(cfg_for(tiny_shards, tmp_path, epochs=1, name="ft", finetune=str(tmp_path / "src" / "last.pth"),
+                freeze_epochs=1))
+    ft = read_checkpoint(tmp_path / "ft" / "last.pth")["state_dict"]
+    head = "classifier.weight"
+    assert ft[head].shape == (3, src[head].shape[1]) and src[head].shape[0] == 5
+    backbone = [k for k in src if not k.startswith("classifier.")]
+    for k in backbone:  # parameters and BatchNorm statistics: untouched by the frozen epoch
+        assert torch.equal(src[k], ft[k]), k
+    # thawed after the frozen epochs: the backbone trains too
+    fit(cfg_for(tiny_shards, tmp_path, epochs=2, name="ft2", finetune=str(tmp_path / "src" / "last.pth"),
+                freeze_epochs=1))
+    ft2 = read_checkpoint(tmp_path / "ft2" / "last.pth")["state_dict"]
+    assert not torch.equal(src["conv_stem.weight"], ft2["conv_stem.weight"])
+
+
+def test_checkpoint_of_another_architecture_is_refused(colour, tmp_path):
+    fit(cfg_for(colour, tmp_path, epochs=1, name="src"))
+    with pytest.raises(KdkitError, match=r"a checkpoint of 'test_efficientnet', but this run builds 'test_resnet'"):
+        fit(cfg_for(colour, tmp_path, epochs=1, name="x", model=RESNET,
+                    finetune=str(tmp_path / "src" / "last.pth")))
+    bare = tmp_path / "bare.pth"  # a plain state dict: load_weights names the mismatch
+    torch.save(read_checkpoint(tmp_path / "src" / "last.pth")["state_dict"], bare)
+    with pytest.raises(KdkitError, match=r"bare\.pth: does not fit the model.*another architecture"):
+        fit(cfg_for(colour, tmp_path, epochs=1, name="y", model=RESNET, finetune=str(bare)))
+    with pytest.raises(KdkitError, match=r"a checkpoint of 'test_efficientnet'"):
+        fit(cfg_for(colour, tmp_path, epochs=2, name="src", model=RESNET, resume="last"))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_lr_find_plots_and_suggests(colour, tmp_path):
+    from kdkit.train.lr_find import lr_find
+
+    r = lr_find(cfg_for(colour, tmp_path, name="lrf"), start_lr=1e-5, end_lr=10.0, num_steps=20)
+    assert (tmp_path / "lrf" / "lr_find.png").exists() and (tmp_path / "lrf" / "lr_find.json").exists()
+    assert 1e-5 <= r.suggested_lr <= 10 and len(r.lrs) == len(r.losses) >= 5
+    assert r.lrs == sorted(r.lrs)

@@ -1,0 +1,185 @@
+"""Trainer losses, mixing, SAM and the AM-softmax head against hand computations (no data, no DALI)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from kdkit.train.losses import (DistillationLoss, dense_logits_from_topk, kd_kl, kd_loss, one_hot_smoothed,
+                                soft_target_ce, teacher_probs)
+from kdkit.train.mix import MixParams, draw_mix, mix_batch, mix_images
+from kdkit.train.model import AMSoftmaxHead
+from kdkit.train.config import TrainConfig
+from kdkit.train.optim import SAM, build_optimizer, build_scheduler
+
+
+def softmax(x):
+    e = [math.exp(v) for v in x]
+    return [v / sum(e) for v in e]
+
+
+def test_kd_loss_matches_a_hand_computation():
+    s, t, T, alpha = [1.0, 2.0, 0.5], [2.0, 0.0, 1.0], 2.0, 0.7
+    # by hand: teacher and student distributions at T, KL(p_t || p_s), and the CE on label 1
+    p_t, p_s = softmax([v / T for v in t]), softmax([v / T for v in s])
+    kl = sum(a * math.log(a / b) for a, b in zip(p_t, p_s))
+    ce = -math.log(softmax(s)[1])
+    expected = (1 - alpha) * ce + alpha * T * T * kl
+    got = kd_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([1]), temperature=T, alpha=alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # explicit numbers for the record: p_t = (0.5065, 0.1863, 0.3072) at T=2
+    assert p_t[0] == pytest.approx(0.506480, abs=1e-6) and expected == pytest.approx(0.686104, abs=1e-6)
+
+
+def test_kd_loss_averages_over_the_batch_and_takes_fp16_teacher_logits():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float16)
+    both = kd_loss(s, t, torch.tensor([1, 2]), 3.0, 1.0)
+    one = [kd_loss(s[i:i + 1], t[i:i + 1], torch.tensor([[1], [2]][i]), 3.0, 1.0) for i in range(2)]
+    assert both.item() == pytest.approx((one[0] + one[1]).item() / 2, rel=1e-6)
+    assert kd_kl(s, teacher_probs(s, 3.0), 3.0).item() == pytest.approx(0.0, abs=1e-6)  # KL(p || p) = 0
+
+
+def test_label_smoothing_value():
+    target = one_hot_smoothed(torch.tensor([1]), 3, 0.1)
+    assert target.tolist()[0] == pytest.approx([0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3])
+    logits = torch.tensor([[0.2, 1.5, -0.3], [2.0, 0.1, 0.0]])
+    labels = torch.tensor([1, 0])
+    ours = soft_target_ce(logits, one_hot_smoothed(labels, 3, 0.1))
+    assert ours.item() == pytest.approx(LabelSmoothingCrossEntropy(0.1)(logits, labels).item(), rel=1e-6)
+    logp = torch.log_softmax(logits[0], 0).tolist()  # by hand for sample 0
+    hand0 = -(0.9 + 0.1 / 3) * logp[1] - (0.1 / 3) * (logp[0] + logp[2])
+    assert soft_target_ce(logits[:1], one_hot_smoothed(labels[:1], 3, 0.1)).item() == pytest.approx(hand0, rel=1e-6)
+
+
+def test_topk_dense_target():
+    values = torch.tensor([[3.0, 1.0], [0.5, 2.0]], dtype=torch.float16)
+    indices = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    dense = dense_logits_from_topk(values, indices, 4)
+    assert dense[0].tolist() == [1.0, float("-inf"), 3.0, float("-inf")]
+    probs = teacher_probs(dense, 2.0)
+    # the teacher's distribution renormalized over its top-k classes, zero elsewhere
+    assert probs[0].tolist() == pytest.approx([softmax([0.5, 1.5])[0], 0.0, softmax([0.5, 1.5])[1], 0.0])
+    assert probs[1, 3].item() == pytest.approx(softmax([0.25, 1.0])[1])
+    loss = kd_kl(torch.zeros(2, 4), probs, 2.0)  # zeros in the target contribute nothing (0 log 0 = 0)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(
+        4 * np.mean([sum(p * math.log(p * 4) for p in row if p > 0) for row in probs.tolist()]), rel=1e-5)
+    views = dense_logits_from_topk(torch.ones(2, 3, 2), torch.tensor([[[0, 1]] * 3] * 2), 5)  # (B, K, k)
+    assert views.shape == (2, 3, 5)
+
+
+def test_mixup_kd_target_mixes_teacher_probabilities_with_the_same_lambda():
+    torch.manual_seed(0)
+    np.random.seed(3)
+    images = torch.randn(4, 3, 8, 8)
+    target = one_hot_smoothed(torch.tensor([0, 1, 2, 1]), 3, 0.1)
+    t_probs = teacher_probs(torch.randn(4, 3), 4.0)
+    mixed, y, t, p = mix_batch(images, target, t_probs, mixup_alpha=0.4, cutmix_alpha=0.0)
+    lam = p.lam
+    assert p.kind == "mixup" and 0 < lam < 1
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0))
+    assert torch.allclose(t, lam * t_probs + (1 - lam) * t_probs.flip(0))  # lam * t_a + (1 - lam) * t_b
+    assert torch.allclose(y, lam * target + (1 - lam) * target.flip(0))
+    assert torch.allclose(t.sum(1), torch.ones(4)) and torch.allclose(y.sum(1), torch.ones(4))
+    # the same draw as timm's Mixup: its soft targets for this lambda are ours
+    from timm.data.mixup import mixup_target
+    assert torch.allclose(y, mixup_target(torch.tensor([0, 1, 2, 1]), 3, lam, 0.1))
+
+
+def test_cutmix_uses_the_area_corrected_lambda():
+    np.random.seed(2)  # draws a 7 x 6 box
+    images = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).reshape(2, 1, 10, 10)
+    target = one_hot_smoothed(torch.tensor([0, 1]), 2)
+    t_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    mixed, y, t, p = mix_batch(images, target, t_probs, mixup_alpha=0.0, cutmix_alpha=1.0)
+    yl, yh, xl, xh = p.box
+    area = (yh - yl) * (xh - xl)
+    assert p.kind == "cutmix" and 0 < area < 100
+    assert p.lam == pytest.approx(1 - area / 100)  # the pasted area, not the Beta draw
+    pasted = (mixed != images).float().mean().item()
+    assert pasted == pytest.approx(area / 100)  # every pasted pixel differs (the partner's values)
+    assert torch.allclose(t, p.lam * t_probs + (1 - p.lam) * t_probs.flip(0))
+    assert torch.allclose(y, p.lam * target + (1 - p.lam) * target.flip(0))
+
+
+def test_mix_switch_and_prob():
+    np.random.seed(0)
+    kinds = [draw_mix((8, 3, 16, 16), 0.2, 1.0, prob=1.0, switch_prob=0.5).kind for _ in range(200)]
+    assert 60 < kinds.count("cutmix") < 140 and kinds.count("none") == 0
+    assert all(draw_mix((8, 3, 16, 16), 0.2, 1.0, prob=0.0).kind == "none" for _ in range(20))
+    assert mix_images(torch.ones(2, 3), MixParams()) is not None
+
+
+def test_distillation_loss_without_teacher_is_the_hard_loss():
+    logits, target = torch.randn(5, 4), one_hot_smoothed(torch.tensor([0, 1, 2, 3, 0]), 4, 0.1)
+    assert DistillationLoss(4.0, 0.9)(logits, target).item() == pytest.approx(
+        SoftTargetCrossEntropy()(logits, target).item(), rel=1e-6)
+
+
+def test_am_softmax_head_and_margin():
+    head = AMSoftmaxHead(6, 3, scale=10.0)
+    x = torch.randn(4, 6)
+    cos = head(x) / 10.0
+    assert cos.abs().max() <= 1 + 1e-6
+    assert torch.allclose(head(2.5 * x), head(x), atol=1e-5)  # features are normalized
+    loss = DistillationLoss(am_scale=10.0, am_margin=0.35)
+    labels = torch.tensor([0, 1, 2, 0])
+    target = one_hot_smoothed(labels, 3)
+    logits = head(x)
+    manual = torch.nn.functional.cross_entropy(logits - 10.0 * 0.35 * torch.nn.functional.one_hot(labels, 3), labels)
+    assert loss(logits, target).item() == pytest.approx(manual.item(), rel=1e-6)
+
+
+def test_sam_steps_with_the_gradient_at_the_perturbed_point():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sam = SAM(opt, rho=0.5)
+
+    def loss_fn():
+        return (w ** 4).sum()
+
+    loss_fn().backward()
+    g = w.grad.clone()
+    sam.perturb()
+    e = 0.5 * g / g.norm()
+    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) + e)
+    opt.zero_grad()
+    loss_fn().backward()
+    g_perturbed = w.grad.clone()
+    sam.restore()
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0]) - 0.1 * g_perturbed)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adamw", "radam", "lamb", "lars", "lookahead_sgd", "lookahead_adamw"])
+def test_optimizers_step_and_skip_decay_on_biases_and_norms(name):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+    opt = build_optimizer(TrainConfig(opt=name, lr=0.01, weight_decay=0.05), model)
+    groups = getattr(opt, "base_optimizer", opt).param_groups
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {id(p) for n, p in model.named_parameters() if p.ndim <= 1} == no_decay  # biases, BN weights
+    if name == "sgd":
+        assert groups[0]["nesterov"] is True
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    decayed = build_optimizer(TrainConfig(opt=name, weight_decay=0.05, bias_decay=True), model)
+    assert all(g["weight_decay"] == 0.05 for g in getattr(decayed, "base_optimizer", decayed).param_groups)
+
+
+def test_warmup_then_cosine_per_update():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = build_scheduler(TrainConfig(lr=0.1, sched="cosine", epochs=10, warmup_epochs=2, warmup_lr=0.0,
+                                        min_lr=0.0), opt, updates_per_epoch=5)
+    lrs = []
+    for u in range(1, 51):
+        sched.step_update(num_updates=u)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[4] == pytest.approx(0.05) and lrs[9] == pytest.approx(0.1)  # linear warmup over 10 updates
+    assert lrs[29] == pytest.approx(0.05) and lrs[-1] < 0.001  # then the whole cosine over 40, down to 0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
