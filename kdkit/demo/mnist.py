@@ -76,3 +76,22 @@ def prepare(out: Path, train_size: int | None = None, test_size: int | None = No
         x, y = subset(*data[split], n, seed)
         write_h5(paths[split], x, y)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kdkit.demo.mnist OUT [--train-size N] [--test-size N]`: the demo's first step."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m kdkit.demo.mnist", description=main.__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("--train-size", type=int, default=None, help="class-balanced subset (default: all 60,000)")
+    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset (default: all 10,000)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    for split, path in prepare(a.out, a.train_size, a.test_size, a.seed).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

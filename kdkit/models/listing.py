@@ -72,13 +72,17 @@ def measure_gmacs(model: torch.nn.Module, resolution: int, in_chans: int = 3, de
 
 
 def _row(name: str, source: str, description: str, cfg: ListingConfig) -> VariantRow:
-    model = create_model(name, num_classes=cfg.num_classes)
+    from kdkit.models.mlp import MLP_VARIANTS
+
+    extra = {"img_size": cfg.resolution} if name in MLP_VARIANTS else {}  # an MLP is built for one size
+    model = create_model(name, num_classes=cfg.num_classes, **extra)
     params = sum(p.numel() for p in model.parameters())
     try:
         gmacs = measure_gmacs(model, cfg.resolution)
     except Exception:  # an op without a meta kernel: count on a fresh CPU copy instead
         try:
-            gmacs = measure_gmacs(create_model(name, num_classes=cfg.num_classes), cfg.resolution, device="cpu")
+            gmacs = measure_gmacs(create_model(name, num_classes=cfg.num_classes, **extra), cfg.resolution,
+                                  device="cpu")
         except Exception as e:
             raise KdkitError(f"{name} at {cfg.resolution}px: forward failed ({type(e).__name__}: {e})") from None
     return VariantRow(name, source, description, params, round(gmacs, 3), cfg.resolution)
@@ -87,7 +91,9 @@ def _row(name: str, source: str, description: str, cfg: ListingConfig) -> Varian
 def list_variants(config: ListingConfig | None = None) -> list[VariantRow]:
     """kdkit's variants (and the timm baselines), each built without weights and measured."""
     from kdkit.models.assembled import KD_VARIANTS
+    from kdkit.models.factory import _register_variants
 
+    _register_variants()
     cfg = config or ListingConfig()
     if cfg.resolution < 32:
         raise KdkitError(f"resolution {cfg.resolution}: the variants need at least 32 px (5 stride-2 steps)")

@@ -40,6 +40,8 @@ class TrainConfig:
     data: str = _f("", "dataset root (holding train/ and val/ shard sets) or a train shard-set folder", D)
     train_split: str = _f("train", "split to train on", D)
     val_split: str | None = _f("val", "split to evaluate on each epoch ('' or none: no evaluation)", D)
+    val_data: str | None = _f(None, "dataset root or shard-set folder to evaluate on (default: DATA's "
+                              "--val-split); e.g. the plain set, when only train has teacher logits", D)
     num_classes: int | None = _f(None, "number of classes (default: from the shard manifest)", D)
     image_size: int = _f(224, "training and evaluation resolution (square)", D)
     eval_crop_ratio: float = _f(0.875, "evaluation centre crop: image_size / resized shorter side", D)

@@ -56,6 +56,8 @@ def resolve_data(cfg: TrainConfig) -> tuple[ShardSet, ShardSet | None]:
     train = resolve_shards(root, cfg.train_split)
     if not cfg.val_split:
         return train, None
+    if cfg.val_data:
+        return train, resolve_shards(Path(cfg.val_data), cfg.val_split)
     if train.folder is not None and train.folder.resolve() == root.resolve():
         sibling = root.parent / cfg.val_split
         return train, (resolve_shards(sibling) if (sibling / contract.MANIFEST).exists() else None)

