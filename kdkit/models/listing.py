@@ -91,13 +91,12 @@ def _row(name: str, source: str, description: str, cfg: ListingConfig) -> Varian
 def list_variants(config: ListingConfig | None = None) -> list[VariantRow]:
     """kdkit's variants (and the timm baselines), each built without weights and measured."""
     from kdkit.models.assembled import KD_VARIANTS
-    from kdkit.models.factory import _register_variants
-
-    _register_variants()
     cfg = config or ListingConfig()
     if cfg.resolution < 32:
         raise KdkitError(f"resolution {cfg.resolution}: the variants need at least 32 px (5 stride-2 steps)")
-    wanted = [(n, "kdkit", d) for n, d in KD_VARIANTS.items()]
+    from kdkit.models.mlp import mlp_variants
+
+    wanted = [(n, "kdkit", d) for n, d in {**KD_VARIANTS, **mlp_variants()}.items()]
     if cfg.baselines:
         wanted += [(n, "timm", d) for n, d in BASELINES.items()]
     return [_row(n, src, d, cfg) for n, src, d in wanted if _matches(n, cfg.pattern)]

@@ -12,7 +12,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from kdkit.errors import KdkitError
-from kdkit.models.assembled import KD_VARIANTS
 
 __all__ = ["MLP", "MLP_VARIANTS"]
 
@@ -87,5 +86,7 @@ def mlp_1200(pretrained: bool = False, **kwargs) -> MLP:
     return _make("mlp_1200", (1200, 1200), pretrained, kwargs)
 
 
-for _fn in (mlp_800, mlp_1200):
-    KD_VARIANTS[_fn.__name__] = _fn.__doc__.strip().splitlines()[0]
+def mlp_variants() -> dict[str, str]:
+    """name -> one-line description, for `kdkit models` (kept apart from the ResNet variants, which
+    are all built and tested at one resolution)."""
+    return {fn.__name__: fn.__doc__.strip().splitlines()[0] for fn in (mlp_800, mlp_1200)}
