@@ -95,6 +95,24 @@ def decode_npy(raw):
     return fn.decoders.numpy(raw)
 
 
+def teacher_exts(with_logits) -> list[str]:
+    """Members holding the teacher outputs: full logits (with_logits True / "full"), top-k values +
+    class indices (with_logits "topk"), or none (False / None)."""
+    if not with_logits:
+        return []
+    if with_logits == "topk":
+        return [contract.TOPK_VALUES_EXT, contract.TOPK_INDICES_EXT]
+    return [LOGITS_EXT]
+
+
+def teacher_outputs(members: list, cfg: LoaderConfig, row=None) -> tuple:
+    """The teacher members decoded in-graph (row `row` of each, for one of K stored views)."""
+    outs = [decode_npy(m) for m in members]
+    if row is not None:
+        outs = [o[row] for o in outs]
+    return tuple(to_output_device(o, cfg) for o in outs)
+
+
 def output_layout(cfg: LoaderConfig) -> str:
     if cfg.layout not in ("CHW", "HWC", "channels_last"):
         raise ValueError(f"layout={cfg.layout!r}: expected 'CHW', 'HWC' or 'channels_last'")

@@ -61,12 +61,12 @@ def eval_views(images, cfg: LoaderConfig):
 
 @pipeline_def
 def eval_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                  with_logits: bool = False):
+                  with_logits: bool | str = False):
     """(images, labels[, teacher logits as stored]) in stored order, no randomness."""
-    exts = [common.IMAGE_EXT, common.LABEL_EXT] + ([common.LOGITS_EXT] if with_logits else [])
+    exts = [common.IMAGE_EXT, common.LABEL_EXT] + common.teacher_exts(with_logits)
     members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=False, missing=cfg.missing)
     images = eval_views(decode_eval(members[0], cfg), cfg)
     labels = common.to_output_device(common.parse_label(members[1]), cfg)
     if not with_logits:
         return images, labels
-    return images, labels, common.to_output_device(common.decode_npy(members[2]), cfg)
+    return (images, labels, *common.teacher_outputs(members[2:], cfg))

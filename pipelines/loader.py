@@ -36,10 +36,13 @@ from typing import NamedTuple
 
 import torch
 
+from kdkit.shards import contract
 from pipelines import common
 from pipelines.shardset import ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range
 
 ROLES = ("train", "eval", "replay", "teacher_views")
+TEACHER_OUTPUTS = {contract.LOGITS_EXT: "teacher_logits", contract.TOPK_VALUES_EXT: "teacher_topk_values",
+                   contract.TOPK_INDICES_EXT: "teacher_topk_indices"}  # member -> iterator output name
 
 
 @dataclass
@@ -85,7 +88,7 @@ class LoaderConfig:
 class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
-    teacher_logits: torch.Tensor | None
+    teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # (values, indices) for top-k
 
 
 class ViewsBatch(NamedTuple):
@@ -142,28 +145,34 @@ def build_pipeline(role: str, shards, cfg: LoaderConfig, shard_id: int = 0, num_
     raise ValueError(f"role={role!r}: expected one of {ROLES}")
 
 
-def _members(role: str, with_logits: bool) -> list[str]:
+def _members(role: str, with_logits: bool | str) -> list[str]:
     exts = [common.IMAGE_EXT, common.LABEL_EXT]
     if role == "replay":
         exts.append(common.VIEWS_EXT)
-    if with_logits:
-        exts.append(common.LOGITS_EXT)
-    return exts
+    return exts + common.teacher_exts(with_logits)
 
 
-def _scan(role: str, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool]:
-    """Check the shards and decide whether teacher logits are read, in one pass over the indexes.
+def _scan(role: str, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:
+    """Check the shards and decide which teacher outputs are read: False (none), "full" (the
+    .logits.npy member) or "topk" (.topk_logits.npy values + .topk_idx.npy class indices).
 
     Logits are read when asked for (cfg.teacher_logits=True; replay asks by default) or, with
-    teacher_logits=None, when every sample holds them.
+    teacher_logits=None, when every sample holds them. Full logits win when a set holds both; top-k
+    is read when the set holds top-k only (`kdkit add-teacher-logits --topk`).
     """
     wanted = cfg.teacher_logits if cfg.teacher_logits is not None else (True if role == "replay" else None)
     if role == "teacher_views":
         wanted = False
-    scan = scan_shards(shards, _members(role, bool(wanted)), probe=[common.LOGITS_EXT], missing=cfg.missing)
+    probe = [common.LOGITS_EXT, contract.TOPK_VALUES_EXT]
+    scan = scan_shards(shards, _members(role, False), probe=probe, missing=cfg.missing)
+    kind = "topk" if scan.present[probe[0]] == 0 and scan.present[probe[1]] > 0 else "full"
     if wanted is None:
-        return scan, scan.present[common.LOGITS_EXT] == sum(len(k) for k in scan.keys)
-    return scan, wanted
+        held = scan.present[probe[1] if kind == "topk" else probe[0]]
+        return scan, (kind if held == sum(len(k) for k in scan.keys) else False)
+    if not wanted:
+        return scan, False
+    # asked for: every sample must hold them (or, with missing="skip", those that don't are left out)
+    return scan_shards(shards, _members(role, kind), probe=probe, missing=cfg.missing), kind
 
 
 class DaliLoader:
@@ -206,7 +215,7 @@ class DaliLoader:
     def _output_names(self) -> list[str]:
         if self.role == "teacher_views":
             return ["center", "views", "boxes", "labels"]
-        names = ["images", "labels"] + (["teacher_logits"] if self.with_logits else [])
+        names = ["images", "labels"] + [TEACHER_OUTPUTS[e] for e in common.teacher_exts(self.with_logits)]
         return names + (["view_index"] if self.role == "replay" else [])
 
     def _guarded(self, step):
@@ -263,4 +272,7 @@ class DaliLoader:
         if self.role == "teacher_views":
             return ViewsBatch(image(d["center"]), image(d["views"]), d["boxes"], d["labels"])
         self.last_view_index = d.get("view_index")
-        return Batch(image(d["images"]), d["labels"], d.get("teacher_logits"))
+        teacher = d.get("teacher_logits")
+        if self.with_logits == "topk":  # top-k storage: (values, class indices); see kdkit.train.losses
+            teacher = (d["teacher_topk_values"], d["teacher_topk_indices"])
+        return Batch(image(d["images"]), d["labels"], teacher)

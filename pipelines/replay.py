@@ -60,9 +60,9 @@ def decode_view(jpegs, box, cfg: LoaderConfig):
 
 @pipeline_def
 def replay_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                    with_logits: bool = True):
+                    with_logits: bool | str = True):
     """(images, labels[, logits of the chosen view], chosen view index) for student training."""
-    exts = [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT] + ([common.LOGITS_EXT] if with_logits else [])
+    exts = [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT] + common.teacher_exts(with_logits)
     members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle, missing=cfg.missing)
     views = common.decode_npy(members[2])
     k = choose_view(views)
@@ -73,5 +73,4 @@ def replay_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_
     index = common.to_output_device(k, cfg)
     if not with_logits:
         return images, labels, index
-    logits = common.decode_npy(members[3])[k]
-    return images, labels, common.to_output_device(logits, cfg), index
+    return (images, labels, *common.teacher_outputs(members[3:], cfg, row=k), index)

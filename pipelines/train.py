@@ -66,9 +66,9 @@ def needs_conditionals(cfg: LoaderConfig) -> bool:
 
 @pipeline_def
 def train_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                   with_logits: bool = False):
-    """(images, labels[, teacher logits as stored]) for training a student."""
-    exts = [common.IMAGE_EXT, common.LABEL_EXT] + ([common.LOGITS_EXT] if with_logits else [])
+                   with_logits: bool | str = False):
+    """(images, labels[, teacher logits as stored | top-k values, top-k indices]) for training a student."""
+    exts = [common.IMAGE_EXT, common.LABEL_EXT] + common.teacher_exts(with_logits)
     members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle,
                                  missing=cfg.missing)
     images = augment_train(decode_train(members[0], cfg), cfg)
@@ -76,4 +76,4 @@ def train_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_s
     labels = common.to_output_device(common.parse_label(members[1]), cfg)
     if not with_logits:
         return images, labels
-    return images, labels, common.to_output_device(common.decode_npy(members[2]), cfg)
+    return (images, labels, *common.teacher_outputs(members[2:], cfg))

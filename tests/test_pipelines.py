@@ -288,6 +288,42 @@ def test_logits_are_read_when_every_sample_has_them(indexed, tmp_path):
     assert logits[:, 0].tolist() == labels.tolist()
 
 
+def topk_members(i: int, rows: int | None = None) -> dict:
+    """Top-2 storage as `add-teacher-logits --topk 2` writes it: values (k,) float16 + int32 class
+    indices, or (K, k) per stored view; values [i, k] and indices [i % 4, 3] identify sample and row."""
+    shape = (2,) if rows is None else (rows, 2)
+    values = np.zeros(shape, np.float16)
+    idx = np.zeros(shape, np.int32)
+    values[..., 0], idx[..., 0], idx[..., 1] = i, i % 4, 3
+    if rows is not None:
+        values[:, 1] = np.arange(rows)
+    return {contract.TOPK_VALUES_EXT: npy(values), contract.TOPK_INDICES_EXT: npy(idx)}
+
+
+def test_topk_teacher_outputs_are_read_as_values_and_indices(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, [{**s, **topk_members(int(s["cls"]))} for s in samples])
+    seen = 0
+    for _, labels, teacher in DaliLoader(tars, cfg(shuffle=False, last_batch="partial")):
+        values, idx = teacher  # read because every sample holds them, like full logits
+        assert values.dtype == torch.float16 and idx.dtype == torch.int32 and values.shape == idx.shape == (len(labels), 2)
+        assert values[:, 0].tolist() == labels.tolist() and idx[:, 0].tolist() == [i % 4 for i in labels.tolist()]
+        seen += len(labels)
+    assert seen == 23
+
+
+def test_replay_picks_the_chosen_views_topk_row(indexed, tmp_path):
+    _, samples = indexed
+    box = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0)]
+    stored = [{**s, common.VIEWS_EXT: npy(np.asarray(box, np.float32)), **topk_members(int(s["cls"]), rows=3)}
+              for s in samples]
+    loader = DaliLoader(write_set(tmp_path, stored), cfg(batch_size=8, last_batch="partial", image_size=16), role="replay")
+    for _, labels, (values, idx) in loader:
+        assert values.shape == (len(labels), 2) and idx[:, 1].eq(3).all()
+        assert values[:, 0].tolist() == labels.tolist()
+        assert values[:, 1].tolist() == loader.last_view_index.tolist()  # the same row as the pixels
+
+
 @pytest.mark.timeout(60)
 def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_path):
     _, samples = indexed

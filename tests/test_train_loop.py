@@ -60,9 +60,10 @@ def npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: int = 0) -> Path:
+def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: int = 0, topk: int = 0) -> Path:
     """A copy of a dataset root whose train set holds teacher members as `kdkit add-teacher-logits`
-    would write them: float16 logits (C,) or, with views=K, (K, C) logits + (K, 5) view boxes."""
+    would write them: float16 logits (C,) or, with views=K, (K, C) logits + (K, 5) view boxes;
+    with topk=k the k largest logits and their int32 class indices instead of all."""
     shutil.copytree(src, dst)
     folder = dst / "train"
     man = json.loads((folder / contract.MANIFEST).read_text())
@@ -75,7 +76,13 @@ def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: i
             label = contract.decode_label(members[contract.LABEL_EXT])
             logits = rng.normal(0, 1, (max(views, 1), width)).astype(np.float16)
             logits[:, label % width] += 3  # a confident, mostly right teacher
-            extra = {contract.LOGITS_EXT: npy(logits[0] if not views else logits)}
+            logits = logits[0] if not views else logits
+            if topk:
+                idx = np.argsort(-logits.astype(np.float32), axis=-1, kind="stable")[..., :topk].astype(np.int32)
+                extra = {contract.TOPK_VALUES_EXT: npy(np.take_along_axis(logits, idx, -1)),
+                         contract.TOPK_INDICES_EXT: npy(idx)}
+            else:
+                extra = {contract.LOGITS_EXT: npy(logits)}
             if views:
                 boxes = np.tile(np.array([[0.1, 0.1, 0.8, 0.8, 0.0]], np.float32), (views, 1))
                 boxes[1:, 4] = 1.0
@@ -133,6 +140,28 @@ def test_student_from_stored_teacher_outputs(colour, tmp_path, kd, extra):
     data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0)
     history = fit(cfg_for(data, tmp_path, epochs=2, name="s", kd=kd, kd_temperature=2.0, **extra))
     assert len(history) == 2 and all(np.isfinite(r["train_loss"]) for r in history)
+
+
+@pytest.mark.parametrize("kd", ["stored", "replay"])
+def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
+    """Top-k storage: the loader yields (values, indices) and the loss sees the dense logits with
+    -inf outside the stored classes (losses.dense_logits_from_topk)."""
+    import kdkit.train.loop as loop
+
+    data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0, topk=2)
+    seen = []
+    real = loop.stored_teacher_logits
+
+    def spy(batch, num_classes, dev):
+        dense = real(batch, num_classes, dev)
+        seen.append((isinstance(batch.teacher_logits, tuple), dense))
+        return dense
+    monkeypatch.setattr(loop, "stored_teacher_logits", spy)
+    history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd=kd, kd_temperature=2.0))
+    assert np.isfinite(history[-1]["train_loss"]) and seen
+    for was_topk, dense in seen:
+        assert was_topk and dense.shape[1] == 3
+        assert (torch.isinf(dense).sum(1) == 1).all()  # 3 classes, 2 stored: one -inf per row
 
 
 def test_online_teacher_and_grad_accumulation(colour, tmp_path):

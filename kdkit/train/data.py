@@ -91,14 +91,13 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
     """Stored / replay KD: every train sample holds the teacher outputs the mode reads, of the right width."""
     if cfg.kd not in ("stored", "replay"):
         return
-    L, V = contract.LOGITS_EXT, contract.VIEWS_EXT
+    V = contract.VIEWS_EXT
     scan = scan_shards(train, [contract.IMAGE_EXT, contract.LABEL_EXT],
-                       probe=[L, V, contract.TOPK_VALUES_EXT])
+                       probe=[contract.LOGITS_EXT, V, contract.TOPK_VALUES_EXT])
     total = scan.num_samples
+    # full logits, or top-k values + indices (the loader reads whichever the set holds, full first)
+    L = contract.LOGITS_EXT if scan.present[contract.LOGITS_EXT] else contract.TOPK_VALUES_EXT
     if scan.present[L] == 0:
-        if scan.present[contract.TOPK_VALUES_EXT]:
-            raise KdkitError(f"{_set_name(train)}: holds top-k teacher logits only, which the DALI loader does "
-                             "not read yet; write full logits with `kdkit add-teacher-logits` (no --topk)")
         raise KdkitError(f"--kd {cfg.kd}: shard set {_set_name(train)} has no teacher logits; add them with "
                          f"`kdkit add-teacher-logits {_set_name(train)} ...` first, or train without KD (--kd none)")
     if scan.present[L] < total:
@@ -112,8 +111,9 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
         raise KdkitError(f"{_set_name(train)}: logits of {shape[0]} stored views per sample; use --kd replay")
     if cfg.kd == "replay" and len(shape) != 2:
         raise KdkitError(f"--kd replay: {_set_name(train)} stores single-view logits; use --kd stored")
-    width = shape[-1]
     block = (train.manifest.teacher or {}) if train.manifest else {}
+    # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
+    width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
     if width != num_classes or block.get("num_classes", width) != width:
         raise KdkitError(f"class counts disagree: {_set_name(train)} stores teacher logits over {width} classes, "
                          f"the shards and model have {num_classes}")

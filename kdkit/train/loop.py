@@ -56,7 +56,7 @@ def make_targets(p: Parts, batch, mixing: bool):
 
 def stored_teacher_logits(batch, num_classes: int, dev: torch.device) -> torch.Tensor:
     """Dense teacher logits of a batch: as stored, or built from top-k (values, indices) when the
-    loader yields that pair (top-k storage; pipelines/loader.py does not read it yet)."""
+    loader yields that pair (top-k storage)."""
     t = batch.teacher_logits
     if isinstance(t, (tuple, list)):
         return dense_logits_from_topk(t[0].to(dev, non_blocking=True), t[1].to(dev, non_blocking=True), num_classes)
