@@ -38,7 +38,8 @@ import torch
 
 from kdkit.shards import contract
 from pipelines import common
-from pipelines.shardset import ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range
+from pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range,
+                                teacher_format)
 
 ROLES = ("train", "eval", "replay", "teacher_views")
 TEACHER_OUTPUTS = {contract.LOGITS_EXT: "teacher_logits", contract.TOPK_VALUES_EXT: "teacher_topk_values",
@@ -163,16 +164,13 @@ def _scan(role: str, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:
     wanted = cfg.teacher_logits if cfg.teacher_logits is not None else (True if role == "replay" else None)
     if role == "teacher_views":
         wanted = False
-    probe = [common.LOGITS_EXT, contract.TOPK_VALUES_EXT]
-    scan = scan_shards(shards, _members(role, False), probe=probe, missing=cfg.missing)
-    kind = "topk" if scan.present[probe[0]] == 0 and scan.present[probe[1]] > 0 else "full"
-    if wanted is None:
-        held = scan.present[probe[1] if kind == "topk" else probe[0]]
-        return scan, (kind if held == sum(len(k) for k in scan.keys) else False)
-    if not wanted:
-        return scan, False
+    kind = teacher_format(shards) or "full"  # "full" when none: a missing-member error names .logits.npy
+    held = common.teacher_exts(kind)[0]
     # asked for: every sample must hold them (or, with missing="skip", those that don't are left out)
-    return scan_shards(shards, _members(role, kind), probe=probe, missing=cfg.missing), kind
+    scan = scan_shards(shards, _members(role, kind if wanted else False), probe=[held], missing=cfg.missing)
+    if wanted is None:
+        return scan, (kind if scan.present[held] == sum(len(k) for k in scan.keys) else False)
+    return scan, (kind if wanted else False)
 
 
 class DaliLoader:

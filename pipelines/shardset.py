@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
+from kdkit.shards.tario import parse_dali_index
 from kdkit.shards.verify import find_sets, load_manifest
 
 
@@ -82,21 +83,24 @@ class ShardScan:
 
 
 def _parse_index(idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] per sample; the key from the member names (v1.2 lines name them)."""
-    lines = idx.read_text(encoding="ascii").splitlines()
-    if not lines or lines[0].split()[:1] != [contract.DALI_INDEX_VERSION]:
-        raise ShardError(f"{idx}: not a DALI {contract.DALI_INDEX_VERSION} index "
-                         "(rewrite it with `kdkit verify --fix-index`)")
-    out = []
-    for n, line in enumerate(lines[1:], start=2):
-        tok = line.split()
-        width = 4 if len(tok) % 4 == 0 else 3  # wds2idx may leave the member name out
-        if not tok or len(tok) % width:
-            raise ShardError(f"{idx}: malformed line {n}")
-        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), width)}
-        key = contract.split_member_name(tok[3])[0] if width == 4 else f"#{n - 2}"
-        out.append((key, comps))
-    return out
+    """tario.parse_dali_index, its errors as ShardError with the fix."""
+    try:
+        return parse_dali_index(idx)
+    except ValueError as e:
+        raise ShardError(f"{e} (rewrite it with `kdkit verify --fix-index`)") from None
+
+
+def teacher_format(shards: ShardSet) -> str | None:
+    """Which teacher outputs a set holds, from its first sample: "full" (.logits.npy), "topk"
+    (.topk_logits.npy + .topk_idx.npy) or None. `kdkit add-teacher-logits` writes one kind for a whole
+    set; whether every sample has it is scan_shards' job."""
+    if not shards.indexes or not shards.indexes[0].exists():
+        return None
+    first = _parse_index(shards.indexes[0])[:1]
+    comps = first[0][1] if first else {}
+    if contract.LOGITS_EXT in comps:
+        return "full"
+    return "topk" if contract.TOPK_VALUES_EXT in comps else None
 
 
 def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),

@@ -62,21 +62,32 @@ def write_dali_index(tar_path: Path, idx_path: Path) -> int:
     return len(lines)
 
 
-def read_dali_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
-    """[{ext: (offset, size)}] per sample, in tar order. Raises ValueError on a malformed index."""
+def parse_dali_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {ext: (offset, size)})] per sample, in tar order. Raises ValueError on a malformed index.
+
+    kdkit writes v1.2 lines (ext offset size member-name); lines without the member name, as DALI's
+    wds2idx may write them, are read too, with "#<n>" standing in for the key.
+    """
     with open(idx_path, "r", encoding="ascii") as f:
         header = f.readline().split()
         if len(header) != 2 or header[0] != contract.DALI_INDEX_VERSION:
             raise ValueError(f"{idx_path}: not a DALI {contract.DALI_INDEX_VERSION} index")
         out = []
-        for line in f:
+        for n, line in enumerate(f, start=2):
             tok = line.split()
-            if len(tok) % 4:
-                raise ValueError(f"{idx_path}: malformed line {len(out) + 2}")
-            out.append({tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)})
+            width = 4 if len(tok) % 4 == 0 else 3
+            if not tok or len(tok) % width:
+                raise ValueError(f"{idx_path}: malformed line {n}")
+            comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), width)}
+            out.append((contract.split_member_name(tok[3])[0] if width == 4 else f"#{n - 2}", comps))
         if len(out) != int(header[1]):
             raise ValueError(f"{idx_path}: header says {header[1]} samples, {len(out)} listed")
         return out
+
+
+def read_dali_index(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
+    """[{ext: (offset, size)}] per sample, in tar order (parse_dali_index without the keys)."""
+    return [comps for _, comps in parse_dali_index(idx_path)]
 
 
 def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:

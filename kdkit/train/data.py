@@ -26,7 +26,7 @@ from kdkit.shards import contract
 from kdkit.shards.tario import read_dali_index
 from kdkit.train.config import TrainConfig
 from pipelines.loader import DaliLoader, LoaderConfig
-from pipelines.shardset import ShardSet, resolve_shards, scan_shards
+from pipelines.shardset import ShardSet, resolve_shards, scan_shards, teacher_format
 
 
 @dataclass
@@ -92,11 +92,10 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
     if cfg.kd not in ("stored", "replay"):
         return
     V = contract.VIEWS_EXT
-    scan = scan_shards(train, [contract.IMAGE_EXT, contract.LABEL_EXT],
-                       probe=[contract.LOGITS_EXT, V, contract.TOPK_VALUES_EXT])
+    # full logits, or top-k values + indices: the kind the loader reads (pipelines.shardset.teacher_format)
+    L = contract.TOPK_VALUES_EXT if teacher_format(train) == "topk" else contract.LOGITS_EXT
+    scan = scan_shards(train, [contract.IMAGE_EXT, contract.LABEL_EXT], probe=[L, V])
     total = scan.num_samples
-    # full logits, or top-k values + indices (the loader reads whichever the set holds, full first)
-    L = contract.LOGITS_EXT if scan.present[contract.LOGITS_EXT] else contract.TOPK_VALUES_EXT
     if scan.present[L] == 0:
         raise KdkitError(f"--kd {cfg.kd}: shard set {_set_name(train)} has no teacher logits; add them with "
                          f"`kdkit add-teacher-logits {_set_name(train)} ...` first, or train without KD (--kd none)")
