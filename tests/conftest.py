@@ -11,6 +11,24 @@ from PIL import Image
 CLASSES = ["cat", "dog", "eel"]
 
 
+def shard_cfg(**kw):
+    """A ShardConfig for tests: one worker, no progress bars, 5 samples per shard unless given."""
+    from kdkit.shards.writer import ShardConfig
+
+    return ShardConfig(**{"workers": 1, "progress": False, "samples_per_shard": 5, **kw})
+
+
+def read_with_webdataset(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Stock webdataset, no kdkit code: {key: (jpg bytes, label)}; a sample seen twice fails."""
+    import webdataset as wds
+
+    out = {}
+    for s in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False, empty_check=False):
+        assert s["__key__"] not in out, "a sample appears twice"
+        out[s["__key__"]] = (s["jpg"], int(s["cls"]))
+    return out
+
+
 def jpeg_bytes(rng: np.random.Generator, h: int = 40, w: int = 52, quality: int = 90) -> bytes:
     """A random but smooth-ish RGB JPEG (smooth so JPEG round trips are meaningful)."""
     small = rng.integers(0, 255, (max(2, h // 8), max(2, w // 8), 3), dtype=np.uint8)

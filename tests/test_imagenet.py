@@ -16,9 +16,9 @@ from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
 from kdkit.shards.sources.imagenet import list_imagenet
-from kdkit.shards.writer import ShardConfig, write_dataset
+from kdkit.shards.writer import write_dataset
 
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, read_with_webdataset, shard_cfg
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: class indices 0, 1, 2
 WORDS = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus",
@@ -30,17 +30,8 @@ VAL_WNIDS = ["n01484850", "n01440764", "n01443537", "n01440764", "n01484850", "n
 GT = "ILSVRC2012_validation_ground_truth.txt"
 
 
-def cfg(**kw) -> ShardConfig:
-    return ShardConfig(**{"samples_per_shard": 4, "workers": 1, "progress": False, **kw})
-
-
-def read_with_webdataset(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Stock webdataset, no kdkit code: {key: (jpg bytes, label)}."""
-    out = {}
-    for s in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False, empty_check=False):
-        assert s["__key__"] not in out, "a sample appears twice"
-        out[s["__key__"]] = (s["jpg"], int(s["cls"]))
-    return out
+def cfg(**kw):
+    return shard_cfg(**{"samples_per_shard": 4, **kw})
 
 
 def make_train(split_root: Path, per_class: int = 3, seed: int = 0) -> dict[str, tuple[bytes, int]]:

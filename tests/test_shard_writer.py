@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from kdkit.cli import main
@@ -22,24 +21,8 @@ from kdkit.shards.images import ImageOptions
 from kdkit.shards.sources.folder import list_folder
 from kdkit.shards.writer import ShardConfig, write_dataset
 
-from conftest import CLASSES, jpeg_bytes, make_class_tree
-
-
-def cfg(**kw) -> ShardConfig:
-    kw.setdefault("workers", 1)
-    kw.setdefault("progress", False)
-    kw.setdefault("samples_per_shard", 5)
-    return ShardConfig(**kw)
-
-
-def read_with_webdataset(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Stock webdataset, no kdkit code: {key: (jpg bytes, label)}."""
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
-    out = {}
-    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        assert s["__key__"] not in out, "a sample appears twice"
-        out[s["__key__"]] = (s["jpg"], int(s["cls"]))
-    return out
+from conftest import CLASSES, jpeg_bytes, make_class_tree, read_with_webdataset
+from conftest import shard_cfg as cfg
 
 
 def shard_digests(folder: Path) -> dict[str, str]:

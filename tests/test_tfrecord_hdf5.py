@@ -9,7 +9,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
 from kdkit.cli import main
@@ -18,28 +17,13 @@ from kdkit.shards import contract
 from kdkit.shards.sources import hdf5, tfrecord
 from kdkit.shards.sources.hdf5 import list_hdf5
 from kdkit.shards.sources.tfrecord import list_tfrecords
-from kdkit.shards.writer import ShardConfig, write_dataset
+from kdkit.shards.writer import write_dataset
 
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, read_with_webdataset
+from conftest import shard_cfg as cfg
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # sorted, as TF-slim numbers them (label = position + 1)
 TEXTS = ["tench", "goldfish", "great white shark"]
-
-
-def cfg(**kw) -> ShardConfig:
-    kw.setdefault("workers", 1)
-    kw.setdefault("progress", False)
-    kw.setdefault("samples_per_shard", 5)
-    return ShardConfig(**kw)
-
-
-def read_with_webdataset(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Stock webdataset, no kdkit code: {key: (jpg bytes, label)}."""
-    out = {}
-    for s in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False, empty_check=False):
-        assert s["__key__"] not in out, "a sample appears twice"
-        out[s["__key__"]] = (s["jpg"], int(s["cls"]))
-    return out
 
 
 # --- a TFRecord writer written from the format description, sharing no code with the reader ------
