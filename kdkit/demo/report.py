@@ -16,6 +16,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def clear_difference(a: dict, b: dict, seeds: int) -> bool:
+    """Do two ways' mean errors differ by more than twice the standard error of the larger seed
+    spread? (With one seed there is no spread to compare with: never.)"""
+    spread = max(a["errors_sd"], b["errors_sd"])
+    return seeds > 1 and abs(a["errors_mean"] - b["errors_mean"]) > 2 * spread / seeds ** 0.5
+
+
 def summarize(rows: dict, seeds: int) -> dict:
     """Mean/sd of the test errors of each way over seeds, and the share of the teacher-student gap
     that KD recovers: (errors without KD - errors with KD) / (errors without KD - teacher errors)."""
@@ -32,9 +39,7 @@ def summarize(rows: dict, seeds: int) -> dict:
     for way in ("kd-stored", "kd-replay"):
         s = out["students"][way]
         s["gap_recovered"] = (base - s["errors_mean"]) / gap if gap > 0 else None
-        # does KD beat no-KD by more than the seeds' own spread? (one seed: cannot tell)
-        spread = max(out["students"]["no-kd"]["errors_sd"], s["errors_sd"])
-        s["clear_difference"] = (seeds > 1 and abs(base - s["errors_mean"]) > 2 * spread / seeds ** 0.5)
+        s["clear_difference"] = clear_difference(out["students"]["no-kd"], s, seeds)
     return out
 
 
@@ -63,8 +68,7 @@ def verdict(summary: dict, seeds: int) -> list[str]:
         lines.append(msg + ".")
     stored, replay = summary["students"]["kd-stored"], summary["students"]["kd-replay"]
     d = stored["errors_mean"] - replay["errors_mean"]
-    spread = max(stored["errors_sd"], replay["errors_sd"])
-    clear = seeds > 1 and abs(d) > 2 * spread / seeds ** 0.5
+    clear = clear_difference(stored, replay, seeds)
     lines.append(f"Replayed multi-view vs stored single-view logits: {abs(d):.1f} {'fewer' if d >= 0 else 'more'} "
                  f"errors with replay; " + ("a clear difference over the seeds." if clear else
                                             "not a clear difference over the seeds (within their spread)."

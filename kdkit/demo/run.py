@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import shlex
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdkit.errors import KdkitError
@@ -45,7 +44,6 @@ class DemoConfig:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
     threads: int = 2
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def preset(cls, out: Path, quick: bool, **over) -> DemoConfig:
@@ -56,9 +54,9 @@ class DemoConfig:
 
 
 class Demo:
-    def __init__(self, cfg: DemoConfig, echo=print):
+    def __init__(self, cfg: DemoConfig, echo=None):
         self.cfg = cfg
-        self.echo = echo
+        self.echo = echo or (lambda text: print(text, flush=True))
         self.out = cfg.out
         self.log = self.out / "commands.sh"
 
@@ -70,13 +68,15 @@ class Demo:
         self._show("kdkit " + shlex.join(argv))
         t0 = time.perf_counter()
         rc = main(argv)
+        if rc == 130:  # Ctrl-C inside the step: stop the demo the same way (what is finished is kept)
+            raise KeyboardInterrupt
         if rc:
             raise KdkitError(f"demo step failed (exit {rc}): kdkit {shlex.join(argv)}; fix the cause above and "
                              f"run `kdkit demo --out {self.out}` again: finished steps are kept")
         self.echo(f"   ({time.perf_counter() - t0:.0f} s)")
 
     def _show(self, line: str) -> None:
-        self.echo(f"\n$ {line}", flush=True) if self.echo is print else self.echo(f"\n$ {line}")
+        self.echo(f"\n$ {line}")
         with open(self.log, "a") as f:
             f.write(line + "\n")
 
@@ -111,7 +111,7 @@ class Demo:
     def _check_out(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         settings = self.out / "demo.json"
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "seeds", "extra", "threads")}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "seeds", "threads")}
         if settings.exists():
             theirs = json.loads(settings.read_text())
             diff = sorted(k for k in mine if theirs.get(k) != mine[k])
@@ -198,7 +198,3 @@ def _summary(report: dict) -> dict:
     n = int(m["num_samples"])
     top1 = float(m["top1"])
     return {"samples": n, "top1": 100.0 * top1, "errors": round(n * (1.0 - top1)), "ece": m.get("ece")}
-
-
-def mean(xs: list[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
