@@ -432,3 +432,15 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     on_cpu = next(iter(DaliLoader(tars, cfg(**c), role="replay"))).images
     on_gpu = next(iter(DaliLoader(tars, cfg(device="gpu", **c), role="replay"))).images.cpu()
     assert (on_cpu - on_gpu).abs().mean() < 3  # GPU JPEG decoding differs slightly from libjpeg
+
+
+def test_index_scan_is_reused_until_a_shard_changes(indexed, tmp_path):
+    """The trainer builds a loader per epoch; the index scan is done once while nothing changed."""
+    _, samples = indexed
+    tars = write_set(tmp_path, samples)
+    shards = resolve_shards(tars)
+    first = scan_shards(shards, ["jpg", "cls"])
+    assert scan_shards(resolve_shards(tars), ["jpg", "cls"]) is first
+    tario.write_shard(tars[0], samples[:3])  # the first shard rewritten with 3 samples
+    again = scan_shards(resolve_shards(tars), ["jpg", "cls"])
+    assert again is not first and again.num_samples == first.num_samples - 8 + 3
