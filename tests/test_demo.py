@@ -70,5 +70,5 @@ def test_hinton_mlp_is_a_timm_style_model():
     assert m(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
     assert sum(p.numel() for p in m.parameters()) == 3 * 784 * 800 + 800 + 800 * 800 + 800 + 800 * 10 + 10
     assert m.get_classifier() is m.fc
-    with pytest.raises(Exception, match="--image-size"):
+    with pytest.raises(Exception, match="--image-size 28, or build it for your size with --model-kwargs img_size=32"):
         m(torch.zeros(1, 3, 32, 32))

@@ -30,6 +30,7 @@ class MLP(torch.nn.Module):
         self.num_classes = num_classes
         self.num_features = hidden[-1]
         self.in_features = in_chans * img_size * img_size
+        self.img_size = img_size
         layers, width = [torch.nn.Flatten()], self.in_features
         for h in hidden:
             layers += [torch.nn.Linear(width, h), torch.nn.ReLU(inplace=True), torch.nn.Dropout(drop_rate)]
@@ -39,8 +40,9 @@ class MLP(torch.nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x[0].numel() != self.in_features:
-            raise KdkitError(f"MLP expects {self.in_features} values per image, got {tuple(x.shape[1:])}: "
-                             "set --image-size (and in_chans) to what the model was built for")
+            raise KdkitError(f"this MLP takes {self.img_size}x{self.img_size} images ({self.in_features} values), "
+                             f"got {tuple(x.shape[1:])}: use --image-size {self.img_size}, or build it for your "
+                             f"size with --model-kwargs img_size={x.shape[-1]}")
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ def resolve_data(cfg: TrainConfig) -> tuple[ShardSet, ShardSet | None]:
     if not cfg.val_split:
         return train, None
     if cfg.val_data:
+        if not Path(cfg.val_data).exists():
+            raise KdkitError(f"--val-data {cfg.val_data}: no such folder (give a dataset root or a shard-set folder)")
         return train, resolve_shards(Path(cfg.val_data), cfg.val_split)
     if train.folder is not None and train.folder.resolve() == root.resolve():
         sibling = root.parent / cfg.val_split
