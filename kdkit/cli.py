@@ -196,7 +196,8 @@ def _add_bench_loader(sub) -> None:
         cfg = BenchConfig(shards=a.shards, split=a.split, batch_size=a.batch_size, threads=a.threads,
                           size=a.size, aug=a.aug, device=a.device, batches=a.batches, warmup=a.warmup,
                           repeats=a.repeats, baseline=a.baseline, gpu_feed=a.gpu_feed, shuffle_buffer=a.shuffle_buffer,
-                          dtype=a.dtype, antialias=a.antialias)
+                          dtype=a.dtype, antialias=a.antialias, fast_idct=a.fast_idct,
+                          native_resize=a.native_resize)
         report = run_bench(cfg)
         print(format_table(report))
         if a.json:
@@ -226,6 +227,12 @@ def _add_bench_loader(sub) -> None:
                    help="also run the DataLoader + Pillow baseline")
     p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=True,
                    help="antialiased DALI resize (Pillow always antialiases: off is faster, not equivalent)")
+    p.add_argument("--fast-idct", action=argparse.BooleanOptionalAction, default=False,
+                   help="DALI decodes with libjpeg-turbo's fast IDCT (Pillow uses the exact one: faster, "
+                        "not bit-equal)")
+    p.add_argument("--native-resize", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU backend: kdkit's resize + normalize DALI operator (--no-native-resize: DALI's "
+                        "fn.resize, same pixels, slower)")
     p.add_argument("--gpu-feed", default=None, metavar="MODEL",
                    help="also time a training step of this timm model (AMP on GPU), e.g. resnet50")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")

@@ -70,6 +70,7 @@ class LoaderConfig:
     randaugment_n: int = 2
     randaugment_m: int = 9
     antialias: bool = True  # resize like Pillow/torchvision; teacher views and replay must agree on it
+    fast_idct: bool = False  # libjpeg-turbo's fast IDCT (JDCT_IFAST): cheaper CPU decode, not Pillow's exact one
     # evaluation
     crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
     eval_views: str = "center"  # "center" | "flip" | "tencrop"
@@ -83,6 +84,7 @@ class LoaderConfig:
     prefetch_queue_depth: int = 2  # batches DALI prepares ahead
     reader_queue_depth: int = 1  # batches the reader loads ahead of decoding (DALI's default)
     hw_decoder_load: float | None = None  # GPU: share of JPEGs for the hardware decoder (DALI default)
+    native_resize: bool = True  # CPU: kdkit's resize + normalize operator (pipelines.resize); False: fn.resize
     device_id: int | None = None  # GPU: default LOCAL_RANK
 
 

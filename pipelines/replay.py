@@ -19,7 +19,7 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import common
-from pipelines.train import augment_train
+from pipelines.train import train_views
 
 if TYPE_CHECKING:
     from pipelines.loader import LoaderConfig
@@ -51,11 +51,10 @@ def pixel_box(box, shape):
 
 
 def decode_view(jpegs, box, cfg: LoaderConfig):
-    """Decode exactly the stored crop of each image and resize it: uint8 HWC, size x size."""
+    """Decode exactly the stored crop of each image: uint8 HWC at the source resolution."""
     anchor, size = pixel_box(box, fn.peek_image_shape(jpegs))
-    crop = fn.decoders.image_slice(jpegs, anchor, size, device=common.decoder_device(cfg),
+    return fn.decoders.image_slice(jpegs, anchor, size, device=common.decoder_device(cfg),
                                    output_type=types.RGB, **common.decoder_args(cfg))  # (x, y) order: "WH"
-    return common.resize_square(crop, cfg)
 
 
 @pipeline_def
@@ -67,8 +66,7 @@ def replay_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_
     views = common.decode_npy(members[2])
     k = choose_view(views)
     box = views[k]
-    images = augment_train(decode_view(members[0], box, cfg), cfg)
-    images = common.normalize(images, cfg, mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
+    images = train_views(decode_view(members[0], box, cfg), cfg, mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
     labels = common.to_output_device(common.parse_label(members[1]), cfg)
     index = common.to_output_device(k, cfg)
     if not with_logits:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common
+from pipelines import common, resize
 from pipelines.eval import center_view, resize_shorter
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def random_view(full, shape, cfg: LoaderConfig):
         shape[0:2], random_area=list(cfg.random_area), random_aspect_ratio=list(cfg.random_aspect_ratio))
     flip = fn.random.coin_flip(probability=0.5 if cfg.flip else 0.0, dtype=types.INT32)
     crop = fn.slice(full, anchor, size, axes=[0, 1])
-    view = common.normalize(common.resize_square(crop, cfg), cfg, mirror=flip)
+    view = resize.resized_view(crop, cfg, mirror=flip)
     box = fn.stack(_as_float(anchor[1]) / width, _as_float(anchor[0]) / height,
                    _as_float(size[1]) / width, _as_float(size[0]) / height, _as_float(flip))
     return view, box

@@ -3,7 +3,9 @@ normalize.
 
 Random-resized-crop is done by the decoder itself (fn.decoders.image_random_crop), which picks
 the crop window first and decodes only that region of the JPEG (ROI decode): at the default
-area range (8%..100%) that skips a large part of the decoding work, the biggest CPU cost here.
+area range (8%..100%) that skips a large part of the decoding work. The crop is then resized and
+normalized in one step (pipelines.resize, which on the CPU backend avoids DALI's slow horizontal
+resampling pass) unless colour jitter or auto-augment must change the pixels in between.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common
+from pipelines import common, resize
 
 if TYPE_CHECKING:
     from pipelines.loader import LoaderConfig
@@ -21,12 +23,12 @@ AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
 
 
 def decode_train(jpegs, cfg: LoaderConfig):
-    """Encoded JPEGs to size x size uint8 HWC crops (on the GPU when cfg.device == "gpu")."""
-    images = fn.decoders.image_random_crop(
+    """Encoded JPEGs to random-resized-crop windows, uint8 HWC at the source resolution (on the GPU
+    when cfg.device == "gpu"); train_views resizes them."""
+    return fn.decoders.image_random_crop(
         jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
         random_area=list(cfg.random_area), random_aspect_ratio=list(cfg.random_aspect_ratio),
         **common.decoder_args(cfg))
-    return common.resize_square(images, cfg)
 
 
 def color_jitter(images, strength: float):
@@ -51,13 +53,24 @@ def auto_augment(images, cfg: LoaderConfig):
     raise ValueError(f"auto_augment={cfg.auto_augment!r}: expected one of {AUTO_AUGMENTS} or None")
 
 
+def augments(cfg: LoaderConfig) -> bool:
+    return bool(cfg.color_jitter or cfg.auto_augment)
+
+
 def augment_train(images, cfg: LoaderConfig):
-    """Photometric and policy augmentation on the decoded crops; flipping is left to normalize()."""
+    """Photometric and policy augmentation on the resized crops; flipping is left to normalize()."""
     if cfg.color_jitter:
         images = color_jitter(images, cfg.color_jitter)
     if cfg.auto_augment:
         images = auto_augment(images, cfg)
     return images
+
+
+def train_views(crops, cfg: LoaderConfig, mirror=0):
+    """Decoded crops -> augmented, normalized size x size training inputs, mirrored where `mirror`."""
+    if augments(cfg):  # these change the uint8 resized pixels, so resize and normalize stay apart
+        return common.normalize(augment_train(common.resize_square(crops, cfg), cfg), cfg, mirror=mirror)
+    return resize.resized_view(crops, cfg, mirror=mirror)
 
 
 def needs_conditionals(cfg: LoaderConfig) -> bool:
@@ -71,8 +84,7 @@ def train_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_s
     exts = [common.IMAGE_EXT, common.LABEL_EXT] + common.teacher_exts(with_logits)
     members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle,
                                  missing=cfg.missing)
-    images = augment_train(decode_train(members[0], cfg), cfg)
-    images = common.normalize(images, cfg, mirror=common.random_flip(cfg))
+    images = train_views(decode_train(members[0], cfg), cfg, mirror=common.random_flip(cfg))
     labels = common.to_output_device(common.parse_label(members[1]), cfg)
     if not with_logits:
         return images, labels

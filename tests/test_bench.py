@@ -36,6 +36,21 @@ def test_cli_prints_table_and_writes_json_with_both_loaders(tiny_shards, tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_report_names_the_resize_operator_and_the_switch_changes_it(tiny_shards):
+    from pipelines import native
+
+    def resize(**kw):
+        report = run_bench(BenchConfig(tiny_shards, batch_size=4, batches=1, warmup=0, size=32, baseline=False, **kw),
+                           command="test")
+        assert f"DALI resize: {report['resize']}" in format_table(report)
+        return report["resize"]
+
+    assert resize() == ("kdkit_resize_normalize" if native.available() else "fn.resize")
+    assert resize(native_resize=False) == "fn.resize"
+    assert resize(aug="rrc-flip-jitter") == "fn.resize"  # jitter changes resized pixels: DALI's resize
+
+
+@pytest.mark.timeout(120)
 def test_eval_aug_without_baseline(tiny_shards):
     report = run_bench(BenchConfig(tiny_shards, split="val", batch_size=4, batches=2, warmup=1, size=32,
                                    aug="eval", baseline=False), command="test")

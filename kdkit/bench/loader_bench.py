@@ -45,6 +45,8 @@ class BenchConfig:
     shuffle_buffer: int = 1024
     dtype: str = "float32"
     antialias: bool = True  # DALI resize antialiasing; Pillow always antialiases, so off is not equivalent
+    fast_idct: bool = False  # DALI decode with libjpeg-turbo's fast IDCT; Pillow uses the exact one
+    native_resize: bool = True  # CPU: kdkit's resize + normalize DALI operator; False: DALI's fn.resize
 
 
 @dataclass
@@ -73,8 +75,8 @@ def dali_loader(cfg: BenchConfig):
     # counted, not batches) instead of a full one computed and dropped
     policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
     lc = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.threads, image_size=cfg.size,
-                      shuffle_buffer=cfg.shuffle_buffer, dtype=cfg.dtype, antialias=cfg.antialias,
-                      teacher_logits=False, last_batch="partial", auto_augment=policy,
+                      shuffle_buffer=cfg.shuffle_buffer, dtype=cfg.dtype, antialias=cfg.antialias, fast_idct=cfg.fast_idct,
+                      native_resize=cfg.native_resize, teacher_logits=False, last_batch="partial", auto_augment=policy,
                       color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0,
                       layout="channels_last" if cfg.gpu_feed else "CHW")
     return DaliLoader(cfg.shards, lc, role="eval" if cfg.aug == "eval" else "train", split=cfg.split)
@@ -215,7 +217,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     report = {"config": {**asdict(cfg), "shards": str(cfg.shards)}, "machine": machine(),
               "command": command if command is not None else command_line(cfg),
               "shard_folder": str(loader.shards.folder or loader.shards.tars[0].parent),
-              "samples": loader.scan.num_samples, "results": [asdict(r) for r in results],
+              "samples": loader.scan.num_samples, "resize": resize_used(cfg, loader), "results": [asdict(r) for r in results],
               "runs": {k: [r.images_per_s for r in v] for k, v in runs.items() if v},
               "speedup": round(results[0].images_per_s / results[1].images_per_s, 2) if cfg.baseline else None}
     if cfg.gpu_feed:
@@ -224,13 +226,24 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     return report
 
 
+def resize_used(cfg: BenchConfig, loader) -> str:
+    """Which operator resized DALI's crops (bench tables name it; see pipelines.resize)."""
+    from pipelines.resize import uses_native
+    from pipelines.train import augments
+
+    if cfg.aug == "eval" or augments(loader.cfg) or not uses_native(loader.cfg):
+        return "fn.resize"
+    return "kdkit_resize_normalize"
+
+
 def command_line(cfg: BenchConfig) -> str:
     """The `kdkit bench-loader` command that reruns this configuration (for README tables)."""
     args = ["kdkit", "bench-loader", str(cfg.shards), "--split", cfg.split, "--batch-size", cfg.batch_size,
             "--threads", cfg.threads, "--size", cfg.size, "--aug", cfg.aug, "--device", cfg.device,
             "--dtype", cfg.dtype, "--batches", cfg.batches, "--warmup", cfg.warmup, "--repeats", cfg.repeats,
             "--shuffle-buffer", cfg.shuffle_buffer, "--baseline" if cfg.baseline else "--no-baseline",
-            "--antialias" if cfg.antialias else "--no-antialias"]
+            "--antialias" if cfg.antialias else "--no-antialias", "--fast-idct" if cfg.fast_idct else "--no-fast-idct",
+            "--native-resize" if cfg.native_resize else "--no-native-resize"]
     if cfg.gpu_feed:
         args += ["--gpu-feed", cfg.gpu_feed]
     return shlex.join(str(a) for a in args)
@@ -241,7 +254,8 @@ def format_table(report: dict) -> str:
     head = (f"{report['shard_folder']}: {report['samples']} samples; batch {c['batch_size']}, "
             f"{c['threads']} threads/workers, {c['size']}px, aug {c['aug']}"
             f"{'' if c['antialias'] else ' (DALI resize without antialiasing)'}, {c['batches']} batches "
-            f"after {c['warmup']} warm-up, median of {c['repeats']} run(s)\n"
+            f"after {c['warmup']} warm-up, median of {c['repeats']} run(s); "
+            f"DALI resize: {report.get('resize', '?')}\n"
             f"machine: {m['cpu']} ({m['cpu_cores']} cores), "
             f"GPU: {m['gpu'] or 'none'}, torch {m['torch']}, DALI {m['dali']}")
     rows = list(report["results"])

@@ -52,6 +52,9 @@ class TrainConfig:
     shuffle_buffer: int = _f(4096, "DALI shuffle buffer (samples); more = better mixed batches, more memory", D)
     random_area: list = _f([0.08, 1.0], "random-resized-crop area range", R, nargs=2, item=float)
     flip: bool = _f(True, "random horizontal flip", R)
+    antialias: bool = _f(True, "antialiased resize of the crops, as Pillow and torchvision do; --no-antialias "
+                               "lets shrunk crops alias", R)
+    fast_idct: bool = _f(False, "decode JPEGs with libjpeg-turbo's fast IDCT (CPU decoder; ~1 grey level off)", P)
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength (0 = off)", R)
     auto_augment: str | None = _f(None, "autoaugment, randaugment or trivialaugment (DALI auto_aug)", R)
     randaugment_n: int = _f(2, "RandAugment: operations per image", R)

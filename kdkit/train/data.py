@@ -132,6 +132,7 @@ def loader_config(cfg: TrainConfig, device: torch.device, **kw) -> LoaderConfig:
     return LoaderConfig(
         device=dali_device, batch_size=cfg.batch_size, num_threads=cfg.loader_threads, image_size=cfg.image_size,
         shuffle_buffer=cfg.shuffle_buffer, random_area=tuple(cfg.random_area), flip=cfg.flip,
+        antialias=cfg.antialias, fast_idct=cfg.fast_idct,
         color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n,
         randaugment_m=cfg.randaugment_m, crop_ratio=cfg.eval_crop_ratio,
         layout="channels_last" if cfg.channels_last else "CHW",

@@ -1,0 +1,133 @@
+"""kdkit's own DALI CPU operator (pipelines/native/*.cc), built on first use and loaded as a DALI
+plugin: `fn.kdkit_resize_normalize`, the CPU backend's resize + normalize (why it exists: the
+comment at the top of resize_normalize.cc).
+
+The plugin is compiled once per machine and DALI version with the C++ compiler on PATH (g++, or
+$CXX) against the headers DALI ships, into a cache folder ($KDKIT_CACHE, default
+~/.cache/kdkit/native/<hash of source, DALI version and flags>/). DALI's headers include CUDA's
+runtime headers, which pip installs with torch (nvidia-cuda-runtime) and kdkit's dependency
+nvidia-cuda-crt. Where building is impossible (no compiler), `available()` is False, the CPU
+pipelines fall back to fn.resize + fn.crop_mirror_normalize (same pixels, slower) and one
+warning says why and what to install. KDKIT_NATIVE=0 turns the plugin off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+SOURCES = [Path(__file__).with_name("native") / "resize_normalize.cc"]
+CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden"]
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "why": str, "path": Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit") / "native"
+
+
+def _include_dirs() -> list[str]:
+    """DALI's headers, plus the CUDA runtime headers they include (pip's nvidia/cu13 tree)."""
+    import nvidia.dali.sysconfig as sysconfig
+
+    import nvidia
+
+    dirs = [sysconfig.get_include_dir()]
+    # nvidia-cuda-runtime and nvidia-cuda-crt (CUDA 13) unpack their headers into nvidia/cu13/include
+    dirs += [str(Path(p) / "cu13" / "include") for p in nvidia.__path__]
+    if os.environ.get("CUDA_HOME"):
+        dirs.append(str(Path(os.environ["CUDA_HOME"]) / "include"))
+    return [d for d in dirs if Path(d).is_dir()]
+
+
+def _command(out: Path) -> list[str]:
+    import nvidia.dali.sysconfig as sysconfig
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler on PATH (install g++, e.g. `apt-get install g++`, or set CXX)")
+    defines = [f for f in sysconfig.get_compile_flags() if not f.startswith("-I")]
+    return ([cxx, *CXXFLAGS, *defines, *(f"-I{d}" for d in _include_dirs()), *map(str, SOURCES), "-o", str(out),
+             *sysconfig.get_link_flags()])
+
+
+def library_path() -> Path:
+    """Where the built plugin lives: keyed by the sources, the DALI version and the flags."""
+    import nvidia.dali as dali
+
+    digest = hashlib.sha256()
+    for src in SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(" ".join([dali.__version__, sys.platform, *CXXFLAGS]).encode())
+    return cache_root() / digest.hexdigest()[:16] / "libkdkit_dali.so"
+
+
+def build(path: Path) -> Path:
+    """Compile the plugin to `path` (atomically: concurrent ranks never load a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp) / path.name
+        command = _command(partial)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot run the C++ compiler {command[0]} ({e.strerror}): install g++ or set CXX") from e
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            first = next((line for line in lines if "error" in line), lines[-1])
+            raise RuntimeError(f"compiling {SOURCES[0].name} failed: {first.strip()}")
+        os.replace(partial, path)
+    return path
+
+
+def available() -> bool:
+    """Build (first time) and load the plugin; False, with one warning, where that cannot be done."""
+    with _lock:
+        if "ok" not in _state:
+            _state.update(_load())
+            if not _state["ok"] and _state["why"]:
+                warnings.warn(f"kdkit: the fast CPU resize operator is unavailable ({_state['why']}); "
+                              "CPU pipelines use fn.resize instead: same pixels, about half the speed",
+                              RuntimeWarning, stacklevel=3)
+        return _state["ok"]
+
+
+def _load() -> dict:
+    if os.environ.get("KDKIT_NATIVE", "1") == "0":
+        return {"ok": False, "why": ""}
+    try:
+        import nvidia.dali.plugin_manager as plugin_manager
+
+        path = library_path()
+        if not path.is_file():
+            build(path)
+        plugin_manager.load_library(str(path))
+        return {"ok": True, "why": "", "path": path}
+    except Exception as e:  # noqa: BLE001 - any failure means: use DALI's own operators
+        return {"ok": False, "why": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
+
+def main() -> int:
+    """`python -m pipelines.native`: build (or find) the plugin now and say which resize the CPU
+    pipelines will use; scripts/setup.sh runs it so the first pipeline does not pay the build."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ok = available()
+    if ok:
+        print(f"kdkit CPU resize operator: {_state['path']}")
+    else:
+        why = _state["why"] or "turned off by KDKIT_NATIVE=0"
+        print(f"kdkit CPU resize operator not available ({why}); CPU pipelines will use fn.resize "
+              "(same pixels, about half the speed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

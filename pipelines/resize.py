@@ -1,0 +1,47 @@
+"""Crop -> normalized size x size view: the resize of random-resized-crop and the final normalize.
+
+On the GPU backend this is fn.resize + fn.crop_mirror_normalize, both fast there. On the CPU
+backend DALI's fn.resize is the costliest step of the train pipeline (45% of all CPU time on the
+2-core profile in the README, twice Pillow's time for the same resize), so the CPU backend uses
+kdkit's own DALI operator, fn.kdkit_resize_normalize (pipelines/native): the same bilinear
+filter, antialiased when shrinking as Pillow and torchvision do it, resize + mirror + normalize
+in one pass per image on DALI's threads. Where that operator cannot be built (no C++ compiler),
+the CPU backend falls back to DALI's operators (pipelines.native says so once).
+
+Pipelines that change the resized pixels before normalizing (colour jitter, auto-augment) use
+common.resize_square + common.normalize instead (see pipelines.train.train_views).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from nvidia.dali import fn
+
+from pipelines import common, native
+
+if TYPE_CHECKING:
+    from pipelines.loader import LoaderConfig
+
+
+def uses_native(cfg: LoaderConfig) -> bool:
+    """True where resized_view runs kdkit's CPU operator: CPU backend, cfg.native_resize, and the
+    operator built."""
+    return not common.is_gpu(cfg) and cfg.native_resize and native.available()
+
+
+def resized_view(crops, cfg: LoaderConfig, mirror=0):
+    """uint8 HWC crops of any size -> normalized size x size views (common.normalize's layout and
+    dtype), mirrored where `mirror` is 1; equal to common.normalize(common.resize_square(crops)).
+
+    fn.resize differs from the native operator only at the image borders, where it repeats the
+    edge pixel while Pillow (and the native operator) cut and renormalize the filter window, and by
+    its rounding to uint8 before normalizing: at most a few grey levels on the outermost pixels
+    (tested).
+    """
+    common.output_dtype(cfg)  # validates cfg.dtype for both routes
+    if not uses_native(cfg):
+        return common.normalize(common.resize_square(crops, cfg), cfg, mirror=mirror)
+    return fn.kdkit_resize_normalize(
+        crops, size=cfg.image_size, mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
+        mirror=mirror, antialias=cfg.antialias, planar=common.output_layout(cfg) == "CHW",
+        half=cfg.dtype == "float16")

@@ -1,0 +1,129 @@
+"""kdkit's DALI CPU operator (pipelines/native): Pillow's pixels, the layouts and dtypes the
+pipelines ask for, the fallback to DALI's operators, and a clear warning when it cannot be built."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import native
+from pipelines.loader import DaliLoader, LoaderConfig
+
+SIZE = 32
+# odd shapes on purpose: 1 pixel, one-pixel-wide strips, exact size, shrink 5x, enlarge 10x
+SHAPES = [(1, 1), (1, 90), (70, 1), (32, 32), (160, 120), (3, 5), (41, 59), (20, 200)]
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    if not native.available():
+        pytest.fail(f"the native operator did not build: {native._state['why']}")
+    return native._state["path"]
+
+
+def smooth_and_sharp(rng, h, w):
+    """Half noise (worst case for a resize filter), half smooth gradient."""
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    img[:, : w // 2] = np.linspace(0, 255, max(1, w // 2), dtype=np.uint8)[None, :, None]
+    return img
+
+
+def run_op(images, flips, **kw):
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        m = fn.external_source(source=lambda: [np.int32(f) for f in flips], batch=True)
+        return fn.kdkit_resize_normalize(x, size=SIZE, mirror=m, **kw)
+
+    p = pipe()
+    p.build()
+    out = p.run()[0]
+    return [np.asarray(out.at(i), np.float32) for i in range(len(images))], out.layout()
+
+
+def test_matches_pillow_within_its_rounding(plugin):
+    # Pillow rounds to uint8 after each of its two passes; the operator keeps floats, so <= 1 level
+    rng = np.random.default_rng(0)
+    images = [smooth_and_sharp(rng, h, w) for h, w in SHAPES]
+    flips = [i % 2 for i in range(len(images))]
+    got, layout = run_op(images, flips, planar=False)
+    assert layout == "HWC"
+    for img, flip, out in zip(images, flips, got):
+        want = np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.BILINEAR), np.float32)
+        want = want[:, ::-1] if flip else want
+        assert out.shape == (SIZE, SIZE, 3)
+        assert np.abs(out - want).max() <= 1.0, img.shape
+
+
+def test_layout_dtype_and_normalization(plugin):
+    rng = np.random.default_rng(1)
+    images = [smooth_and_sharp(rng, 50, 70), smooth_and_sharp(rng, 20, 25)]
+    mean, std = [10.0, 100.0, 200.0], [2.0, 50.0, 0.5]
+    hwc, _ = run_op(images, [0, 1], planar=False)
+    chw16, layout = run_op(images, [0, 1], planar=True, half=True, mean=mean, std=std)
+    assert layout == "CHW"
+    for raw, out in zip(hwc, chw16):
+        want = (raw.transpose(2, 0, 1) - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+        assert out.shape == (3, SIZE, SIZE)
+        np.testing.assert_allclose(out, want, rtol=2e-3, atol=2e-3)  # float16 resolution
+
+
+def test_without_antialias_is_dalis_bilinear(plugin):
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(2)
+    images = [smooth_and_sharp(rng, 160, 120), smooth_and_sharp(rng, 12, 20)]
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return fn.resize(x, size=[SIZE, SIZE], interp_type=types.INTERP_LINEAR, antialias=False)
+
+    p = pipe()
+    p.build()
+    ref = p.run()[0]
+    got, _ = run_op(images, [0, 0], planar=False, antialias=False)
+    for i, out in enumerate(got):
+        # away from the border (where DALI repeats the edge pixel) the same bilinear samples
+        diff = np.abs(out - np.asarray(ref.at(i), np.float32))[2:-2, 2:-2]
+        assert diff.max() <= 1.0
+    # shrinking 5x without antialiasing is not the antialiased result: the switch does something
+    smooth, _ = run_op(images[:1], [0], planar=False)
+    assert np.abs(got[0] - smooth[0]).mean() > 5
+
+
+def loader_images(shards, **kw):
+    cfg = LoaderConfig(batch_size=8, num_threads=2, image_size=SIZE, shuffle=False, seed=3, last_batch="partial",
+                       mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, **kw)
+    return torch.cat([b.images for b in DaliLoader(shards, cfg, role="train")])
+
+
+def test_pipelines_fall_back_to_dalis_operators(plugin, tiny_shards, monkeypatch):
+    fast = loader_images(tiny_shards)
+    monkeypatch.setitem(native._state, "ok", False)  # as where the operator cannot be built
+    slow = loader_images(tiny_shards)
+    assert fast.shape == slow.shape == (24, 3, SIZE, SIZE)
+    diff = (fast - slow).abs()
+    # same crops, same flips, same filter: fn.resize differs only by rounding and at the borders
+    assert diff[..., 2:-2, 2:-2].max() <= 1.01 and diff.mean() < 0.5
+
+
+def test_build_failure_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="no-such-compiler.*install g\\+\\+.*fn.resize"):
+        assert native.available() is False
+    assert native.available() is False  # decided once per process, warned once
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_built_once_and_reused(plugin, monkeypatch):
+    assert plugin == native.library_path() and plugin.is_file()
+    built = plugin.stat().st_mtime_ns
+    monkeypatch.setattr(native, "build", lambda path: pytest.fail("rebuilt although the library exists"))
+    assert native._load()["ok"]
+    assert plugin.stat().st_mtime_ns == built
