@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import warnings
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("native") / "resize_normalize.cc"]
-CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden"]
+# -march=native: built where it runs, so the vector loops may use all of this CPU (AVX2, F16C, FMA)
+CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
@@ -58,6 +60,14 @@ def _command(out: Path) -> list[str]:
              *sysconfig.get_link_flags()])
 
 
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
 def library_path() -> Path:
     """Where the built plugin lives: keyed by the sources, the DALI version and the flags."""
     import nvidia.dali as dali
@@ -65,7 +75,8 @@ def library_path() -> Path:
     digest = hashlib.sha256()
     for src in SOURCES:
         digest.update(src.read_bytes())
-    digest.update(" ".join([dali.__version__, sys.platform, *CXXFLAGS]).encode())
+    digest.update(" ".join([dali.__version__, sys.platform, platform.machine(), *CXXFLAGS]).encode())
+    digest.update(_cpu_flags().encode())  # -march=native: a cache shared by other CPUs gets its own build
     return cache_root() / digest.hexdigest()[:16] / "libkdkit_dali.so"
 
 

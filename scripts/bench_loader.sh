@@ -7,6 +7,7 @@
 # 2. shards them twice with `kdkit shard folder`: as they are, and with --max-size 256,
 # 3. runs `kdkit bench-loader` on both on the CPU backend (2 DALI threads vs 2 DataLoader
 #    workers, batch 64, 224x224 random-resized-crop + flip + normalize, 3 alternating runs each),
+#    once with kdkit's CPU resize operator (the default) and once with DALI's fn.resize,
 # 4. where a GPU is visible: the GPU backend, and the ResNet-50 AMP training step it must feed.
 # Each run prints its table and writes OUT_DIR/<name>.json. Environment overrides: IMAGES,
 # THREADS, BATCH, BATCHES, REPEATS, KDKIT (the kdkit command).
@@ -30,6 +31,8 @@ common=(--batch-size "$BATCH" --threads "$THREADS" --size 224 --aug rrc-flip --b
 for set in shards shards-256; do
     echo; echo "== CPU backend, $set"
     "$KDKIT" bench-loader "$OUT/$set" "${common[@]}" --device cpu --json "$OUT/cpu-$set.json"
+    echo; echo "== CPU backend, $set, DALI's fn.resize (--no-native-resize)"
+    "$KDKIT" bench-loader "$OUT/$set" "${common[@]}" --device cpu --no-native-resize --json "$OUT/cpu-$set-fn-resize.json"
 done
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then

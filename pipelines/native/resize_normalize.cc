@@ -117,15 +117,18 @@ template <typename Out>
 void Normalize(const float *px, int size, bool planar, bool mirror, const float *mean, const float *inv_std,
                Out *out) {
   const int64_t plane = static_cast<int64_t>(size) * size;
+  // out index of output column x in a row: x, or size - 1 - x mirrored; `step` elements apart
+  const int64_t step = planar ? 1 : 3;
   for (int y = 0; y < size; y++) {
     const float *row = px + static_cast<int64_t>(y) * size * 3;
-    for (int x = 0; x < size; x++) {
-      const int ox = mirror ? size - 1 - x : x;
-      for (int c = 0; c < 3; c++) {
-        const float v = (row[3 * x + c] - mean[c]) * inv_std[c];
-        const int64_t at = planar ? c * plane + static_cast<int64_t>(y) * size + ox
-                                  : (static_cast<int64_t>(y) * size + ox) * 3 + c;
-        out[at] = static_cast<Out>(v);
+    for (int c = 0; c < 3; c++) {
+      Out *dst = planar ? out + c * plane + static_cast<int64_t>(y) * size
+                        : out + static_cast<int64_t>(y) * size * 3 + c;
+      const float m = mean[c], s = inv_std[c];
+      if (mirror) {
+        for (int x = 0; x < size; x++) dst[(size - 1 - x) * step] = static_cast<Out>((row[3 * x + c] - m) * s);
+      } else {
+        for (int x = 0; x < size; x++) dst[x * step] = static_cast<Out>((row[3 * x + c] - m) * s);
       }
     }
   }
