@@ -49,10 +49,15 @@ def _include_dirs() -> list[str]:
     return [d for d in dirs if Path(d).is_dir()]
 
 
+def compiler() -> str | None:
+    """$CXX, else g++ or c++ on PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def _command(out: Path) -> list[str]:
     import nvidia.dali.sysconfig as sysconfig
 
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = compiler()
     if not cxx:
         raise RuntimeError("no C++ compiler on PATH (install g++, e.g. `apt-get install g++`, or set CXX)")
     defines = [f for f in sysconfig.get_compile_flags() if not f.startswith("-I")]

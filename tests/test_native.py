@@ -17,7 +17,11 @@ SHAPES = [(1, 1), (1, 90), (70, 1), (32, 32), (160, 120), (3, 5), (41, 59), (20,
 
 @pytest.fixture(scope="module")
 def plugin():
+    """The built plugin; skipped only where there is no C++ compiler at all (as CUDA tests skip
+    without CUDA), a failed build with a compiler present is a failure."""
     if not native.available():
+        if not native.compiler():
+            pytest.skip("no C++ compiler: the CPU pipelines use fn.resize")
         pytest.fail(f"the native operator did not build: {native._state['why']}")
     return native._state["path"]
 
