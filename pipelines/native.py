@@ -37,9 +37,8 @@ def cache_root() -> Path:
 
 def _include_dirs() -> list[str]:
     """DALI's headers, plus the CUDA runtime headers they include (pip's nvidia/cu13 tree)."""
-    import nvidia.dali.sysconfig as sysconfig
-
     import nvidia
+    import nvidia.dali.sysconfig as sysconfig
 
     dirs = [sysconfig.get_include_dir()]
     # nvidia-cuda-runtime and nvidia-cuda-crt (CUDA 13) unpack their headers into nvidia/cu13/include
