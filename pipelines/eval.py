@@ -4,14 +4,21 @@ its mirror image, or the ten crops: four corners and centre, each also mirrored)
 The crop ratio is the usual image_size / resize (e.g. 224/256 = 0.875, timm's crop_pct): the
 shorter side is resized to round(image_size / crop_ratio) and image_size x image_size is cut
 from the middle (or the corners), so eval numbers compare with timm's and torchvision's.
+
+On the CPU backend each view is one call of kdkit's resize + normalize operator on the window of
+the decoded image that the view covers (pipelines.resize: DALI's CPU fn.resize is slow), with
+fn.resize's geometry: one scale, shorter side / resize size, for both axes, the longer side's
+resized length rounded and centred as fn.resize centres it, crop anchors rounded as
+crop_mirror_normalize rounds them (tested against fn.resize + crop).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common
+from pipelines import common, resize
 
 if TYPE_CHECKING:
     from pipelines.loader import LoaderConfig
@@ -29,34 +36,66 @@ def resize_size(cfg: LoaderConfig) -> int:
     return int(round(cfg.image_size / cfg.crop_ratio))
 
 
+CENTER = (0.5, 0.5)
+
+
 def decode_eval(jpegs, cfg: LoaderConfig):
-    """Encoded JPEGs to uint8 HWC images whose shorter side is resize_size(cfg)."""
-    images = fn.decoders.image(jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
-                               **common.decoder_args(cfg))
-    return resize_shorter(images, cfg)
+    """Encoded JPEGs to whole decoded uint8 HWC images; eval_views resizes and cuts them."""
+    return fn.decoders.image(jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
+                             **common.decoder_args(cfg))
 
 
 def resize_shorter(images, cfg: LoaderConfig):
     return fn.resize(images, resize_shorter=resize_size(cfg), interp_type=types.INTERP_LINEAR, antialias=cfg.antialias)
 
 
-def center_view(images, cfg: LoaderConfig, mirror=0):
-    size = (cfg.image_size, cfg.image_size)
-    return common.normalize(images, cfg, mirror=mirror, crop=size)
+def _round(x):
+    return dmath.floor(x + 0.5)
 
 
-def eval_views(images, cfg: LoaderConfig):
-    """One normalized view per sample ("center"), or a stack of V views: (V, C, H, W) / (V, H, W, C)."""
-    size = (cfg.image_size, cfg.image_size)
+def view_window(shape, cfg: LoaderConfig, crop_pos):
+    """(y, x) start and end, in decoded pixels, of the view resize_shorter + a size x size crop at
+    crop_pos would show: what fn.resize + crop_mirror_normalize compute, as one window."""
+    height, width = shape[0], shape[1]
+    target, size = resize_size(cfg), cfg.image_size
+    scale = dmath.min(height, width) / target  # input pixels per output pixel, both axes
+    out_h, out_w = _round(height / scale), _round(width / scale)
+    top = (height - out_h * scale) * 0.5 + _round(crop_pos[1] * (out_h - size)) * scale
+    left = (width - out_w * scale) * 0.5 + _round(crop_pos[0] * (out_w - size)) * scale
+    return fn.stack(top, left), fn.stack(top + size * scale, left + size * scale)
+
+
+def _views(cfg: LoaderConfig) -> list[tuple[int, tuple[float, float]]]:
+    """(mirror, crop position) of each view of cfg.eval_views."""
     if cfg.eval_views == "center":
-        return center_view(images, cfg)
+        return [(0, CENTER)]
     if cfg.eval_views == "flip":
-        return fn.stack(center_view(images, cfg), center_view(images, cfg, mirror=1))
+        return [(0, CENTER), (1, CENTER)]
     if cfg.eval_views == "tencrop":
-        crops = [common.normalize(images, cfg, mirror=m, crop=size, crop_pos=pos)
-                 for m in (0, 1) for pos in TEN_CROP_POSITIONS]
-        return fn.stack(*crops)
+        return [(m, pos) for m in (0, 1) for pos in TEN_CROP_POSITIONS]
     raise ValueError(f"eval_views={cfg.eval_views!r}: expected one of {sorted(EVAL_VIEWS)}")
+
+
+def eval_views(images, cfg: LoaderConfig, views=None):
+    """Decoded images -> one normalized view per sample ("center"), or a stack of V views:
+    (V, C, H, W) / (V, H, W, C). `views` overrides cfg.eval_views with (mirror, crop_pos) pairs."""
+    views = views or _views(cfg)
+    if resize.uses_native(cfg):
+        shape = images.shape(dtype=types.FLOAT)
+        outs = []
+        for mirror, pos in views:
+            start, end = view_window(shape, cfg, pos)
+            outs.append(resize.resized_view(images, cfg, mirror=mirror, roi=(start, end)))
+    else:
+        resized = resize_shorter(images, cfg)
+        crop = (cfg.image_size, cfg.image_size)
+        outs = [common.normalize(resized, cfg, mirror=m, crop=crop, crop_pos=pos) for m, pos in views]
+    return outs[0] if len(outs) == 1 else fn.stack(*outs)
+
+
+def center_view(images, cfg: LoaderConfig):
+    """Decoded images -> the normalized centre view (the teacher pass's single view)."""
+    return eval_views(images, cfg, views=[(0, CENTER)])
 
 
 @pipeline_def

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import common, resize
-from pipelines.eval import center_view, resize_shorter
+from pipelines.eval import center_view
 
 if TYPE_CHECKING:
     from pipelines.loader import LoaderConfig
@@ -50,7 +50,7 @@ def teacher_views(jpegs, cfg: LoaderConfig, num_views: int):
     shape = fn.peek_image_shape(jpegs)
     full = fn.decoders.image(jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
                              **common.decoder_args(cfg))
-    center = center_view(resize_shorter(full, cfg), cfg)
+    center = center_view(full, cfg)
     views, boxes = zip(*(random_view(full, shape, cfg) for _ in range(num_views)))
     return center, fn.stack(*views), fn.stack(*boxes)
 

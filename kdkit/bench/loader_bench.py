@@ -231,7 +231,7 @@ def resize_used(cfg: BenchConfig, loader) -> str:
     from pipelines.resize import uses_native
     from pipelines.train import augments
 
-    if cfg.aug == "eval" or augments(loader.cfg) or not uses_native(loader.cfg):
+    if (cfg.aug != "eval" and augments(loader.cfg)) or not uses_native(loader.cfg):
         return "fn.resize"
     return "kdkit_resize_normalize"
 

@@ -1,7 +1,7 @@
-// KdkitResizeNormalize: a DALI CPU operator that resizes each uint8 HWC crop to size x size with
-// Pillow's bilinear filter (antialiased when shrinking) and writes the normalized, optionally
-// mirrored float32/float16 view in CHW or HWC: fn.resize + fn.crop_mirror_normalize in one pass
-// over the pixels.
+// KdkitResizeNormalize: a DALI CPU operator that resizes each uint8 HWC image (or a window of it,
+// roi_start/roi_end) to size x size with Pillow's bilinear filter (antialiased when shrinking) and
+// writes the normalized, optionally mirrored float32/float16 view in CHW or HWC: fn.resize +
+// fn.crop_mirror_normalize in one pass over the pixels.
 //
 // Why by hand: DALI's own CPU resampler computes the horizontal pass by gathering every filter tap
 // of every output pixel one scalar at a time (dali/kernels/imgproc/resample/resampling_impl_cpu.h)
@@ -16,6 +16,7 @@
 // borders the window is cut and renormalized as Pillow does. Values stay float until normalized,
 // so there is no intermediate rounding.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -31,8 +32,11 @@ struct Window {
   std::vector<float> coeffs;
   int ksize = 0;
 
-  void Init(int in_size, int out_size, bool antialias) {
-    const double scale = static_cast<double>(in_size) / out_size;
+  // Output i is centred on roi_start + (i + 0.5) * scale, scale = (roi_end - roi_start) / out_size,
+  // in input pixels; the filter may reach outside the window (as resizing the whole image and then
+  // cropping does), not outside the image.
+  void Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
+    const double scale = (roi_end - roi_start) / out_size;
     const double filterscale = antialias ? std::max(scale, 1.0) : 1.0;
     const double support = filterscale;  // the triangle's radius is 1 input pixel, scaled
     ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
@@ -40,12 +44,11 @@ struct Window {
     count.assign(out_size, 0);
     coeffs.assign(static_cast<size_t>(out_size) * ksize, 0.0f);
     for (int i = 0; i < out_size; i++) {
-      const double center = (i + 0.5) * scale;
-      int lo = static_cast<int>(center - support + 0.5);
-      lo = std::max(lo, 0);
-      int hi = std::min(static_cast<int>(center + support + 0.5), in_size);
+      const double center = roi_start + (i + 0.5) * scale;
+      int lo = static_cast<int>(std::floor(center - support + 0.5));
+      lo = std::min(std::max(lo, 0), in_size - 1);
+      int hi = std::min(static_cast<int>(std::floor(center + support + 0.5)), in_size);
       int n = std::max(std::min(hi - lo, ksize), 1);
-      lo = std::min(lo, in_size - n);
       double total = 0;
       std::vector<double> w(n);
       for (int t = 0; t < n; t++) {
@@ -53,8 +56,9 @@ struct Window {
         w[t] = std::max(0.0, 1.0 - std::abs(d));
         total += w[t];
       }
-      if (total <= 0) {  // cannot happen for n >= 1 inside the image, but never divide by 0
-        w.assign(n, 1.0 / n);
+      if (total <= 0) {  // a window entirely outside the image: repeat the nearest edge pixel
+        w.assign(n, 0.0);
+        w[center < lo ? 0 : n - 1] = 1.0;
         total = 1.0;
       }
       start[i] = lo;
@@ -181,24 +185,56 @@ class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
     output.SetLayout(planar_ ? "CHW" : "HWC");
     auto &pool = ws.GetThreadPool();
     const auto &shape = input.shape();
+    const bool has_roi = spec_.ArgumentDefined("roi_start") || spec_.ArgumentDefined("roi_end");
     for (int i = 0; i < shape.num_samples(); i++) {
       const bool mirror = spec_.GetArgument<int>("mirror", &ws, i) != 0;
       auto s = shape.tensor_shape_span(i);
       const int h = static_cast<int>(s[0]), w = static_cast<int>(s[1]);
+      Roi roi{0.0, 0.0, static_cast<double>(h), static_cast<double>(w)};
+      if (has_roi) {
+        auto lo = RoiArg(ws, "roi_start", i, {0.0f, 0.0f});
+        auto hi = RoiArg(ws, "roi_end", i, {static_cast<float>(h), static_cast<float>(w)});
+        roi = {lo[0], lo[1], hi[0], hi[1]};
+        DALI_ENFORCE(roi.y1 > roi.y0 && roi.x1 > roi.x0,
+                     ::dali::make_string("sample ", i, ": roi_end must be beyond roi_start"));
+      }
       const auto *in = static_cast<const uint8_t *>(input.raw_tensor(i));
       void *out = output.raw_mutable_tensor(i);
-      pool.AddWork([this, in, out, h, w, mirror](int) { Sample(in, h, w, mirror, out); },
+      pool.AddWork([this, in, out, h, w, roi, mirror](int) { Sample(in, h, w, roi, mirror, out); },
                    static_cast<int64_t>(h) * w);
     }
     pool.RunAll();
   }
 
  private:
-  void Sample(const uint8_t *in, int h, int w, bool mirror, void *out) const {
+  struct Roi {
+    double y0, x0, y1, x1;  // in input pixels
+  };
+
+  // (y, x) of a per-sample or constant 2-element argument, or `fallback` when not given
+  std::array<double, 2> RoiArg(const ::dali::Workspace &ws, const char *name, int sample,
+                               std::array<float, 2> fallback) const {
+    std::vector<float> v;
+    if (spec_.HasTensorArgument(name)) {
+      const auto &arg = ws.ArgumentInput(name);
+      DALI_ENFORCE(arg.type() == DALI_FLOAT && arg.shape().tensor_size(sample) == 2,
+                   ::dali::make_string(name, " must be 2 floats (y, x) per sample"));
+      const float *p = arg.tensor<float>(sample);
+      v = {p[0], p[1]};
+    } else if (spec_.ArgumentDefined(name)) {
+      v = spec_.GetRepeatedArgument<float>(name);
+      DALI_ENFORCE(v.size() == 2, ::dali::make_string(name, " must be 2 floats (y, x)"));
+    } else {
+      v = {fallback[0], fallback[1]};
+    }
+    return {v[0], v[1]};
+  }
+
+  void Sample(const uint8_t *in, int h, int w, Roi roi, bool mirror, void *out) const {
     thread_local Window wy, wx;
     thread_local std::vector<float> tmp, px;
-    wy.Init(h, size_, antialias_);
-    wx.Init(w, size_, antialias_);
+    wy.Init(h, size_, antialias_, roi.y0, roi.y1);
+    wx.Init(w, size_, antialias_, roi.x0, roi.x1);
     px.resize(static_cast<size_t>(size_) * size_ * 3);
     // The horizontal pass costs several times the vertical one per tap: run it on fewer rows.
     const int64_t rows_first = wy.Taps(int64_t{w} * 3) + 4 * wx.Taps(size_) * 3;  // vertical first
@@ -237,6 +273,10 @@ shrinking unless antialias=False) and normalizes them: (x - mean) / std, mirrore
     .AddOptionalArg("mean", "Per-channel mean, in 0..255 units.", std::vector<float>{0.f, 0.f, 0.f})
     .AddOptionalArg("std", "Per-channel standard deviation, in 0..255 units.", std::vector<float>{1.f, 1.f, 1.f})
     .AddOptionalArg("mirror", "Mirror horizontally (per sample: 0 or 1).", 0, true)
+    .AddOptionalArg<std::vector<float>>("roi_start", "(y, x) of the window to resize, in input pixels (default 0, 0).",
+                                        nullptr, true)
+    .AddOptionalArg<std::vector<float>>("roi_end", "(y, x) where the window ends, in input pixels (default: H, W).",
+                                        nullptr, true)
     .AddOptionalArg("antialias", "Widen the filter when shrinking, as Pillow and torchvision do.", true)
     .AddOptionalArg("planar", "CHW output; HWC when false.", true)
     .AddOptionalArg("half", "float16 output instead of float32.", false);
