@@ -21,6 +21,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "dali/core/float16.h"
 #include "dali/pipeline/operator/operator.h"
 
@@ -138,6 +142,19 @@ void Normalize(const float *px, int size, bool planar, bool mirror, const float 
   }
 }
 
+// float -> float16, 8 at a time with the CPU's conversion instruction where the build has it
+// (-march=native on a CPU with F16C); dali::float16's scalar conversion is several times slower.
+inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i), h);
+  }
+#endif
+  for (; i < n; i++) out[i] = static_cast<::dali::float16>(in[i]);
+}
+
 class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
  public:
   explicit ResizeNormalize(const ::dali::OpSpec &spec)
@@ -248,10 +265,14 @@ class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
       ResampleCols(in, h, w, tmp.data(), wx);
       ResampleRows(tmp.data(), int64_t{size_} * 3, px.data(), wy);
     }
-    if (half_)
-      Normalize(px.data(), size_, planar_, mirror, mean_, inv_std_, static_cast<::dali::float16 *>(out));
-    else
+    if (!half_) {
       Normalize(px.data(), size_, planar_, mirror, mean_, inv_std_, static_cast<float *>(out));
+      return;
+    }
+    thread_local std::vector<float> norm;
+    norm.resize(px.size());
+    Normalize(px.data(), size_, planar_, mirror, mean_, inv_std_, norm.data());
+    ToHalf(norm.data(), static_cast<int64_t>(norm.size()), static_cast<::dali::float16 *>(out));
   }
 
   int size_;
