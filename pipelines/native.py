@@ -123,7 +123,11 @@ def _load() -> dict:
         path = library_path()
         if not path.is_file():
             build(path)
-        plugin_manager.load_library(str(path))
+        try:
+            plugin_manager.load_library(str(path))
+        except Exception:  # noqa: BLE001 - a cached build this system cannot load (damaged, other toolchain)
+            build(path)
+            plugin_manager.load_library(str(path))
         return {"ok": True, "why": "", "path": path}
     except Exception as e:  # noqa: BLE001 - any failure means: use DALI's own operators
         return {"ok": False, "why": str(e).splitlines()[0] if str(e) else type(e).__name__}

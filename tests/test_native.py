@@ -2,6 +2,11 @@
 pipelines ask for, the fallback to DALI's operators, and a clear warning when it cannot be built."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -138,3 +143,16 @@ def test_built_once_and_reused(plugin, monkeypatch):
     monkeypatch.setattr(native, "build", lambda path: pytest.fail("rebuilt although the library exists"))
     assert native._load()["ok"]
     assert plugin.stat().st_mtime_ns == built
+
+
+def test_a_damaged_cached_build_is_rebuilt(tmp_path):
+    # in a fresh interpreter: the plugin registers its operator once per process
+    script = ("from pipelines import native; p = native.library_path(); p.parent.mkdir(parents=True); "
+              "p.write_bytes(b'not a library'); assert native.available(), native._state; "
+              "assert p.read_bytes()[:4] == b'\\x7fELF'; print('rebuilt')")
+    env = {**os.environ, "KDKIT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    if not native.compiler():
+        pytest.skip("no C++ compiler")
+    assert done.returncode == 0 and "rebuilt" in done.stdout, done.stderr[-2000:]
