@@ -93,7 +93,8 @@ def build(path: Path) -> Path:
         try:
             done = subprocess.run(command, capture_output=True, text=True)
         except OSError as e:
-            raise RuntimeError(f"cannot run the C++ compiler {command[0]} ({e.strerror}): install g++ or set CXX") from e
+            raise RuntimeError(f"cannot run the C++ compiler {command[0]} ({e.strerror}): "
+                               "install g++ or set CXX") from e
         if done.returncode != 0:
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             first = next((line for line in lines if "error" in line), lines[-1])

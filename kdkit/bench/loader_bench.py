@@ -75,8 +75,9 @@ def dali_loader(cfg: BenchConfig):
     # counted, not batches) instead of a full one computed and dropped
     policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
     lc = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.threads, image_size=cfg.size,
-                      shuffle_buffer=cfg.shuffle_buffer, dtype=cfg.dtype, antialias=cfg.antialias, fast_idct=cfg.fast_idct,
-                      native_resize=cfg.native_resize, teacher_logits=False, last_batch="partial", auto_augment=policy,
+                      shuffle_buffer=cfg.shuffle_buffer, dtype=cfg.dtype, antialias=cfg.antialias,
+                      fast_idct=cfg.fast_idct, native_resize=cfg.native_resize, teacher_logits=False,
+                      last_batch="partial", auto_augment=policy,
                       color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0,
                       layout="channels_last" if cfg.gpu_feed else "CHW")
     return DaliLoader(cfg.shards, lc, role="eval" if cfg.aug == "eval" else "train", split=cfg.split)
@@ -217,7 +218,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     report = {"config": {**asdict(cfg), "shards": str(cfg.shards)}, "machine": machine(),
               "command": command if command is not None else command_line(cfg),
               "shard_folder": str(loader.shards.folder or loader.shards.tars[0].parent),
-              "samples": loader.scan.num_samples, "resize": resize_used(cfg, loader), "results": [asdict(r) for r in results],
+              "samples": loader.scan.num_samples, "resize": resize_used(cfg, loader),
+              "results": [asdict(r) for r in results],
               "runs": {k: [r.images_per_s for r in v] for k, v in runs.items() if v},
               "speedup": round(results[0].images_per_s / results[1].images_per_s, 2) if cfg.baseline else None}
     if cfg.gpu_feed:
