@@ -10,7 +10,8 @@ the CPU backend falls back to DALI's operators (pipelines.native says so once).
 
 The eval views use the same operator on the window of the decoded image each view shows
 (pipelines.eval.view_window). Pipelines that change the resized pixels before normalizing (colour
-jitter, auto-augment) use common.resize_square + common.normalize instead (see
+jitter on the GPU or without the operator, auto-augment) use common.resize_square +
+common.normalize instead; colour jitter on the CPU is folded into the operator (see
 pipelines.train.train_views).
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ def uses_native(cfg: LoaderConfig) -> bool:
     return not common.is_gpu(cfg) and cfg.native_resize and native.available()
 
 
-def resized_view(crops, cfg: LoaderConfig, mirror=0, roi=None):
+def resized_view(crops, cfg: LoaderConfig, mirror=0, roi=None, color=None):
     """uint8 HWC crops of any size -> normalized size x size views (common.normalize's layout and
     dtype), mirrored where `mirror` is 1; equal to common.normalize(common.resize_square(crops)).
     `roi`: ((y, x) start, (y, x) end) of the window of each crop to resize, in pixels (native
-    operator only: pipelines.eval uses it).
+    operator only: pipelines.eval uses it). `color`: per-sample (brightness, contrast, saturation)
+    factors applied as fn.color_twist applies them, after resizing (native operator only).
 
     fn.resize differs from the native operator only at the image borders, where it repeats the
     edge pixel while Pillow (and the native operator) cut and renormalize the filter window, and by
@@ -44,11 +46,13 @@ def resized_view(crops, cfg: LoaderConfig, mirror=0, roi=None):
     """
     common.output_dtype(cfg)  # validates cfg.dtype for both routes
     if not uses_native(cfg):
-        if roi is not None:
-            raise ValueError("resized_view(roi=...) needs the native operator (see uses_native)")
+        if roi is not None or color is not None:
+            raise ValueError("resized_view(roi=..., color=...) needs the native operator (see uses_native)")
         return common.normalize(common.resize_square(crops, cfg), cfg, mirror=mirror)
-    window = {} if roi is None else dict(roi_start=roi[0], roi_end=roi[1])
+    extra = {} if roi is None else dict(roi_start=roi[0], roi_end=roi[1])
+    if color is not None:
+        extra.update(brightness=color[0], contrast=color[1], saturation=color[2])
     return fn.kdkit_resize_normalize(
         crops, size=cfg.image_size, mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
         mirror=mirror, antialias=cfg.antialias, planar=common.output_layout(cfg) == "CHW",
-        half=cfg.dtype == "float16", **window)
+        half=cfg.dtype == "float16", **extra)

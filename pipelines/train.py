@@ -31,12 +31,18 @@ def decode_train(jpegs, cfg: LoaderConfig):
         **common.decoder_args(cfg))
 
 
-def color_jitter(images, strength: float):
-    """Brightness, contrast and saturation each scaled by a factor in [1 - s, 1 + s] (torchvision's
-    ColorJitter(s, s, s) without hue), in one colour-twist pass."""
+def jitter_factors(strength: float) -> tuple:
+    """Per-sample (brightness, contrast, saturation) factors, each uniform in [1 - s, 1 + s]
+    (torchvision's ColorJitter(s, s, s) without hue)."""
     def factor():
         return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
-    return fn.color_twist(images, brightness=factor(), contrast=factor(), saturation=factor())
+    return factor(), factor(), factor()
+
+
+def color_jitter(images, strength: float, factors=None):
+    """Colour jitter of uint8 images in one colour-twist pass (factors: jitter_factors)."""
+    brightness, contrast, saturation = factors or jitter_factors(strength)
+    return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
 
 
 def auto_augment(images, cfg: LoaderConfig):
@@ -53,10 +59,6 @@ def auto_augment(images, cfg: LoaderConfig):
     raise ValueError(f"auto_augment={cfg.auto_augment!r}: expected one of {AUTO_AUGMENTS} or None")
 
 
-def augments(cfg: LoaderConfig) -> bool:
-    return bool(cfg.color_jitter or cfg.auto_augment)
-
-
 def augment_train(images, cfg: LoaderConfig):
     """Photometric and policy augmentation on the resized crops; flipping is left to normalize()."""
     if cfg.color_jitter:
@@ -67,10 +69,21 @@ def augment_train(images, cfg: LoaderConfig):
 
 
 def train_views(crops, cfg: LoaderConfig, mirror=0):
-    """Decoded crops -> augmented, normalized size x size training inputs, mirrored where `mirror`."""
-    if augments(cfg):  # these change the uint8 resized pixels, so resize and normalize stay apart
+    """Decoded crops -> augmented, normalized size x size training inputs, mirrored where `mirror`.
+
+    Auto-augment policies work on the resized uint8 pixels, so with one the resize, the
+    augmentation and the normalize stay separate DALI operators. Colour jitter alone is folded
+    into pipelines.resize's one-pass operator where that runs (the CPU backend): the same
+    transform as fn.color_twist (tested), though DALI seeds the two graphs' random operators
+    differently, so the two routes draw different (equally distributed) factors.
+    """
+    if cfg.auto_augment:
         return common.normalize(augment_train(common.resize_square(crops, cfg), cfg), cfg, mirror=mirror)
-    return resize.resized_view(crops, cfg, mirror=mirror)
+    color = jitter_factors(cfg.color_jitter) if cfg.color_jitter else None
+    if color is not None and not resize.uses_native(cfg):
+        jittered = color_jitter(common.resize_square(crops, cfg), cfg.color_jitter, factors=color)
+        return common.normalize(jittered, cfg, mirror=mirror)
+    return resize.resized_view(crops, cfg, mirror=mirror, color=color)
 
 
 def needs_conditionals(cfg: LoaderConfig) -> bool:

@@ -47,7 +47,7 @@ def test_report_names_the_resize_operator_and_the_switch_changes_it(tiny_shards)
 
     assert resize() == ("kdkit_resize_normalize" if native.available() else "fn.resize")
     assert resize(native_resize=False) == "fn.resize"
-    assert resize(aug="rrc-flip-jitter") == "fn.resize"  # jitter changes resized pixels: DALI's resize
+    assert resize(aug="randaugment") == "fn.resize"  # policies change resized uint8 pixels: DALI's resize
     assert resize(aug="eval", split="val") == resize()
 
 

@@ -231,9 +231,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
 def resize_used(cfg: BenchConfig, loader) -> str:
     """Which operator resized DALI's crops (bench tables name it; see pipelines.resize)."""
     from pipelines.resize import uses_native
-    from pipelines.train import augments
 
-    if (cfg.aug != "eval" and augments(loader.cfg)) or not uses_native(loader.cfg):
+    if (cfg.aug != "eval" and loader.cfg.auto_augment) or not uses_native(loader.cfg):
         return "fn.resize"
     return "kdkit_resize_normalize"
 

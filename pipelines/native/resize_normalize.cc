@@ -1,7 +1,8 @@
 // KdkitResizeNormalize: a DALI CPU operator that resizes each uint8 HWC image (or a window of it,
-// roi_start/roi_end) to size x size with Pillow's bilinear filter (antialiased when shrinking) and
-// writes the normalized, optionally mirrored float32/float16 view in CHW or HWC: fn.resize +
-// fn.crop_mirror_normalize in one pass over the pixels.
+// roi_start/roi_end) to size x size with Pillow's bilinear filter (antialiased when shrinking),
+// optionally colour-jitters it (brightness/contrast/saturation as fn.color_twist), and writes the
+// normalized, optionally mirrored float32/float16 view in CHW or HWC: fn.resize (+ fn.color_twist)
+// + fn.crop_mirror_normalize in one pass over the pixels.
 //
 // Why by hand: DALI's own CPU resampler computes the horizontal pass by gathering every filter tap
 // of every output pixel one scalar at a time (dali/kernels/imgproc/resample/resampling_impl_cpu.h)
@@ -142,6 +143,40 @@ void Normalize(const float *px, int size, bool planar, bool mirror, const float 
   }
 }
 
+// fn.color_twist's transform for hue 0: out = clamp(M x + offset) with
+// M = brightness * contrast * YIQ->RGB * diag(1, saturation, saturation) * RGB->YIQ and
+// offset = (128 - 128 * contrast) * brightness (dali/operators/image/color/color_twist.h), kept in
+// float here; fn.color_twist rounds its uint8 result.
+struct Color {
+  float m[9];
+  float offset;
+  bool identity;
+
+  Color(float brightness, float contrast, float saturation) {
+    static const double rgb2yiq[9] = {.299, .587, .114, .596, -.274, -.321, .211, -.523, .311};
+    static const double yiq2rgb[9] = {1, .956, .621, 1, -.272, -.647, 1, -1.107, 1.705};
+    const double sat[3] = {1.0, saturation, saturation};
+    for (int r = 0; r < 3; r++)
+      for (int c = 0; c < 3; c++) {
+        double v = 0;
+        for (int k = 0; k < 3; k++) v += yiq2rgb[r * 3 + k] * sat[k] * rgb2yiq[k * 3 + c];
+        m[r * 3 + c] = static_cast<float>(v * brightness * contrast);
+      }
+    offset = (128.0f - 128.0f * contrast) * brightness;
+    identity = brightness == 1.0f && contrast == 1.0f && saturation == 1.0f;
+  }
+
+  void Apply(float *px, int64_t pixels) const {
+    if (identity) return;
+    for (int64_t i = 0; i < pixels; i++, px += 3) {
+      const float r = px[0], g = px[1], b = px[2];
+      px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
+      px[1] = std::min(std::max(m[3] * r + m[4] * g + m[5] * b + offset, 0.0f), 255.0f);
+      px[2] = std::min(std::max(m[6] * r + m[7] * g + m[8] * b + offset, 0.0f), 255.0f);
+    }
+  }
+};
+
 // float -> float16, 8 at a time with the CPU's conversion instruction where the build has it
 // (-march=native on a CPU with F16C); dali::float16's scalar conversion is several times slower.
 inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
@@ -215,9 +250,11 @@ class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
         DALI_ENFORCE(roi.y1 > roi.y0 && roi.x1 > roi.x0,
                      ::dali::make_string("sample ", i, ": roi_end must be beyond roi_start"));
       }
+      const Color color(spec_.GetArgument<float>("brightness", &ws, i), spec_.GetArgument<float>("contrast", &ws, i),
+                        spec_.GetArgument<float>("saturation", &ws, i));
       const auto *in = static_cast<const uint8_t *>(input.raw_tensor(i));
       void *out = output.raw_mutable_tensor(i);
-      pool.AddWork([this, in, out, h, w, roi, mirror](int) { Sample(in, h, w, roi, mirror, out); },
+      pool.AddWork([this, in, out, h, w, roi, color, mirror](int) { Sample(in, h, w, roi, color, mirror, out); },
                    static_cast<int64_t>(h) * w);
     }
     pool.RunAll();
@@ -247,7 +284,7 @@ class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
     return {v[0], v[1]};
   }
 
-  void Sample(const uint8_t *in, int h, int w, Roi roi, bool mirror, void *out) const {
+  void Sample(const uint8_t *in, int h, int w, Roi roi, const Color &color, bool mirror, void *out) const {
     thread_local Window wy, wx;
     thread_local std::vector<float> tmp, px;
     wy.Init(h, size_, antialias_, roi.y0, roi.y1);
@@ -265,6 +302,7 @@ class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
       ResampleCols(in, h, w, tmp.data(), wx);
       ResampleRows(tmp.data(), int64_t{size_} * 3, px.data(), wy);
     }
+    color.Apply(px.data(), static_cast<int64_t>(size_) * size_);
     if (!half_) {
       Normalize(px.data(), size_, planar_, mirror, mean_, inv_std_, static_cast<float *>(out));
       return;
@@ -298,6 +336,10 @@ shrinking unless antialias=False) and normalizes them: (x - mean) / std, mirrore
                                         nullptr, true)
     .AddOptionalArg<std::vector<float>>("roi_end", "(y, x) where the window ends, in input pixels (default: H, W).",
                                         nullptr, true)
+    .AddOptionalArg("brightness", "Per-sample brightness factor, applied after resizing as fn.color_twist does.",
+                    1.0f, true)
+    .AddOptionalArg("contrast", "Per-sample contrast factor (around grey 128), as fn.color_twist.", 1.0f, true)
+    .AddOptionalArg("saturation", "Per-sample saturation factor (YIQ chroma scale), as fn.color_twist.", 1.0f, true)
     .AddOptionalArg("antialias", "Widen the filter when shrinking, as Pillow and torchvision do.", true)
     .AddOptionalArg("planar", "CHW output; HWC when false.", true)
     .AddOptionalArg("half", "float16 output instead of float32.", false);
