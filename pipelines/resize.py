@@ -32,6 +32,15 @@ def uses_native(cfg: LoaderConfig) -> bool:
     return not common.is_gpu(cfg) and cfg.native_resize and native.available()
 
 
+def resizer(cfg: LoaderConfig, role: str) -> str:
+    """Which operator resizes `role`'s images under cfg: "kdkit_resize_normalize" or "fn.resize".
+    The one place that decides it (train_views routes by it; bench-loader reports it): auto-augment
+    policies need the resized uint8 pixels, so training roles with one keep fn.resize."""
+    if not uses_native(cfg) or (role in ("train", "replay") and cfg.auto_augment):
+        return "fn.resize"
+    return "kdkit_resize_normalize"
+
+
 def resized_view(crops, cfg: LoaderConfig, mirror=0, roi=None, color=None):
     """uint8 HWC crops of any size -> normalized size x size views (common.normalize's layout and
     dtype), mirrored where `mirror` is 1; equal to common.normalize(common.resize_square(crops)).

@@ -39,9 +39,9 @@ def jitter_factors(strength: float) -> tuple:
     return factor(), factor(), factor()
 
 
-def color_jitter(images, strength: float, factors=None):
+def color_jitter(images, strength: float):
     """Colour jitter of uint8 images in one colour-twist pass (factors: jitter_factors)."""
-    brightness, contrast, saturation = factors or jitter_factors(strength)
+    brightness, contrast, saturation = jitter_factors(strength)
     return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
 
 
@@ -71,18 +71,15 @@ def augment_train(images, cfg: LoaderConfig):
 def train_views(crops, cfg: LoaderConfig, mirror=0):
     """Decoded crops -> augmented, normalized size x size training inputs, mirrored where `mirror`.
 
-    Auto-augment policies work on the resized uint8 pixels, so with one the resize, the
-    augmentation and the normalize stay separate DALI operators. Colour jitter alone is folded
-    into pipelines.resize's one-pass operator where that runs (the CPU backend): the same
-    transform as fn.color_twist (tested), though DALI seeds the two graphs' random operators
-    differently, so the two routes draw different (equally distributed) factors.
+    With DALI's operators (GPU, no native operator, or auto-augment: resize.resizer decides) the
+    resize, the augmentation and the normalize are separate steps. With kdkit's CPU operator,
+    colour jitter is folded into its one pass: the same transform as fn.color_twist (tested),
+    though DALI seeds the two graphs' random operators differently, so the two routes draw
+    different (equally distributed) factors.
     """
-    if cfg.auto_augment:
+    if resize.resizer(cfg, "train") == "fn.resize":
         return common.normalize(augment_train(common.resize_square(crops, cfg), cfg), cfg, mirror=mirror)
     color = jitter_factors(cfg.color_jitter) if cfg.color_jitter else None
-    if color is not None and not resize.uses_native(cfg):
-        jittered = color_jitter(common.resize_square(crops, cfg), cfg.color_jitter, factors=color)
-        return common.normalize(jittered, cfg, mirror=mirror)
     return resize.resized_view(crops, cfg, mirror=mirror, color=color)
 
 

@@ -195,6 +195,8 @@ def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult)
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure DALI (and the baseline); returns the report `format_table` prints and --json writes."""
+    from pipelines.resize import resizer
+
     if cfg.aug not in AUGS:
         raise KdkitError(f"--aug {cfg.aug}: expected one of {', '.join(AUGS)}")
     if cfg.device == "gpu" and not torch.cuda.is_available():
@@ -218,7 +220,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     report = {"config": {**asdict(cfg), "shards": str(cfg.shards)}, "machine": machine(),
               "command": command if command is not None else command_line(cfg),
               "shard_folder": str(loader.shards.folder or loader.shards.tars[0].parent),
-              "samples": loader.scan.num_samples, "resize": resize_used(cfg, loader),
+              "samples": loader.scan.num_samples, "resize": resizer(loader.cfg, loader.role),
               "results": [asdict(r) for r in results],
               "runs": {k: [r.images_per_s for r in v] for k, v in runs.items() if v},
               "speedup": round(results[0].images_per_s / results[1].images_per_s, 2) if cfg.baseline else None}
@@ -226,15 +228,6 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
         man = loader.shards.manifest
         report["gpu_feed"] = gpu_feed(cfg, loader, len(man.classes) if man else 1000, results[0])
     return report
-
-
-def resize_used(cfg: BenchConfig, loader) -> str:
-    """Which operator resized DALI's crops (bench tables name it; see pipelines.resize)."""
-    from pipelines.resize import uses_native
-
-    if (cfg.aug != "eval" and loader.cfg.auto_augment) or not uses_native(loader.cfg):
-        return "fn.resize"
-    return "kdkit_resize_normalize"
 
 
 def command_line(cfg: BenchConfig) -> str:
