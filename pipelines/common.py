@@ -141,29 +141,11 @@ def normalize(images, cfg: LoaderConfig, mirror=0, crop=None, crop_pos=(0.5, 0.5
 
 
 def resize_square(images, cfg: LoaderConfig):
-    """Resize to image_size x image_size, bilinear; antialiased as Pillow and torchvision do it unless
-    cfg.antialias is off.
-
-    Without antialiasing the CPU backend uses scale_warp instead of fn.resize: the same bilinear
-    sampling on the same pixel grid (equal to fn.resize(antialias=False) within one grey level,
-    tested) at about half the CPU time (pipelines/resize.py says why). The GPU keeps fn.resize.
-    """
+    """Resize to image_size x image_size with DALI's fn.resize, bilinear; antialiased as Pillow and
+    torchvision do it unless cfg.antialias is off. (The CPU backend's fast route is
+    pipelines.resize's operator; this is the GPU's, and the fallback's.)"""
     size = cfg.image_size
-    if cfg.antialias or is_gpu(cfg):
-        return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=cfg.antialias)
-    return scale_warp(images, size)
-
-
-def scale_warp(images, size: int):
-    """Bilinear resize to size x size as a perspective warp with a pure scale matrix: fn.resize's
-    sampling grid (pixel centres at (i + 0.5) * scale), without antialiasing, CPU or GPU."""
-    shape = images.shape(dtype=types.FLOAT)  # (H, W, C) of each image
-    sy, sx = shape[0] / size, shape[1] / size
-    zero = sx * 0.0
-    matrix = fn.reshape(fn.stack(sx, zero, zero, zero, sy, zero, zero, zero, zero + 1.0), shape=[3, 3])
-    return fn.experimental.warp_perspective(images, matrix, size=[size, size], inverse_map=True,
-                                            interp_type=types.INTERP_LINEAR, border_mode="replicate",
-                                            pixel_origin="corner")
+    return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=cfg.antialias)
 
 
 def random_flip(cfg: LoaderConfig):

@@ -104,37 +104,6 @@ def test_train_augmentations_run_on_cpu(tiny_shards, aug):
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
 
 
-def _resized(arrays: list[np.ndarray], size: int, **kw) -> tuple[np.ndarray, ...]:
-    """(common.resize_square with LoaderConfig(**kw), fn.resize antialiased, fn.resize not) of each array."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(batch_size=len(arrays), num_threads=1, device_id=None)
-    def pipe():
-        images = fn.external_source(source=lambda: arrays, batch=True, layout="HWC")
-        plain = [fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=a)
-                 for a in (True, False)]
-        return (common.resize_square(images, cfg(image_size=size, **kw)), *plain)
-
-    p = pipe()
-    p.build()
-    return tuple(np.stack([np.asarray(t.at(i), np.int16) for i in range(len(arrays))]) for t in p.run())
-
-
-def test_resize_without_antialias_is_dalis_bilinear_resize():
-    # the CPU fast path (a scale-only warp) must give fn.resize(antialias=False)'s pixels: shrinking,
-    # enlarging, and one axis each way; enlarging is the same with or without antialiasing
-    rng = np.random.default_rng(0)
-    shapes = [(37, 53), (20, 24), (70, 90), (24, 64)]
-    arrays = [np.asarray(Image.open(io.BytesIO(jpeg_bytes(rng, h, w))).convert("RGB")) for h, w in shapes]
-    fast, smooth, sharp = _resized(arrays, 32, antialias=False)
-    assert fast.shape == (4, 32, 32, 3)
-    assert np.abs(fast - sharp).max() <= 1
-    assert np.abs(fast[1] - smooth[1]).max() <= 1  # 20 x 24 -> 32 x 32: enlarged both ways
-    assert np.abs(fast[2] - smooth[2]).mean() > 0.1  # shrunk: antialiasing does change pixels
-    exact, _, _ = _resized(arrays, 32, antialias=True)
-    assert np.array_equal(exact, smooth)
-
-
 def test_fast_idct_decodes_nearly_the_same_pixels(indexed):
     tars, _ = indexed
     c = dict(image_size=H, crop_ratio=1.0, layout="HWC", **RAW)
