@@ -28,15 +28,13 @@ EVAL_VIEWS = {"center": 1, "flip": 2, "tencrop": 10}
 # (crop_pos_x, crop_pos_y) of the five crops of a ten-crop, in torchvision's FiveCrop order:
 # top-left, top-right, bottom-left, bottom-right, centre; views 5..9 are these five mirrored.
 TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
+CENTER = (0.5, 0.5)
 
 
 def resize_size(cfg: LoaderConfig) -> int:
     if not 0 < cfg.crop_ratio <= 1:
         raise ValueError(f"crop_ratio={cfg.crop_ratio}: expected 0 < ratio <= 1")
     return int(round(cfg.image_size / cfg.crop_ratio))
-
-
-CENTER = (0.5, 0.5)
 
 
 def decode_eval(jpegs, cfg: LoaderConfig):

@@ -85,8 +85,13 @@ def library_path() -> Path:
 
 
 def build(path: Path) -> Path:
-    """Compile the plugin to `path` (atomically: concurrent ranks never load a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Compile the plugin to `path` (atomically: concurrent ranks never load a half-written file).
+    A failed build leaves the compiler's whole output in build.log beside it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot create the build folder {path.parent} ({e.strerror}): "
+                           "set KDKIT_CACHE to a writable folder") from e
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         partial = Path(tmp) / path.name
         command = _command(partial)
@@ -96,9 +101,11 @@ def build(path: Path) -> Path:
             raise RuntimeError(f"cannot run the C++ compiler {command[0]} ({e.strerror}): "
                                "install g++ or set CXX") from e
         if done.returncode != 0:
+            log = path.with_name("build.log")
+            log.write_text(" ".join(command) + "\n\n" + done.stdout + done.stderr)
             lines = done.stderr.strip().splitlines() or ["(no output)"]
             first = next((line for line in lines if "error" in line), lines[-1])
-            raise RuntimeError(f"compiling {SOURCES[0].name} failed: {first.strip()}")
+            raise RuntimeError(f"compiling {SOURCES[0].name} failed: {first.strip()} (full output: {log})")
         os.replace(partial, path)
     return path
 

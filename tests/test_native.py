@@ -164,6 +164,29 @@ def test_build_failure_warns_and_falls_back(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_a_failing_compiler_is_quoted_and_its_output_kept(tmp_path, monkeypatch):
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\necho 'resize_normalize.cc:7:1: error: something broke' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.warns(RuntimeWarning, match="error: something broke.*full output: .*build.log"):
+        assert native.available() is False
+    log = next((tmp_path / "cache").rglob("build.log"))
+    assert "something broke" in log.read_text() and str(fake) in log.read_text()
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("KDKIT_CACHE", str(blocker))
+    with pytest.warns(RuntimeWarning, match="cannot create the build folder .*KDKIT_CACHE"):
+        assert native.available() is False
+
+
 def test_built_once_and_reused(plugin, monkeypatch):
     assert plugin == native.library_path() and plugin.is_file()
     built = plugin.stat().st_mtime_ns

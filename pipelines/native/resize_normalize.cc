@@ -35,6 +35,7 @@ namespace kdkit {
 struct Window {
   std::vector<int> start, count;
   std::vector<float> coeffs;
+  std::vector<double> weights;  // one output's taps before normalizing, reused
   int ksize = 0;
 
   // Output i is centred on roi_start + (i + 0.5) * scale, scale = (roi_end - roi_start) / out_size,
@@ -45,6 +46,7 @@ struct Window {
     const double filterscale = antialias ? std::max(scale, 1.0) : 1.0;
     const double support = filterscale;  // the triangle's radius is 1 input pixel, scaled
     ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+    weights.resize(ksize);
     start.assign(out_size, 0);
     count.assign(out_size, 0);
     coeffs.assign(static_cast<size_t>(out_size) * ksize, 0.0f);
@@ -54,22 +56,21 @@ struct Window {
       lo = std::min(std::max(lo, 0), in_size - 1);
       int hi = std::min(static_cast<int>(std::floor(center + support + 0.5)), in_size);
       int n = std::max(std::min(hi - lo, ksize), 1);
-      double total = 0;
-      std::vector<double> w(n);
+      float *k = &coeffs[static_cast<size_t>(i) * ksize];
+      double *w = weights.data(), total = 0;
       for (int t = 0; t < n; t++) {
         const double d = (t + lo - center + 0.5) / filterscale;
         w[t] = std::max(0.0, 1.0 - std::abs(d));
         total += w[t];
       }
       if (total <= 0) {  // a window entirely outside the image: repeat the nearest edge pixel
-        w.assign(n, 0.0);
+        std::fill(w, w + n, 0.0);
         w[center < lo ? 0 : n - 1] = 1.0;
         total = 1.0;
       }
       start[i] = lo;
       count[i] = n;
-      for (int t = 0; t < n; t++)
-        coeffs[static_cast<size_t>(i) * ksize + t] = static_cast<float>(w[t] / total);
+      for (int t = 0; t < n; t++) k[t] = static_cast<float>(w[t] / total);
     }
   }
 
