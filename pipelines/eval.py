@@ -5,8 +5,9 @@ The crop ratio is the usual image_size / resize (e.g. 224/256 = 0.875, timm's cr
 shorter side is resized to round(image_size / crop_ratio) and image_size x image_size is cut
 from the middle (or the corners), so eval numbers compare with timm's and torchvision's.
 
-On the CPU backend each view is one call of kdkit's resize + normalize operator on the window of
-the decoded image that the view covers (pipelines.resize: DALI's CPU fn.resize is slow), with
+On the CPU backend each centre / flip view is one call of kdkit's resize + normalize operator on
+the window of the decoded image that the view covers (ten-crop keeps one fn.resize and ten crops:
+resize.resizer) (pipelines.resize: DALI's CPU fn.resize is slow), with
 fn.resize's geometry: one scale, shorter side / resize size, for both axes, the longer side's
 resized length rounded and centred as fn.resize centres it, crop anchors rounded as
 crop_mirror_normalize rounds them (tested against fn.resize + crop).
@@ -78,7 +79,7 @@ def eval_views(images, cfg: LoaderConfig, views=None):
     """Decoded images -> one normalized view per sample ("center"), or a stack of V views:
     (V, C, H, W) / (V, H, W, C). `views` overrides cfg.eval_views with (mirror, crop_pos) pairs."""
     views = views or _views(cfg)
-    if resize.uses_native(cfg):
+    if resize.resizer(cfg, "eval") == "kdkit_resize_normalize":
         shape = images.shape(dtype=types.FLOAT)
         outs = []
         for mirror, pos in views:

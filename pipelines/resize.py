@@ -34,9 +34,13 @@ def uses_native(cfg: LoaderConfig) -> bool:
 
 def resizer(cfg: LoaderConfig, role: str) -> str:
     """Which operator resizes `role`'s images under cfg: "kdkit_resize_normalize" or "fn.resize".
-    The one place that decides it (train_views routes by it; bench-loader reports it): auto-augment
-    policies need the resized uint8 pixels, so training roles with one keep fn.resize."""
+    The one place that decides it (train_views and eval_views route by it; bench-loader reports
+    it). Auto-augment policies need the resized uint8 pixels, so training roles with one keep
+    fn.resize. Ten-crop evaluation keeps it too: one fn.resize and ten crops of it beat ten
+    windows through the operator (measured: 275 vs 177 img/s on 2 cores; centre-only 643 vs 972)."""
     if not uses_native(cfg) or (role in ("train", "replay") and cfg.auto_augment):
+        return "fn.resize"
+    if role == "eval" and cfg.eval_views == "tencrop":
         return "fn.resize"
     return "kdkit_resize_normalize"
 
