@@ -5,12 +5,12 @@ The crop ratio is the usual image_size / resize (e.g. 224/256 = 0.875, timm's cr
 shorter side is resized to round(image_size / crop_ratio) and image_size x image_size is cut
 from the middle (or the corners), so eval numbers compare with timm's and torchvision's.
 
-On the CPU backend each centre / flip view is one call of kdkit's resize + normalize operator on
-the window of the decoded image that the view covers (ten-crop keeps one fn.resize and ten crops:
-resize.resizer) (pipelines.resize: DALI's CPU fn.resize is slow), with
-fn.resize's geometry: one scale, shorter side / resize size, for both axes, the longer side's
+On the CPU backend each centre / flip view is one call of kdkit's resize + normalize operator
+(pipelines.resize: DALI's CPU fn.resize is slow) on the window of the decoded image that the view
+covers, with fn.resize's geometry: one scale, shorter side / resize size, for both axes, the longer side's
 resized length rounded and centred as fn.resize centres it, crop anchors rounded as
-crop_mirror_normalize rounds them (tested against fn.resize + crop).
+crop_mirror_normalize rounds them (tested against fn.resize + crop). Ten-crop keeps one fn.resize
+and ten crops of it, which is faster than ten windows (resize.resizer).
 """
 from __future__ import annotations
 
