@@ -8,9 +8,9 @@
 `DaliLoader(shards, LoaderConfig(...), role=...)` wraps any of them as an iterator of torch
 batches; the plain graph functions (decode_train, eval_views, ...) compose into custom pipelines.
 """
-from pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
-from pipelines.loader import ROLES, Batch, DaliLoader, LoaderConfig, ViewsBatch, build_pipeline
-from pipelines.shardset import ShardError, ShardSet, reading_order, resolve_shards, scan_shards
+from kdkit.pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
+from kdkit.pipelines.loader import ROLES, Batch, DaliLoader, LoaderConfig, ViewsBatch, build_pipeline
+from kdkit.pipelines.shardset import ShardError, ShardSet, reading_order, resolve_shards, scan_shards
 
 __all__ = [
     "IMAGE_EXT", "LABEL_EXT", "LOGITS_EXT", "VIEWS_EXT", "VIEW_FIELDS", "ROLES", "Batch", "ViewsBatch",

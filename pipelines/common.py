@@ -15,8 +15,8 @@ from nvidia.dali import fn, types
 from kdkit.shards import contract
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
-    from pipelines.shardset import ShardSet
+    from kdkit.pipelines.loader import LoaderConfig
+    from kdkit.pipelines.shardset import ShardSet
 
 # --- sample members the pipelines read: the shard contract's names, re-exported -------------------
 IMAGE_EXT = contract.IMAGE_EXT

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common, resize
+from kdkit.pipelines import common, resize
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
-    from pipelines.shardset import ShardSet
+    from kdkit.pipelines.loader import LoaderConfig
+    from kdkit.pipelines.shardset import ShardSet
 
 EVAL_VIEWS = {"center": 1, "flip": 2, "tencrop": 10}
 # (crop_pos_x, crop_pos_y) of the five crops of a ten-crop, in torchvision's FiveCrop order:

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import torch
 
 from kdkit.shards import contract
-from pipelines import common
-from pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range,
+from kdkit.pipelines import common
+from kdkit.pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range,
                                 teacher_format)
 
 ROLES = ("train", "eval", "replay", "teacher_views")
@@ -127,10 +127,10 @@ def _default_last_batch(role: str) -> str:
 def build_pipeline(role: str, shards, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
                    with_logits: bool = False):
     """The (unbuilt) DALI pipeline for `role` over a ShardSet; its outputs are the role's."""
-    from pipelines.eval import eval_pipeline
-    from pipelines.replay import replay_pipeline
-    from pipelines.teacher_views import teacher_views_pipeline
-    from pipelines.train import needs_conditionals, train_pipeline
+    from kdkit.pipelines.eval import eval_pipeline
+    from kdkit.pipelines.replay import replay_pipeline
+    from kdkit.pipelines.teacher_views import teacher_views_pipeline
+    from kdkit.pipelines.train import needs_conditionals, train_pipeline
 
     common_args = dict(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=_device_id(cfg),
                        prefetch_queue_depth=cfg.prefetch_queue_depth, shards=shards, cfg=cfg,

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common
-from pipelines.train import train_views
+from kdkit.pipelines import common
+from kdkit.pipelines.train import train_views
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
-    from pipelines.shardset import ShardSet
+    from kdkit.pipelines.loader import LoaderConfig
+    from kdkit.pipelines.shardset import ShardSet
 
 
 def choose_view(views):

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn
 
-from pipelines import common, native
+from kdkit.pipelines import common, native
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
+    from kdkit.pipelines.loader import LoaderConfig
 
 
 def uses_native(cfg: LoaderConfig) -> bool:

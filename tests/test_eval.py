@@ -15,7 +15,7 @@ from kdkit.evaluate.models import load_model
 from kdkit.models.checkpoint import save_checkpoint
 from kdkit.models.factory import create_model
 from kdkit.shards.verify import load_manifest
-from pipelines.loader import DaliLoader, LoaderConfig
+from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
 SIZE = 32  # model input size: tiny, so every forward pass takes milliseconds
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -63,7 +63,7 @@ def test_undecodable_image_is_named_and_the_others_still_predicted(ckpt, images,
 
 
 def test_predict_transform_matches_the_dali_eval_view_up_to_resize(ckpt, tiny_shards):
-    from pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
     loader = DaliLoader(tiny_shards, LoaderConfig(batch_size=12, num_threads=2, image_size=SIZE, mean=MEAN, std=STD),
                         role="eval", split="val")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import native
-from pipelines.loader import DaliLoader, LoaderConfig
+from kdkit.pipelines import native
+from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
 SIZE = 32
 # odd shapes on purpose: 1 pixel, one-pixel-wide strips, exact size, shrink 5x, enlarge 10x
@@ -197,7 +197,7 @@ def test_built_once_and_reused(plugin, monkeypatch):
 
 def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     # in a fresh interpreter: the plugin registers its operator once per process
-    script = ("from pipelines import native; p = native.library_path(); p.parent.mkdir(parents=True); "
+    script = ("from kdkit.pipelines import native; p = native.library_path(); p.parent.mkdir(parents=True); "
               "p.write_bytes(b'not a library'); assert native.available(), native._state; "
               "assert p.read_bytes()[:4] == b'\\x7fELF'; print('rebuilt')")
     env = {**os.environ, "KDKIT_CACHE": str(tmp_path)}

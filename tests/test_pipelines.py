@@ -14,9 +14,9 @@ from PIL import Image
 
 from conftest import jpeg_bytes
 from kdkit.shards import contract, tario
-from pipelines import common
-from pipelines.loader import DaliLoader, LoaderConfig, build_pipeline
-from pipelines.shardset import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
+from kdkit.pipelines import common
+from kdkit.pipelines.loader import DaliLoader, LoaderConfig, build_pipeline
+from kdkit.pipelines.shardset import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
 
 H, W = 48, 64  # image size of the hand-written shards below
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalize to plain 0..255 pixel values

@@ -36,7 +36,7 @@ from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
 from kdkit.teach import add_logits, members, state
 from kdkit.teach.compute import loader_config
 from kdkit.teach.teachers import load_teacher
-from pipelines import DaliLoader, LoaderConfig, ShardSet, reading_order, resolve_shards
+from kdkit.pipelines import DaliLoader, LoaderConfig, ShardSet, reading_order, resolve_shards
 
 SIZE, RATIO = 32, 0.875
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -69,7 +69,7 @@ class RunResult:
 # the two loaders
 
 def dali_loader(cfg: BenchConfig):
-    from pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
     # last_batch="partial": like the baseline, the end of an epoch yields a short batch (images are
     # counted, not batches) instead of a full one computed and dropped
@@ -87,7 +87,7 @@ def baseline_transform(cfg: BenchConfig):
     """torchvision's counterpart of the DALI augmentation `cfg.aug`."""
     from torchvision import transforms as T
 
-    from pipelines.common import IMAGENET_MEAN, IMAGENET_STD
+    from kdkit.pipelines.common import IMAGENET_MEAN, IMAGENET_STD
 
     finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if cfg.aug == "eval":
@@ -195,7 +195,7 @@ def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult)
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure DALI (and the baseline); returns the report `format_table` prints and --json writes."""
-    from pipelines.resize import resizer
+    from kdkit.pipelines.resize import resizer
 
     if cfg.aug not in AUGS:
         raise KdkitError(f"--aug {cfg.aug}: expected one of {', '.join(AUGS)}")

@@ -37,7 +37,7 @@ def set_name(corruption: str, severity: int) -> str:
 def raw_view_loader(shards, image_size: int, crop_ratio: float, batch_size: int, num_threads: int,
                     device: str = "cpu"):
     """A DALI eval loader yielding the centre view as pixel values (float 0..255, HWC, exact integers)."""
-    from pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
     cfg = LoaderConfig(device=device, batch_size=batch_size, num_threads=num_threads, image_size=image_size,
                        crop_ratio=crop_ratio, eval_views="center", layout="HWC", mean=(0.0, 0.0, 0.0),
@@ -103,7 +103,7 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
     source is decoded once; the views of one source shard are held in memory while its
     corrupted copies are written (about image_size^2 * 3 bytes per sample).
     """
-    from pipelines.shardset import resolve_shards
+    from kdkit.pipelines.shardset import resolve_shards
 
     src = resolve_shards(data, split)
     if src.manifest is None:
@@ -171,7 +171,7 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
 def corrupted_set(root: Path, corruption: str, severity: int, image_size: int):
     """The written-once set for one pair, checked to have been written for this image size."""
     from kdkit.shards.verify import load_manifest
-    from pipelines.shardset import resolve_shards
+    from kdkit.pipelines.shardset import resolve_shards
 
     folder = Path(root) / set_name(corruption, severity)
     if not (folder / contract.MANIFEST).exists():

@@ -71,7 +71,7 @@ def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = N
 
 def open_eval_set(data, split: str, infos: list[ModelInfo]):
     """The ShardSet, after checking its classes against the model's (by id and order)."""
-    from pipelines.shardset import resolve_shards
+    from kdkit.pipelines.shardset import resolve_shards
 
     shards = resolve_shards(data, split)
     if shards.manifest is not None:
@@ -82,7 +82,7 @@ def open_eval_set(data, split: str, infos: list[ModelInfo]):
 
 def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
     """(probs (N, K), labels (N,)) over the whole set, in stored order."""
-    from pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
     info = infos[0]
     lcfg = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.num_threads,
@@ -99,7 +99,7 @@ def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig) -> tu
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluation `cfg` describes and return the report (JSON-ready)."""
-    from pipelines.eval import EVAL_VIEWS
+    from kdkit.pipelines.eval import EVAL_VIEWS
 
     if cfg.views not in EVAL_VIEWS:
         raise KdkitError(f"views {cfg.views!r}: expected one of {', '.join(EVAL_VIEWS)}")

@@ -109,7 +109,7 @@ def parity_inputs(cfg: ExportConfig, info: ModelInfo) -> tuple[torch.Tensor, str
     n = cfg.parity_samples
     if cfg.data is not None:
         from kdkit.evaluate.eval import open_eval_set
-        from pipelines.loader import DaliLoader, LoaderConfig
+        from kdkit.pipelines.loader import DaliLoader, LoaderConfig
 
         shards = open_eval_set(cfg.data, cfg.split, [info])
         lcfg = LoaderConfig(batch_size=n, num_threads=2, image_size=info.image_size, crop_ratio=cfg.crop_ratio,

@@ -94,7 +94,7 @@ class _Source:
             self.identity = {"teachers": records,
                              "transform": self.transform, "topk": cfg.topk, "dtype": "float16"}
             return
-        from pipelines import ShardSet, scan_shards
+        from kdkit.pipelines import ShardSet, scan_shards
 
         from kdkit.teach.h5 import H5Outputs
 

@@ -62,7 +62,7 @@ def cpu_threads(cfg: TeacherPassConfig):
 
 
 def loader_config(cfg: TeacherPassConfig, image_size: int, crop_ratio: float, mean, std, shard_index: int):
-    from pipelines import LoaderConfig
+    from kdkit.pipelines import LoaderConfig
 
     gpu = cfg.device == "gpu"
     return LoaderConfig(
@@ -78,7 +78,7 @@ def loader_config(cfg: TeacherPassConfig, image_size: int, crop_ratio: float, me
 def run_shard(tar: Path, shard_index: int, labels: list[int], ensemble: TeacherEnsemble, cfg: TeacherPassConfig,
               image_size: int, crop_ratio: float, mean, std, on_images=None) -> ShardOutputs:
     """Teacher outputs for every sample of `tar`, in tar order; `labels` are the tar's own, in order."""
-    from pipelines import DaliLoader, ShardSet, reading_order
+    from kdkit.pipelines import DaliLoader, ShardSet, reading_order
 
     lcfg = loader_config(cfg, image_size, crop_ratio, mean, std, shard_index)
     loader = DaliLoader(ShardSet(tars=[Path(tar)]), lcfg, role="eval" if cfg.views is None else "teacher_views")

@@ -25,8 +25,8 @@ from kdkit.errors import KdkitError
 from kdkit.shards import contract
 from kdkit.shards.tario import read_dali_index
 from kdkit.train.config import TrainConfig
-from pipelines.loader import DaliLoader, LoaderConfig
-from pipelines.shardset import ShardSet, resolve_shards, scan_shards, teacher_format
+from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+from kdkit.pipelines.shardset import ShardSet, resolve_shards, scan_shards, teacher_format
 
 
 @dataclass

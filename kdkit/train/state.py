@@ -53,7 +53,7 @@ def set_rng_state(state: dict) -> None:
 
 def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
     """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG)."""
-    from pipelines.common import IMAGENET_MEAN, IMAGENET_STD
+    from kdkit.pipelines.common import IMAGENET_MEAN, IMAGENET_STD
 
     rngs = gather_objects(rng_state(), p.dist)
     ckpt = {

@@ -23,7 +23,7 @@ import threading
 import warnings
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name("native") / "resize_normalize.cc"]
+SOURCES = [Path(__file__).with_name("resize_normalize.cc")]
 # -march=native: built where it runs, so the vector loops may use all of this CPU (AVX2, F16C, FMA)
 CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden"]
 
@@ -142,7 +142,7 @@ def _load() -> dict:
 
 
 def main() -> int:
-    """`python -m pipelines.native`: build (or find) the plugin now and say which resize the CPU
+    """`python -m kdkit.pipelines.native`: build (or find) the plugin now and say which resize the CPU
     pipelines will use; scripts/setup.sh runs it so the first pipeline does not pay the build."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
