@@ -7,3 +7,8 @@ class KdkitError(Exception):
 
 class BadImage(Exception):
     """An image that cannot be decoded (corrupt, truncated, not an image); carries the reason."""
+
+
+class OptionError(KdkitError, ValueError):
+    """An option value outside what it can mean (a config built in Python, or a flag): names the option
+    and the allowed range. A ValueError too, so library callers can catch it the usual way."""

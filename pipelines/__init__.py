@@ -5,15 +5,25 @@
     teacher_views  centre crop + K random crops with their boxes and flips, reproducible
     replay         one stored teacher view per sample, cut and flipped exactly as stored
 
-`DaliLoader(shards, LoaderConfig(...), role=...)` wraps any of them as an iterator of torch
-batches; the plain graph functions (decode_train, eval_views, ...) compose into custom pipelines.
+    loader = DaliLoader("shards/food", loader_config("train", batch_size=256, device="gpu"))
+
+A LoaderConfig is the role (Train, Eval, Replay, TeacherViews: its own options) plus the Output
+tensors, the Reading of the shards and the Backend (pipelines.config); DaliLoader wraps it as an
+iterator of torch batches. The graph functions (decode_train, eval_views, ...) compose into
+custom pipelines. Installed as kdkit.pipelines.
 """
 from kdkit.pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
-from kdkit.pipelines.loader import ROLES, Batch, DaliLoader, LoaderConfig, ViewsBatch, build_pipeline
+from kdkit.pipelines.config import Backend, LoaderConfig, Output, Reading, Role, loader_config, roles
+from kdkit.pipelines.eval import Eval
+from kdkit.pipelines.loader import Batch, DaliLoader, ViewsBatch, build_pipeline
+from kdkit.pipelines.replay import Replay
 from kdkit.pipelines.shardset import ShardError, ShardSet, reading_order, resolve_shards, scan_shards
+from kdkit.pipelines.teacher_views import TeacherViews
+from kdkit.pipelines.train import Train
 
 __all__ = [
-    "IMAGE_EXT", "LABEL_EXT", "LOGITS_EXT", "VIEWS_EXT", "VIEW_FIELDS", "ROLES", "Batch", "ViewsBatch",
-    "DaliLoader", "LoaderConfig", "build_pipeline", "ShardError", "ShardSet", "reading_order",
-    "resolve_shards", "scan_shards",
+    "IMAGE_EXT", "LABEL_EXT", "LOGITS_EXT", "VIEWS_EXT", "VIEW_FIELDS", "Batch", "ViewsBatch", "DaliLoader",
+    "LoaderConfig", "loader_config", "roles", "Role", "Train", "Eval", "Replay", "TeacherViews", "Output",
+    "Reading", "Backend", "build_pipeline", "ShardError", "ShardSet", "reading_order", "resolve_shards",
+    "scan_shards",
 ]

@@ -1,6 +1,6 @@
 """The PyTorch-facing loader: a DALI pipeline for one role behind an iterator of torch tensors.
 
-    loader = DaliLoader("shards/imagenet", LoaderConfig(device="gpu", batch_size=256), role="train")
+    loader = DaliLoader("shards/imagenet", loader_config("train", device="gpu", batch_size=256))
     for epoch in range(epochs):
         for images, labels, teacher_logits in loader:   # teacher_logits is None without them
             ...
@@ -28,64 +28,18 @@ per epoch; batch_size is per rank.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from nvidia.dali import pipeline_def
 
-from kdkit.shards import contract
 from kdkit.pipelines import common
-from kdkit.pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards, shard_range,
-                                teacher_format)
-
-ROLES = ("train", "eval", "replay", "teacher_views")
-TEACHER_OUTPUTS = {contract.LOGITS_EXT: "teacher_logits", contract.TOPK_VALUES_EXT: "teacher_topk_values",
-                   contract.TOPK_INDICES_EXT: "teacher_topk_indices"}  # member -> iterator output name
-
-
-@dataclass
-class LoaderConfig:
-    device: str = "cpu"  # "gpu": device_id = local rank, "mixed" decode, GPU ops; "cpu": device_id=None
-    batch_size: int = 64  # per rank
-    num_threads: int = 4  # DALI CPU worker threads
-    image_size: int = 224
-    # reading
-    shuffle: bool = True  # training roles only; eval and teacher views always read in stored order
-    shuffle_buffer: int = 4096  # samples in the shuffle buffer (DALI initial_fill)
-    seed: int = 0  # augmentation seed is seed + shard_id; the tar order seed is shared by all ranks
-    shard_id: int | None = None  # default: torch.distributed rank (0 when not initialized)
-    num_shards: int | None = None  # default: torch.distributed world size (1)
-    last_batch: str | None = None  # "partial" | "drop" | "fill"; default per role (module docstring)
-    teacher_logits: bool | None = None  # None: yield them when every sample has them
-    missing: str = "error"  # a sample lacking a requested member: "error", or "skip" and count it
-    # training augmentation
-    random_area: tuple[float, float] = (0.08, 1.0)
-    random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
-    auto_augment: str | None = None  # "autoaugment" | "randaugment" | "trivialaugment"
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    antialias: bool = True  # resize like Pillow/torchvision; teacher views and replay must agree on it
-    fast_idct: bool = False  # libjpeg-turbo's fast IDCT (JDCT_IFAST): cheaper CPU decode, not Pillow's exact one
-    # evaluation
-    crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
-    eval_views: str = "center"  # "center" | "flip" | "tencrop"
-    num_views: int = 4  # K random views of the teacher_views role
-    # output
-    layout: str = "CHW"  # "CHW", "HWC", or "channels_last" (NCHW tensors in channels-last memory)
-    dtype: str = "float32"  # or "float16"
-    mean: tuple[float, ...] = common.IMAGENET_MEAN
-    std: tuple[float, ...] = common.IMAGENET_STD
-    # performance
-    prefetch_queue_depth: int = 2  # batches DALI prepares ahead
-    reader_queue_depth: int = 1  # batches the reader loads ahead of decoding (DALI's default)
-    hw_decoder_load: float | None = None  # GPU: share of JPEGs for the hardware decoder (DALI default)
-    native_resize: bool = True  # CPU: kdkit's resize + normalize operator (pipelines.resize); False: fn.resize
-    device_id: int | None = None  # GPU: default LOCAL_RANK
+from kdkit.pipelines.config import LoaderConfig, Role
+from kdkit.pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards,
+                                      shard_range, teacher_format)
+from kdkit.runtime import rank_and_world
 
 
 class Batch(NamedTuple):
@@ -101,122 +55,123 @@ class ViewsBatch(NamedTuple):
     labels: torch.Tensor
 
 
-def rank_and_world(cfg: LoaderConfig) -> tuple[int, int]:
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    shard_id = rank if cfg.shard_id is None else cfg.shard_id
-    num_shards = world if cfg.num_shards is None else cfg.num_shards
-    if not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id={shard_id} outside 0..{num_shards - 1}")
-    return shard_id, num_shards
+def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """DALI's HWC output seen as (..., C, H, W) with channels-last strides (layout "channels_last")."""
+    return t.movedim(-1, -3) if channels_last else t
 
 
-def _device_id(cfg: LoaderConfig) -> int | None:
-    if not common.is_gpu(cfg):
+@pipeline_def
+def role_pipeline(shards, cfg: LoaderConfig, shard_id: int, num_shards: int, teacher):
+    """The role's graph over the shard reader: cfg.role.graph(members, teacher members, ...)."""
+    role = cfg.role
+    own = role.members()
+    members = common.read_shards(shards, own + common.teacher_exts(teacher), cfg.reading, shard_id, num_shards,
+                                 shuffle=role.shuffles and cfg.reading.shuffle)
+    return role.graph(members[:len(own)], members[len(own):], cfg.output, cfg.backend)
+
+
+def device_id(cfg: LoaderConfig) -> int | None:
+    """DALI's device_id: None on the CPU backend; on the GPU the configured one, else this process's
+    GPU (kdkit.runtime: LOCAL_RANK)."""
+    if not cfg.backend.gpu:
         return None
-    if cfg.device_id is not None:
-        return cfg.device_id
-    return int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.backend.device_id is not None:
+        return cfg.backend.device_id
+    from kdkit.runtime import pick_device
+
+    return pick_device("gpu").index
 
 
-def _default_last_batch(role: str) -> str:
-    return "drop" if role in ("train", "replay") else "partial"
+def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int = 1, teacher=False,
+                   checkpointing: bool = False, restore=None):
+    """The (unbuilt) DALI pipeline of cfg.role over a ShardSet; its outputs are the role's.
+    checkpointing / restore: DALI's pipeline checkpointing (see DaliLoader)."""
+    b = cfg.backend
+    extra = dict(enable_checkpointing=True, checkpoint=restore) if checkpointing else {}
+    return role_pipeline(shards, cfg, shard_id, num_shards, teacher, batch_size=cfg.reading.batch_size,
+                         num_threads=b.num_threads, device_id=device_id(cfg), prefetch_queue_depth=b.prefetch_queue_depth,
+                         seed=cfg.role.seed(cfg.reading, shard_id), enable_conditionals=cfg.role.conditionals(),
+                         **extra)
 
 
-def build_pipeline(role: str, shards, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                   with_logits: bool = False):
-    """The (unbuilt) DALI pipeline for `role` over a ShardSet; its outputs are the role's."""
-    from kdkit.pipelines.eval import eval_pipeline
-    from kdkit.pipelines.replay import replay_pipeline
-    from kdkit.pipelines.teacher_views import teacher_views_pipeline
-    from kdkit.pipelines.train import needs_conditionals, train_pipeline
-
-    common_args = dict(batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=_device_id(cfg),
-                       prefetch_queue_depth=cfg.prefetch_queue_depth, shards=shards, cfg=cfg,
-                       shard_id=shard_id, num_shards=num_shards)
-    if role == "teacher_views":
-        return teacher_views_pipeline(seed=cfg.seed, num_views=cfg.num_views, **common_args)
-    seed = cfg.seed + shard_id
-    if role == "eval":
-        return eval_pipeline(seed=seed, with_logits=with_logits, **common_args)
-    conditionals = needs_conditionals(cfg)
-    if role == "train":
-        return train_pipeline(seed=seed, with_logits=with_logits, enable_conditionals=conditionals, **common_args)
-    if role == "replay":
-        return replay_pipeline(seed=seed, with_logits=with_logits, enable_conditionals=conditionals, **common_args)
-    raise ValueError(f"role={role!r}: expected one of {ROLES}")
-
-
-def _members(role: str, with_logits: bool | str) -> list[str]:
-    exts = [common.IMAGE_EXT, common.LABEL_EXT]
-    if role == "replay":
-        exts.append(common.VIEWS_EXT)
-    return exts + common.teacher_exts(with_logits)
-
-
-def _scan(role: str, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:
+def _scan(role: Role, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:
     """Check the shards and decide which teacher outputs are read: False (none), "full" (the
     .logits.npy member) or "topk" (.topk_logits.npy values + .topk_idx.npy class indices).
 
-    Logits are read when asked for (cfg.teacher_logits=True; replay asks by default) or, with
-    teacher_logits=None, when every sample holds them. Full logits win when a set holds both; top-k
-    is read when the set holds top-k only (`kdkit add-teacher-logits --topk`).
+    Logits are read when asked for (Reading.teacher_logits=True, or a role that needs them) or,
+    with teacher_logits=None, when every sample holds them. Full logits win when a set holds both;
+    top-k is read when the set holds top-k only (`kdkit add-teacher-logits --topk`).
     """
-    wanted = cfg.teacher_logits if cfg.teacher_logits is not None else (True if role == "replay" else None)
-    if role == "teacher_views":
+    wanted = cfg.reading.teacher_logits if cfg.reading.teacher_logits is not None else role.logits
+    if role.logits is False:
         wanted = False
     kind = teacher_format(shards) or "full"  # "full" when none: a missing-member error names .logits.npy
     held = common.teacher_exts(kind)[0]
     # asked for: every sample must hold them (or, with missing="skip", those that don't are left out)
-    scan = scan_shards(shards, _members(role, kind if wanted else False), probe=[held], missing=cfg.missing)
+    required = role.members() + common.teacher_exts(kind if wanted else False)
+    scan = scan_shards(shards, required, probe=[held], missing=cfg.reading.missing)
     if wanted is None:
         return scan, (kind if scan.present[held] == sum(len(k) for k in scan.keys) else False)
     return scan, (kind if wanted else False)
 
 
 class DaliLoader:
-    """Iterate (images, labels, teacher_logits | None) torch batches of one role over a shard set."""
+    """Iterate the batches of cfg.role (Batch: images, labels, teacher_logits | None; ViewsBatch for
+    teacher views) over a shard set, as torch tensors, epoch after epoch.
 
-    def __init__(self, shards, cfg: LoaderConfig | None = None, role: str = "train", split: str = "train"):
-        self.cfg = cfg = cfg or LoaderConfig()
-        if role not in ROLES:
-            raise ValueError(f"role={role!r}: expected one of {ROLES}")
-        self.role = role
+    checkpointing=True: `state()` returns DALI's checkpoint of the position after the last batch
+    handed out (reader position and every random generator; about 1 KB), and a loader built with
+    the same config, shards and rank and `restore=` that state continues exactly there: the rest of
+    that epoch, then the same epochs that would have followed (DALI's pipeline checkpointing,
+    through its iterator, which also keeps the epoch's batch count). The trainer resumes this way.
+    """
+
+    def __init__(self, shards, cfg: LoaderConfig, split: str = "train", checkpointing: bool = False,
+                 restore: str | bytes | None = None):
+        if not isinstance(cfg, LoaderConfig):
+            raise TypeError("DaliLoader(shards, cfg): cfg is a LoaderConfig (kdkit.pipelines.loader_config)")
+        self.cfg = cfg
+        self.role = cfg.role
         self.shards = resolve_shards(shards, split)
-        self.shard_id, self.num_shards = rank_and_world(cfg)
-        self.scan, self.with_logits = _scan(role, cfg, self.shards)
-        self.last_batch = cfg.last_batch or _default_last_batch(role)
+        rank, world = rank_and_world()
+        self.shard_id = rank if cfg.reading.shard_id is None else cfg.reading.shard_id
+        self.num_shards = world if cfg.reading.num_shards is None else cfg.reading.num_shards
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id={self.shard_id} outside 0..{self.num_shards - 1}")
+        self.scan, self.with_logits = _scan(self.role, cfg, self.shards)
+        self.last_batch = cfg.reading.last_batch or self.role.last_batch
         self.last_view_index: torch.Tensor | None = None  # replay: the view each sample of the last batch used
+        self.checkpointing = checkpointing or restore is not None
+        self.restored = restore is not None
         self._it = None
-        self._guarded(self._start)
+        self._guarded(lambda: self._start(restore))
 
     # -- DALI underneath ----------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self, restore) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         policies = {"partial": LastBatchPolicy.PARTIAL, "drop": LastBatchPolicy.DROP, "fill": LastBatchPolicy.FILL}
-        if self.last_batch not in policies:
-            raise ValueError(f"last_batch={self.last_batch!r}: expected one of {sorted(policies)}")
         # DALI's auto_aug calls DALI's own deprecated operator aliases, and DALI forces such warnings to
         # show (a filter cannot silence them): record them, drop those, pass any other warning on
         with warnings.catch_warnings(record=True) as caught:
-            self.pipeline = build_pipeline(self.role, self.shards, self.cfg, self.shard_id, self.num_shards,
-                                           self.with_logits)
+            self.pipeline = build_pipeline(self.cfg, self.shards, self.shard_id, self.num_shards, self.with_logits,
+                                           self.checkpointing, restore)
             self.pipeline.build()
         for w in caught:
             if not issubclass(w.category, DeprecationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self.output_names = self._output_names()
+        self.output_names = self.role.output_names(self.with_logits)
+        # prepare_first_batch=False: with True, a loader restored at the end of an epoch would consume the
+        # rest of that epoch while being built, and its first loop would be the next epoch
         self._it = DALIGenericIterator([self.pipeline], self.output_names, reader_name=common.READER_NAME,
                                        last_batch_policy=policies[self.last_batch], auto_reset=True,
                                        prepare_first_batch=False)
 
-    def _output_names(self) -> list[str]:
-        if self.role == "teacher_views":
-            return ["center", "views", "boxes", "labels"]
-        names = ["images", "labels"] + [TEACHER_OUTPUTS[e] for e in common.teacher_exts(self.with_logits)]
-        return names + (["view_index"] if self.role == "replay" else [])
+    def state(self):
+        """DALI's checkpoint of the position after the last batch handed out (needs checkpointing=True)."""
+        if not self.checkpointing:
+            raise ValueError("state(): build the loader with checkpointing=True")
+        return self._it.checkpoints()[0]
 
     def _guarded(self, step):
         """Run a step that drives DALI; a DALI failure becomes a ShardError naming shard and key."""
@@ -247,7 +202,7 @@ class DaliLoader:
         last_batch="partial": the i-th sample of the epoch is keys()[i]. This is how outputs computed
         from a batch (teacher logits) are joined back to their samples.
         """
-        if self.role in ("train", "replay") and self.cfg.shuffle:
+        if self.role.shuffles and self.cfg.reading.shuffle:
             raise ValueError("keys(): this loader shuffles; use shuffle=False or an eval/teacher_views role")
         return reading_order(self.shards, self.scan, self.shard_id, self.num_shards)
 
@@ -256,23 +211,12 @@ class DaliLoader:
 
     def __iter__(self):
         it = iter(self._it)
+        channels_last = self.cfg.output.layout == "channels_last"
         while True:
             try:
                 out = self._guarded(lambda: next(it))
             except StopIteration:
                 return
-            yield self._to_batch(out[0])
-
-    def _to_batch(self, d: dict):
-        channels_last = self.cfg.layout == "channels_last"
-
-        def image(t):  # (..., H, W, C) -> (..., C, H, W) view with channels-last strides
-            return t.movedim(-1, -3) if channels_last else t
-
-        if self.role == "teacher_views":
-            return ViewsBatch(image(d["center"]), image(d["views"]), d["boxes"], d["labels"])
-        self.last_view_index = d.get("view_index")
-        teacher = d.get("teacher_logits")
-        if self.with_logits == "topk":  # top-k storage: (values, class indices); see kdkit.train.losses
-            teacher = (d["teacher_topk_values"], d["teacher_topk_indices"])
-        return Batch(image(d["images"]), d["labels"], teacher)
+            d = out[0]
+            self.last_view_index = d.get("view_index")
+            yield self.role.batch(d, self.with_logits, channels_last)

@@ -13,17 +13,18 @@ teacher never saw, so they are off by default for this role.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nvidia.dali.math as dmath
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
-from kdkit.pipelines.train import train_views
+from kdkit.pipelines.config import Role
+from kdkit.pipelines.train import Augment, crop_resizer, train_views
 
 if TYPE_CHECKING:
-    from kdkit.pipelines.loader import LoaderConfig
-    from kdkit.pipelines.shardset import ShardSet
+    from kdkit.pipelines.config import Backend
 
 
 def choose_view(views):
@@ -50,25 +51,51 @@ def pixel_box(box, shape):
     return fn.stack(x, y), fn.stack(w, h)
 
 
-def decode_view(jpegs, box, cfg: LoaderConfig):
+def decode_view(jpegs, box, backend: Backend):
     """Decode exactly the stored crop of each image: uint8 HWC at the source resolution."""
     anchor, size = pixel_box(box, fn.peek_image_shape(jpegs))
-    return fn.decoders.image_slice(jpegs, anchor, size, device=common.decoder_device(cfg),
-                                   output_type=types.RGB, **common.decoder_args(cfg))  # (x, y) order: "WH"
+    return fn.decoders.image_slice(jpegs, anchor, size, device=backend.decoder, output_type=types.RGB,
+                                   **backend.decoder_args())  # (x, y) order: "WH"
 
 
-@pipeline_def
-def replay_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                    with_logits: bool | str = True):
-    """(images, labels[, logits of the chosen view], chosen view index) for student training."""
-    exts = [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT] + common.teacher_exts(with_logits)
-    members = common.read_shards(shards, exts, cfg, shard_id, num_shards, shuffle=cfg.shuffle, missing=cfg.missing)
-    views = common.decode_npy(members[2])
-    k = choose_view(views)
-    box = views[k]
-    images = train_views(decode_view(members[0], box, cfg), cfg, mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
-    labels = common.to_output_device(common.parse_label(members[1]), cfg)
-    index = common.to_output_device(k, cfg)
-    if not with_logits:
-        return images, labels, index
-    return (images, labels, *common.teacher_outputs(members[3:], cfg, row=k), index)
+@dataclass(frozen=True)
+class Replay(Role, Augment):
+    """(images, labels[, logits of the chosen view], chosen view index) for student training. Augment
+    options (colour jitter, auto-augment) apply on top of the stored view: they change pixels the
+    teacher never saw, so they are off by default."""
+
+    name = "replay"
+    shuffles = True
+    last_batch = "drop"
+    logits = True  # the stored views' logits are the point of this role
+
+    def __post_init__(self):
+        self.check_augment()
+
+    def members(self):
+        return [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT]
+
+    def graph(self, members, teacher, output, backend):
+        jpegs, cls, stored = members
+        views = common.decode_npy(stored)
+        k = choose_view(views)
+        box = views[k]
+        native_op = self.resizer(backend) == "kdkit_resize_normalize"
+        images = train_views(decode_view(jpegs, box, backend), self, output, native_op,
+                             mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
+        labels = backend.to_output(common.parse_label(cls))
+        return (images, labels, *common.teacher_outputs(teacher, backend, row=k), backend.to_output(k))
+
+    def output_names(self, teacher):
+        return ["images", "labels", *common.teacher_names(teacher), "view_index"]
+
+    def batch(self, d, teacher_kind, channels_last):
+        from kdkit.pipelines.loader import Batch, as_nchw
+
+        return Batch(as_nchw(d["images"], channels_last), d["labels"], common.teacher_batch(d, teacher_kind))
+
+    def resizer(self, backend):
+        return crop_resizer(self, backend)
+
+    def conditionals(self):
+        return bool(self.auto_augment)

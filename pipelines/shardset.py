@@ -103,9 +103,15 @@ def teacher_format(shards: ShardSet) -> str | None:
     return "topk" if contract.TOPK_VALUES_EXT in comps else None
 
 
-def _scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
-                 missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
-    """scan_shards without the cache."""
+def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
+                missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
+    """Check the indexes before building a pipeline; raise ShardError naming shard and key.
+
+    `required` members must be in every sample; with missing="skip" a sample lacking one is
+    counted in `skipped` instead (DALI's missing_component_behavior="skip" then leaves it out).
+    `probe` members are only counted (scan.present). Cost: one read of every index file (~5 s of
+    Python for ImageNet's 1.28M samples), once per loader: a run builds its loaders once.
+    """
     if missing not in ("error", "skip"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'skip'")
     scan = ShardScan(present={e: 0 for e in probe})
@@ -141,32 +147,6 @@ def _scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
     if scan.num_samples == 0:
         raise ShardError(f"{shards.tars[0].parent}: no readable samples with members {', '.join(required)}")
     return scan
-
-
-_SCANS: dict[tuple, ShardScan] = {}
-
-
-def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
-                missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
-    """Check the indexes before building a pipeline; raise ShardError naming shard and key.
-
-    `required` members must be in every sample; with missing="skip" a sample lacking one is
-    counted in `skipped` instead (DALI's missing_component_behavior="skip" then leaves it out).
-    `probe` members are only counted (scan.present). Cost: one read of every index file (~5 s of
-    Python for ImageNet's 1.28M samples), so the result is kept and reused while no tar or index
-    changed size or modification time: the trainer builds a loader every epoch. Treat it as read-only.
-    """
-    try:
-        stamp = tuple((t.stat().st_size, i.stat().st_mtime_ns, i.stat().st_size)
-                      for t, i in zip(shards.tars, shards.indexes))
-    except OSError:  # a file is missing: the uncached scan names it
-        return _scan_shards(shards, required, probe, missing, label_ext)
-    key = (tuple(shards.tars), stamp, tuple(required), tuple(probe), missing, label_ext)
-    if key not in _SCANS:
-        if len(_SCANS) >= 8:
-            _SCANS.pop(next(iter(_SCANS)))
-        _SCANS[key] = _scan_shards(shards, required, probe, missing, label_ext)
-    return _SCANS[key]
 
 
 def shard_range(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:

@@ -14,53 +14,75 @@ relative to it; converting back with round(x * width) gives the same integers ag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, types
 
-from kdkit.pipelines import common, resize
-from kdkit.pipelines.eval import center_view
+from kdkit.pipelines import common
+from kdkit.pipelines.config import Role, positive_int
+from kdkit.pipelines.eval import center_view, check_crop_ratio, decode_eval
+from kdkit.pipelines.resize import resized_view
+from kdkit.pipelines.train import RandomCrop
 
 if TYPE_CHECKING:
-    from kdkit.pipelines.loader import LoaderConfig
-    from kdkit.pipelines.shardset import ShardSet
+    from kdkit.pipelines.config import Output
 
 
 def _as_float(node):
     return fn.cast(node, dtype=types.FLOAT)
 
 
-def random_view(full, shape, cfg: LoaderConfig):
+def random_view(full, shape, crop: RandomCrop, output: Output, native_op: bool):
     """One random-resized crop of the decoded image: (normalized view, (5,) box x, y, w, h, flip)."""
     height, width = _as_float(shape[0]), _as_float(shape[1])
     anchor, size = fn.random_crop_generator(  # (y, x) and (h, w): the order of the shape given
-        shape[0:2], random_area=list(cfg.random_area), random_aspect_ratio=list(cfg.random_aspect_ratio))
-    flip = fn.random.coin_flip(probability=0.5 if cfg.flip else 0.0, dtype=types.INT32)
-    crop = fn.slice(full, anchor, size, axes=[0, 1])
-    view = resize.resized_view(crop, cfg, mirror=flip)
+        shape[0:2], random_area=list(crop.random_area), random_aspect_ratio=list(crop.random_aspect_ratio))
+    flip = fn.random.coin_flip(probability=0.5 if crop.flip else 0.0, dtype=types.INT32)
+    view = resized_view(fn.slice(full, anchor, size, axes=[0, 1]), output, native_op, mirror=flip)
     box = fn.stack(_as_float(anchor[1]) / width, _as_float(anchor[0]) / height,
                    _as_float(size[1]) / width, _as_float(size[0]) / height, _as_float(flip))
     return view, box
 
 
-def teacher_views(jpegs, cfg: LoaderConfig, num_views: int):
-    """(centre view, K views stacked, (K, 5) float32 boxes) from one full decode per image."""
-    if num_views < 1:
-        raise ValueError(f"num_views={num_views}: expected at least 1")
-    shape = fn.peek_image_shape(jpegs)
-    full = fn.decoders.image(jpegs, device=common.decoder_device(cfg), output_type=types.RGB,
-                             **common.decoder_args(cfg))
-    center = center_view(full, cfg)
-    views, boxes = zip(*(random_view(full, shape, cfg) for _ in range(num_views)))
-    return center, fn.stack(*views), fn.stack(*boxes)
+@dataclass(frozen=True)
+class TeacherViews(Role, RandomCrop):
+    """(centre view, views (K, C, H, W), boxes (K, 5), labels) in stored order, from one full decode
+    per image: the centre crop (crop_ratio, as the eval role cuts it) and K seeded random views."""
 
+    num_views: int = 4  # K
+    crop_ratio: float = 0.875  # of the centre view
 
-@pipeline_def
-def teacher_views_pipeline(shards: ShardSet, cfg: LoaderConfig, shard_id: int = 0, num_shards: int = 1,
-                           num_views: int = 4):
-    """(centre view, views (K, C, H, W), boxes (K, 5), labels), in stored order."""
-    jpegs, cls = common.read_shards(shards, [common.IMAGE_EXT, common.LABEL_EXT], cfg, shard_id, num_shards,
-                                    shuffle=False, missing=cfg.missing)
-    center, views, boxes = teacher_views(jpegs, cfg, num_views)
-    labels = common.parse_label(cls)
-    return center, views, common.to_output_device(boxes, cfg), common.to_output_device(labels, cfg)
+    name = "teacher_views"
+    logits = False  # the teacher pass computes them
+
+    def __post_init__(self):
+        self.check_crop()
+        positive_int("num_views", self.num_views)
+        check_crop_ratio(self.crop_ratio)
+
+    def members(self):
+        return [common.IMAGE_EXT, common.LABEL_EXT]
+
+    def graph(self, members, teacher, output, backend):
+        jpegs, cls = members
+        native_op = self.resizer(backend) == "kdkit_resize_normalize"
+        shape = fn.peek_image_shape(jpegs)
+        full = decode_eval(jpegs, backend)
+        center = center_view(full, self.crop_ratio, output, native_op)
+        views, boxes = zip(*(random_view(full, shape, self, output, native_op) for _ in range(self.num_views)))
+        labels = common.parse_label(cls)
+        return center, fn.stack(*views), backend.to_output(fn.stack(*boxes)), backend.to_output(labels)
+
+    def output_names(self, teacher):
+        return ["center", "views", "boxes", "labels"]
+
+    def batch(self, d, teacher_kind, channels_last):
+        from kdkit.pipelines.loader import ViewsBatch, as_nchw
+
+        return ViewsBatch(as_nchw(d["center"], channels_last), as_nchw(d["views"], channels_last), d["boxes"],
+                          d["labels"])
+
+    def seed(self, reading, shard_id):
+        """The same seed on every rank: a sample's views depend on the seed, not on which rank read it."""
+        return reading.seed

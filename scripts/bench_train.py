@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdkit.bench.sysinfo import machine  # noqa: E402
 from kdkit.train.build import build  # noqa: E402
 from kdkit.train.config import make_config  # noqa: E402
-from kdkit.train.data import train_loader  # noqa: E402
-from kdkit.train.distributed import DistInfo, pick_device  # noqa: E402
+from kdkit.runtime import Runtime, pick_device  # noqa: E402
 from kdkit.train.loop import train_step  # noqa: E402
 
 
@@ -52,18 +51,14 @@ def synthetic_shards(out: Path, images: int, max_size: int | None) -> Path:
     return shards
 
 
-def batches_forever(p, first_epoch: int = 0):
-    """The trainer's loader, epoch after epoch (rebuilt per epoch, as in training)."""
-    epoch = first_epoch
-    loader = p.first_loader[1]
+def batches_forever(p):
+    """The trainer's loader, epoch after epoch (one loader per run, as in training)."""
     while True:
-        yield from loader
-        epoch += 1
-        loader = train_loader(p.cfg, p.data, p.dist.device, epoch)
+        yield from p.train_loader
 
 
 def sync(p) -> None:
-    if p.dist.device.type == "cuda":
+    if p.rt.device.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -101,11 +96,11 @@ def main(argv=None) -> dict:
                            batch_size=a.batch_size, loader_threads=a.threads, device=a.device, amp=a.amp,
                            channels_last=a.channels_last, shuffle_buffer=256, sched="none", opt="sgd", lr=0.01,
                            progress=False, kd=a.kd))
-    p = build(cfg, DistInfo(device=pick_device(cfg.device, 0)), start_run=False)
+    p = build(cfg, Runtime(device=pick_device(cfg.device)), start_run=False)
     p.model.train()
     feed = batches_forever(p)
     held = next(feed)  # one real batch, moved to the device once: the "synthetic tensors"
-    held = type(held)(held.images.to(p.dist.device), held.labels.to(p.dist.device), held.teacher_logits)
+    held = type(held)(held.images.to(p.rt.device), held.labels.to(p.rt.device), held.teacher_logits)
     n = held.labels.shape[0]
 
     def loader_only():
@@ -129,11 +124,11 @@ def main(argv=None) -> dict:
         runs["loader_plus_step"].append(timed(p, a.steps, fed))
     med = {k: statistics.median(v) for k, v in runs.items()}
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-              "device": str(p.dist.device), "torch_threads": torch.get_num_threads(), "machine": machine(),
+              "device": str(p.rt.device), "torch_threads": torch.get_num_threads(), "machine": machine(),
               "images_per_s": {k: round(v, 1) for k, v in med.items()},
               "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
               "loader_cost": round(1 - med["loader_plus_step"] / med["step_only"], 3)}
-    print(f"{a.model} {a.image_size}px batch {a.batch_size} on {p.dist.device} (torch threads "
+    print(f"{a.model} {a.image_size}px batch {a.batch_size} on {p.rt.device} (torch threads "
           f"{torch.get_num_threads()}, DALI threads {a.threads}, amp {a.amp}); median of {a.repeats} x {a.steps} batches")
     for k, v in med.items():
         print(f"  {k:18s} {v:8.1f} img/s")

@@ -11,11 +11,11 @@ import torch
 
 from kdkit.errors import KdkitError
 from kdkit.evaluate.eval import EvalConfig, collect_probs, evaluate, format_report, load_models, write_outputs
-from kdkit.evaluate.models import load_model
+from kdkit.models.checkpoint import load_model
 from kdkit.models.checkpoint import save_checkpoint
 from kdkit.models.factory import create_model
 from kdkit.shards.verify import load_manifest
-from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+from kdkit.pipelines import DaliLoader, loader_config
 
 SIZE = 32  # model input size: tiny, so every forward pass takes milliseconds
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -88,8 +88,8 @@ def ckpt_b(tiny_shards, tmp_path_factory) -> Path:
 
 def views(shards, eval_views: str):
     """(images, labels) of the val set as the DALI eval pipeline gives them."""
-    cfg = LoaderConfig(batch_size=5, num_threads=2, image_size=SIZE, eval_views=eval_views, mean=MEAN, std=STD)
-    batches = list(DaliLoader(shards, cfg, role="eval", split="val"))
+    cfg = loader_config("eval", batch_size=5, num_threads=2, image_size=SIZE, views=eval_views, mean=MEAN, std=STD)
+    batches = list(DaliLoader(shards, cfg, split="val"))
     return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches]).numpy()
 
 
@@ -235,9 +235,10 @@ def test_cli_eval_writes_table_json_and_plots(ckpt, tiny_shards, tmp_path, capsy
 
 
 def test_am_softmax_head_is_rebuilt_from_the_checkpoint(tiny_shards, tmp_path):
-    train_model = pytest.importorskip("kdkit.train.model")
+    from kdkit.models.heads import AMSoftmaxHead
+
     model = tiny_model(0)
-    head = train_model.AMSoftmaxHead(model.get_classifier().in_features, 3, scale=16.0)
+    head = AMSoftmaxHead(model.get_classifier().in_features, 3, scale=16.0)
     model.fc = head
     path = make_checkpoint(tmp_path / "am.pt", tiny_shards, state_dict=model.state_dict(),
                            head={"type": "am_softmax", "scale": 16.0, "margin": 0.35})

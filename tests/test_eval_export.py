@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdkit.evaluate.export import ExportConfig, export, format_export, ort_session
-from kdkit.evaluate.models import load_model
+from kdkit.models.checkpoint import load_model
 from test_eval import SIZE, ckpt, one_torch_thread, run_cli  # noqa: F401 (shared fixtures)
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import jpeg_bytes
-from kdkit.evaluate.models import load_model
+from kdkit.models.checkpoint import load_model
 from kdkit.evaluate.predict import PredictConfig, eval_transform, predict
 from kdkit.shards import tario
 from test_eval import MEAN, SIZE, STD, ckpt, one_torch_thread, run_cli  # noqa: F401 (shared fixtures)
@@ -63,10 +63,10 @@ def test_undecodable_image_is_named_and_the_others_still_predicted(ckpt, images,
 
 
 def test_predict_transform_matches_the_dali_eval_view_up_to_resize(ckpt, tiny_shards):
-    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines import DaliLoader, loader_config
 
-    loader = DaliLoader(tiny_shards, LoaderConfig(batch_size=12, num_threads=2, image_size=SIZE, mean=MEAN, std=STD),
-                        role="eval", split="val")
+    loader = DaliLoader(tiny_shards, loader_config("eval", batch_size=12, num_threads=2, image_size=SIZE, mean=MEAN,
+                                                   std=STD), split="val")
     dali = next(iter(loader)).images
     tars = {t: dict(tario.iter_tar_samples(t)) for t, _ in loader.keys()}
     _, info = load_model(ckpt)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kdkit.pipelines import native
-from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+from kdkit.pipelines import DaliLoader, loader_config
 
 SIZE = 32
 # odd shapes on purpose: 1 pixel, one-pixel-wide strips, exact size, shrink 5x, enlarge 10x
@@ -132,17 +132,17 @@ def test_without_antialias_is_dalis_bilinear(plugin):
 
 
 def loader_images(shards, role, **kw):
-    cfg = LoaderConfig(batch_size=8, num_threads=2, image_size=SIZE, shuffle=False, seed=3, last_batch="partial",
-                       mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, **kw)
-    batches = list(DaliLoader(shards, cfg, role=role))
+    cfg = loader_config(role, batch_size=8, num_threads=2, image_size=SIZE, shuffle=False, seed=3,
+                        last_batch="partial", mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, **kw)
+    batches = list(DaliLoader(shards, cfg))
     if role == "teacher_views":  # centre view and the K random views, side by side
         return torch.cat([torch.cat([b.center[:, None], b.views], 1) for b in batches])
     return torch.cat([b.images for b in batches])
 
 
 @pytest.mark.parametrize("role,kw", [
-    ("train", {}), ("eval", dict(crop_ratio=0.8)), ("eval", dict(crop_ratio=0.7, eval_views="tencrop")),
-    ("eval", dict(crop_ratio=1.0, eval_views="flip")), ("teacher_views", dict(crop_ratio=0.8, num_views=2))])
+    ("train", {}), ("eval", dict(crop_ratio=0.8)), ("eval", dict(crop_ratio=0.7, views="tencrop")),
+    ("eval", dict(crop_ratio=1.0, views="flip")), ("teacher_views", dict(crop_ratio=0.8, num_views=2))])
 def test_pipelines_fall_back_to_dalis_operators(plugin, tiny_shards, monkeypatch, role, kw):
     fast = loader_images(tiny_shards, role, **kw)
     monkeypatch.setitem(native._state, "ok", False)  # as where the operator cannot be built

@@ -15,16 +15,17 @@ from PIL import Image
 from conftest import jpeg_bytes
 from kdkit.shards import contract, tario
 from kdkit.pipelines import common
-from kdkit.pipelines.loader import DaliLoader, LoaderConfig, build_pipeline
+from kdkit.pipelines.config import LoaderConfig, loader_config
+from kdkit.pipelines.loader import DaliLoader, build_pipeline
 from kdkit.pipelines.shardset import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
 
 H, W = 48, 64  # image size of the hand-written shards below
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalize to plain 0..255 pixel values
 
 
-def cfg(**kw) -> LoaderConfig:
+def cfg(role: str = "train", **kw) -> LoaderConfig:
     base = dict(batch_size=4, num_threads=2, image_size=32, shuffle_buffer=16)
-    return LoaderConfig(**{**base, **kw})
+    return loader_config(role, **{**base, **kw})
 
 
 def write_set(folder: Path, samples: list[dict], per_shard: int = 8) -> list[Path]:
@@ -68,7 +69,7 @@ def indexed(tmp_path_factory):
 
 def test_eval_labels_match_the_tars_key_by_key(tiny_shards):
     shards = resolve_shards(tiny_shards, "train")
-    loader = DaliLoader(shards, cfg(batch_size=5), role="eval")
+    loader = DaliLoader(shards, cfg("eval", batch_size=5))
     got = [label for b in loader for label in b.labels.tolist()]
     truth = {k: contract.decode_label(m["cls"]) for t in shards.tars for k, m in tario.iter_tar_samples(t)}
     assert got == [truth[k] for _, k in loader.keys()]
@@ -107,8 +108,8 @@ def test_train_augmentations_run_on_cpu(tiny_shards, aug):
 def test_fast_idct_decodes_nearly_the_same_pixels(indexed):
     tars, _ = indexed
     c = dict(image_size=H, crop_ratio=1.0, layout="HWC", **RAW)
-    exact = torch.cat([b.images for b in DaliLoader(tars, cfg(**c), role="eval")])
-    fast = torch.cat([b.images for b in DaliLoader(tars, cfg(fast_idct=True, **c), role="eval")])
+    exact = torch.cat([b.images for b in DaliLoader(tars, cfg("eval", **c))])
+    fast = torch.cat([b.images for b in DaliLoader(tars, cfg("eval", fast_idct=True, **c))])
     diff = (exact - fast).abs()
     assert 0 < diff.mean() < 2 and diff.max() <= 12  # libjpeg-turbo's IFAST vs ISLOW: close, not bit-equal
 
@@ -118,7 +119,7 @@ def test_fast_idct_decodes_nearly_the_same_pixels(indexed):
 
 def test_eval_center_crop_is_the_middle_of_the_image(indexed):
     tars, samples = indexed
-    loader = DaliLoader(tars, cfg(image_size=H, crop_ratio=1.0, layout="HWC", **RAW), role="eval")
+    loader = DaliLoader(tars, cfg("eval", image_size=H, crop_ratio=1.0, layout="HWC", **RAW))
     images = torch.cat([b.images for b in loader]).numpy()
     for img, s in zip(images, samples):
         ref = pil_rgb(s["jpg"])[:, (W - H) // 2:(W + H) // 2]  # shorter side already H: no resize
@@ -127,7 +128,7 @@ def test_eval_center_crop_is_the_middle_of_the_image(indexed):
 
 def test_eval_resize_then_crop_matches_pillow(indexed):
     tars, samples = indexed
-    loader = DaliLoader(tars, cfg(image_size=24, crop_ratio=0.75, layout="HWC", **RAW), role="eval")
+    loader = DaliLoader(tars, cfg("eval", image_size=24, crop_ratio=0.75, layout="HWC", **RAW))
     img = next(iter(loader)).images[0].numpy()
     ref = Image.open(io.BytesIO(samples[0]["jpg"])).convert("RGB").resize((43, 32), Image.Resampling.BILINEAR)
     ref = np.asarray(ref, np.float32)[4:28, 10:34]  # shorter side 32 = 24 / 0.75, then the middle 24 x 24
@@ -136,8 +137,8 @@ def test_eval_resize_then_crop_matches_pillow(indexed):
 
 def test_ten_crop_views(indexed):
     tars, samples = indexed
-    c = cfg(image_size=32, crop_ratio=32 / H, layout="HWC", eval_views="tencrop", **RAW)
-    views = next(iter(DaliLoader(tars, c, role="eval"))).images[0].numpy()
+    c = cfg("eval", image_size=32, crop_ratio=32 / H, layout="HWC", views="tencrop", **RAW)
+    views = next(iter(DaliLoader(tars, c))).images[0].numpy()
     assert views.shape == (10, 32, 32, 3)
     full = pil_rgb(samples[0]["jpg"])
     corners = [(0, 0), (0, W - 32), (H - 32, 0), (H - 32, W - 32), ((H - 32) // 2, (W - 32) // 2)]
@@ -145,7 +146,7 @@ def test_ten_crop_views(indexed):
         crop = full[y:y + 32, x:x + 32]
         assert np.abs(views[i] - crop).max() <= 2
         assert np.abs(views[5 + i] - crop[:, ::-1]).max() <= 2
-    flip = next(iter(DaliLoader(tars, cfg(eval_views="flip"), role="eval"))).images
+    flip = next(iter(DaliLoader(tars, cfg("eval", views="flip")))).images
     assert flip.shape == (4, 2, 3, 32, 32) and torch.allclose(flip[:, 1], flip[:, 0].flip(-1))
 
 
@@ -208,7 +209,7 @@ def test_reading_order_is_what_dali_reads(indexed):
 
     @pipeline_def(batch_size=5, num_threads=1, device_id=None)
     def raw():
-        return common.read_shards(shards, ["jpg"], cfg(), 1, 2, shuffle=False)[0]
+        return common.read_shards(shards, ["jpg"], cfg().reading, 1, 2, shuffle=False)[0]
 
     pipe = raw()
     pipe.build()
@@ -225,7 +226,7 @@ def test_teacher_views_are_reproducible(indexed):
     tars, _ = indexed
 
     def run(seed):
-        loader = DaliLoader(tars, cfg(batch_size=8, seed=seed, num_views=3), role="teacher_views")
+        loader = DaliLoader(tars, cfg("teacher_views", batch_size=8, seed=seed, num_views=3))
         return [b for b in loader]
 
     a, b, other = run(5), run(5), run(6)
@@ -258,8 +259,8 @@ def test_replay_cuts_exactly_the_stored_box(indexed, tmp_path):
     pixel = [(0, 0, 0), (40, 24, 1), (17, 9, 0)]
     stored = with_views(samples, lambda i: [(x / W, y / H, 24 / W, 24 / H, f) for x, y, f in pixel])
     tars = write_set(tmp_path, stored)
-    c = cfg(image_size=24, layout="HWC", batch_size=8, last_batch="partial", **RAW)
-    loader = DaliLoader(tars, c, role="replay")
+    c = cfg("replay", image_size=24, layout="HWC", batch_size=8, last_batch="partial", **RAW)
+    loader = DaliLoader(tars, c)
     chosen = Counter()
     for images, labels, logits in loader:
         for img, i, row, k in zip(images.numpy(), labels.tolist(), logits, loader.last_view_index.tolist()):
@@ -273,11 +274,11 @@ def test_replay_cuts_exactly_the_stored_box(indexed, tmp_path):
 
 def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
     tars, samples = indexed
-    teacher = [b for b in DaliLoader(tars, cfg(batch_size=8, num_views=3, **RAW), role="teacher_views")]
+    teacher = [b for b in DaliLoader(tars, cfg("teacher_views", batch_size=8, num_views=3, **RAW))]
     views = {i: v for b in teacher for i, v in zip(b.labels.tolist(), b.views)}
     boxes = {i: v.numpy() for b in teacher for i, v in zip(b.labels.tolist(), b.boxes)}
     replay = DaliLoader(write_set(tmp_path, with_views(samples, boxes.__getitem__)),
-                        cfg(batch_size=8, last_batch="partial", **RAW), role="replay")
+                        cfg("replay", batch_size=8, last_batch="partial", **RAW))
     n = 0
     for images, labels, _ in replay:
         for img, i, k in zip(images, labels.tolist(), replay.last_view_index.tolist()):
@@ -326,7 +327,7 @@ def test_replay_picks_the_chosen_views_topk_row(indexed, tmp_path):
     box = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0)]
     stored = [{**s, common.VIEWS_EXT: npy(np.asarray(box, np.float32)), **topk_members(int(s["cls"]), rows=3)}
               for s in samples]
-    loader = DaliLoader(write_set(tmp_path, stored), cfg(batch_size=8, last_batch="partial", image_size=16), role="replay")
+    loader = DaliLoader(write_set(tmp_path, stored), cfg("replay", batch_size=8, last_batch="partial", image_size=16))
     for _, labels, (values, idx) in loader:
         assert values.shape == (len(labels), 2) and idx[:, 1].eq(3).all()
         assert values[:, 0].tolist() == labels.tolist()
@@ -347,7 +348,7 @@ def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_
     # straight into DALI (no pre-check): its "underful sample" error is translated to the key
     shards = resolve_shards(tars)
     with pytest.raises(RuntimeError) as err:
-        build_pipeline("eval", shards, cfg(), with_logits=True).build()
+        build_pipeline(cfg("eval"), shards, teacher="full").build()
     assert "s-000000.tar: sample s000" in str(explain_failure(err.value, shards, None, "jpg", 0, 1))
 
 
@@ -384,7 +385,7 @@ def test_tar_truncated_mid_member_names_shard_and_key(indexed, tmp_path):
         DaliLoader(tars, cfg())
     # the same shard straight into DALI (no pre-check): its error is translated too
     shards = resolve_shards(tars)
-    pipe = build_pipeline("eval", shards, cfg())
+    pipe = build_pipeline(cfg("eval"), shards)
     with pytest.raises(RuntimeError) as err:
         pipe.build()
         for _ in range(6):
@@ -411,14 +412,14 @@ def test_split_folder_and_dataset_root_resolve_alike(tiny_shards):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("role,extra", [("train", dict(color_jitter=0.4, auto_augment="randaugment")),
-                                        ("eval", dict(eval_views="tencrop")), ("teacher_views", {}),
+                                        ("eval", dict(views="tencrop")), ("teacher_views", {}),
                                         ("replay", dict(hw_decoder_load=0.75))])
 def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     # defining the graph (not building it) checks every CPU/GPU placement: "mixed" decoders,
     # GPU operators, CPU-side arguments, outputs moved with .gpu()
     with warnings.catch_warnings(record=True):  # DALI's auto_aug: deprecated aliases, forced to show
-        pipe = build_pipeline(role, resolve_shards(tiny_shards), cfg(device="gpu", device_id=0, **extra),
-                              with_logits=role == "replay")
+        pipe = build_pipeline(cfg(role, device="gpu", device_id=0, **extra), resolve_shards(tiny_shards),
+                              teacher="full" if role == "replay" else False)
     assert pipe.device_id == 0
 
 
@@ -428,8 +429,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @gpu
 @pytest.mark.parametrize("role", ["train", "eval", "teacher_views"])
 def test_gpu_outputs_are_on_the_device(tiny_shards, role):
-    batch = next(iter(DaliLoader(tiny_shards, cfg(device="gpu", device_id=int(os.environ.get("LOCAL_RANK", 0))),
-                                 role=role)))
+    batch = next(iter(DaliLoader(tiny_shards, cfg(role, device="gpu",
+                                                   device_id=int(os.environ.get("LOCAL_RANK", 0))))))
     assert all(t.is_cuda for t in batch if t is not None)
 
 
@@ -438,18 +439,6 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     _, samples = indexed
     tars = write_set(tmp_path, with_views(samples, lambda i: [(0.25, 0.25, 0.5, 0.5, 1)]))
     c = dict(shuffle=False, last_batch="partial", batch_size=8, **RAW)
-    on_cpu = next(iter(DaliLoader(tars, cfg(**c), role="replay"))).images
-    on_gpu = next(iter(DaliLoader(tars, cfg(device="gpu", **c), role="replay"))).images.cpu()
+    on_cpu = next(iter(DaliLoader(tars, cfg("replay", **c)))).images
+    on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()
     assert (on_cpu - on_gpu).abs().mean() < 3  # GPU JPEG decoding differs slightly from libjpeg
-
-
-def test_index_scan_is_reused_until_a_shard_changes(indexed, tmp_path):
-    """The trainer builds a loader per epoch; the index scan is done once while nothing changed."""
-    _, samples = indexed
-    tars = write_set(tmp_path, samples)
-    shards = resolve_shards(tars)
-    first = scan_shards(shards, ["jpg", "cls"])
-    assert scan_shards(resolve_shards(tars), ["jpg", "cls"]) is first
-    tario.write_shard(tars[0], samples[:3])  # the first shard rewritten with 3 samples
-    again = scan_shards(resolve_shards(tars), ["jpg", "cls"])
-    assert again is not first and again.num_samples == first.num_samples - 8 + 3

@@ -33,10 +33,13 @@ from kdkit.models.factory import create_model
 from kdkit.shards import contract, tario
 from kdkit.shards.verify import verify_set
 from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
-from kdkit.teach import add_logits, members, state
+from kdkit.runtime import Runtime
+from kdkit.shards import resume
+from kdkit.teach import add_logits, members
 from kdkit.teach.compute import loader_config
 from kdkit.teach.teachers import load_teacher
-from kdkit.pipelines import DaliLoader, LoaderConfig, ShardSet, reading_order, resolve_shards
+from kdkit.pipelines import DaliLoader, LoaderConfig, Replay, ShardSet, loader_config as make_loader_config, \
+    reading_order, resolve_shards
 
 SIZE, RATIO = 32, 0.875
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -120,8 +123,7 @@ def teacher(ckpt) -> torch.nn.Module:
 def eval_loader(tars, **kw) -> DaliLoader:
     base = dict(batch_size=8, num_threads=2, image_size=SIZE, crop_ratio=RATIO, mean=MEAN, std=STD,
                 shard_id=0, num_shards=1, teacher_logits=False)
-    cfg = LoaderConfig(**{**base, **kw})
-    return DaliLoader(tars, cfg, role="eval")
+    return DaliLoader(tars, make_loader_config("eval", **{**base, **kw}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,14 +196,14 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
     seen, pixel_err, logit_err, other_views = 0, [], [], []
     for index, tar in enumerate(shards.tars):
         one = ShardSet(tars=[tar])
-        same_as_the_pass = loader_config(cfg, SIZE, RATIO, MEAN, STD, index)
-        teacher_views = [b for b in DaliLoader(one, same_as_the_pass, role="teacher_views")]
+        same_as_the_pass = loader_config(cfg, Runtime(), SIZE, RATIO, MEAN, STD, index)
+        teacher_views = [b for b in DaliLoader(one, same_as_the_pass)]
         views, boxes = torch.cat([b.views for b in teacher_views]), torch.cat([b.boxes for b in teacher_views])
         samples = [m for _, m in tario.iter_tar_samples(tar)]
         stored_boxes = [torch.from_numpy(members.npy_load(m[contract.VIEWS_EXT])) for m in samples]
         assert torch.equal(boxes, torch.stack(stored_boxes))  # the pass's boxes are reproducible
-        replay = DaliLoader(one, dataclasses.replace(same_as_the_pass, shuffle=False, seed=index + 11,
-                                                     teacher_logits=True), role="replay")
+        reading = dataclasses.replace(same_as_the_pass.reading, shuffle=False, seed=index + 11, teacher_logits=True)
+        replay = DaliLoader(one, LoaderConfig(Replay(), same_as_the_pass.output, reading, same_as_the_pass.backend))
         batches = [(b.images, b.teacher_logits, replay.last_view_index) for b in replay]
         images, logits, chosen = (torch.cat(t) for t in zip(*batches))
         with torch.no_grad():
@@ -315,23 +317,23 @@ def test_hdf5_with_wrong_keys_or_classes_is_refused(tiny_shards, single, tmp_pat
 # refusals: named file, before any work
 
 def test_teacher_with_wrong_class_count_is_refused(tiny_shards, ckpts, tmp_path):
-    with pytest.raises(KdkitError, match=r"five\.pth: the teacher predicts 5 classes, the shard set has 3"):
+    with pytest.raises(KdkitError, match=r"five\.pth: the model predicts 5 classes, the data has 3"):
         add_teacher_logits(config(tiny_shards, ckpts["five"], out=tmp_path / "o"))
     bare5 = tmp_path / "bare5.pth"
     torch.save(create_model("resnet18", num_classes=5).state_dict(), bare5)
-    with pytest.raises(KdkitError, match=r"bare5\.pth: the teacher predicts 5 classes"):
+    with pytest.raises(KdkitError, match=r"bare5\.pth: the model predicts 5 classes"):
         add_teacher_logits(TeacherPassConfig(tiny_shards, [TeacherSpec(bare5, "resnet18")], out=tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
 def test_checkpoint_of_another_architecture_names_file_and_keys(tiny_shards, ckpts, tmp_path):
-    with pytest.raises(KdkitError, match=r"bare\.pth: does not fit the model: .*(keys|shape)") as e:
+    with pytest.raises(KdkitError, match=r"bare\.pth \(resnet10t, model weights\): does not fit the model: .*(keys|shape)") as e:
         add_teacher_logits(TeacherPassConfig(tiny_shards, [TeacherSpec(ckpts["bare"], "resnet10t")],
                                              out=tmp_path / "o"))
     assert "layer" in str(e.value) or "conv1" in str(e.value)
     with pytest.raises(KdkitError, match=r"missing\.pth: checkpoint does not exist"):
         add_teacher_logits(config(tiny_shards, tmp_path / "missing.pth", out=tmp_path / "o"))
-    with pytest.raises(KdkitError, match=r"bare\.pth: a bare state dict names no model"):
+    with pytest.raises(KdkitError, match=r"bare\.pth: a bare state dict .*does not say which model it is; give its timm name"):
         add_teacher_logits(config(tiny_shards, ckpts["bare"], out=tmp_path / "o"))
 
 
@@ -357,7 +359,7 @@ def test_interrupted_multi_view_run_resumes_to_the_same_set(tiny_shards, ckpts, 
         add_teacher_logits(cfg)
     assert not (tmp_path / "r" / "train" / contract.MANIFEST).exists()
     monkeypatch.undo()
-    with pytest.raises(KdkitError, match=r"an unfinished teacher pass with other options"):
+    with pytest.raises(KdkitError, match=r"holds a different teacher pass \(unfinished"):
         add_teacher_logits(dataclasses.replace(cfg, topk=2))  # not mixed into the half-written set
     reports = add_teacher_logits(cfg)
     assert (reports[0].written, reports[0].kept) == (2, 1)
@@ -367,7 +369,7 @@ def test_interrupted_multi_view_run_resumes_to_the_same_set(tiny_shards, ckpts, 
 def test_in_place_survives_a_crash_between_tar_and_index(tiny_shards, ckpts, single, tmp_path, monkeypatch):
     shutil.copytree(tiny_shards / "val", tmp_path / "val")
     cfg = config(tmp_path / "val", ckpts["main"], in_place=True)
-    real, calls = state.os.replace, []
+    real, calls = resume.os.replace, []
 
     def crash_on_second(src, dst):  # the first shard's tar is swapped in, its index not yet
         calls.append(dst)
@@ -375,7 +377,7 @@ def test_in_place_survives_a_crash_between_tar_and_index(tiny_shards, ckpts, sin
             raise OSError("simulated power cut")
         return real(src, dst)
 
-    monkeypatch.setattr(state.os, "replace", crash_on_second)
+    monkeypatch.setattr(resume.os, "replace", crash_on_second)
     with pytest.raises(OSError, match="power cut"):
         add_teacher_logits(cfg)
     monkeypatch.undo()

@@ -102,18 +102,18 @@ def test_ddp_two_cpu_ranks(tmp_path):
     # the reduced val metrics are the single-process metrics of the saved weights
     from kdkit.models.checkpoint import read_checkpoint
     from kdkit.models.factory import create_model
+    from kdkit.runtime import Runtime
     from kdkit.train.data import eval_loader, prepare_data
-    from kdkit.train.distributed import DistInfo
     from kdkit.train.loop import evaluate
 
     cfg = config(data, out)
     info = prepare_data(cfg)
     ckpt = read_checkpoint(run / "last.pth")
-    p = SimpleNamespace(dist=DistInfo(), data=info, autocast=nullcontext)
+    p = SimpleNamespace(rt=Runtime(), data=info, autocast=nullcontext)
     for weights, prefix in (("state_dict", "val"), ("ema_state_dict", "ema")):
         model = create_model(cfg.model, info.num_classes)
         model.load_state_dict(ckpt[weights])
-        single = evaluate(model, eval_loader(cfg, info, torch.device("cpu")), p)
+        single = evaluate(model, eval_loader(cfg, info, Runtime()), p)
         assert single["count"] == SAMPLES
         assert rows[-1][f"{prefix}_top1"] == pytest.approx(single["top1"], abs=1e-9)
         assert rows[-1][f"{prefix}_top5"] == pytest.approx(single["top5"], abs=1e-9)

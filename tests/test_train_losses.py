@@ -11,7 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from kdkit.train.losses import (DistillationLoss, dense_logits_from_topk, kd_kl, kd_loss, one_hot_smoothed,
                                 soft_target_ce, teacher_probs)
 from kdkit.train.mix import MixParams, draw_mix, mix_batch, mix_images
-from kdkit.train.model import AMSoftmaxHead
+from kdkit.models.heads import AMSoftmaxHead
 from kdkit.train.config import TrainConfig
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 

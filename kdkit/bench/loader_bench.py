@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from kdkit import runtime
 from kdkit.bench import AUGS
 from kdkit.bench.sysinfo import Stopwatch, machine
 from kdkit.errors import KdkitError
@@ -36,7 +37,7 @@ class BenchConfig:
     threads: int = 2  # DALI num_threads = DataLoader num_workers
     size: int = 224
     aug: str = "rrc-flip"
-    device: str = "cpu"  # "gpu": DALI "mixed" decode + GPU ops; baseline batches copied to the GPU
+    device: str = "auto"  # "gpu": DALI "mixed" decode + GPU ops, baseline batches copied to the GPU; auto: gpu if any
     batches: int = 50  # measured batches per loader
     warmup: int = 5
     repeats: int = 1  # measurements per loader, alternating DALI / baseline; the median is reported
@@ -68,28 +69,29 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------
 # the two loaders
 
-def dali_loader(cfg: BenchConfig):
-    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+def dali_loader(cfg: BenchConfig, rt):
+    from kdkit.pipelines import DaliLoader, Train, loader_config
 
     # last_batch="partial": like the baseline, the end of an epoch yields a short batch (images are
     # counted, not batches) instead of a full one computed and dropped
     policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
-    lc = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.threads, image_size=cfg.size,
-                      shuffle_buffer=cfg.shuffle_buffer, dtype=cfg.dtype, antialias=cfg.antialias,
-                      fast_idct=cfg.fast_idct, native_resize=cfg.native_resize, teacher_logits=False,
-                      last_batch="partial", auto_augment=policy,
-                      color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0,
-                      layout="channels_last" if cfg.gpu_feed else "CHW")
-    return DaliLoader(cfg.shards, lc, role="eval" if cfg.aug == "eval" else "train", split=cfg.split)
+    role = "eval" if cfg.aug == "eval" else Train(auto_augment=policy,
+                                                  color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0)
+    lc = loader_config(role, image_size=cfg.size, dtype=cfg.dtype, antialias=cfg.antialias,
+                       layout="channels_last" if cfg.gpu_feed else "CHW", batch_size=cfg.batch_size,
+                       shuffle_buffer=cfg.shuffle_buffer, teacher_logits=False, last_batch="partial",
+                       num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id,
+                       fast_idct=cfg.fast_idct, native_resize=cfg.native_resize)
+    return DaliLoader(cfg.shards, lc, split=cfg.split)
 
 
 def baseline_transform(cfg: BenchConfig):
     """torchvision's counterpart of the DALI augmentation `cfg.aug`."""
     from torchvision import transforms as T
 
-    from kdkit.pipelines.common import IMAGENET_MEAN, IMAGENET_STD
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    finish = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     if cfg.aug == "eval":
         return T.Compose([T.Resize(round(cfg.size / 0.875)), T.CenterCrop(cfg.size)] + finish)
     geometric = [T.RandomResizedCrop(cfg.size), T.RandomHorizontalFlip()]
@@ -103,7 +105,7 @@ def _label(x) -> int:
     return int(x)
 
 
-def baseline_loader(cfg: BenchConfig, tars: list[Path]):
+def baseline_loader(cfg: BenchConfig, tars: list[Path], rt):
     """DataLoader over stock webdataset with Pillow decode; repeats the shards forever."""
     import webdataset as wds
 
@@ -111,7 +113,7 @@ def baseline_loader(cfg: BenchConfig, tars: list[Path]):
           .shuffle(cfg.shuffle_buffer).decode("pil").to_tuple("jpg", "cls")
           .map_tuple(baseline_transform(cfg), _label))
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.threads,
-                                       pin_memory=cfg.device == "gpu", persistent_workers=cfg.threads > 0)
+                                       pin_memory=rt.device.type == "cuda", persistent_workers=cfg.threads > 0)
 
 
 def _median(runs: list[RunResult]) -> RunResult:
@@ -128,26 +130,26 @@ def _forever(loader):
             raise KdkitError("the loader yields no batches (fewer samples than one batch?)")
 
 
-def _sync(device: str) -> None:
-    if device == "gpu" or device == "cuda":
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_loader(batches, cfg: BenchConfig, on_batch=None) -> tuple[int, Stopwatch]:
+def time_loader(batches, cfg: BenchConfig, device: torch.device, on_batch=None) -> tuple[int, Stopwatch]:
     """Images and time for cfg.batches batches of an endless batch iterator, after cfg.warmup."""
     it = iter(batches)  # an endless generator resumes where the previous measurement stopped
     for _ in range(cfg.warmup):
         b = next(it)
         if on_batch:
             on_batch(b)
-    _sync(cfg.device)
+    _sync(device)
     sw, images = Stopwatch().start(), 0
     for _ in range(cfg.batches):
         b = next(it)
         if on_batch:
             on_batch(b)
         images += len(b[0])
-    _sync(cfg.device)
+    _sync(device)
     return images, sw.stop()
 
 
@@ -176,15 +178,13 @@ def train_step(model_name: str, num_classes: int, device: torch.device):
     return step
 
 
-def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync_cfg = BenchConfig(**{**asdict(cfg), "device": "gpu" if device.type == "cuda" else "cpu"})
+def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult, device: torch.device) -> dict:
     step = train_step(cfg.gpu_feed, num_classes, device)
     fake = (torch.randn(cfg.batch_size, 3, cfg.size, cfg.size, device=device).contiguous(
         memory_format=torch.channels_last), torch.randint(0, num_classes, (cfg.batch_size,), device=device))
-    n, sw = time_loader(iter(lambda: fake, None), sync_cfg, on_batch=lambda b: step(*b))
+    n, sw = time_loader(iter(lambda: fake, None), cfg, device, on_batch=lambda b: step(*b))
     model_only = RunResult.from_watch(f"{cfg.gpu_feed} step, synthetic batch", device.type, n, sw)
-    n, sw = time_loader(_forever(loader), sync_cfg, on_batch=lambda b: step(b.images, b.labels))
+    n, sw = time_loader(_forever(loader), cfg, device, on_batch=lambda b: step(b.images, b.labels))
     fed = RunResult.from_watch(f"{cfg.gpu_feed} step, fed by DALI", device.type, n, sw)
     limit = "loader" if loader_only.images_per_s < model_only.images_per_s else "model"
     return {"model": cfg.gpu_feed, "amp": device.type == "cuda", "model_only": asdict(model_only),
@@ -195,38 +195,42 @@ def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult)
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure DALI (and the baseline); returns the report `format_table` prints and --json writes."""
-    from kdkit.pipelines.resize import resizer
-
     if cfg.aug not in AUGS:
         raise KdkitError(f"--aug {cfg.aug}: expected one of {', '.join(AUGS)}")
-    if cfg.device == "gpu" and not torch.cuda.is_available():
-        raise KdkitError("--device gpu: no CUDA device visible to torch")
     if min(cfg.batches, cfg.batch_size, cfg.threads, cfg.repeats) < 1 or cfg.warmup < 0:
         raise KdkitError("--batches, --batch-size, --threads and --repeats must be >= 1, --warmup >= 0")
-    loader = dali_loader(cfg)
+    with runtime.start(cfg.device, announce="kdkit bench-loader", distributed=False) as rt:
+        return _measure(cfg, rt, command)
+
+
+def _measure(cfg: BenchConfig, rt: runtime.Runtime, command: str | None) -> dict:
+    loader = dali_loader(cfg, rt)
     dali_batches = _forever(loader)
     runs: dict[str, list[RunResult]] = {"dali": [], "dataloader+pillow": []}
-    base_batches = _forever(baseline_loader(cfg, loader.shards.tars)) if cfg.baseline else None
-    move = (lambda b: b[0].to("cuda", non_blocking=True)) if cfg.device == "gpu" else None
+    base_batches = _forever(baseline_loader(cfg, loader.shards.tars, rt)) if cfg.baseline else None
+    move = (lambda b: b[0].to(rt.device, non_blocking=True)) if rt.device.type == "cuda" else None
+    where = rt.dali_device
     # Alternating the two loaders spreads any background load on the machine over both.
     for _ in range(cfg.repeats):
-        n, sw = time_loader(dali_batches, cfg)
-        runs["dali"].append(RunResult.from_watch("dali", cfg.device, n, sw))
+        n, sw = time_loader(dali_batches, cfg, rt.device)
+        runs["dali"].append(RunResult.from_watch("dali", where, n, sw))
         if base_batches is not None:
-            n, sw = time_loader(base_batches, cfg, on_batch=move)
-            runs["dataloader+pillow"].append(RunResult.from_watch("dataloader+pillow", cfg.device, n, sw))
+            n, sw = time_loader(base_batches, cfg, rt.device, on_batch=move)
+            runs["dataloader+pillow"].append(RunResult.from_watch("dataloader+pillow", where, n, sw))
     base_batches = None  # lets the DataLoader's workers stop before the GPU-feed part
     results = [_median(r) for r in runs.values() if r]
-    report = {"config": {**asdict(cfg), "shards": str(cfg.shards)}, "machine": machine(),
+    report = {"config": {**asdict(cfg), "shards": str(cfg.shards), "device": where}, "machine": machine(),
               "command": command if command is not None else command_line(cfg),
               "shard_folder": str(loader.shards.folder or loader.shards.tars[0].parent),
-              "samples": loader.scan.num_samples, "resize": resizer(loader.cfg, loader.role),
+              "samples": loader.scan.num_samples, "resize": loader.role.resizer(loader.cfg.backend),
               "results": [asdict(r) for r in results],
               "runs": {k: [r.images_per_s for r in v] for k, v in runs.items() if v},
               "speedup": round(results[0].images_per_s / results[1].images_per_s, 2) if cfg.baseline else None}
     if cfg.gpu_feed:
         man = loader.shards.manifest
-        report["gpu_feed"] = gpu_feed(cfg, loader, len(man.classes) if man else 1000, results[0])
+        # the model runs on the GPU where there is one, whichever backend feeds it
+        feed_device = runtime.pick_device("auto", rt.local_rank)
+        report["gpu_feed"] = gpu_feed(cfg, loader, len(man.classes) if man else 1000, results[0], feed_device)
     return report
 
 

@@ -1,7 +1,7 @@
 """Judging models: `kdkit eval` (accuracy, calibration, ensembles, test-time views, corruption
 robustness / mCE), `kdkit predict` and `kdkit export` (ONNX + ONNX Runtime parity and throughput).
 
-    from kdkit.evaluate import EvalConfig, evaluate, load_model
+    from kdkit.evaluate import EvalConfig, evaluate
     report = evaluate(EvalConfig(checkpoints=["runs/r18/best.pt"], data="shards/imagenet"))
 
 Names are imported on first use, so importing the package (the CLI does) does not pull in torch.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "load_model": "models", "ModelInfo": "models", "ensemble_probs": "models",
+    "ensemble_probs": "ensemble",
     "EvalConfig": "eval", "evaluate": "eval", "format_report": "eval", "write_outputs": "eval",
     "classification_metrics": "metrics",
     "RobustnessConfig": "robustness", "Reference": "robustness", "mce_summary": "robustness",

@@ -7,32 +7,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
+from kdkit.options import HelpFormatter, command_line, csv_paths
 
 EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
   TensorRT:  trtexec --onnx=model.onnx --fp16 --minShapes=images:1x3xSxS \\
                      --optShapes=images:32x3xSxS --maxShapes=images:256x3xSxS --saveEngine=model.plan
   OpenVINO:  ovc model.onnx   (writes model.xml/.bin; benchmark_app -m model.xml)"""
-
-
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, except where the help already says what the default means."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
-
-
-def _csv_paths(text: str) -> list[Path]:
-    return [Path(t) for t in text.split(",") if t]
-
-
-def _command() -> str:
-    return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -45,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     g.add_argument("--crop-ratio", type=float, default=0.875,
                    help="image_size / resized shorter side of the eval transform (224/256)")
     if device:
-        g.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where decoding and the model run")
+        g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="where decoding and the model run (auto: the GPU where torch sees one)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,16 +46,16 @@ def _run_eval(a: argparse.Namespace) -> int:
         raise KdkitError(str(e)) from None
     if a.write_corrupted:
         from kdkit.evaluate.corrupted_shards import write_corrupted
-        from kdkit.evaluate.models import load_model
+        from kdkit.models.checkpoint import load_model
 
         if not 1 <= a.store_quality <= 100:
             raise KdkitError(f"--store-quality {a.store_quality}: written sets are JPEGs, give 1..100")
-        size = a.image_size or (load_model(a.checkpoints[0], a.ema, a.model)[1].image_size if a.checkpoints else 224)
+        size = a.image_size or (load_model(a.checkpoints[0], model_name=a.model)[1].image_size if a.checkpoints else 224)
         folders = write_corrupted(a.data, a.write_corrupted, size, corruptions or parse_corruptions("all"), severities,
                                   split=a.split, crop_ratio=a.crop_ratio, seed=a.corruption_seed,
                                   quality=a.store_quality,
                                   frost_dir=a.frost_dir, batch_size=a.batch_size, num_threads=a.threads,
-                                  workers=a.workers, command=_command(), progress=not a.quiet)
+                                  workers=a.workers, command=command_line(), progress=not a.quiet)
         print(f"wrote {len(folders)} corrupted shard sets ({size} px) under {a.write_corrupted}; "
               f"check them with `kdkit verify {a.write_corrupted}`")
         if not a.checkpoints:
@@ -96,7 +81,7 @@ def _run_eval(a: argparse.Namespace) -> int:
         raise KdkitError("--reference normalises corruption errors: give --corruptions too (e.g. all)")
     cfg = EvalConfig(checkpoints=a.checkpoints, data=a.data, split=a.split, views=a.views, crop_ratio=a.crop_ratio,
                      batch_size=a.batch_size, num_threads=a.threads, device=a.device, prefer_ema=a.ema,
-                     model_name=a.model, robustness=robust, extra={"command": _command()})
+                     model_name=a.model, robustness=robust, extra={"command": command_line()})
     report = evaluate(cfg)
     print(format_report(report))
     out = a.out or Path(a.checkpoints[0]).parent / "eval"
@@ -107,7 +92,7 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, calibration and corruption robustness (mCE) on a shard set",
-                       formatter_class=_Fmt,
+                       formatter_class=HelpFormatter,
                        description="Evaluate checkpoints on a shard set with the DALI eval pipeline: top-1/top-5, "
                                    "per-class accuracy, confusion matrix, calibration (ECE, 15 bins, reliability "
                                    "plot). Several checkpoints are averaged as an ensemble (mean of softmax "
@@ -181,7 +166,7 @@ def _run_predict(a: argparse.Namespace) -> int:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="top-k classes with names and probabilities for images", formatter_class=_Fmt,
+    p = sub.add_parser("predict", help="top-k classes with names and probabilities for images", formatter_class=HelpFormatter,
                        description="Predict images (files, or folders searched recursively) with a checkpoint's eval "
                                    "transform (Pillow + torch; equal to the DALI eval view up to the resize "
                                    "filter). An image that does not decode is reported on stderr and the others are "
@@ -217,7 +202,7 @@ def _run_export(a: argparse.Namespace) -> int:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="ONNX export with an ONNX Runtime parity check and throughput",
-                       formatter_class=_Fmt, epilog=EXPORT_EPILOG,
+                       formatter_class=HelpFormatter, epilog=EXPORT_EPILOG,
                        description="Export a checkpoint to ONNX (dynamic batch axis; input 'images' normalised "
                                    "float32 NCHW, output 'logits'; eval transform and classes in the metadata), "
                                    "compare ONNX Runtime with PyTorch on real inputs (max |diff|, top-1 agreement; "
@@ -232,7 +217,7 @@ def _add_export(sub) -> None:
     g = p.add_argument_group("Parity check")
     g.add_argument("--data", type=Path, default=None,
                    help="shard set whose first eval views are the test inputs (default: --images)")
-    g.add_argument("--images", type=_csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
+    g.add_argument("--images", type=csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
                    help="or these image files / folders, comma-separated (default: random inputs if neither)")
     g.add_argument("--split", default="val", help="split of --data to read")
     g.add_argument("--parity-samples", type=int, default=16, help="inputs compared (as one batch and one by one)")

@@ -34,15 +34,16 @@ def set_name(corruption: str, severity: int) -> str:
     return f"{corruption}-{severity}"
 
 
-def raw_view_loader(shards, image_size: int, crop_ratio: float, batch_size: int, num_threads: int,
-                    device: str = "cpu"):
-    """A DALI eval loader yielding the centre view as pixel values (float 0..255, HWC, exact integers)."""
-    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+def raw_view_loader(shards, image_size: int, crop_ratio: float, batch_size: int, num_threads: int, rt=None):
+    """A DALI eval loader yielding the centre view as pixel values (float 0..255, HWC, exact integers),
+    on the DALI backend of `rt` (kdkit.runtime; the CPU without one)."""
+    from kdkit.pipelines import DaliLoader, loader_config
 
-    cfg = LoaderConfig(device=device, batch_size=batch_size, num_threads=num_threads, image_size=image_size,
-                       crop_ratio=crop_ratio, eval_views="center", layout="HWC", mean=(0.0, 0.0, 0.0),
-                       std=(1 / 255,) * 3, last_batch="partial")
-    return DaliLoader(shards, cfg, role="eval")
+    cfg = loader_config("eval", crop_ratio=crop_ratio, image_size=image_size, layout="HWC", mean=(0.0, 0.0, 0.0),
+                        std=(1 / 255,) * 3, batch_size=batch_size, last_batch="partial", shard_id=0, num_shards=1,
+                        num_threads=num_threads, device=rt.dali_device if rt else "cpu",
+                        device_id=rt.device_id if rt else None)
+    return DaliLoader(shards, cfg)
 
 
 def as_uint8(images) -> np.ndarray:

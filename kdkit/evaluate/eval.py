@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kdkit import __version__
+from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
 from kdkit.evaluate import metrics
-from kdkit.evaluate.models import (ModelInfo, check_eval_classes, check_same_classes, check_same_transform,
-                                   ensemble_probs, load_model)
+from kdkit.evaluate.ensemble import check_same_classes, check_same_transform, ensemble_probs
+from kdkit.models.checkpoint import ModelInfo, check_classes, load_model
 
 if TYPE_CHECKING:
     from kdkit.evaluate.robustness import RobustnessConfig  # imported when used: it pulls in scipy
@@ -38,7 +38,7 @@ class EvalConfig:
     crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
     batch_size: int = 64
     num_threads: int = 2  # DALI CPU threads
-    device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there
+    device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there; "auto": the GPU if any
     prefer_ema: bool = True  # use the checkpoint's EMA weights when it has them
     model_name: str | None = None  # for bare timm/torchvision state dicts
     ece_bins: int = metrics.ECE_BINS
@@ -46,24 +46,13 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)  # recorded in the report as given (e.g. the command line)
 
 
-def torch_device(device: str) -> torch.device:
-    if device == "gpu":
-        if not torch.cuda.is_available():
-            raise KdkitError("--device gpu: no CUDA device visible to torch")
-        return torch.device("cuda")
-    if device != "cpu":
-        raise KdkitError(f"device {device!r}: expected 'cpu' or 'gpu'")
-    return torch.device("cpu")
-
-
 def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = None,
-                device: str = "cpu") -> tuple[list[torch.nn.Module], list[ModelInfo]]:
+                device: torch.device | str = "cpu") -> tuple[list[torch.nn.Module], list[ModelInfo]]:
     """Load every checkpoint of an ensemble and check they can be averaged."""
     if not checkpoints:
         raise KdkitError("no checkpoint given")
-    dev = torch_device(device)
     loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name) for c in checkpoints]
-    models, infos = [m.to(dev) for m, _ in loaded], [i for _, i in loaded]
+    models, infos = [m.to(device) for m, _ in loaded], [i for _, i in loaded]
     check_same_classes(infos)
     check_same_transform(infos)
     return models, infos
@@ -76,23 +65,25 @@ def open_eval_set(data, split: str, infos: list[ModelInfo]):
     shards = resolve_shards(data, split)
     if shards.manifest is not None:
         for info in infos:
-            check_eval_classes(info, shards.manifest.classes, str(shards.folder or data))
+            check_classes(info, shards.manifest.classes, str(shards.folder or data))
     return shards
 
 
-def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
+                  rt: runtime.Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probs (N, K), labels (N,)) over the whole set, in stored order."""
-    from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+    from kdkit.pipelines import DaliLoader, loader_config
 
+    rt = rt or runtime.Runtime()
     info = infos[0]
-    lcfg = LoaderConfig(device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.num_threads,
-                        image_size=info.image_size, crop_ratio=cfg.crop_ratio, eval_views=cfg.views,
-                        mean=info.mean, std=info.std, last_batch="partial")
-    loader = DaliLoader(shards, lcfg, role="eval")
-    dev = torch_device(cfg.device)
+    lcfg = loader_config("eval", views=cfg.views, crop_ratio=cfg.crop_ratio, image_size=info.image_size,
+                         mean=info.mean, std=info.std, batch_size=cfg.batch_size, last_batch="partial",
+                         shard_id=0, num_shards=1, num_threads=cfg.num_threads, device=rt.dali_device,
+                         device_id=rt.device_id)
+    loader = DaliLoader(shards, lcfg)
     probs, labels = [], []
     for images, y, _ in loader:
-        probs.append(ensemble_probs(models, images.to(dev)).cpu().numpy())
+        probs.append(ensemble_probs(models, images.to(rt.device)).cpu().numpy())
         labels.append(y.cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels)
 
@@ -104,9 +95,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.views not in EVAL_VIEWS:
         raise KdkitError(f"views {cfg.views!r}: expected one of {', '.join(EVAL_VIEWS)}")
     t0 = time.perf_counter()
-    models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, cfg.device)
-    shards = open_eval_set(cfg.data, cfg.split, infos)
-    probs, labels = collect_probs(models, infos, shards, cfg)
+    with runtime.start(cfg.device, announce="kdkit eval", distributed=False) as rt:
+        models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, rt.device)
+        shards = open_eval_set(cfg.data, cfg.split, infos)
+        probs, labels = collect_probs(models, infos, shards, cfg, rt)
+        robustness = None
+        if cfg.robustness is not None:
+            from kdkit.evaluate.robustness import evaluate_robustness
+
+            robustness = evaluate_robustness(models, infos, shards, cfg, cfg.robustness, rt)
     info = infos[0]
     try:
         scores = metrics.classification_metrics(probs, labels, info.class_ids(), info.class_names(), cfg.ece_bins)
@@ -124,10 +121,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "metrics": scores,
         **({"extra": cfg.extra} if cfg.extra else {}),
     }
-    if cfg.robustness is not None:
-        from kdkit.evaluate.robustness import evaluate_robustness
-
-        report["robustness"] = evaluate_robustness(models, infos, shards, cfg, cfg.robustness)
+    if robustness is not None:
+        report["robustness"] = robustness
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 

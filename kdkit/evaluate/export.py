@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.evaluate.models import ModelInfo, load_model
+from kdkit.models.checkpoint import ModelInfo, load_model
 
 INPUT, OUTPUT = "images", "logits"
 
@@ -109,12 +109,12 @@ def parity_inputs(cfg: ExportConfig, info: ModelInfo) -> tuple[torch.Tensor, str
     n = cfg.parity_samples
     if cfg.data is not None:
         from kdkit.evaluate.eval import open_eval_set
-        from kdkit.pipelines.loader import DaliLoader, LoaderConfig
+        from kdkit.pipelines import DaliLoader, loader_config
 
         shards = open_eval_set(cfg.data, cfg.split, [info])
-        lcfg = LoaderConfig(batch_size=n, num_threads=2, image_size=info.image_size, crop_ratio=cfg.crop_ratio,
-                            eval_views="center", mean=info.mean, std=info.std, last_batch="partial")
-        images = next(iter(DaliLoader(shards, lcfg, role="eval"))).images
+        lcfg = loader_config("eval", crop_ratio=cfg.crop_ratio, image_size=info.image_size, mean=info.mean,
+                             std=info.std, batch_size=n, last_batch="partial", shard_id=0, num_shards=1, num_threads=2)
+        images = next(iter(DaliLoader(shards, lcfg))).images
         return images, f"{len(images)} eval views from {shards.folder or cfg.data}"
     if cfg.images:
         from kdkit.evaluate.predict import eval_transform, list_images, load_image

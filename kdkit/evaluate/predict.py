@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.evaluate.models import ModelInfo, ensemble_probs, load_model
+from kdkit.evaluate.ensemble import ensemble_probs
+from kdkit.models.checkpoint import ModelInfo, load_model
 from kdkit.shards.sources.base import IMAGE_SUFFIXES
 
 
@@ -109,10 +110,10 @@ def top_classes(probs: torch.Tensor, info: ModelInfo, k: int) -> list[dict]:
 
 def predict(cfg: PredictConfig) -> list[Prediction]:
     """One Prediction per image, in input order; undecodable images carry `error` instead of `top`."""
-    from kdkit.evaluate.eval import torch_device
+    from kdkit.runtime import pick_device
 
     model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name)
-    dev = torch_device(cfg.device)
+    dev = pick_device(cfg.device)
     model.to(dev)
     transform = eval_transform(info, cfg.crop_ratio)
     paths = list_images(cfg.inputs)

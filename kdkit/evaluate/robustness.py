@@ -30,7 +30,8 @@ from kdkit.errors import KdkitError
 from kdkit.evaluate.corrupted_shards import (STORE_QUALITY, CorruptionPool, as_uint8, corrupted_set,
                                              raw_view_loader)
 from kdkit.evaluate.corruptions import NAMES, SEVERITIES
-from kdkit.evaluate.models import ModelInfo, ensemble_probs, normalize_uint8
+from kdkit.evaluate.ensemble import ensemble_probs, normalize_uint8
+from kdkit.models.checkpoint import ModelInfo
 
 
 @dataclass
@@ -142,8 +143,8 @@ class _Judge:
         return self.wrong[tag] / self.seen[tag]
 
 
-def _on_the_fly(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int) -> None:
-    loader = raw_view_loader(shards, image_size, cfg.crop_ratio, cfg.batch_size, cfg.num_threads, cfg.device)
+def _on_the_fly(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int, rt) -> None:
+    loader = raw_view_loader(shards, image_size, cfg.crop_ratio, cfg.batch_size, cfg.num_threads, rt)
     order = [k for _, k in loader.keys()]
     pos = 0
     frost = str(rcfg.frost_dir) if rcfg.frost_dir else None
@@ -163,30 +164,31 @@ def _on_the_fly(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int) ->
                         j.update((c, s), batch, labels)
 
 
-def _from_shards(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int) -> None:
+def _from_shards(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int, rt) -> None:
     sets = [(c, s) for c in rcfg.corruptions for s in rcfg.severities]
     sources = [("clean", shards, cfg.crop_ratio)]
     sources += [((c, s), corrupted_set(rcfg.corrupted, c, s, image_size), 1.0) for c, s in sets]  # already cropped
     for tag, source, ratio in tqdm(sources, desc="corrupted sets", unit="set", disable=not rcfg.progress):
-        loader = raw_view_loader(source, image_size, ratio, cfg.batch_size, cfg.num_threads, cfg.device)
+        loader = raw_view_loader(source, image_size, ratio, cfg.batch_size, cfg.num_threads, rt)
         for images, labels, _ in loader:
             imgs = as_uint8(images)
             for j in judges:
                 j.update(tag, imgs, labels.cpu())
 
 
-def evaluate_robustness(models, infos: list[ModelInfo], shards, cfg, rcfg: RobustnessConfig) -> dict:
-    """Corruption errors of the model (or ensemble), its reference's, and the mCE summary."""
-    from kdkit.evaluate.eval import load_models, open_eval_set, torch_device
+def evaluate_robustness(models, infos: list[ModelInfo], shards, cfg, rcfg: RobustnessConfig, rt) -> dict:
+    """Corruption errors of the model (or ensemble), its reference's, and the mCE summary; the models
+    run where `rt` (kdkit.runtime) says."""
+    from kdkit.evaluate.eval import load_models, open_eval_set
 
     if not rcfg.corruptions:
         raise KdkitError("no corruptions selected")
-    dev = torch_device(cfg.device)
+    dev = rt.device
     info = infos[0]
     judges = [_Judge(models, info, dev)]
     ref_spec, reference, ref_kind = rcfg.reference, None, None
     if ref_spec and ref_spec.lower() != "alexnet" and Path(ref_spec).suffix.lower() != ".json":
-        ref_models, ref_infos = load_models([ref_spec], cfg.prefer_ema, None, cfg.device)
+        ref_models, ref_infos = load_models([ref_spec], cfg.prefer_ema, None, dev)
         open_eval_set(cfg.data, cfg.split, ref_infos)  # the reference must know the set's classes too
         if ref_infos[0].image_size != info.image_size:
             raise KdkitError(f"reference {ref_spec} wants {ref_infos[0].image_size} px images, the model "
@@ -196,7 +198,7 @@ def evaluate_robustness(models, infos: list[ModelInfo], shards, cfg, rcfg: Robus
     elif ref_spec:
         reference, ref_kind = load_reference(ref_spec), "builtin" if ref_spec.lower() == "alexnet" else "json"
     run = _from_shards if rcfg.corrupted else _on_the_fly
-    run(judges, shards, cfg, rcfg, info.image_size)
+    run(judges, shards, cfg, rcfg, info.image_size, rt)
 
     def errors_of(j: _Judge) -> dict:
         return {c: {s: j.error((c, s)) for s in rcfg.severities} for c in rcfg.corruptions}

@@ -94,11 +94,21 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     """Write samples ({"__key__": str, ext: bytes, ...}) to tar_path + its DALI index, atomically.
 
     Returns the shard record fields (num_samples, bytes, sha256). The tar is renamed into place last,
-    after its index, so a present tar always has its index beside it.
+    after its index, so a present tar always has its index beside it; a failure (or Ctrl-C) leaves
+    neither temp file behind.
     """
+    tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
+    try:
+        return _write_shard(tar_path, tmp, samples)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        tar_path.with_suffix(".idx").with_name(tar_path.with_suffix(".idx").name + TMP_SUFFIX).unlink(missing_ok=True)
+        raise
+
+
+def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     import webdataset as wds  # imported here: it pulls in torch, which readers of shards don't need
 
-    tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
     idx_path = tar_path.with_suffix(".idx")
     count = 0
     with open(tmp, "wb") as f:

@@ -7,7 +7,8 @@ The flow per split:
           shard i always holds the same samples: that is what makes `--part i/N`, resume, and
           "identical to an uninterrupted run" possible;
   write   images prepared in worker processes, shards written in order by this process, each
-          atomically (tario.write_shard) and then recorded in .kdkit-state/ as done;
+          atomically and then recorded as done (kdkit.shards.resume, the plan and records every
+          shard-writing job shares);
   finish  once every shard of the plan is done (by this run or other parts), the manifest,
           skip report and timm `_info.json` are written.
 """
@@ -18,7 +19,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +30,7 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
 from kdkit.shards.images import ImageOptions
+from kdkit.shards.resume import ShardJob, open_job
 from kdkit.shards.prepare import init_worker, process_sample
 from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
 
@@ -85,49 +86,13 @@ def _estimate_samples_per_shard(samples: list[SourceSample], cfg: ShardConfig) -
     return max(1, int(cfg.shard_size_mb * 1e6 // mean))
 
 
-def _load_or_make_plan(folder: Path, split: SourceSplit, order: list[SourceSample], cfg: ShardConfig) -> dict:
-    state = folder / contract.STATE_DIR
-    plan_path = state / contract.PLAN_FILE
-    fp = fingerprint(split, cfg)
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan["fingerprint"] != fp:
-            raise KdkitError(
-                f"{folder} holds a different shard set (made by: {plan.get('command') or 'unknown'}); "
-                "the source or the output options changed. Use another output folder, or delete this one to start over")
-        return plan
-    leftovers = [p.name for p in folder.iterdir() if p.name != contract.STATE_DIR] if folder.exists() else []
-    if leftovers:
-        raise KdkitError(
-            f"{folder} is not empty and was not started by this command ({', '.join(sorted(leftovers)[:3])}...); "
-            "nothing was overwritten. Use an empty or new output folder")
-    per = cfg.samples_per_shard or _estimate_samples_per_shard(order, cfg)
-    plan = {
-        "fingerprint": fp,
-        "num_samples": len(order),
-        "samples_per_shard": per,
-        "num_shards": (len(order) + per - 1) // per,
-        "options": cfg.output_options(),
-        "command": cfg.command,
-    }
-    state.mkdir(parents=True, exist_ok=True)
-    tario.atomic_write_json(plan_path, plan)
-    return plan
+def _open(folder: Path, split: SourceSplit, order: list[SourceSample], cfg: ShardConfig) -> tuple[ShardJob, dict]:
+    def plan() -> dict:
+        per = cfg.samples_per_shard or _estimate_samples_per_shard(order, cfg)
+        return {"num_samples": len(order), "samples_per_shard": per, "num_shards": (len(order) + per - 1) // per,
+                "options": cfg.output_options()}
 
-
-def _state_path(folder: Path, split: str, i: int) -> Path:
-    return folder / contract.STATE_DIR / (contract.shard_stem(split, i) + ".json")
-
-
-def _shard_done(folder: Path, split: str, i: int) -> dict | None:
-    p = _state_path(folder, split, i)
-    if not p.exists():
-        return None
-    rec = json.loads(p.read_text())
-    tar = folder / rec["tar"]
-    if not tar.exists() or tar.stat().st_size != rec["bytes"] or not (folder / rec["idx"]).exists():
-        return None
-    return rec
+    return open_job(folder, fingerprint(split, cfg), cfg.command, "shard set", plan=plan)
 
 
 def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConfig) -> contract.Manifest | None:
@@ -136,13 +101,12 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
         raise KdkitError(f"{ds.root}: split '{split.name}' has no images; check the path and layout")
     folder = out / split.name
     order = ordered_samples(split.samples, cfg.seed)
-    plan = _load_or_make_plan(folder, split, order, cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    tario.remove_temp_files(folder)  # leftovers of a killed run: never under a shard's real name
+    job, plan = _open(folder, split, order, cfg)
     per, n_shards = plan["samples_per_shard"], plan["num_shards"]
     part_i, part_n = cfg.part
     mine = [i for i in range(n_shards) if i % part_n == part_i]
-    todo = [i for i in mine if _shard_done(folder, split.name, i) is None]
+    todo = [i for i in mine if job.done(contract.tar_name(split.name, i)) is None]
+    job.clear_temps([contract.tar_name(split.name, i) for i in todo])  # a killed run's, never a real name
     kept = len(mine) - len(todo)
     if kept and cfg.progress:
         print(f"{split.name}: resuming, {kept} of {len(mine)} shards already written and kept", file=sys.stderr)
@@ -174,32 +138,27 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
                     yield {"__key__": sample.key, contract.IMAGE_EXT: jpg,
                            contract.LABEL_EXT: contract.encode_label(sample.label)}
 
-            tar = folder / contract.tar_name(split.name, i)
-            rec = tario.write_shard(tar, samples_of_shard())
-            rec.update(tar=tar.name, idx=contract.index_name(split.name, i), skipped=skipped)
-            tario.atomic_write_json(_state_path(folder, split.name, i), rec)
+            job.write(contract.tar_name(split.name, i), samples_of_shard(), {"skipped": skipped})
     except KeyboardInterrupt:
-        tario.remove_temp_files(folder)
-        print(f"\n{split.name}: interrupted; finished shards in {folder} are kept", file=sys.stderr)
-        raise
-    except BaseException:
-        tario.remove_temp_files(folder)
+        job.clear_temps([contract.tar_name(split.name, i) for i in todo])
+        print(f"\n{split.name}: interrupted; finished shards in {folder} are kept, run the same command again "
+              "to continue", file=sys.stderr)
         raise
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
     elapsed = time.perf_counter() - t0
-    return _finish(ds, split, folder, plan, cfg, written=len(work), elapsed=elapsed)
+    return _finish(ds, split, job, plan, cfg, written=len(work), elapsed=elapsed)
 
 
-def _finish(ds, split, folder, plan, cfg, written, elapsed) -> contract.Manifest | None:
-    records = [_shard_done(folder, split.name, i) for i in range(plan["num_shards"])]
-    missing = [i for i, r in enumerate(records) if r is None]
-    if missing:
+def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.Manifest | None:
+    folder = job.folder
+    records = job.complete([contract.tar_name(split.name, i) for i in range(plan["num_shards"])])
+    if records is None:
         print(f"{split.name}: part {cfg.part[0]}/{cfg.part[1]} done ({written} images in {elapsed:.1f}s); "
-              f"{len(missing)} of {plan['num_shards']} shards still to be written by other parts "
-              "(the last part to finish writes the manifest)", file=sys.stderr)
+              "other parts still have shards to write (the last part to finish writes the manifest)",
+              file=sys.stderr)
         return None
     skipped = [row for r in records for row in r["skipped"]]
     with open(folder / contract.SKIP_REPORT, "w", encoding="utf-8") as f:
@@ -264,8 +223,4 @@ def write_dataset(ds: SourceDataset, out: Path | str, cfg: ShardConfig) -> dict[
     return {split.name: write_split(ds, split, out, cfg) for split in ds.splits}
 
 
-def command_line() -> str:
-    return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-__all__ = ["ShardConfig", "write_dataset", "write_split", "ordered_samples", "command_line", "asdict"]
+__all__ = ["ShardConfig", "write_dataset", "write_split", "ordered_samples", "asdict"]

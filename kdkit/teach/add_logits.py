@@ -4,14 +4,23 @@
         read the tar's samples            (tario: keys, labels, original members)
         teacher outputs for its views     (compute.run_shard: DALI eval / teacher_views pipeline)
           - or the rows of an HDF5 file   (h5.H5Outputs: joined by key, checked before any work)
-        write the tar again: original members unchanged + the teacher members   (state.write_shard)
+        write the tar again: original members unchanged + the teacher members
     when every shard of a set is done: its manifest, with the teacher block, is written last.
+
+Where it writes and how it resumes is kdkit.shards.resume's job (the mechanism every shard writer
+shares): a new set (--out; the input is never touched), or each shard replaced in place, staged
+under DEST/.kdkit-state/teacher/ and swapped in atomically (--in-place). Under torchrun the ranks
+join one process group (kdkit.runtime): each rank computes its own shards, rank 0 writes the plan
+and, once every shard is done, the manifest; the set equals the one a single process writes.
 
 Everything that can refuse the run (checkpoint, class count, HDF5 keys, destination) is checked
 before the first image is decoded.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,14 +29,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kdkit import __version__
+from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
+from kdkit.shards.resume import ShardJob, open_job
 from kdkit.shards.verify import find_sets, load_manifest
 from kdkit.teach import members as mem
-from kdkit.teach import state
 from kdkit.teach.compute import cpu_threads
 from kdkit.teach.config import TeacherPassConfig, fingerprint
+
+STATE_JOB = "teacher"  # the pass's state folder: DEST/.kdkit-state/teacher/
 
 
 @dataclass
@@ -59,14 +70,13 @@ def select_sets(path: Path, splits: list[str] | None) -> tuple[list[tuple[str, P
     return found, is_root
 
 
-def parts(cfg: TeacherPassConfig) -> tuple[int, int, bool]:
-    """(rank, world, distributed): torchrun's when initialized, else the config's (default 0 of 1)."""
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank = cfg.rank if cfg.rank is not None else (torch.distributed.get_rank() if dist else 0)
-    world = cfg.world if cfg.world is not None else (torch.distributed.get_world_size() if dist else 1)
+def parts(cfg: TeacherPassConfig, rt: runtime.Runtime) -> tuple[int, int]:
+    """(rank, world) of this process's part: the config's (parts run by hand), else torchrun's."""
+    rank = cfg.rank if cfg.rank is not None else rt.rank
+    world = cfg.world if cfg.world is not None else rt.world
     if not 0 <= rank < world:
         raise KdkitError(f"rank {rank} outside 0..{world - 1}")
-    return rank, world, dist
+    return rank, world
 
 
 def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
@@ -77,16 +87,15 @@ def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
 class _Source:
     """Where outputs come from: teachers run here, or an HDF5 file. `identity` feeds the fingerprint."""
 
-    def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], num_classes: int):
-        self.cfg, self.h5, self.groups = cfg, None, {}
+    def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], num_classes: int, rt: runtime.Runtime):
+        self.cfg, self.rt, self.h5, self.groups = cfg, rt, None, {}
         if cfg.teachers:
-            from kdkit.teach.compute import torch_device
             from kdkit.teach.teachers import load_teachers
 
             self.ensemble, self.teachers, self.size, self.ratio = load_teachers(
                 cfg.teachers, num_classes, cfg.image_size, cfg.crop_ratio)
-            self.ensemble.to(torch_device(cfg))
-            if cfg.device == "gpu":  # DALI hands over NHWC memory (layout "channels_last"): keep it
+            self.ensemble.to(rt.device)
+            if rt.device.type == "cuda":  # DALI hands over NHWC memory (layout "channels_last"): keep it
                 self.ensemble.to(memory_format=torch.channels_last)
             self.transform = cfg.view_transform(self.size, self.ratio)
             # the checkpoint's path is not part of the identity (its hash is): a moved file is the same teacher
@@ -115,8 +124,8 @@ class _Source:
             return out
         from kdkit.teach.compute import run_shard
 
-        t = self.teachers[0]
-        res = run_shard(tar, index, labels, self.ensemble, self.cfg, self.size, self.ratio, t.mean, t.std,
+        t = self.teachers[0].info
+        res = run_shard(tar, index, labels, self.ensemble, self.cfg, self.rt, self.size, self.ratio, t.mean, t.std,
                         on_images=bar.update)
         if res.keys != keys:
             raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
@@ -129,12 +138,12 @@ class _Source:
         common = {"fingerprint": fp, "num_classes": num_classes, "dtype": "float16", "topk": cfg.topk,
                   "command": cfg.command, "kdkit_version": __version__}
         if self.h5 is None:
-            return {**common, "source": "computed", "model": "+".join(t.name for t in self.teachers),
+            return {**common, "source": "computed", "model": "+".join(t.info.model for t in self.teachers),
                     "checkpoint_sha256": "+".join(t.record["checkpoint_sha256"] for t in self.teachers),
                     "teachers": [t.record for t in self.teachers], "combine": self.ensemble.combine,
                     "views": cfg.views, "transform": self.transform,
                     "members": mem.member_names(cfg.topk, cfg.views is not None),
-                    "device": cfg.device, "amp": cfg.amp and cfg.device == "gpu"}
+                    "device": self.rt.dali_device, "amp": cfg.amp and self.rt.device.type == "cuda"}
         g, theirs = self.groups[split], self.h5.teacher_block(self.groups[split])
         views = g["views"].shape[1] if "views" in g else None
         topk = cfg.topk or (g["topk_logits"].shape[-1] if "logits" not in g else None)
@@ -143,9 +152,9 @@ class _Source:
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 
-def _process_shard(source: _Source, dest: state.Destination, split: str, index: int, rec: contract.ShardRecord,
+def _process_shard(source: _Source, src: Path, job: ShardJob, split: str, index: int, rec: contract.ShardRecord,
                    bar) -> dict:
-    tar = dest.source / rec.tar
+    tar = src / rec.tar
     samples = list(tario.iter_tar_samples(tar))
     keys = [k for k, _ in samples]
     labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
@@ -155,7 +164,7 @@ def _process_shard(source: _Source, dest: state.Destination, split: str, index: 
         p, b = mem.added_bytes(key, outputs[key])
         payload, in_tar = payload + p, in_tar + b
     new = ({"__key__": k, **mem.without_teacher(m), **outputs[k]} for k, m in samples)
-    return state.write_shard(dest, rec, new, {"teacher_payload": payload, "teacher_bytes": in_tar})
+    return job.write(rec.tar, new, {"teacher_payload": payload, "teacher_bytes": in_tar})
 
 
 def _storage(records: list[dict], samples: int) -> dict:
@@ -166,10 +175,16 @@ def _storage(records: list[dict], samples: int) -> dict:
 
 
 def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
-    """Run the pass described by cfg (see the module docstring); one report per split."""
+    """Run the pass described by cfg (see the module docstring); one report per split. Under torchrun,
+    one process per rank, in one process group."""
     cfg.check()
+    with runtime.start(cfg.device, announce="kdkit add-teacher-logits") as rt:
+        return _run(cfg, rt)
+
+
+def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
     sets, is_root = select_sets(cfg.shards, cfg.splits)
-    rank, world, dist = parts(cfg)
+    rank, world = parts(cfg, rt)
     if not (cfg.teachers or cfg.import_h5):  # export only: one writer of the file
         if rank == 0:
             n = export_h5(sets, cfg.export_h5)
@@ -181,45 +196,45 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
         raise KdkitError(f"{cfg.shards}: the splits have different class counts ({sorted(counts)}); "
                          "run them one at a time (--split)")
     num_classes = counts.pop()
-    barrier = torch.distributed.barrier if dist else (lambda: None)
-    source = _Source(cfg, sets, num_classes)
+    source = _Source(cfg, sets, num_classes, rt)
     fp = fingerprint(source.identity)
     reports, done_sets = [], []
     for split, folder in sets:
         man = mans[split]
         out = folder if cfg.in_place else (Path(cfg.out) / split if is_root else Path(cfg.out))
-        if state.teacher_fingerprint(out) == fp:
+        if teacher_fingerprint(out) == fp:
             print(f"{split}: {out} already holds the outputs of this teacher pass; nothing to do", file=sys.stderr)
             reports.append(_report(split, out, load_manifest(out), 0, len(man.shards), None))
             done_sets.append((split, out))
             continue
-        # rank 0 checks the destination and writes the plan; the others then only check it
-        if rank == 0 or not dist:
-            dest = state.open_destination(folder, out, cfg.in_place, fp, cfg.command)
-        barrier()
-        if dist and rank != 0:
-            dest = state.open_destination(folder, out, cfg.in_place, fp, cfg.command)
+        # rank 0 checks the destination and writes the plan; the others then find it
+        job = None
+        if rt.is_main:
+            job = _open(out, fp, cfg)
+        rt.barrier()
+        job = job or _open(out, fp, cfg)
         mine = my_shards(len(man.shards), rank, world)
-        todo = [i for i in mine if state.shard_done(dest, man.shards[i].tar) is None]
+        todo = [i for i in mine if job.done(man.shards[i].tar) is None]
+        job.clear_temps([man.shards[i].tar for i in todo])
         bar = tqdm(total=sum(man.shards[i].num_samples for i in todo), unit="img", desc=f"teacher {split}",
                    disable=not cfg.progress, smoothing=0.1)
         t0 = time.perf_counter()
         try:
-            with cpu_threads(cfg):
+            with cpu_threads(cfg, rt):
                 for i in todo:
                     bar.set_postfix_str(man.shards[i].tar)
-                    _process_shard(source, dest, split, i, man.shards[i], bar)
+                    _process_shard(source, folder, job, split, i, man.shards[i], bar)
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
         rate = sum(man.shards[i].num_samples for i in todo) / elapsed if todo and elapsed > 0 else None
-        barrier()
+        rt.barrier()
         new_man = None
-        if rank == 0 or not dist:
-            records = state.complete_records(dest, man)
+        if rt.is_main:
+            records = job.complete([s.tar for s in man.shards])
             if records is not None:
-                new_man = state.write_manifest(dest, man, records, {**source.block(split, fp, num_classes),
-                                                                    "storage": _storage(records, man.num_samples)})
+                new_man = write_manifest(job, folder, man, records, {**source.block(split, fp, num_classes),
+                                                                     "storage": _storage(records, man.num_samples)})
                 if is_root and not cfg.in_place:
                     from kdkit.shards.writer import write_timm_info
 
@@ -229,13 +244,44 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
                 print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
                       "(the last one to finish writes the manifest)", file=sys.stderr)
         reports.append(_report(split, out, new_man, len(todo), len(mine) - len(todo), rate))
-    barrier()
+    rt.barrier()
     if source.h5 is not None:
         source.h5.close()
     if cfg.export_h5 and rank == 0 and len(done_sets) == len(sets):
         n = export_h5(done_sets, cfg.export_h5)
         print(f"{cfg.export_h5}: teacher outputs of {n} samples exported", file=sys.stderr)
     return reports
+
+
+def _open(out: Path, fp: str, cfg: TeacherPassConfig) -> ShardJob:
+    job, _ = open_job(out, fp, cfg.command, "teacher pass", job=STATE_JOB, staged=cfg.in_place,
+                      finished=teacher_fingerprint(out))
+    return job
+
+
+def teacher_fingerprint(folder: Path) -> str | None:
+    """The fingerprint of the teacher pass whose outputs a finished set holds (its manifest's)."""
+    try:
+        man = json.loads((folder / contract.MANIFEST).read_text())
+        return (man.get("teacher") or {}).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(job: ShardJob, source: Path, man: contract.Manifest, records: list[dict],
+                   teacher: dict) -> contract.Manifest:
+    """The manifest of the finished set: same samples, new shard sizes/checksums, the teacher block."""
+    for s, r in zip(man.shards, records):
+        if r["num_samples"] != s.num_samples:
+            raise KdkitError(f"{job.folder / s.tar}: {r['num_samples']} samples written, the input manifest "
+                             f"says {s.num_samples}; the input changed during the pass, run it again")
+    shards = [contract.ShardRecord(s.tar, s.idx, r["num_samples"], r["bytes"], r["sha256"], s.skipped)
+              for s, r in zip(man.shards, records)]
+    new = dataclasses.replace(man, shards=shards, teacher=teacher)
+    if not job.staged and (source / contract.SKIP_REPORT).exists():
+        shutil.copyfile(source / contract.SKIP_REPORT, job.folder / contract.SKIP_REPORT)
+    tario.atomic_write_json(job.folder / contract.MANIFEST, new.to_json())
+    return new
 
 
 def export_h5(sets, path):

@@ -10,14 +10,7 @@ import os
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-
-
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown, except where the help already says in words what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "(default:" in text else super()._get_help_string(action)
+from kdkit.options import HelpFormatter, command_line, csv_list
 
 
 DESCRIPTION = """\
@@ -35,13 +28,9 @@ examples:
 """
 
 
-def _csv(text: str) -> list[str]:
-    return [t for t in text.split(",") if t]
-
-
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("add-teacher-logits", help="store a teacher's outputs (logits, views) in a shard set",
-                       formatter_class=_Fmt, description=DESCRIPTION)
+                       formatter_class=HelpFormatter, description=DESCRIPTION)
     p.add_argument("shards", type=Path, help="a shard-set folder, or a dataset root holding one per split")
     g = p.add_argument_group("Teacher (repeat --checkpoint for an ensemble: probabilities are averaged)")
     g.add_argument("--checkpoint", type=Path, action="append", default=[],
@@ -69,7 +58,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=None, help="write a new set (or dataset root) here (default: none)")
     where.add_argument("--in-place", action="store_true", help="replace each shard of the input atomically")
-    g.add_argument("--split", type=_csv, default=None, help="comma-separated splits of a dataset root (default: all)")
+    g.add_argument("--split", type=csv_list, default=None, help="comma-separated splits of a dataset root (default: all)")
     g.add_argument("--export-h5", type=Path, default=None, metavar="FILE",
                    help="write the outputs keyed by sample key to this HDF5 file (alone: export what the set holds) "
                         "(default: none)")
@@ -77,8 +66,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="take the outputs from this HDF5 file (joined by key) instead of running a teacher "
                         "(default: none)")
     g = p.add_argument_group("Run")
-    g.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if _has_cuda() else "cpu",
-                   help="where DALI and the teacher run (gpu: device LOCAL_RANK)")
+    g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where DALI and the teacher run (gpu: device LOCAL_RANK; auto: the GPU where torch sees one)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast on the GPU")
     g.add_argument("--batch-size", type=int, default=64, help="images per teacher forward (x K with --views)")
     g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
@@ -89,13 +78,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _has_cuda() -> bool:
-    # without importing torch: a visible NVIDIA driver is enough to default to the GPU
-    return os.path.exists("/proc/driver/nvidia/version") and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
-
-
 def config_from_args(a: argparse.Namespace):
-    from kdkit.shards.writer import command_line
     from kdkit.teach.config import TeacherPassConfig, TeacherSpec
 
     if a.model and len(a.model) != len(a.checkpoint):

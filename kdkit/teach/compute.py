@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from kdkit.errors import KdkitError
+from kdkit.runtime import Runtime
 from kdkit.teach.config import TeacherPassConfig
 from kdkit.teach.teachers import TeacherEnsemble
 
@@ -36,20 +37,12 @@ class ShardOutputs:
     boxes: np.ndarray | None  # float32 (N, K, 5)
 
 
-def torch_device(cfg: TeacherPassConfig) -> torch.device:
-    if cfg.device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise KdkitError("--device gpu: no CUDA device is visible; use --device cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
 @contextlib.contextmanager
-def cpu_threads(cfg: TeacherPassConfig):
+def cpu_threads(cfg: TeacherPassConfig, rt: Runtime):
     """On the CPU, DALI's worker threads and torch's intra-op threads share the cores. Oversubscribed,
     torch's OpenMP threads spin while DALI's run: a pass on 2 cores with 2 DALI + 2 torch threads
     measured 10x slower than with 1 torch thread. So torch gets the cores DALI leaves, for the pass."""
-    if cfg.device != "cpu":
+    if rt.device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
@@ -61,32 +54,34 @@ def cpu_threads(cfg: TeacherPassConfig):
         torch.set_num_threads(before)
 
 
-def loader_config(cfg: TeacherPassConfig, image_size: int, crop_ratio: float, mean, std, shard_index: int):
-    from kdkit.pipelines import LoaderConfig
+def loader_config(cfg: TeacherPassConfig, rt: Runtime, image_size: int, crop_ratio: float, mean, std,
+                  shard_index: int):
+    """The loader of one shard's views: the eval role's centre crop, or the teacher_views role's K views."""
+    from kdkit.pipelines import TeacherViews, loader_config as make
 
-    gpu = cfg.device == "gpu"
-    return LoaderConfig(
-        device=cfg.device, batch_size=cfg.batch_size, num_threads=cfg.threads, image_size=image_size,
-        crop_ratio=crop_ratio, shuffle=False, seed=shard_seed(cfg.seed, shard_index),
-        shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard, not by DALI
-        last_batch="partial", teacher_logits=False, random_area=tuple(cfg.random_area),
-        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip, antialias=cfg.antialias,
-        num_views=cfg.views or 1, layout="channels_last" if gpu else "CHW", dtype="float32",
-        mean=tuple(mean), std=tuple(std), device_id=torch_device(cfg).index if gpu else None)
+    role = "eval" if cfg.views is None else TeacherViews(
+        num_views=cfg.views, crop_ratio=crop_ratio, random_area=tuple(cfg.random_area),
+        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip)
+    extra = {"crop_ratio": crop_ratio} if cfg.views is None else {}
+    return make(role, **extra, image_size=image_size, mean=tuple(mean), std=tuple(std), antialias=cfg.antialias,
+                layout="channels_last" if rt.device.type == "cuda" else "CHW", batch_size=cfg.batch_size,
+                shuffle=False, seed=shard_seed(cfg.seed, shard_index), last_batch="partial", teacher_logits=False,
+                shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard, not by DALI
+                num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id)
 
 
 def run_shard(tar: Path, shard_index: int, labels: list[int], ensemble: TeacherEnsemble, cfg: TeacherPassConfig,
-              image_size: int, crop_ratio: float, mean, std, on_images=None) -> ShardOutputs:
+              rt: Runtime, image_size: int, crop_ratio: float, mean, std, on_images=None) -> ShardOutputs:
     """Teacher outputs for every sample of `tar`, in tar order; `labels` are the tar's own, in order."""
     from kdkit.pipelines import DaliLoader, ShardSet, reading_order
 
-    lcfg = loader_config(cfg, image_size, crop_ratio, mean, std, shard_index)
-    loader = DaliLoader(ShardSet(tars=[Path(tar)]), lcfg, role="eval" if cfg.views is None else "teacher_views")
+    lcfg = loader_config(cfg, rt, image_size, crop_ratio, mean, std, shard_index)
+    loader = DaliLoader(ShardSet(tars=[Path(tar)]), lcfg)
     keys = [k for _, k in reading_order(loader.shards, loader.scan)]
     if len(keys) != len(labels):
         raise KdkitError(f"{tar}: DALI's index lists {len(keys)} samples, the tar holds {len(labels)}; "
                          "rewrite the index with `kdkit verify --fix-index`")
-    device = torch_device(cfg)
+    device = rt.device
     amp = cfg.amp and device.type == "cuda"
     logits, boxes, seen = [], [], []
     for batch in loader:

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-
-DEVICES = ("cpu", "gpu")
+from kdkit.runtime import DEVICES
 
 
 @dataclass
@@ -47,7 +46,7 @@ class TeacherPassConfig:
     antialias: bool = True
     seed: int = 0  # seed of the random views; each shard derives its own from it (views.shard_seed)
     # running
-    device: str = "cpu"  # "gpu": CUDA device LOCAL_RANK, DALI on the GPU, AMP
+    device: str = "cpu"  # "gpu": CUDA device LOCAL_RANK, DALI on the GPU, AMP; "auto": the GPU where one is visible
     amp: bool = True  # fp16 autocast on the GPU (ignored on the CPU)
     batch_size: int = 64
     threads: int = 4  # DALI CPU threads

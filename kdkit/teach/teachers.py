@@ -1,90 +1,41 @@
 """Teachers from local checkpoints: one model, or an ensemble whose probabilities are averaged.
 
-A kdkit checkpoint carries everything (model name and kwargs, class count, image size, mean/std);
-a bare timm/torchvision state dict needs the model name, and its transform comes from timm's
-pretrained config for that name. Nothing is ever downloaded. Every way a checkpoint can be wrong
-(missing, unreadable, another architecture, another class count) is a KdkitError naming the file,
-raised before any shard is read.
+Each checkpoint is read by kdkit.models.checkpoint.load_model (a kdkit checkpoint of any head, or a
+bare timm/torchvision state dict with its model name). Nothing is ever downloaded. Every way a
+checkpoint can be wrong (missing, unreadable, another architecture, another class count) is a
+KdkitError naming the file, raised before any shard is read.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import extract_state_dict, file_sha256, is_kdkit_checkpoint, load_weights, read_checkpoint
-from kdkit.models.factory import create_model
+from kdkit.models.checkpoint import ModelInfo, load_model
 from kdkit.teach.config import TeacherSpec
 
 
 @dataclass
 class Teacher:
     model: nn.Module
-    name: str
-    num_classes: int
-    image_size: int
-    crop_ratio: float | None  # None: the checkpoint does not say (a kdkit checkpoint)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    info: ModelInfo
     record: dict  # what the manifest's teacher block says about this teacher
-
-
-def _classifier_rows(model: nn.Module, state: dict) -> int | None:
-    """Class count of a bare state dict, read from the classifier timm names for the model."""
-    names = getattr(model, "pretrained_cfg", {}).get("classifier")
-    for name in (names if isinstance(names, (list, tuple)) else [names]):
-        w = state.get(f"{name}.weight") if name else None
-        if w is not None and w.ndim >= 1:
-            return int(w.shape[0])
-    return None
 
 
 def load_teacher(spec: TeacherSpec, num_classes: int) -> Teacher:
     """Build and load one teacher; refuse it unless it predicts `num_classes` classes."""
-    path = Path(spec.checkpoint)
-    obj = read_checkpoint(path)
-    state = extract_state_dict(obj, prefer_ema=spec.prefer_ema)
-    if is_kdkit_checkpoint(obj):
-        name = obj["model"]
-        if spec.model and spec.model != name:
-            raise KdkitError(f"{path}: a kdkit checkpoint of {name!r}, but --model {spec.model!r} was given; "
-                             "leave --model out (the checkpoint names its model)")
-        kwargs = dict(obj.get("model_kwargs") or {})
-        classes = int(obj["num_classes"])
-        _refuse_class_count(path, classes, num_classes)
-        model = create_model(name, num_classes=classes, **kwargs)
-        pcfg = getattr(model, "pretrained_cfg", {})
-        size = int(obj.get("image_size") or pcfg.get("input_size", (3, 224, 224))[-1])
-        mean, std = tuple(obj.get("mean") or pcfg["mean"]), tuple(obj.get("std") or pcfg["std"])
-        crop_ratio = None
-    else:
-        if not spec.model:
-            raise KdkitError(f"{path}: a bare state dict names no model; give its timm name with --model")
-        name, kwargs = spec.model, dict(spec.model_kwargs)
-        # build for the set's class count, then read the checkpoint's own: a 1000-class state dict
-        # for a 3-class set must be refused as a class-count problem, not as a shape soup
-        model = create_model(name, num_classes=num_classes, **kwargs)
-        classes = _classifier_rows(model, state)
-        if classes is not None:
-            _refuse_class_count(path, classes, num_classes)
-        pcfg = model.pretrained_cfg
-        size, crop_ratio = int(pcfg["input_size"][-1]), float(pcfg.get("crop_pct") or 0.875)
-        mean, std = tuple(pcfg["mean"]), tuple(pcfg["std"])
-    load_weights(model, state, str(path))
-    model.eval().requires_grad_(False)
-    record = {"model": name, "model_kwargs": kwargs, "checkpoint": str(path), "checkpoint_sha256": file_sha256(path),
-              "ema": bool(spec.prefer_ema), "mean": list(mean), "std": list(std)}
-    return Teacher(model, name, num_classes, size, crop_ratio, mean, std, record)
-
-
-def _refuse_class_count(path: Path, classes: int, wanted: int) -> None:
-    if classes != wanted:
-        raise KdkitError(f"{path}: the teacher predicts {classes} classes, the shard set has {wanted}; "
-                         "use a teacher trained on this set's classes (class indexes must mean the same)")
+    model, info = load_model(spec.checkpoint, model_name=spec.model, model_kwargs=spec.model_kwargs,
+                             num_classes=num_classes, prefer_ema=spec.prefer_ema)
+    model.requires_grad_(False)
+    record = {"model": info.model, "model_kwargs": info.model_kwargs, "checkpoint": str(spec.checkpoint),
+              "checkpoint_sha256": info.sha256(), "ema": info.weights == "ema", "mean": list(info.mean),
+              "std": list(info.std)}
+    if info.head:
+        record["head"] = info.head
+    return Teacher(model, info, record)
 
 
 class TeacherEnsemble(nn.Module):
@@ -100,9 +51,9 @@ class TeacherEnsemble(nn.Module):
     def __init__(self, teachers: list[Teacher]):
         super().__init__()
         self.models = nn.ModuleList(t.model for t in teachers)
-        first = teachers[0]
+        first = teachers[0].info
         self.renorm: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        for t in teachers:
+        for t in (t.info for t in teachers):
             if t.mean == first.mean and t.std == first.std:
                 self.renorm.append(None)
                 continue
@@ -128,12 +79,13 @@ def load_teachers(specs: list[TeacherSpec], num_classes: int, image_size: int | 
                   crop_ratio: float | None) -> tuple[TeacherEnsemble, list[Teacher], int, float]:
     """All teachers, checked to agree on the input size the one pipeline gives them."""
     teachers = [load_teacher(s, num_classes) for s in specs]
-    size = image_size or teachers[0].image_size
-    ratio = crop_ratio or next((t.crop_ratio for t in teachers if t.crop_ratio), 0.875)
+    infos = [t.info for t in teachers]
+    size = image_size or infos[0].image_size
+    ratio = crop_ratio or next((i.crop_ratio for i in infos if i.crop_ratio), 0.875)
     if image_size is None:
-        sizes = {t.image_size for t in teachers}
+        sizes = {i.image_size for i in infos}
         if len(sizes) > 1:
             raise KdkitError("the teachers expect different image sizes ("
-                             + ", ".join(f"{t.record['checkpoint']}: {t.image_size}" for t in teachers)
+                             + ", ".join(f"{i.source}: {i.image_size}" for i in infos)
                              + "); choose one with --image-size")
     return TeacherEnsemble(teachers), teachers, size, ratio

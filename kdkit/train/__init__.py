@@ -6,7 +6,7 @@
 Modules: config (options, recipes), data (shard checks, DALI loaders per epoch), model (build,
 fine-tune, AM-softmax head, teacher), losses, mix, optim (timm factories + SAM), build (all parts
 of a run), loop (the training step and epoch), state (checkpoint / resume), runs (run folder),
-distributed (DDP under torchrun), lr_find, cli.
+lr_find, cli; devices and DDP under torchrun come from kdkit.runtime.
 Heavy imports (torch, DALI, timm) happen in the modules, not here.
 """
 from kdkit.train.config import TrainConfig, list_recipes, load_recipe, make_config

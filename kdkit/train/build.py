@@ -14,20 +14,20 @@ import torch
 from timm.utils import ModelEmaV3
 
 from kdkit.errors import KdkitError
+from kdkit.runtime import Runtime
 from kdkit.train import data as data_mod
 from kdkit.train.config import TrainConfig
-from kdkit.train.distributed import DistInfo, wrap_ddp
 from kdkit.train.losses import DistillationLoss
 from kdkit.train.model import build_model, build_teacher, load_finetune, set_backbone_frozen
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 from kdkit.train.runs import RunDir
-from kdkit.train.state import read_resume_checkpoint, restore, seed_everything
+from kdkit.train.state import loader_state, read_resume_checkpoint, restore, seed_everything
 
 
 @dataclass
 class Parts:
     cfg: TrainConfig
-    dist: DistInfo
+    rt: Runtime  # device, rank and world (kdkit.runtime)
     data: data_mod.DataInfo
     model: torch.nn.Module  # the plain model: what is saved and evaluated
     net: torch.nn.Module  # what the training step calls: the model, or DDP / torch.compile around it
@@ -39,11 +39,12 @@ class Parts:
     teacher: torch.nn.Module | None = None
     sam: SAM | None = None
     ema: ModelEmaV3 | None = None
+    train_loader: object | None = None  # one per run (kdkit.train.data)
     val_loader: object | None = None
-    first_loader: tuple[int, object] | None = None  # (epoch, loader) built while setting up, reused once
     updates: int = 0  # optimizer updates so far
     best: float | None = None  # best val top-1 so far
     frozen: bool = False
+    skip_batches: int = 0  # a resume whose loader could not be restored: batches of its first epoch already trained
     start: tuple[int, int, dict | None] = (0, 0, None)  # (epoch, step_in_epoch, epoch_sums) to continue from
     history: list[dict] = field(default_factory=list)
 
@@ -51,7 +52,7 @@ class Parts:
         if self.cfg.amp == "none":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.dist.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.rt.device.type, dtype=dtype)
 
 
 def check_options(cfg: TrainConfig) -> None:
@@ -70,44 +71,43 @@ def check_options(cfg: TrainConfig) -> None:
         raise KdkitError(f"--kd-alpha {cfg.kd_alpha}: expected 0..1")
 
 
-def build(cfg: TrainConfig, dist: DistInfo, start_run: bool = True) -> Parts:
+def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
     """All parts of a run; start_run=False (the LR finder) neither writes a run folder nor resumes."""
     check_options(cfg)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = dist.device.type == "cuda" and not cfg.deterministic
+    torch.backends.cudnn.benchmark = rt.device.type == "cuda" and not cfg.deterministic
     data = data_mod.prepare_data(cfg)
     resume = read_resume_checkpoint(cfg) if start_run else None
-    start_epoch = resume[1]["epoch"] if resume else 0
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg, data.num_classes)
     if cfg.finetune and not resume:
         reset = load_finetune(model, cfg.finetune, cfg)
-        if dist.is_main:
+        if rt.is_main:
             print(f"kdkit train: backbone from {cfg.finetune}; new head ({', '.join(reset)})")
-    if cfg.sync_bn and dist.enabled:
+    if cfg.sync_bn and rt.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(dist.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    teacher = build_teacher(cfg, data.num_classes, dist.device) if cfg.kd == "online" else None
+    model = model.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    teacher = build_teacher(cfg, data.num_classes, rt.device) if cfg.kd == "online" else None
 
     optimizer = build_optimizer(cfg, model)  # before any freezing: frozen parameters join later
-    first = data_mod.train_loader(cfg, data, dist.device, start_epoch)
-    updates_per_epoch = -(-len(first) // cfg.grad_accum)
+    loader = data_mod.train_loader(cfg, data, rt, loader_state(resume, cfg, data, rt))
+    updates_per_epoch = -(-len(loader) // cfg.grad_accum)
     p = Parts(
-        cfg=cfg, dist=dist, data=data, model=model, net=model, optimizer=optimizer,
+        cfg=cfg, rt=rt, data=data, model=model, net=model, optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, updates_per_epoch),
-        scaler=torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16"),
+        scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
         criterion=DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None,
                                    cfg.am_margin),
-        run=RunDir(cfg, dist.is_main), teacher=teacher,
+        run=RunDir(cfg, rt.is_main), teacher=teacher,
         sam=SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None,
         ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None,
-        val_loader=data_mod.eval_loader(cfg, data, dist.device), first_loader=(start_epoch, first))
+        train_loader=loader, val_loader=data_mod.eval_loader(cfg, data, rt))
     if start_run:
         p.run.start(cfg, resuming=resume is not None)
     # each rank mixes and drops out differently; a resume replaces these with the saved states
-    seed_everything(cfg.seed + 1_000 * (dist.rank + 1))
+    seed_everything(cfg.seed + 1_000 * (rt.rank + 1))
     if resume:
         p.start = restore(p, *resume)
         p.run.keep_metrics_until(p.start[0])
@@ -118,9 +118,13 @@ def build(cfg: TrainConfig, dist: DistInfo, start_run: bool = True) -> Parts:
 
 def set_frozen(p: Parts, frozen: bool) -> None:
     """Freeze or thaw the backbone and (re)wrap the model: DDP only syncs parameters that require
-    grad when it is built, so it is rebuilt when the set changes."""
+    grad when it is built, so DDP is rebuilt around the model when the set changes."""
     if frozen or p.frozen:
         set_backbone_frozen(p.model, frozen)
     p.frozen = frozen
-    net = wrap_ddp(p.model, p.dist)
+    net = p.model
+    if p.rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(p.model, device_ids=[p.rt.device.index] if p.rt.device.type == "cuda" else None)
     p.net = torch.compile(net) if p.cfg.compile else net

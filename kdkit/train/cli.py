@@ -18,11 +18,8 @@ import dataclasses
 import yaml
 
 from kdkit.errors import KdkitError
+from kdkit.options import HelpFormatter
 from kdkit.train.config import FIELDS, TYPES, KD_MODES, TrainConfig, list_recipes, load_recipe, make_config
-
-
-class _Fmt(argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -108,7 +105,7 @@ def _run(mode: str):
 
 def add_parser(sub) -> None:
     """`kdkit train` with its sub-commands `teacher` and `student`."""
-    p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set", formatter_class=_Fmt,
+    p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set", formatter_class=HelpFormatter,
                        description="Train on a kdkit shard set through the DALI loader.\n\n"
                                    + __doc__.split("\n\n")[1])
     s = p.add_subparsers(dest="train_mode", required=True, metavar="MODE")
@@ -119,7 +116,7 @@ def add_parser(sub) -> None:
                                   "(--kd stored / replay) or from a teacher run alongside (--kd online)")):
         q = s.add_parser(mode, help=text, description=text + ". Recipe values fill the defaults; every "
                          "flag overrides them; the resolved config is saved as runs/NAME/config.yaml.",
-                         formatter_class=_Fmt)
+                         formatter_class=HelpFormatter)
         add_train_arguments(q, kd_default)
         q.set_defaults(func=_run(mode))
 
@@ -127,7 +124,7 @@ def add_parser(sub) -> None:
 def add_lr_find_parser(sub) -> None:
     """`kdkit lr-find`: the LR range test with the same options as `kdkit train`."""
     p = sub.add_parser("lr-find", help="LR range test: plot training loss against an exponentially growing LR",
-                       formatter_class=_Fmt,
+                       formatter_class=HelpFormatter,
                        description="Train from the run's initial state with the LR growing exponentially from "
                                    "--start-lr to --end-lr, one update per batch, with the same step and loss as "
                                    "`kdkit train`; stop when the smoothed loss diverges. Writes lr_find.png and "

@@ -1,19 +1,20 @@
-"""The trainer's data: shard sets checked before training starts, and DALI loaders per epoch.
+"""The trainer's data: shard sets checked before training starts, and the DALI loaders of a run.
 
 Checks that fail early with a message saying what to do: KD asked for on shards without teacher
 outputs, class counts that disagree (train vs val shards, --num-classes, stored teacher logits),
 single-view logits used as multi-view and the reverse.
 
-Loader order and resume: the train loader is rebuilt every epoch with a seed derived from
-(seed, epoch), so epoch e's tar order, shuffle buffer and augmentation are a pure function of
-(seed, epoch) (measured: bit-identical batches across rebuilds and DALI thread counts). Resuming
-at an epoch boundary therefore replays exactly what the uninterrupted run would have read; a
-mid-epoch resume rebuilds that epoch's loader and discards the batches already trained on (their
-decoding is the cost: up to one epoch of loader work, no model work). A rebuild costs the DALI
-pipeline build and the shuffle-buffer fill, once per epoch.
+Loader order and resume: one train loader per run, built once, epoch after epoch (DALI reshuffles
+the tar order every epoch and its random streams run on). Every checkpoint stores each rank's DALI
+checkpoint of its loader (reader position and random generators, ~1 KB; kdkit.pipelines.DaliLoader
+.state), so a resumed run builds the loader from it and continues exactly where the checkpoint was
+taken, mid-epoch too, without decoding anything twice (tested: the same weights as a run never
+stopped). Where that state cannot be used (another number of ranks, other loader options), the run
+continues at the next epoch boundary with a fresh loader, and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,10 @@ import torch
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
 from kdkit.shards.tario import read_dali_index
+from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
+from kdkit.pipelines.shardset import teacher_format
+from kdkit.runtime import Runtime
 from kdkit.train.config import TrainConfig
-from kdkit.pipelines.loader import DaliLoader, LoaderConfig
-from kdkit.pipelines.shardset import ShardSet, resolve_shards, scan_shards, teacher_format
 
 
 @dataclass
@@ -36,11 +38,6 @@ class DataInfo:
     num_classes: int
     classes: list[dict]
     teacher: dict | None  # the train manifest's teacher block
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Loader seed of one epoch; equal on every rank (the loader adds the rank for augmentation)."""
-    return (seed * 1_000_003 + epoch * 10_007) % (2 ** 31)
 
 
 def _set_name(s: ShardSet) -> str:
@@ -127,34 +124,47 @@ def prepare_data(cfg: TrainConfig) -> DataInfo:
     return DataInfo(train, val, n, classes, train.manifest.teacher if train.manifest else None)
 
 
-def loader_config(cfg: TrainConfig, device: torch.device, **kw) -> LoaderConfig:
-    dali_device = cfg.loader_device if cfg.loader_device != "auto" else ("gpu" if device.type == "cuda" else "cpu")
-    return LoaderConfig(
-        device=dali_device, batch_size=cfg.batch_size, num_threads=cfg.loader_threads, image_size=cfg.image_size,
-        shuffle_buffer=cfg.shuffle_buffer, random_area=tuple(cfg.random_area), flip=cfg.flip,
-        antialias=cfg.antialias, fast_idct=cfg.fast_idct,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n,
-        randaugment_m=cfg.randaugment_m, crop_ratio=cfg.eval_crop_ratio,
-        layout="channels_last" if cfg.channels_last else "CHW",
-        device_id=device.index if device.type == "cuda" else None, **kw)
+def _loader_config(cfg: TrainConfig, rt: Runtime, role, **reading):
+    """The LoaderConfig of a run's loaders: the role plus what every loader of the run shares."""
+    device = cfg.loader_device if cfg.loader_device != "auto" else rt.dali_device
+    return loader_config(role, image_size=cfg.image_size, antialias=cfg.antialias,
+                         layout="channels_last" if cfg.channels_last else "CHW", batch_size=cfg.batch_size,
+                         num_threads=cfg.loader_threads, fast_idct=cfg.fast_idct, device=device,
+                         device_id=rt.device_id if device == "gpu" else None, **reading)
 
 
-def train_loader(cfg: TrainConfig, data: DataInfo, device: torch.device, epoch: int,
-                 last_batch: str | None = None) -> DaliLoader:
-    """Epoch `epoch`'s loader (see the module doc). The last partial batch is dropped by default so
-    every rank runs the same number of equal-sized steps."""
-    role = "replay" if cfg.kd == "replay" else "train"
-    lc = loader_config(cfg, device, seed=epoch_seed(cfg.seed, epoch), teacher_logits=cfg.kd in ("stored", "replay"),
-                       last_batch=last_batch)
-    loader = DaliLoader(data.train, lc, role=role)
+def train_loader_config(cfg: TrainConfig, rt: Runtime):
+    """The train loader's LoaderConfig. The last partial batch is dropped (the roles' default) so every
+    rank runs the same number of equal-sized steps."""
+    aug = dict(color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n,
+               randaugment_m=cfg.randaugment_m)
+    role = Replay(**aug) if cfg.kd == "replay" else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug)
+    return _loader_config(cfg, rt, role, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                          teacher_logits=cfg.kd in ("stored", "replay"))
+
+
+def stream_key(cfg: TrainConfig, data: DataInfo, rt: Runtime) -> str:
+    """What decides the train loader's stream of batches: its config (threads and queue depths aside)
+    and its shards. A saved loader state is only restored into a loader with the same key."""
+    lc = train_loader_config(cfg, rt)
+    backend = dataclasses.replace(lc.backend, num_threads=1, prefetch_queue_depth=1, device_id=None)
+    reading = dataclasses.replace(lc.reading, reader_queue_depth=1)
+    return repr((lc.role, lc.output, reading, backend, [t.name for t in data.train.tars]))
+
+
+def train_loader(cfg: TrainConfig, data: DataInfo, rt: Runtime, restore=None) -> DaliLoader:
+    """The run's train loader (see the module doc), at the position `restore` (a DaliLoader.state()
+    of this rank) or at the start."""
+    loader = DaliLoader(data.train, train_loader_config(cfg, rt), checkpointing=True, restore=restore)
     if len(loader) == 0:
         raise KdkitError(f"{_set_name(data.train)}: {loader.num_samples} samples on this rank, fewer than one "
                          f"batch of {cfg.batch_size}; lower --batch-size")
     return loader
 
 
-def eval_loader(cfg: TrainConfig, data: DataInfo, device: torch.device) -> DaliLoader | None:
+def eval_loader(cfg: TrainConfig, data: DataInfo, rt: Runtime) -> DaliLoader | None:
     """Every val sample exactly once across the ranks (partial last batch), in stored order."""
     if data.val is None:
         return None
-    return DaliLoader(data.val, loader_config(cfg, device, teacher_logits=False, last_batch="partial"), role="eval")
+    lc = _loader_config(cfg, rt, Eval(crop_ratio=cfg.eval_crop_ratio), teacher_logits=False, last_batch="partial")
+    return DaliLoader(data.val, lc)

@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kdkit import runtime
 from kdkit.errors import KdkitError
 from kdkit.train.build import Parts, build, set_frozen
 from kdkit.train.config import TrainConfig
-from kdkit.train.data import train_loader
-from kdkit.train.distributed import any_rank, broadcast_buffers, cleanup, init_distributed, reduce_sum
 from kdkit.train.losses import dense_logits_from_topk, one_hot_smoothed, teacher_probs
 from kdkit.train.mix import mix_batch
 from kdkit.train.model import set_backbone_frozen
@@ -38,7 +37,7 @@ def make_targets(p: Parts, batch, mixing: bool):
     """Images and the two targets of a batch: class probabilities (smoothed, mixed) and teacher
     probabilities at temperature T (stored or replayed logits mixed with the same lambda; an
     online teacher run on the mixed images themselves) or None without KD."""
-    cfg, dev = p.cfg, p.dist.device
+    cfg, dev = p.cfg, p.rt.device
     images = batch.images.to(dev, non_blocking=True)
     target = one_hot_smoothed(batch.labels.to(dev, non_blocking=True).view(-1), p.data.num_classes,
                               cfg.label_smoothing)
@@ -110,7 +109,7 @@ def check_finite(p: Parts, window: list[torch.Tensor], first_step: int, epoch: i
         return
     losses = torch.stack(window).float()
     bad = ~torch.isfinite(losses)
-    if any_rank(bool(bad.any()), p.dist):
+    if p.rt.any(bool(bad.any())):
         i = int(bad.nonzero()[0]) if bad.any() else 0
         where = f"epoch {epoch + 1}, step {first_step + i + 1}/{steps}" if bad.any() else f"epoch {epoch + 1} (another rank)"
         kept = p.run.path / LAST
@@ -121,10 +120,10 @@ def check_finite(p: Parts, window: list[torch.Tensor], first_step: int, epoch: i
 
 
 def train_one_epoch(p: Parts, epoch: int, start_step: int = 0, sums: dict | None = None) -> dict:
+    """One epoch of the run's loader from step `start_step` on (a resumed loader yields just the rest
+    of its epoch; one that could not be restored skips p.skip_batches first)."""
     cfg = p.cfg
-    loader = p.first_loader[1] if p.first_loader and p.first_loader[0] == epoch else train_loader(
-        cfg, p.data, p.dist.device, epoch)
-    p.first_loader = None
+    loader = p.train_loader
     if (epoch < cfg.freeze_epochs) != p.frozen:
         set_frozen(p, epoch < cfg.freeze_epochs)
     p.model.train()
@@ -133,17 +132,22 @@ def train_one_epoch(p: Parts, epoch: int, start_step: int = 0, sums: dict | None
     mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and not (cfg.mix_off_epoch and epoch >= cfg.mix_off_epoch)
     steps = len(loader)
     sums = dict(sums or {"loss": 0.0, "samples": 0})
-    loss_sum = torch.zeros((), dtype=torch.float64, device=p.dist.device)
-    batches = iter(loader)
-    for _ in range(start_step):  # mid-epoch resume: the loader is rebuilt, these batches were trained on
-        next(batches)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=p.rt.device)
+    skip, p.skip_batches = p.skip_batches, 0
     bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-               disable=not (cfg.progress and p.dist.is_main), leave=False, dynamic_ncols=True)
+               disable=not (cfg.progress and p.rt.is_main), leave=False, dynamic_ncols=True)
     window, window_start, wait, t0 = [], start_step, 0.0, time.perf_counter()
-    for step in range(start_step, steps):
+    step = start_step - skip  # the step of the next batch the loader yields
+    batches = iter(loader)
+    while True:  # the loader's whole epoch: DALI's iterator starts the next one once this one is exhausted
         t = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches, None)
         wait += time.perf_counter() - t
+        if batch is None:
+            break
+        if step < start_step:  # a fresh loader after a resume: trained on before the interruption
+            step += 1
+            continue
         loss, updated = train_step(p, batch, step, steps, mixing)
         window.append(loss)
         loss_sum += loss * batch.labels.shape[0]
@@ -159,12 +163,16 @@ def train_one_epoch(p: Parts, epoch: int, start_step: int = 0, sums: dict | None
             window, window_start = [], step + 1
             saved = {"loss": sums["loss"] + loss_sum.item(), "samples": sums["samples"]}
             p.run.save(LAST, make_checkpoint(p, epoch, step + 1, {}, saved))
+        step += 1
     bar.close()
+    if step != steps:
+        raise KdkitError(f"epoch {epoch + 1}: the loader gave {step} of {steps} batches; did the shards change "
+                         "since the run started? (`kdkit verify` them)")
     elapsed = time.perf_counter() - t0
-    loss_total, samples, wait_sum, time_sum = reduce_sum(
-        [sums["loss"] + loss_sum.item(), sums["samples"], wait, elapsed], p.dist)
+    loss_total, samples, wait_sum, time_sum = p.rt.reduce_sum(
+        [sums["loss"] + loss_sum.item(), sums["samples"], wait, elapsed])
     return {"train_loss": loss_total / max(samples, 1), "samples": int(samples),
-            "images_per_s": samples / max(time_sum / p.dist.world, 1e-9),
+            "images_per_s": samples / max(time_sum / p.rt.world, 1e-9),
             "loader_wait_share": wait_sum / max(time_sum, 1e-9), "epoch_time_s": elapsed}
 
 
@@ -178,8 +186,8 @@ def evaluate(model: torch.nn.Module, loader, p: Parts) -> dict:
     k = min(5, p.data.num_classes)
     loss = top1 = top5 = n = 0.0
     for batch in loader:
-        images = batch.images.to(p.dist.device, non_blocking=True)
-        labels = batch.labels.to(p.dist.device, non_blocking=True).view(-1)
+        images = batch.images.to(p.rt.device, non_blocking=True)
+        labels = batch.labels.to(p.rt.device, non_blocking=True).view(-1)
         with p.autocast():
             logits = model(images)
         logits = logits.float()
@@ -188,7 +196,7 @@ def evaluate(model: torch.nn.Module, loader, p: Parts) -> dict:
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(dim=1).sum().item()
         n += labels.shape[0]
-    loss, top1, top5, n = reduce_sum([loss, top1, top5, n], p.dist)
+    loss, top1, top5, n = p.rt.reduce_sum([loss, top1, top5, n])
     return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * top5 / max(n, 1), "count": int(n)}
 
 
@@ -197,9 +205,9 @@ def end_epoch(p: Parts, epoch: int, train: dict) -> dict:
     row = {"epoch": epoch + 1, **train, "lr": current_lr(p.optimizer), "updates": p.updates}
     # every rank takes rank 0's BatchNorm statistics (model and EMA): each rank's last steps updated
     # its own on its own batches; so all ranks evaluate, and continue from, what rank 0 saves
-    broadcast_buffers(p.model, p.dist)
+    p.rt.broadcast_buffers(p.model)
     if p.ema is not None:
-        broadcast_buffers(p.ema.module, p.dist)
+        p.rt.broadcast_buffers(p.ema.module)
     if p.val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
         val = evaluate(p.model, p.val_loader, p)
         row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
@@ -217,7 +225,7 @@ def end_epoch(p: Parts, epoch: int, train: dict) -> dict:
     if is_best:
         p.run.save(BEST, for_use(ckpt))
     p.run.save(LAST, ckpt)
-    if p.dist.is_main:
+    if p.rt.is_main:
         print(format_row(row, cfg.epochs), flush=True)
     return row
 
@@ -234,11 +242,10 @@ def format_row(row: dict, epochs: int) -> str:
 
 def fit(cfg: TrainConfig) -> list[dict]:
     """Train as configured (under torchrun: one rank of a DDP run); returns the per-epoch metrics."""
-    dist = init_distributed(cfg.device)
-    try:
-        p = build(cfg, dist)
+    with runtime.start(cfg.device, announce="kdkit train") as rt:
+        p = build(cfg, rt)
         epoch, step, sums = p.start
-        if epoch >= cfg.epochs and p.dist.is_main:
+        if epoch >= cfg.epochs and rt.is_main:
             print(f"kdkit train: {p.run.path} already finished {epoch} of {cfg.epochs} epochs")
         for e in range(epoch, cfg.epochs):
             train = train_one_epoch(p, e, step, sums)
@@ -246,5 +253,3 @@ def fit(cfg: TrainConfig) -> list[dict]:
             step, sums = 0, None
         p.run.close()
         return p.history
-    finally:
-        cleanup(dist)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+
+_SOFT_CE = SoftTargetCrossEntropy()
 
 
 def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
@@ -25,8 +28,8 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 
 
 
 def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum(target * log_softmax(logits)) (timm's SoftTargetCrossEntropy)."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    """Mean over the batch of -sum(target * log_softmax(logits)): timm's SoftTargetCrossEntropy, in float32."""
+    return _SOFT_CE(logits.float(), target)
 
 
 def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,13 +50,11 @@ def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_clas
 
 
 def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(target || softmax(s / T)), summed over classes, averaged over the batch.
-
-    xlogy makes 0 * log 0 = 0, so targets with zeros (top-k, one-hot teachers) are exact.
+    """T^2 * KL(target || softmax(s / T)), summed over classes, averaged over the batch (torch's
+    kl_div, "batchmean"; it takes 0 * log 0 = 0, so targets with zeros (top-k, one-hot teachers) are exact).
     """
     log_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = torch.special.xlogy(target_probs, target_probs) - target_probs * log_student
-    return kl.sum(dim=-1).mean() * temperature ** 2
+    return F.kl_div(log_student, target_probs, reduction="batchmean") * temperature ** 2
 
 
 def am_softmax_margin(cos_logits: torch.Tensor, target: torch.Tensor, scale: float, margin: float) -> torch.Tensor:

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from kdkit.errors import KdkitError
+from kdkit import runtime
 from kdkit.train.build import build
 from kdkit.train.config import TrainConfig
-from kdkit.train.data import train_loader
-from kdkit.train.distributed import DistInfo, pick_device
 from kdkit.train.loop import train_step
 
 
@@ -58,17 +57,30 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, num_
         raise KdkitError(f"lr-find: need 0 < start-lr < end-lr, got {start_lr}, {end_lr}")
     cfg = dataclasses.replace(cfg, sched="none", ema=False, resume=None, val_split=None, grad_accum=1,
                               checkpoint_every=0, lr=start_lr, freeze_epochs=0)
-    p = build(cfg, DistInfo(device=pick_device(cfg.device, 0)), start_run=False)
+    with runtime.start(cfg.device, announce="kdkit lr-find", distributed=False) as rt:
+        lrs, raw, smoothed = _range_test(build(cfg, rt, start_run=False), start_lr, end_lr, num_steps, smooth,
+                                         diverge)
+    if len(lrs) < 5:
+        raise KdkitError(f"lr-find: the loss diverged after {len(lrs)} steps; lower --start-lr")
+    suggested, at_min = suggest(lrs, smoothed)
+    result = LrFindResult(lrs, smoothed, raw, suggested, at_min)
+    out = Path(out_dir) if out_dir else Path(cfg.output) / (cfg.name or f"lr-find-{cfg.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    result.png = plot(result, out / "lr_find.png")
+    (out / "lr_find.json").write_text(json.dumps(result.to_json(), indent=1))
+    return result
+
+
+def _range_test(p, start_lr: float, end_lr: float, num_steps: int, smooth: float, diverge: float):
+    """(LRs, raw losses, smoothed losses) of one update per batch at exponentially growing LRs."""
     p.model.train()
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
+    mixing = p.cfg.mixup > 0 or p.cfg.cutmix > 0
     lrs, raw, smoothed, avg, best = [], [], [], 0.0, math.inf
-    epoch, batches = 0, iter(p.first_loader[1])
+    batches = iter(p.train_loader)
     for i, lr in enumerate(lr_schedule(start_lr, end_lr, num_steps)):
-        try:
-            batch = next(batches)
-        except StopIteration:  # more steps than one epoch: the next epoch's loader, as training would
-            epoch += 1
-            batches = iter(train_loader(cfg, p.data, p.dist.device, epoch))
+        batch = next(batches, None)
+        if batch is None:  # more steps than one epoch: the loader's next epoch, as training would
+            batches = iter(p.train_loader)
             batch = next(batches)
         for group in p.optimizer.param_groups:
             group["lr"] = float(lr)
@@ -82,15 +94,7 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, num_
         best = min(best, avg)
         if avg > diverge * best:
             break
-    if len(lrs) < 5:
-        raise KdkitError(f"lr-find: the loss diverged after {len(lrs)} steps; lower --start-lr")
-    suggested, at_min = suggest(lrs, smoothed)
-    result = LrFindResult(lrs, smoothed, raw, suggested, at_min)
-    out = Path(out_dir) if out_dir else Path(cfg.output) / (cfg.name or f"lr-find-{cfg.model}")
-    out.mkdir(parents=True, exist_ok=True)
-    result.png = plot(result, out / "lr_find.png")
-    (out / "lr_find.json").write_text(json.dumps(result.to_json(), indent=1))
-    return result
+    return lrs, raw, smoothed
 
 
 def plot(r: LrFindResult, path: Path) -> Path:

@@ -9,10 +9,11 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     epoch_sums              that epoch's partial train-loss sums (so its metrics come out the same)
     best                    best val top-1 so far (which epoch best.pth holds)
     rng                     per rank: python, numpy, torch (and CUDA) generator states
-    world                   ranks that wrote it (RNG states are per rank)
+    loader                  per rank: the train loader's DALI checkpoint (kdkit.train.data)
+    loader_stream           what decided that loader's stream (data.stream_key): restored only into the same
+    world                   ranks that wrote it (RNG and loader states are per rank)
 
-The data position is (epoch, step_in_epoch): the loader of an epoch is a pure function of
-(seed, epoch), see kdkit.train.data.
+The data position is (epoch, step_in_epoch) and the loader state at it.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ import torch
 
 from kdkit import __version__
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import load_weights, read_checkpoint
-from kdkit.train.distributed import gather_objects
-from kdkit.train.model import check_architecture, head_info
+from kdkit.models.checkpoint import is_kdkit_checkpoint, load_weights, read_checkpoint
+from kdkit.train.data import stream_key
+from kdkit.train.model import head_info
 from kdkit.train.optim import load_scheduler_state, scheduler_state
 
 
@@ -52,21 +53,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
-    """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG)."""
-    from kdkit.pipelines.common import IMAGENET_MEAN, IMAGENET_STD
+    """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG and
+    loader state)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    rngs = gather_objects(rng_state(), p.dist)
+    rngs = p.rt.gather(rng_state())
+    loaders = p.rt.gather(p.train_loader.state())
     ckpt = {
         "model": p.cfg.model, "model_kwargs": dict(p.cfg.model_kwargs),
         "num_classes": p.data.num_classes, "classes": p.data.classes,
-        "image_size": p.cfg.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+        "image_size": p.cfg.image_size, "crop_ratio": p.cfg.eval_crop_ratio,
+        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
         "state_dict": p.model.state_dict(),
         "ema_state_dict": p.ema.module.state_dict() if p.ema is not None else None,
         "epoch": epoch, "metrics": metrics, "kdkit_version": __version__,
         "train_state": {
             "optimizer": p.optimizer.state_dict(), "scheduler": scheduler_state(p.scheduler),
             "scaler": p.scaler.state_dict(), "updates": p.updates, "step_in_epoch": step_in_epoch,
-            "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.dist.world,
+            "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.rt.world,
+            "loader": loaders, "loader_stream": stream_key(p.cfg, p.data, p.rt),
             "config": p.cfg.to_dict(),
         },
     }
@@ -85,11 +90,34 @@ def read_resume_checkpoint(cfg) -> tuple[str, dict] | None:
         return None
     path = str(cfg.run_dir / "last.pth") if cfg.resume == "last" else cfg.resume
     ckpt = read_checkpoint(path)
-    check_architecture(ckpt, cfg.model, path)
+    if is_kdkit_checkpoint(ckpt) and ckpt.get("model") and ckpt["model"] != cfg.model:
+        raise KdkitError(f"{path}: a checkpoint of {ckpt['model']!r}, but this run builds {cfg.model!r}; "
+                         f"pass --model {ckpt['model']} or another checkpoint")
     if not isinstance(ckpt, dict) or not ckpt.get("train_state"):
         raise KdkitError(f"{path}: holds no train_state (best.pth and exported checkpoints do not); resume "
                          "from last.pth, or start a new run from these weights with --finetune")
     return path, ckpt
+
+
+def loader_state(resume: tuple[str, dict] | None, cfg, data, rt):
+    """This rank's saved loader state, where the resumed run's loader can continue from it; else None
+    (with a warning: the run then continues at the next epoch boundary, see restore)."""
+    if resume is None:
+        return None
+    path, ckpt = resume
+    ts = ckpt["train_state"]
+    states, why = ts.get("loader"), None
+    if not states:
+        why = "it holds no loader state"
+    elif len(states) != rt.world:
+        why = f"it was written by {len(states)} ranks, this run has {rt.world}"
+    elif ts.get("loader_stream") != stream_key(cfg, data, rt):
+        why = "the loader's options or shards differ from the run's"
+    if why:
+        warnings.warn(f"{path}: the data position cannot be restored exactly ({why}); training continues "
+                      "with a freshly shuffled loader", stacklevel=2)
+        return None
+    return states[rt.rank]
 
 
 def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
@@ -105,8 +133,10 @@ def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
     p.scaler.load_state_dict(ts["scaler"])
     p.updates, p.best = ts["updates"], ts["best"]
     rngs = ts["rng"]
-    if ts.get("world", 1) != p.dist.world:
-        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {p.dist.world}: "
+    if ts.get("world", 1) != p.rt.world:
+        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {p.rt.world}: "
                       "training continues, but not bit-for-bit as the original would have")
-    set_rng_state(rngs[p.dist.rank % len(rngs)])
+    set_rng_state(rngs[p.rt.rank % len(rngs)])
+    if not p.train_loader.restored:  # a fresh loader: its first epoch is a whole one, the first steps skipped
+        p.skip_batches = int(ts["step_in_epoch"])
     return int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")

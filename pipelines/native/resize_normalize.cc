@@ -28,6 +28,7 @@
 
 #include "dali/core/float16.h"
 #include "dali/pipeline/operator/operator.h"
+#include "dali/pipeline/operator/checkpointing/stateless_operator.h"
 
 namespace kdkit {
 
@@ -191,10 +192,11 @@ inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
   for (; i < n; i++) out[i] = static_cast<::dali::float16>(in[i]);
 }
 
-class ResizeNormalize : public ::dali::Operator<::dali::CPUBackend> {
+// Stateless: no state of its own, so pipelines with enable_checkpointing=True (exact resume) accept it
+class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
  public:
   explicit ResizeNormalize(const ::dali::OpSpec &spec)
-      : ::dali::Operator<::dali::CPUBackend>(spec),
+      : ::dali::StatelessOperator<::dali::CPUBackend>(spec),
         size_(spec.GetArgument<int>("size")),
         antialias_(spec.GetArgument<bool>("antialias")),
         planar_(spec.GetArgument<bool>("planar")),

@@ -1,0 +1,59 @@
+"""Ensembles: the checks that let several models be averaged, and the average itself.
+
+Models come from kdkit.models.checkpoint.load_model (one way from a file to a model for every stage).
+"""
+from __future__ import annotations
+
+import torch
+
+from kdkit.errors import KdkitError
+from kdkit.models.checkpoint import ModelInfo, preview
+
+
+def check_same_classes(infos: list[ModelInfo]) -> None:
+    """Models averaged as an ensemble must predict the same classes in the same order."""
+    first = infos[0]
+    for other in infos[1:]:
+        if other.num_classes != first.num_classes or (
+                first.classes and other.classes and other.class_ids() != first.class_ids()):
+            raise KdkitError(f"cannot average {first.source} ({preview(first.class_ids())}) and {other.source} "
+                             f"({preview(other.class_ids())}): an ensemble needs the same classes in the same order")
+
+
+def check_same_transform(infos: list[ModelInfo]) -> None:
+    """Ensemble members see one batch of views, so they must agree on image size and normalisation."""
+    first = infos[0]
+    for other in infos[1:]:
+        for field in ("image_size", "mean", "std"):
+            a, b = getattr(first, field), getattr(other, field)
+            if (a != b) if field == "image_size" else any(abs(x - y) > 1e-6 for x, y in zip(a, b)):
+                raise KdkitError(f"cannot average {first.source} and {other.source}: {field} differs ({a} vs {b}); "
+                                 "evaluate them separately")
+
+
+@torch.no_grad()
+def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (B, K) for a batch of views.
+
+    `images` is (B, C, H, W), or (B, V, C, H, W) for test-time views (flip, ten-crop). Softmax
+    probabilities are averaged over the V views and then over the models: the TF2 seed's ten-crop
+    and two-model average, and what keeps calibration meaningful (averaging logits would not
+    give a probability average).
+    """
+    views = images.ndim == 5
+    b = images.shape[0]
+    flat = images.flatten(0, 1) if views else images
+    total = None
+    for model in models:
+        p = torch.softmax(model(flat).float(), dim=1)
+        p = p.view(b, -1, p.shape[1]).mean(dim=1) if views else p
+        total = p if total is None else total + p
+    return total / len(models)
+
+
+def normalize_uint8(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    """uint8 (B, H, W, C) views to the model's normalised float (B, C, H, W) input, as DALI's
+    crop_mirror_normalize does it (x - 255 mean) / (255 std)."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(info.std, device=images.device).view(1, 3, 1, 1) * 255
+    return (images.permute(0, 3, 1, 2).float() - mean) / std

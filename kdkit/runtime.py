@@ -1,0 +1,168 @@
+"""Where a command runs: the torch device, this process's place in a torchrun job, and the process
+group, decided once for every command that runs models or DALI pipelines (train, lr-find, the
+teacher pass, eval, predict, bench-loader, demo).
+
+    with runtime.start("auto", announce="kdkit train") as rt:   # under torchrun: joins the group
+        model.to(rt.device); DALI on rt.dali_device, GPU rt.device_id; rank rt.rank of rt.world
+        total = rt.reduce_sum([loss_sum, count])
+
+Under torchrun (WORLD_SIZE > 1) `start` joins the process group (NCCL on CUDA, gloo on the CPU)
+and leaves it at the end; each rank uses GPU LOCAL_RANK. Without torchrun everything here is a
+one-process no-op. DALI loaders read their part of the shards from the group (rank_and_world).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from timm.utils import reduce_tensor
+
+from kdkit.errors import KdkitError
+
+DEVICES = ("auto", "cpu", "gpu", "cuda")  # "gpu" and "cuda" mean the same: the CUDA device LOCAL_RANK
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def dali_device(self) -> str:
+        """DALI's backend that goes with the torch device: "gpu" decodes and augments on this GPU."""
+        return "gpu" if self.device.type == "cuda" else "cpu"
+
+    @property
+    def device_id(self) -> int | None:
+        """DALI's device_id: this process's GPU, or None for DALI's CPU-only mode."""
+        return self.device.index if self.device.type == "cuda" else None
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        else:
+            where = f"the CPU ({torch.get_num_threads()} torch threads)"
+        part = f"; rank {self.rank} of {self.world}" if self.distributed else ""
+        return f"running on {where}{part}"
+
+    # -- collectives: no-ops in one process -----------------------------------------------------
+    def reduce_sum(self, values) -> list[float]:
+        """Element-wise sum over ranks, in float64 so sample counts and sums stay exact."""
+        t = torch.as_tensor(values, dtype=torch.float64)
+        if self.distributed:
+            t = reduce_tensor(t.to(self.device) if self.device.type == "cuda" else t, 1)
+        return t.cpu().tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (so all ranks stop together)."""
+        return self.reduce_sum([float(flag)])[0] > 0
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) to every rank."""
+        if self.distributed:
+            for b in model.buffers():
+                dist.broadcast(b.data, src=0)
+
+
+def driver_without_gpu() -> str | None:
+    """Why torch sees no GPU on a machine that has an NVIDIA driver, or None where that is not the case
+    (no driver, or a visible GPU). The usual cause: a driver older than the CUDA this torch was built for."""
+    version = "/proc/driver/nvidia/version"
+    if not (os.path.exists(version) or shutil.which("nvidia-smi")) or torch.cuda.is_available():
+        return None
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return None  # hidden on purpose
+    try:
+        with open(version) as f:
+            driver = f.readline().strip()
+    except OSError:
+        driver = "an NVIDIA driver (nvidia-smi)"
+    return (f"an NVIDIA driver is installed ({driver}) but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            "sees no GPU: the driver is probably older than this CUDA; install the kdkit build for your CUDA "
+            "(README: 'Which CUDA')")
+
+
+_warned: set[str] = set()
+
+
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The torch device for `requested` ("auto", "cpu", "gpu"/"cuda"); CUDA device LOCAL_RANK.
+    "auto" falls back to the CPU, loudly where a driver exists but torch sees no GPU."""
+    if requested not in DEVICES:
+        raise KdkitError(f"--device {requested}: expected one of {', '.join(DEVICES)}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise KdkitError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} CUDA devices are visible")
+        return torch.device("cuda", local_rank)
+    why = driver_without_gpu()
+    if requested != "auto":
+        raise KdkitError(f"--device {requested}: no CUDA device is visible to torch"
+                         + (f" ({why})" if why else "; use --device cpu"))
+    if why and why not in _warned:  # loud, once per process: training on the CPU by surprise costs days
+        _warned.add(why)
+        print(f"kdkit: WARNING: {why}; running on the CPU", file=sys.stderr, flush=True)
+    return torch.device("cpu")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size of the initialized process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def start(requested: str = "auto", announce: str | None = None, distributed: bool = True):
+    """The Runtime of this process (see the module doc); joins torchrun's process group for the block.
+    `announce`: print "<announce>: running on ..." once (rank 0), so every long job says where it runs.
+    distributed=False: a command that works alone (eval, predict, the benchmark) stays one process
+    of its own even under torchrun, on GPU LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(requested, local_rank)
+    joined = False
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            joined = True
+    rank, world = rank_and_world() if distributed else (0, 1)
+    rt = Runtime(device, rank, world, local_rank)
+    if announce and rt.is_main:
+        print(f"{announce}: {rt.describe()}", file=sys.stderr, flush=True)
+    try:
+        yield rt
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,157 @@
+"""`kdkit shard imagenet | folder | tfrecord | hdf5` and `kdkit verify`: options -> ShardConfig ->
+write_dataset / verify_set. Heavy imports happen when a command runs, so `kdkit --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from kdkit.errors import KdkitError
+from kdkit.options import HelpFormatter, command_line, csv_list, part
+
+
+def _add_shard_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Shard layout")
+    g.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of one shard in MB")
+    g.add_argument("--samples-per-shard", type=int, default=None,
+                   help="samples per shard (overrides --shard-size-mb)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sample order (classes interleave across shards)")
+    g.add_argument("--part", type=part, default=(0, 1), metavar="i/N",
+                   help="write only shards i, i+N, ... so N machines can write one set together (default: 0/1, all)")
+    g = p.add_argument_group("Image encoding (the biggest levers on later decode speed)")
+    g.add_argument("--max-size", type=int, default=None,
+                   help="downscale images so the --resize-side is at most this many pixels (default: keep)")
+    g.add_argument("--resize-side", choices=["shorter", "longer"], default="shorter", help="side --max-size applies to")
+    g.add_argument("--quality", type=int, default=None,
+                   help="re-encode every image as JPEG at this quality (default: keep JPEG bytes, "
+                        "encode others at 95)")
+    g = p.add_argument_group("Run")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-processing processes")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _shard_config(a: argparse.Namespace):
+    from kdkit.shards.images import ImageOptions
+    from kdkit.shards.writer import ShardConfig
+
+    if a.quality is not None and not 1 <= a.quality <= 100:
+        raise KdkitError(f"--quality {a.quality}: expected 1..100")
+    return ShardConfig(
+        samples_per_shard=a.samples_per_shard, shard_size_mb=a.shard_size_mb,
+        image=ImageOptions(max_size=a.max_size, resize_side=a.resize_side, quality=a.quality),
+        workers=a.workers, seed=a.seed, part=a.part, strict=a.strict, command=command_line(),
+        progress=not a.quiet)
+
+
+def _run_shard(a: argparse.Namespace) -> int:
+    from kdkit.shards.writer import write_dataset
+
+    cfg = _shard_config(a)
+    if a.source == "folder":
+        from kdkit.shards.sources.folder import list_folder
+
+        ds = list_folder(a.root, splits=a.splits, name=a.name)
+    elif a.source == "imagenet":
+        from kdkit.shards.sources.imagenet import list_imagenet
+
+        ds = list_imagenet(a.root, splits=a.splits, val_labels=a.val_labels, devkit=a.devkit,
+                           class_names=a.class_names)
+    elif a.source == "tfrecord":
+        from kdkit.shards.sources.tfrecord import list_tfrecords
+
+        ds = list_tfrecords(a.inputs, label_offset=a.label_offset, split=a.split)
+    elif a.source == "hdf5":
+        from kdkit.shards.sources.hdf5 import list_hdf5
+
+        ds = list_hdf5(a.file, images_key=a.images_key, labels_key=a.labels_key, split=a.split,
+                       class_names=a.class_names)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise KdkitError(f"unknown source {a.source}")
+    manifests = write_dataset(ds, a.out, cfg)
+    return 0 if manifests else 1
+
+
+def add_shard_parser(sub) -> None:
+    p = sub.add_parser("shard", help="convert a raw dataset into WebDataset shards", formatter_class=HelpFormatter,
+                       description="Convert a raw dataset into a kdkit shard set (WebDataset tars + DALI "
+                                   "indexes + manifest.json), one folder per split under OUT.")
+    s = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    q = s.add_parser("imagenet", formatter_class=HelpFormatter, help="an ILSVRC2012 folder tree",
+                     description="ILSVRC2012: ROOT/train/<wnid>/*.JPEG and ROOT/val/ (class folders, or flat with "
+                                 "a label file). Class index = position of the wnid in sorted order.")
+    q.add_argument("root", type=Path, help="ImageNet root (holding train/ and val/, or the Kaggle ILSVRC/ tree)")
+    q.add_argument("out", type=Path, help="output folder (one sub-folder per split)")
+    q.add_argument("--splits", type=csv_list, default=None, help="comma-separated splits to write (default: all found)")
+    q.add_argument("--val-labels", type=Path, default=None,
+                   help="labels of a flat val/: the devkit's ILSVRC2012_validation_ground_truth.txt, a "
+                        "one-wnid-per-line synset file, or LOC_val_solution.csv (default: looked up under ROOT)")
+    q.add_argument("--devkit", type=Path, default=None,
+                   help="ILSVRC2012_devkit_t12 folder (its data/meta.mat maps devkit ids to wnids)")
+    q.add_argument("--class-names", type=Path, default=None,
+                   help="'wnid name' per line (e.g. LOC_synset_mapping.txt) for readable class names")
+    _add_shard_common(q)
+
+    q = s.add_parser("folder", formatter_class=HelpFormatter, help="class folders (ROOT/<class>/*, optional split folders)",
+                     description="ROOT/<class>/<image>, or ROOT/{train,val,test}/<class>/<image>. Any format "
+                                 "Pillow reads; non-images are ignored with a note in the skip report.")
+    q.add_argument("root", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--splits", type=csv_list, default=None, help="comma-separated split folders (default: all found)")
+    q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
+    _add_shard_common(q)
+
+    q = s.add_parser("tfrecord", formatter_class=HelpFormatter, help="TF-slim/Inception ImageNet TFRecords (no TensorFlow)",
+                     description="TFRecords with image/encoded and image/class/label (optional "
+                                 "image/class/synset), as TF-slim's build_imagenet_data.py writes them. "
+                                 "Split from the file name (train-*, validation-*) unless --split is given.")
+    q.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TFRecord files or a folder of them")
+    q.add_argument("out", type=Path)
+    q.add_argument("--label-offset", type=int, default=1,
+                   help="subtracted from image/class/label: TF-slim's labels are 1..1000 (0 = background)")
+    q.add_argument("--split", default=None, help="put every record in this split (default: from file names)")
+    _add_shard_common(q)
+
+    q = s.add_parser("hdf5", formatter_class=HelpFormatter, help="an HDF5 file of images (arrays or encoded bytes) + labels",
+                     description="An HDF5 file with an image dataset, (N,H,W[,C]) uint8 pixels or N encoded "
+                                 "images (variable-length bytes), and an (N,) integer label dataset.")
+    q.add_argument("file", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--images-key", default="images", help="dataset holding the images")
+    q.add_argument("--labels-key", default="labels", help="dataset holding the integer labels")
+    q.add_argument("--split", default="train", help="split name of this file's samples")
+    q.add_argument("--class-names", default=None,
+                   help="dataset in the file, or a text file (one name per line), naming the classes")
+    _add_shard_common(q)
+    p.set_defaults(func=_run_shard)
+
+
+def _run_verify(a: argparse.Namespace) -> int:
+    from kdkit.shards.verify import find_sets, fix_indexes, verify_set
+
+    bad = 0
+    for folder in find_sets(a.path):
+        if a.fix_index:
+            print(f"{folder}: rewrote {fix_indexes(folder)} DALI indexes")
+        rep = verify_set(folder, decode=a.decode, progress=not a.quiet)
+        for line in rep.problems:
+            print(f"PROBLEM {line}")
+        status = "OK" if rep.ok else f"FAILED ({len(rep.problems)} problems)"
+        print(f"{folder}: {status}: {rep.shards} shards, {rep.samples} samples"
+              + (", every image decodes" if a.decode and rep.ok else ""))
+        bad += not rep.ok
+    return 1 if bad else 0
+
+
+def add_verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check a shard set against its manifest", formatter_class=HelpFormatter,
+                       description="Check shards are present with the manifest's sizes, checksums and sample "
+                                   "counts, labels are valid, DALI indexes match; --decode also decodes every "
+                                   "image. Exit status 1 if anything is wrong.")
+    p.add_argument("path", type=Path, help="a shard-set folder, or a dataset root holding one per split")
+    p.add_argument("--decode", action="store_true", help="decode every image (slow; catches corrupt images)")
+    p.add_argument("--fix-index", action="store_true", help="rewrite the DALI indexes from the tars first")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_verify)

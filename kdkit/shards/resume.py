@@ -1,0 +1,131 @@
+"""Resumable shard writing: the one plan-and-records mechanism of every job that writes shards
+(`kdkit shard`, the teacher pass, corrupted copies), so an interrupted job continues where it stopped.
+
+    FOLDER/.kdkit-state[/JOB]/plan.json       the job's fingerprint and command (+ its own plan fields)
+                              /<shard>.json    one record per finished shard: tar, idx, num_samples,
+                                               bytes, sha256, fingerprint (+ the job's own fields)
+
+A shard is done when its record exists, carries the job's fingerprint, and its tar has the recorded
+size with its index beside it; done shards are never rewritten. Shards are written atomically
+(tario.write_shard: temp file + rename). Staged jobs (a teacher pass --in-place) write a shard's new
+tar and index under the state folder, save a *pending* record naming them, and only then rename
+them over the old pair: the old shard stays valid until its rename, and a job killed between the two
+renames (tar and index cannot be swapped as one) is rolled forward from the pending record by the
+next `done` call, before anything reads that shard. The manifest is written last, by whoever finds
+every shard done (`complete`).
+
+Several processes may work on one job (torchrun ranks, `--part i/N` machines), each on its own
+shards: nothing here touches another process's shards or temp files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kdkit.errors import KdkitError
+from kdkit.shards import contract, tario
+
+
+@dataclass
+class ShardJob:
+    folder: Path  # where the finished shards live
+    fingerprint: str  # what makes the bytes what they are; records of another fingerprint do not count
+    state: Path  # FOLDER/.kdkit-state[/JOB]
+    staged: bool = False  # in place: write under `state`, then swap over the old shard
+
+    def record_path(self, tar_name: str) -> Path:
+        return self.state / (Path(tar_name).stem + ".json")
+
+    def done(self, tar_name: str) -> dict | None:
+        """The shard's record if this job finished it (rolling a pending in-place swap forward)."""
+        p = self.record_path(tar_name)
+        if not p.exists():
+            return None
+        rec = json.loads(p.read_text())
+        if rec.get("fingerprint") != self.fingerprint:
+            return None
+        if rec.get("pending"):
+            for tmp, real in ((rec["tmp_tar"], rec["tar"]), (rec["tmp_idx"], rec["idx"])):
+                if (self.state / tmp).exists():
+                    os.replace(self.state / tmp, self.folder / real)
+            for key in ("pending", "tmp_tar", "tmp_idx"):
+                rec.pop(key)
+            tario.atomic_write_json(p, rec)
+        tar = self.folder / rec["tar"]
+        if not tar.exists() or tar.stat().st_size != rec["bytes"] or not (self.folder / rec["idx"]).exists():
+            return None
+        return rec
+
+    def write(self, tar_name: str, samples, extra: dict | None = None) -> dict:
+        """Write one shard (an iterable of {"__key__", ext: bytes} samples) and record it as done."""
+        idx_name = str(Path(tar_name).with_suffix(".idx"))
+        target = (self.state if self.staged else self.folder) / tar_name
+        info = tario.write_shard(target, samples)
+        rec = {"tar": tar_name, "idx": idx_name, **info, "fingerprint": self.fingerprint, **(extra or {})}
+        if not self.staged:
+            tario.atomic_write_json(self.record_path(tar_name), rec)
+            return rec
+        rec.update(pending=True, tmp_tar=target.name, tmp_idx=target.with_suffix(".idx").name)
+        tario.atomic_write_json(self.record_path(tar_name), rec)  # from here on a crash is rolled forward
+        done = self.done(tar_name)
+        if done is None:
+            raise KdkitError(f"{self.folder / tar_name}: replaced, but does not match its record; run the same "
+                             "command again")
+        return done
+
+    def complete(self, tar_names: list[str]) -> list[dict] | None:
+        """Every shard's record, once all are done (then the manifest can be written); else None."""
+        records = [self.done(t) for t in tar_names]
+        return None if any(r is None for r in records) else records
+
+    def clear_temps(self, tar_names: list[str]) -> None:
+        """Remove this process's leftover temp files (a killed run's), for the shards it is about to
+        write: never a shard's real name, never another process's shard."""
+        for name in tar_names:
+            for base in {self.folder, self.state}:
+                (base / (name + tario.TMP_SUFFIX)).unlink(missing_ok=True)
+                (base / (str(Path(name).with_suffix(".idx")) + tario.TMP_SUFFIX)).unlink(missing_ok=True)
+
+
+def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str | None = None,
+             staged: bool = False, finished: str | None = None,
+             plan: Callable[[], dict] | None = None) -> tuple[ShardJob, dict]:
+    """Open (or start) the job that writes `folder`; returns it with its plan.
+
+    what: the job in words for errors ("shard set", "teacher pass"). job: its state sub-folder
+    (None: the job that creates the folder). staged: in place (see the module doc). finished: the
+    fingerprint of the finished result the folder holds (its manifest's), which a staged job may
+    replace. plan(): the job's own plan fields, computed once when the job starts.
+
+    Refused, with nothing touched: a folder holding another job's unfinished shards, a finished result
+    of other options (except in place), and a non-empty folder this job did not start.
+    """
+    folder = Path(folder)
+    state = folder / contract.STATE_DIR / job if job else folder / contract.STATE_DIR
+    plan_path = state / contract.PLAN_FILE
+    current = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    if current is not None and current.get("fingerprint") != fingerprint:
+        done = finished is not None and finished == current.get("fingerprint")
+        if not (staged and done):
+            hint = "use another output folder" if done else "rerun that command to finish it, or " + (
+                f"delete {state} to redo every shard with these options" if staged
+                else "use another output folder (or delete this one to start over)")
+            raise KdkitError(f"{folder} holds a different {what} ({'finished' if done else 'unfinished'}, made by: "
+                             f"{current.get('command') or 'unknown'}); nothing was overwritten: {hint}")
+        current = None  # a finished result is being replaced in place: its records no longer apply
+        for old in state.glob("*.json"):
+            old.unlink()
+    if current is None and not staged and folder.exists():
+        leftovers = [p.name for p in folder.iterdir() if p.name != contract.STATE_DIR]
+        if leftovers:
+            raise KdkitError(f"{folder} is not empty and was not started by this command "
+                             f"({', '.join(sorted(leftovers)[:3])}); nothing was overwritten. Use an empty or new "
+                             "output folder")
+    if current is None:
+        current = {"fingerprint": fingerprint, "command": command, **(plan() if plan else {})}
+        state.mkdir(parents=True, exist_ok=True)
+        tario.atomic_write_json(plan_path, current)
+    return ShardJob(folder, fingerprint, state, staged), current
