@@ -18,6 +18,8 @@ import argparse
 import dataclasses
 import io
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -445,3 +447,34 @@ def test_cli_runs_a_bare_state_dict_teacher(tiny_shards, ckpts, single, tmp_path
     with pytest.raises(KdkitError, match="say where the result goes"):
         config_from_args(parser.parse_args(["add-teacher-logits", "x", "--checkpoint", "a"])).check()
     assert "(default: 64)" in parser._subparsers._group_actions[0].choices["add-teacher-logits"].format_help()
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_ranks_split_the_shards_and_write_the_single_process_set(tiny_shards, ckpts, single, tmp_path):
+    """`torchrun --nproc_per_node 2 -m kdkit add-teacher-logits ... --device cpu`: two gloo ranks in one
+    process group, each shard computed by exactly one of them, one manifest, the same bytes as one
+    process (the `single` fixture) writes."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "kdkit", "add-teacher-logits", str(tiny_shards), "--checkpoint", str(ckpts["main"]),
+           "--out", str(out), "--device", "cpu", "--batch-size", "8", "--threads", "1", "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the ranks' report lines may interleave on the shared stdout
+    written = {split: sorted(int(m) for m in re.findall(rf"{split}: (\d+) shards written", r.stdout))
+               for split in ("train", "val")}
+    # every rank reported, and the ranks' shards add up to the set: each shard computed once
+    assert written == {"train": [1, 2], "val": [1, 1]}, r.stdout
+    for split in ("train", "val"):
+        assert tar_bytes(out / split) == tar_bytes(single[0] / split)
+        mine = json.loads((out / split / contract.MANIFEST).read_text())
+        theirs = json.loads((single[0] / split / contract.MANIFEST).read_text())
+        assert mine["shards"] == theirs["shards"] and mine["teacher"]["fingerprint"] == theirs["teacher"]["fingerprint"]

@@ -26,6 +26,7 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.evaluate.corruptions import corrupt, encode_jpeg, jpeg_roundtrip, sample_rng
 from kdkit.shards import contract, tario
+from kdkit.shards.resume import fingerprint, open_job
 
 STORE_QUALITY = 85  # ImageNet-C saved its images as JPEG, quality 85 (make_imagenet_c.py)
 
@@ -88,23 +89,18 @@ class CorruptionPool:
         self.close()
 
 
-def _record(tar: Path, split: str, index: int) -> contract.ShardRecord:
-    n = sum(1 for _ in tario.iter_tar_samples(tar))
-    return contract.ShardRecord(tar.name, contract.index_name(split, index), n, tar.stat().st_size,
-                                tario.sha256_file(tar))
-
-
 def write_corrupted(data, out, image_size: int, corruptions: list[str], severities: list[int],
                     split: str = "val", crop_ratio: float = 0.875, seed: int = 0, quality: int = STORE_QUALITY,
                     frost_dir=None, batch_size: int = 32, num_threads: int = 2, workers: int = 1,
                     command: str = "", progress: bool = True) -> list[Path]:
     """Write OUT/<corruption>-<severity>/ shard sets for every pair; returns their folders.
 
-    Resumable: an output tar that exists is complete (tario writes atomically) and is kept. The
-    source is decoded once; the views of one source shard are held in memory while its
-    corrupted copies are written (about image_size^2 * 3 bytes per sample).
+    Resumable (kdkit.shards.resume): a shard written with the same options and source is kept, and
+    only the source shards some set still lacks are decoded again; a folder holding a set made with
+    other options is refused. The source is decoded once; the views of one source shard are held in
+    memory while its corrupted copies are written (about image_size^2 * 3 bytes per sample).
     """
-    from kdkit.pipelines.shardset import resolve_shards
+    from kdkit.pipelines.shardset import ShardSet, resolve_shards
 
     src = resolve_shards(data, split)
     if src.manifest is None:
@@ -113,30 +109,56 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
     pairs = [(c, s) for c in corruptions for s in severities]
     if not pairs:
         raise KdkitError("no corruptions selected")
+    names = [contract.tar_name(split, i) for i in range(len(src.tars))]
+    source = {"converter": "kdkit-corrupt", "root": str(src.folder),
+              "shards_sha256": [r.sha256 for r in src.manifest.shards]}
+    jobs = {}
     for c, s in pairs:
-        (out / set_name(c, s)).mkdir(parents=True, exist_ok=True)
-    loader = raw_view_loader(src, image_size, crop_ratio, batch_size, num_threads)
+        options = {"corruption": c, "severity": s, "image_size": image_size, "crop_ratio": crop_ratio,
+                   "quality": quality, "seed": seed, "frost": "photos" if frost_dir else "procedural"}
+        fp = fingerprint({**options, **source})
+        jobs[(c, s)] = (open_job(out / set_name(c, s), fp, command, "corrupted set")[0], options)
+    # only the source shards some set still lacks are decoded: a rerun continues where it stopped
+    todo = [i for i, n in enumerate(names) if any(job.done(n) is None for job, _ in jobs.values())]
+    for job, _ in jobs.values():
+        job.clear_temps([names[i] for i in todo])
+    if todo:
+        _write(ShardSet(tars=[src.tars[i] for i in todo]), [names[i] for i in todo], jobs, corruptions, severities,
+               image_size, crop_ratio, seed, quality, frost_dir, batch_size, num_threads, workers, progress)
+    folders = []
+    for (c, s), (job, options) in jobs.items():
+        records = job.complete(names)
+        man = contract.Manifest(
+            split=src.manifest.split, classes=src.manifest.classes,
+            shards=[contract.ShardRecord(r["tar"], r["idx"], r["num_samples"], r["bytes"], r["sha256"])
+                    for r in records],
+            source={"converter": "kdkit-corrupt", "root": str(src.folder), "corruption": c, "severity": s},
+            options=options, command=command, kdkit_version=__version__)
+        (job.folder / contract.SKIP_REPORT).write_text("path\treason\n")
+        tario.atomic_write_json(job.folder / contract.MANIFEST, man.to_json())
+        folders.append(job.folder)
+    return folders
+
+
+def _write(shards, names: list[str], jobs: dict, corruptions, severities, image_size, crop_ratio, seed, quality,
+           frost_dir, batch_size, num_threads, workers, progress) -> None:
+    """Decode `shards` once and write each of their corrupted copies that a job still lacks."""
+    loader = raw_view_loader(shards, image_size, crop_ratio, batch_size, num_threads)
     order = loader.keys()
-    tar_index = {t: i for i, t in enumerate(src.tars)}
-    records: dict[tuple[str, int], list] = {p: [] for p in pairs}
+    name_of = dict(zip(shards.tars, names))
     pending: list[tuple[str, np.ndarray, int]] = []  # (key, view, label) of the current source shard
-    current = None
-    pos = 0
-    done_shards = 0
+    current, pos, done_shards = None, 0, 0
 
     def flush(tar: Path, pool: CorruptionPool):
-        i = tar_index[tar]
-        name = contract.tar_name(split, i)
+        name = name_of[tar]
         for c in corruptions:
-            todo = [s for s in severities if not (out / set_name(c, s) / name).exists()]
+            todo = [s for s in severities if jobs[(c, s)][0].done(name) is None]
             if todo:
                 jpegs = pool.map([(img, key, c, todo, seed, quality, frost_dir, True) for key, img, _ in pending])
                 for j, s in enumerate(todo):
                     samples = [{"__key__": key, contract.IMAGE_EXT: jpegs[k][j],
                                 contract.LABEL_EXT: contract.encode_label(y)} for k, (key, _, y) in enumerate(pending)]
-                    tario.write_shard(out / set_name(c, s) / name, samples)
-            for s in severities:
-                records[(c, s)].append(_record(out / set_name(c, s) / name, split, i))
+                    jobs[(c, s)][0].write(name, samples)
 
     with CorruptionPool(workers) as pool:
         for images, labels, _ in loader:
@@ -149,24 +171,11 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
                     done_shards += 1
                     pending = []
                     if progress:
-                        print(f"corrupted shard {done_shards}/{len(src.tars)} x {len(pairs)} sets", file=sys.stderr)
+                        print(f"corrupted shard {done_shards}/{len(shards.tars)} x {len(jobs)} sets", file=sys.stderr)
                 current = tar
                 pending.append((key, img, int(y)))
         if current is not None:
             flush(current, pool)
-    folders = []
-    for (c, s), recs in records.items():
-        folder = out / set_name(c, s)
-        man = contract.Manifest(
-            split=src.manifest.split, classes=src.manifest.classes, shards=recs,
-            source={"converter": "kdkit-corrupt", "root": str(src.folder), "corruption": c, "severity": s},
-            options={"corruption": c, "severity": s, "image_size": image_size, "crop_ratio": crop_ratio,
-                     "quality": quality, "seed": seed, "frost": "photos" if frost_dir else "procedural"},
-            command=command, kdkit_version=__version__)
-        (folder / contract.SKIP_REPORT).write_text("path\treason\n")
-        tario.atomic_write_json(folder / contract.MANIFEST, man.to_json())
-        folders.append(folder)
-    return folders
 
 
 def corrupted_set(root: Path, corruption: str, severity: int, image_size: int):

@@ -19,6 +19,7 @@ shards: nothing here touches another process's shards or temp files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from typing import Callable
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
+
+
+def fingerprint(identity: dict) -> str:
+    """A short stable hash of what makes a job's bytes what they are (its options and its input)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass

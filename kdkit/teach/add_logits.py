@@ -32,11 +32,11 @@ from tqdm import tqdm
 from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
-from kdkit.shards.resume import ShardJob, open_job
+from kdkit.shards.resume import ShardJob, fingerprint, open_job
 from kdkit.shards.verify import find_sets, load_manifest
 from kdkit.teach import members as mem
 from kdkit.teach.compute import cpu_threads
-from kdkit.teach.config import TeacherPassConfig, fingerprint
+from kdkit.teach.config import TeacherPassConfig
 
 STATE_JOB = "teacher"  # the pass's state folder: DEST/.kdkit-state/teacher/
 

@@ -7,8 +7,6 @@ mode) do not, so a pass interrupted on one machine may be finished on another.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,8 +92,3 @@ class TeacherPassConfig:
         return {"view": "random-resized-crop", "views": self.views, "random_area": list(self.random_area),
                 "random_aspect_ratio": list(self.random_aspect_ratio), "flip": self.flip, "seed": self.seed,
                 "batch_size": self.batch_size, **t}
-
-
-def fingerprint(identity: dict) -> str:
-    """A short stable hash of what makes the stored bytes what they are."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
