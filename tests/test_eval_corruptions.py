@@ -215,6 +215,36 @@ def test_written_corrupted_sets_pass_verify_and_match_on_the_fly(corrupted, tiny
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
+def test_corrupted_sets_resume_an_interrupted_write_and_refuse_other_options(corrupted, tiny_shards, tmp_path,
+                                                                             monkeypatch):
+    from kdkit.shards import resume
+
+    ref, _ = corrupted
+    out = tmp_path / "c"
+    real, calls = resume.ShardJob.write, []
+
+    def interrupted(self, *a, **k):  # Ctrl-C after the third corrupted shard
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(resume.ShardJob, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_corrupted(tiny_shards, out, SIZE, batch_size=5, progress=False, **PAIRS)
+    monkeypatch.undo()
+    assert not list(out.glob("*/*.tmp")) and not list(out.glob("*/manifest.json"))
+    write_corrupted(tiny_shards, out, SIZE, batch_size=5, progress=False, **PAIRS)
+    for folder in sorted(ref.glob("*-*")):  # the same bytes as an uninterrupted write
+        assert {p.name: p.read_bytes() for p in folder.glob("*.tar")} == \
+            {p.name: p.read_bytes() for p in (out / folder.name).glob("*.tar")}
+    # another seed into the same folders: refused, nothing rewritten (it used to keep the old tars silently)
+    before = {p: p.read_bytes() for p in out.glob("*/*.tar")}
+    with pytest.raises(KdkitError, match=r"gaussian_noise-2 holds a different corrupted set"):
+        write_corrupted(tiny_shards, out, SIZE, batch_size=5, progress=False, seed=1, **PAIRS)
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def test_robustness_on_the_fly_equals_written_shards_and_self_reference_is_one(ckpt, tiny_shards, corrupted):
     from kdkit.evaluate.eval import EvalConfig, evaluate, format_report
 

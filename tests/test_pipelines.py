@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import os
 import warnings
 from collections import Counter
@@ -442,3 +443,34 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     on_cpu = next(iter(DaliLoader(tars, cfg("replay", **c)))).images
     on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()
     assert (on_cpu - on_gpu).abs().mean() < 3  # GPU JPEG decoding differs slightly from libjpeg
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader's configuration: typed parts, checked where they are made
+
+@pytest.mark.parametrize("role,options,named", [
+    ("train", dict(image_size=0), "image_size=0"), ("train", dict(batch_size=-3), "batch_size=-3"),
+    ("train", dict(random_area=(0.5, 0.2)), "random_area"), ("train", dict(random_area=0.5), "random_area=0.5"),
+    ("train", dict(color_jitter=-1.0), "color_jitter"), ("train", dict(auto_augment="fancy"), "auto_augment"),
+    ("eval", dict(crop_ratio=0), "crop_ratio=0"), ("eval", dict(views="nine"), "views='nine'"),
+    ("teacher_views", dict(num_views=0), "num_views=0"), ("train", dict(last_batch="most"), "last_batch"),
+    ("train", dict(device="tpu"), "device='tpu'"), ("train", dict(num_threads=0), "num_threads=0"),
+    ("train", dict(mean=(0.5, 0.5)), "mean"), ("train", dict(std=(1.0, 0.0, 1.0)), "std"),
+    ("eval", dict(random_area=(0.1, 1.0)), "random_area: not a loader option of role 'eval'"),
+    ("train", dict(colour_jitter=0.4), "colour_jitter: not a loader option"), ("tiny", {}, "role='tiny'")])
+def test_nonsense_loader_options_fail_where_they_are_made(role, options, named):
+    from kdkit.errors import OptionError
+
+    with pytest.raises(OptionError, match=re.escape(named)):
+        loader_config(role, **options)
+
+
+def test_a_loader_config_says_what_it_is_and_routes_each_option(indexed):
+    c = loader_config("eval", views="flip", crop_ratio=0.8, image_size=40, batch_size=3, device="cpu", num_threads=1)
+    assert (c.role.views, c.role.crop_ratio, c.output.image_size, c.reading.batch_size, c.backend.num_threads) == \
+        ("flip", 0.8, 40, 3, 1)
+    assert "Eval(views='flip', crop_ratio=0.8)" in repr(c)  # a pipeline is data you can print
+    assert c.replace(seed=7).reading.seed == 7 and c.replace(seed=7).role == c.role
+    # the roles say how their batches look
+    tars, _ = indexed
+    assert next(iter(DaliLoader(tars, c))).images.shape == (3, 2, 3, 40, 40)

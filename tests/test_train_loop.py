@@ -226,6 +226,29 @@ def test_resume_equals_uninterrupted(colour_kd, tmp_path, monkeypatch):
             assert [r[key] for r in got] == [r[key] for r in want], key
 
 
+def test_resume_restores_the_loader_state_and_falls_back_where_it_cannot(colour_kd, tmp_path, monkeypatch):
+    """The data position is DALI's checkpoint of the one train loader: threads may change, it still
+    resumes exactly; other loader options cannot continue that stream: said, and the run finishes
+    from a freshly shuffled loader."""
+    fit(resume_cfg(colour_kd, tmp_path, "whole"))
+    whole = read_checkpoint(tmp_path / "whole" / "last.pth")
+    for name, change in (("threads", dict(loader_threads=2)), ("buffer", dict(shuffle_buffer=16))):
+        with monkeypatch.context() as m:
+            kill_at_step(m, 8)  # epoch 3, step 2
+            with pytest.raises(Killed):
+                fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=1))
+        saved = read_checkpoint(tmp_path / name / "last.pth")["train_state"]
+        assert len(saved["loader"]) == 1 and 0 < len(saved["loader"][0]) < 10_000  # one DALI state per rank
+        if name == "threads":
+            fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=1, resume="last", **change))
+            same_state(whole["state_dict"], read_checkpoint(tmp_path / name / "last.pth")["state_dict"])
+        else:
+            with pytest.warns(UserWarning, match="data position cannot be restored exactly .*loader's options"):
+                fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=1, resume="last", **change))
+            got = rows(tmp_path / name)
+            assert [r["epoch"] for r in got] == [1, 2, 3] and got[-1]["samples"] == 24
+
+
 # ---------------------------------------------------------------------------------------------
 # failures: NaN, bad input
 
