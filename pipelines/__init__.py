@@ -13,9 +13,10 @@ iterator of torch batches. The graph functions (decode_train, eval_views, ...) c
 custom pipelines. Installed as kdkit.pipelines.
 """
 from kdkit.pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
-from kdkit.pipelines.config import Backend, LoaderConfig, Output, Reading, Role, loader_config, roles
+from kdkit.pipelines.config import (Backend, Batch, LoaderConfig, Output, Reading, Role, ViewsBatch, loader_config,
+                                    roles)
 from kdkit.pipelines.eval import Eval
-from kdkit.pipelines.loader import Batch, DaliLoader, ViewsBatch, build_pipeline
+from kdkit.pipelines.loader import DaliLoader, build_pipeline
 from kdkit.pipelines.replay import Replay
 from kdkit.pipelines.shardset import ShardError, ShardSet, reading_order, resolve_shards, scan_shards
 from kdkit.pipelines.teacher_views import TeacherViews

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.errors import OptionError
+from kdkit.pipelines import common
 
 LAYOUTS = ("CHW", "HWC", "channels_last")  # channels_last: HWC in DALI, an NCHW view in torch
 DTYPES = ("float32", "float16")
@@ -156,10 +158,29 @@ class Backend:
         return node.gpu() if self.gpu else node
 
 
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # (values, indices) for top-k
+
+
+class ViewsBatch(NamedTuple):
+    center: torch.Tensor  # (B, C, H, W)
+    views: torch.Tensor  # (B, K, C, H, W)
+    boxes: torch.Tensor  # (B, K, 5) float32: x, y, w, h, flip
+    labels: torch.Tensor
+
+
+def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """DALI's HWC output seen as (..., C, H, W) with channels-last strides (layout "channels_last")."""
+    return t.movedim(-1, -3) if channels_last else t
+
+
 class Role:
     """One kind of loader: what it reads, the graph it builds, what it outputs and how its batches
     look. Subclasses are frozen dataclasses holding the role's own options (pipelines.train.Train,
-    pipelines.eval.Eval, pipelines.replay.Replay, pipelines.teacher_views.TeacherViews)."""
+    pipelines.eval.Eval, pipelines.replay.Replay, pipelines.teacher_views.TeacherViews); the
+    defaults here are the common case: images and labels in, Batch(images, labels, teacher) out."""
 
     name: ClassVar[str]
     shuffles: ClassVar[bool] = False  # reads in random order when Reading.shuffle (training roles)
@@ -169,19 +190,20 @@ class Role:
 
     def members(self) -> list[str]:
         """Sample members read besides the teacher outputs, in the order graph() receives them."""
-        raise NotImplementedError
+        return [common.IMAGE_EXT, common.LABEL_EXT]
 
     def graph(self, members: list, teacher: list, output: Output, backend: Backend) -> tuple:
         """The role's DALI outputs from the reader's members (inside a pipeline definition)."""
         raise NotImplementedError
 
-    def output_names(self, teacher: list[str]) -> list[str]:
+    def output_names(self, teacher_kind) -> list[str]:
         """Names of graph()'s outputs, as the PyTorch iterator hands them over."""
-        raise NotImplementedError
+        return ["images", "labels", *common.teacher_names(teacher_kind)]
 
     def batch(self, outputs: dict, teacher_kind, channels_last: bool):
-        """One torch batch (pipelines.loader.Batch or ViewsBatch) from the iterator's dict."""
-        raise NotImplementedError
+        """One torch batch from the iterator's dict."""
+        return Batch(as_nchw(outputs["images"], channels_last), outputs["labels"],
+                     common.teacher_batch(outputs, teacher_kind))
 
     def resizer(self, backend: Backend) -> str:
         """Which operator resizes this role's images: "kdkit_resize_normalize" or "fn.resize"."""

@@ -113,22 +113,11 @@ class Eval(Role):
         check(self.views in EVAL_VIEWS, "views", self.views, " or ".join(EVAL_VIEWS))
         check_crop_ratio(self.crop_ratio)
 
-    def members(self):
-        return [common.IMAGE_EXT, common.LABEL_EXT]
-
     def graph(self, members, teacher, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         images = eval_views(decode_eval(jpegs, backend), view_list(self.views), self.crop_ratio, output, native_op)
         return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher, backend))
-
-    def output_names(self, teacher):
-        return ["images", "labels", *common.teacher_names(teacher)]
-
-    def batch(self, d, teacher_kind, channels_last):
-        from kdkit.pipelines.loader import Batch, as_nchw
-
-        return Batch(as_nchw(d["images"], channels_last), d["labels"], common.teacher_batch(d, teacher_kind))
 
     def resizer(self, backend):
         """Ten-crop keeps one fn.resize and ten crops of it: faster than ten windows through the

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from nvidia.dali import pipeline_def
@@ -40,24 +39,6 @@ from kdkit.pipelines.config import LoaderConfig, Role
 from kdkit.pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards,
                                       shard_range, teacher_format)
 from kdkit.runtime import rank_and_world
-
-
-class Batch(NamedTuple):
-    images: torch.Tensor
-    labels: torch.Tensor
-    teacher_logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None  # (values, indices) for top-k
-
-
-class ViewsBatch(NamedTuple):
-    center: torch.Tensor  # (B, C, H, W)
-    views: torch.Tensor  # (B, K, C, H, W)
-    boxes: torch.Tensor  # (B, K, 5) float32: x, y, w, h, flip
-    labels: torch.Tensor
-
-
-def as_nchw(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """DALI's HWC output seen as (..., C, H, W) with channels-last strides (layout "channels_last")."""
-    return t.movedim(-1, -3) if channels_last else t
 
 
 @pipeline_def
@@ -89,9 +70,9 @@ def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int
     b = cfg.backend
     extra = dict(enable_checkpointing=True, checkpoint=restore) if checkpointing else {}
     return role_pipeline(shards, cfg, shard_id, num_shards, teacher, batch_size=cfg.reading.batch_size,
-                         num_threads=b.num_threads, device_id=device_id(cfg), prefetch_queue_depth=b.prefetch_queue_depth,
-                         seed=cfg.role.seed(cfg.reading, shard_id), enable_conditionals=cfg.role.conditionals(),
-                         **extra)
+                         num_threads=b.num_threads, device_id=device_id(cfg),
+                         prefetch_queue_depth=b.prefetch_queue_depth, seed=cfg.role.seed(cfg.reading, shard_id),
+                         enable_conditionals=cfg.role.conditionals(), **extra)
 
 
 def _scan(role: Role, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:

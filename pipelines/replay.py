@@ -21,7 +21,7 @@ from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
 from kdkit.pipelines.config import Role
-from kdkit.pipelines.train import Augment, crop_resizer, train_views
+from kdkit.pipelines.train import Augment, train_views
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend
@@ -59,7 +59,7 @@ def decode_view(jpegs, box, backend: Backend):
 
 
 @dataclass(frozen=True)
-class Replay(Role, Augment):
+class Replay(Augment, Role):
     """(images, labels[, logits of the chosen view], chosen view index) for student training. Augment
     options (colour jitter, auto-augment) apply on top of the stored view: they change pixels the
     teacher never saw, so they are off by default."""
@@ -87,15 +87,4 @@ class Replay(Role, Augment):
         return (images, labels, *common.teacher_outputs(teacher, backend, row=k), backend.to_output(k))
 
     def output_names(self, teacher):
-        return ["images", "labels", *common.teacher_names(teacher), "view_index"]
-
-    def batch(self, d, teacher_kind, channels_last):
-        from kdkit.pipelines.loader import Batch, as_nchw
-
-        return Batch(as_nchw(d["images"], channels_last), d["labels"], common.teacher_batch(d, teacher_kind))
-
-    def resizer(self, backend):
-        return crop_resizer(self, backend)
-
-    def conditionals(self):
-        return bool(self.auto_augment)
+        return [*Role.output_names(self, teacher), "view_index"]

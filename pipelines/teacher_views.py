@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, positive_int
+from kdkit.pipelines.config import Role, ViewsBatch, as_nchw, positive_int
 from kdkit.pipelines.eval import center_view, check_crop_ratio, decode_eval
 from kdkit.pipelines.resize import resized_view
 from kdkit.pipelines.train import RandomCrop
@@ -46,7 +46,7 @@ def random_view(full, shape, crop: RandomCrop, output: Output, native_op: bool):
 
 
 @dataclass(frozen=True)
-class TeacherViews(Role, RandomCrop):
+class TeacherViews(RandomCrop, Role):
     """(centre view, views (K, C, H, W), boxes (K, 5), labels) in stored order, from one full decode
     per image: the centre crop (crop_ratio, as the eval role cuts it) and K seeded random views."""
 
@@ -60,9 +60,6 @@ class TeacherViews(Role, RandomCrop):
         self.check_crop()
         positive_int("num_views", self.num_views)
         check_crop_ratio(self.crop_ratio)
-
-    def members(self):
-        return [common.IMAGE_EXT, common.LABEL_EXT]
 
     def graph(self, members, teacher, output, backend):
         jpegs, cls = members
@@ -78,8 +75,6 @@ class TeacherViews(Role, RandomCrop):
         return ["center", "views", "boxes", "labels"]
 
     def batch(self, d, teacher_kind, channels_last):
-        from kdkit.pipelines.loader import ViewsBatch, as_nchw
-
         return ViewsBatch(as_nchw(d["center"], channels_last), as_nchw(d["views"], channels_last), d["boxes"],
                           d["labels"])
 

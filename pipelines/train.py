@@ -47,6 +47,16 @@ class Augment:
     randaugment_n: int = 2
     randaugment_m: int = 9
 
+    def resizer(self, backend: Backend) -> str:
+        """Training crops (train, replay) go through kdkit's CPU operator where it is available, except
+        with an auto-augment policy: those need the resized uint8 pixels, so they keep fn.resize."""
+        native = native_available(backend) and not self.auto_augment
+        return "kdkit_resize_normalize" if native else "fn.resize"
+
+    def conditionals(self) -> bool:
+        """DALI's auto_aug policies need conditionals in the graph."""
+        return bool(self.auto_augment)
+
     def check_augment(self) -> None:
         check(isinstance(self.color_jitter, (int, float)) and self.color_jitter >= 0, "color_jitter",
               self.color_jitter, "a strength >= 0 (0 = off)")
@@ -56,13 +66,6 @@ class Augment:
               "an integer >= 0")
         check(isinstance(self.randaugment_m, int) and 0 <= self.randaugment_m <= 30, "randaugment_m",
               self.randaugment_m, "0..30 (DALI's magnitude bins)")
-
-
-def crop_resizer(augment: Augment, backend: Backend) -> str:
-    """Training crops (train, replay) go through kdkit's CPU operator where it is available, except
-    with an auto-augment policy: those need the resized uint8 pixels, so they keep fn.resize."""
-    native = native_available(backend) and not augment.auto_augment
-    return "kdkit_resize_normalize" if native else "fn.resize"
 
 
 def decode_train(jpegs, crop: RandomCrop, backend: Backend):
@@ -120,7 +123,7 @@ def train_views(crops, augment: Augment, output: Output, native_op: bool, mirror
 
 
 @dataclass(frozen=True)
-class Train(Role, RandomCrop, Augment):
+class Train(Augment, RandomCrop, Role):
     """(images, labels[, teacher logits as stored | top-k values, top-k indices]) for training."""
 
     name = "train"
@@ -131,26 +134,9 @@ class Train(Role, RandomCrop, Augment):
         self.check_crop()
         self.check_augment()
 
-    def members(self) -> list[str]:
-        return [common.IMAGE_EXT, common.LABEL_EXT]
-
     def graph(self, members, teacher, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         images = train_views(decode_train(jpegs, self, backend), self, output, native_op,
                              mirror=common.random_flip(self.flip))
         return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher, backend))
-
-    def output_names(self, teacher):
-        return ["images", "labels", *common.teacher_names(teacher)]
-
-    def batch(self, d, teacher_kind, channels_last):
-        from kdkit.pipelines.loader import Batch, as_nchw
-
-        return Batch(as_nchw(d["images"], channels_last), d["labels"], common.teacher_batch(d, teacher_kind))
-
-    def resizer(self, backend):
-        return crop_resizer(self, backend)
-
-    def conditionals(self):
-        return bool(self.auto_augment)

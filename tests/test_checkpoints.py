@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import jpeg_bytes
 from kdkit.models.checkpoint import read_checkpoint

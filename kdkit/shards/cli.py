@@ -79,7 +79,8 @@ def add_shard_parser(sub) -> None:
                                    "indexes + manifest.json), one folder per split under OUT.")
     s = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
-    q = s.add_parser("imagenet", formatter_class=HelpFormatter, help="an ILSVRC2012 folder tree",
+    q = s.add_parser("imagenet", formatter_class=HelpFormatter,
+                     help="an ILSVRC2012 folder tree",
                      description="ILSVRC2012: ROOT/train/<wnid>/*.JPEG and ROOT/val/ (class folders, or flat with "
                                  "a label file). Class index = position of the wnid in sorted order.")
     q.add_argument("root", type=Path, help="ImageNet root (holding train/ and val/, or the Kaggle ILSVRC/ tree)")
@@ -94,7 +95,8 @@ def add_shard_parser(sub) -> None:
                    help="'wnid name' per line (e.g. LOC_synset_mapping.txt) for readable class names")
     _add_shard_common(q)
 
-    q = s.add_parser("folder", formatter_class=HelpFormatter, help="class folders (ROOT/<class>/*, optional split folders)",
+    q = s.add_parser("folder", formatter_class=HelpFormatter,
+                     help="class folders (ROOT/<class>/*, optional split folders)",
                      description="ROOT/<class>/<image>, or ROOT/{train,val,test}/<class>/<image>. Any format "
                                  "Pillow reads; non-images are ignored with a note in the skip report.")
     q.add_argument("root", type=Path)
@@ -103,7 +105,8 @@ def add_shard_parser(sub) -> None:
     q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
     _add_shard_common(q)
 
-    q = s.add_parser("tfrecord", formatter_class=HelpFormatter, help="TF-slim/Inception ImageNet TFRecords (no TensorFlow)",
+    q = s.add_parser("tfrecord", formatter_class=HelpFormatter,
+                     help="TF-slim/Inception ImageNet TFRecords (no TensorFlow)",
                      description="TFRecords with image/encoded and image/class/label (optional "
                                  "image/class/synset), as TF-slim's build_imagenet_data.py writes them. "
                                  "Split from the file name (train-*, validation-*) unless --split is given.")
@@ -114,7 +117,8 @@ def add_shard_parser(sub) -> None:
     q.add_argument("--split", default=None, help="put every record in this split (default: from file names)")
     _add_shard_common(q)
 
-    q = s.add_parser("hdf5", formatter_class=HelpFormatter, help="an HDF5 file of images (arrays or encoded bytes) + labels",
+    q = s.add_parser("hdf5", formatter_class=HelpFormatter,
+                     help="an HDF5 file of images (arrays or encoded bytes) + labels",
                      description="An HDF5 file with an image dataset, (N,H,W[,C]) uint8 pixels or N encoded "
                                  "images (variable-length bytes), and an (N,) integer label dataset.")
     q.add_argument("file", type=Path)

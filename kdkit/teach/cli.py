@@ -58,7 +58,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     where = g.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=None, help="write a new set (or dataset root) here (default: none)")
     where.add_argument("--in-place", action="store_true", help="replace each shard of the input atomically")
-    g.add_argument("--split", type=csv_list, default=None, help="comma-separated splits of a dataset root (default: all)")
+    g.add_argument("--split", type=csv_list, default=None,
+                   help="comma-separated splits of a dataset root (default: all)")
     g.add_argument("--export-h5", type=Path, default=None, metavar="FILE",
                    help="write the outputs keyed by sample key to this HDF5 file (alone: export what the set holds) "
                         "(default: none)")

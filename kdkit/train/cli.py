@@ -105,7 +105,8 @@ def _run(mode: str):
 
 def add_parser(sub) -> None:
     """`kdkit train` with its sub-commands `teacher` and `student`."""
-    p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set", formatter_class=HelpFormatter,
+    p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set",
+                       formatter_class=HelpFormatter,
                        description="Train on a kdkit shard set through the DALI loader.\n\n"
                                    + __doc__.split("\n\n")[1])
     s = p.add_subparsers(dest="train_mode", required=True, metavar="MODE")

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
