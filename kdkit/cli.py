@@ -11,7 +11,7 @@ import sys
 
 from kdkit import __version__
 from kdkit.errors import KdkitError
-from kdkit.options import HelpFormatter
+from kdkit.options import HelpFormatter, Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kdkit.teach import cli as teach
     from kdkit.train import cli as train
 
-    p = argparse.ArgumentParser(prog="kdkit", formatter_class=HelpFormatter,
+    p = Parser(prog="kdkit", formatter_class=HelpFormatter,
                                 description="Knowledge distillation and fast DALI image pipelines over "
                                             "WebDataset shards.")
     p.add_argument("--version", action="version", version=f"kdkit {__version__}")

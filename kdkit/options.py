@@ -43,3 +43,54 @@ def part(text: str) -> tuple[int, int]:
 def command_line() -> str:
     """This process's kdkit command, as typed."""
     return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class Parser(argparse.ArgumentParser):
+    """kdkit's argument parser: a bad flag or value is one line on stderr (the option, what it takes,
+    where the help is) and exit status 2, as every other refusal of kdkit's."""
+
+    def error(self, message: str):
+        self.exit(2, f"kdkit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def integer(low: int | None = None, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {_range('an integer', low, high)}, got {text!r}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] with above=True)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if (value is None or value != value or (low is not None and (value <= low if above else value < low))
+                or (high is not None and value > high)):
+            raise argparse.ArgumentTypeError(f"expected {_range('a number', low, high, above)}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _range(what: str, low, high, above: bool = False) -> str:
+    if low is not None and high is not None:
+        return f"{what} with {low} {'<' if above else '<='} x <= {high}"
+    if low is not None:
+        return f"{what} {'>' if above else '>='} {low}"
+    return f"{what} <= {high}" if high is not None else what
+
+
+COUNT = integer(1)  # batch sizes, threads, workers, epochs, steps: at least one
+SEED = integer(0)
+FRACTION = number(0, 1, above=True)  # crop ratios, areas: 0 < x <= 1
+POSITIVE = number(0, above=True)

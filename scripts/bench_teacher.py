@@ -27,6 +27,7 @@ import torch
 from kdkit.bench.synthetic import write_tree
 from kdkit.models.checkpoint import save_checkpoint
 from kdkit.models.factory import create_model
+from kdkit.runtime import pick_device
 from kdkit.shards.sources.folder import list_folder
 from kdkit.shards.writer import ShardConfig, write_dataset
 from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI threads")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: the GPU where one is visible")
     p.add_argument("--views", type=int, nargs="*", default=[4], help="also time multi-view passes with these K")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of forward and pass (medians)")
     p.add_argument("--work", type=Path, default=None, help="folder for the data (default: a temporary one)")
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
         write_tree(raw / "train", images=a.images, classes=a.classes, seed=0)
         write_dataset(list_folder(raw), shards, ShardConfig(samples_per_shard=max(1, a.images // 4), workers=1,
                                                             progress=False))
-    device = torch.device("cuda" if a.device == "gpu" else "cpu")
+    device = pick_device(a.device)
+    a.device = "gpu" if device.type == "cuda" else "cpu"
     amp = device.type == "cuda"
     torch.manual_seed(0)
     model = create_model(a.model, num_classes=a.classes).eval()

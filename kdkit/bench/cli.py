@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdkit.options import HelpFormatter
+from kdkit.options import COUNT, HelpFormatter, integer
 
 
 def add_parser(sub) -> None:
@@ -33,18 +33,18 @@ def add_parser(sub) -> None:
                                    "CPU use. --gpu-feed also times a model training step to show the bottleneck.")
     p.add_argument("shards", type=Path, help="a shard-set folder, or a dataset root holding --split")
     p.add_argument("--split", default="train", help="split to read from a dataset root")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2, help="DALI num_threads and DataLoader num_workers")
-    p.add_argument("--size", type=int, default=224, help="output resolution (square)")
+    p.add_argument("--batch-size", type=COUNT, default=64)
+    p.add_argument("--threads", type=COUNT, default=2, help="DALI num_threads and DataLoader num_workers")
+    p.add_argument("--size", type=integer(8), default=224, help="output resolution (square)")
     p.add_argument("--aug", choices=AUGS, default="rrc-flip", help="augmentation (both loaders)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="DALI backend (auto: the GPU where torch sees one; the table says which ran)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="DALI output type")
-    p.add_argument("--batches", type=int, default=50, help="measured batches per loader")
-    p.add_argument("--warmup", type=int, default=5, help="batches run before timing starts")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--batches", type=COUNT, default=50, help="measured batches per loader")
+    p.add_argument("--warmup", type=integer(0), default=5, help="batches run before timing starts")
+    p.add_argument("--repeats", type=COUNT, default=1,
                    help="measurements per loader, alternating DALI and baseline; the median is reported")
-    p.add_argument("--shuffle-buffer", type=int, default=1024, help="shuffle buffer of both loaders")
+    p.add_argument("--shuffle-buffer", type=COUNT, default=1024, help="shuffle buffer of both loaders")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the DataLoader + Pillow baseline")
     p.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=True,

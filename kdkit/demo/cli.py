@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdkit.options import HelpFormatter
+from kdkit.options import COUNT, HelpFormatter, integer
 
 
 def add_parser(sub) -> None:
@@ -33,12 +33,12 @@ def add_parser(sub) -> None:
                    help="working folder (default: ./kdkit-demo, or ./kdkit-demo-quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="6,000 train / 2,000 test images and a few epochs: minutes on 2 CPU cores")
-    p.add_argument("--seeds", type=int, default=None, help="student seeds per way (default: 3; 1 with --quick)")
+    p.add_argument("--seeds", type=COUNT, default=None, help="student seeds per way (default: 3; 1 with --quick)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="DALI backend and model device (auto: gpu when CUDA is available)")
-    p.add_argument("--train-size", type=int, default=None, help="class-balanced MNIST train subset")
-    p.add_argument("--test-size", type=int, default=None, help="class-balanced MNIST test subset")
-    p.add_argument("--teacher-epochs", type=int, default=None)
-    p.add_argument("--student-epochs", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads")
+    p.add_argument("--train-size", type=integer(10), default=None, help="class-balanced MNIST train subset")
+    p.add_argument("--test-size", type=integer(10), default=None, help="class-balanced MNIST test subset")
+    p.add_argument("--teacher-epochs", type=COUNT, default=None)
+    p.add_argument("--student-epochs", type=COUNT, default=None)
+    p.add_argument("--threads", type=COUNT, default=2, help="DALI threads")
     p.set_defaults(func=run)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import HelpFormatter, command_line, csv_paths
+from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_paths, integer
 
 EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
   TensorRT:  trtexec --onnx=model.onnx --fp16 --minShapes=images:1x3xSxS \\
@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     g.add_argument("--model", default=None, metavar="NAME",
                    help="timm model name for a bare timm/torchvision state dict (default: the name a kdkit checkpoint "
                         "holds)")
-    g.add_argument("--crop-ratio", type=float, default=0.875,
+    g.add_argument("--crop-ratio", type=FRACTION, default=0.875,
                    help="image_size / resized shorter side of the eval transform (224/256)")
     if device:
         g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
@@ -106,8 +106,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", default="val", help="split to read from a dataset root")
     p.add_argument("--views", choices=["center", "flip", "tencrop"], default="center",
                    help="test-time views: centre crop, + its mirror image, or ten crops (corners + centre, mirrored)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (x views with --views)")
-    p.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--batch-size", type=COUNT, default=64, help="images per batch (x views with --views)")
+    p.add_argument("--threads", type=COUNT, default=2, help="DALI CPU threads")
     _add_model_args(p)
     g = p.add_argument_group("Output")
     g.add_argument("--out", type=Path, default=None, help="folder for metrics.json, confusion.png, reliability.png "
@@ -131,15 +131,15 @@ def _add_eval(sub) -> None:
     g.add_argument("--write-corrupted", type=Path, default=None, metavar="OUT",
                    help="write OUT/<corruption>-<severity>/ shard sets of --data, then evaluate if checkpoints "
                         "are given (default: not written)")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=integer(8), default=None,
                    help="image size of --write-corrupted (default: the checkpoint's, else 224)")
-    g.add_argument("--corruption-seed", type=int, default=0, help="seed of the random corruptions (per sample key)")
-    g.add_argument("--store-quality", type=int, default=85,
+    g.add_argument("--corruption-seed", type=SEED, default=0, help="seed of the random corruptions (per sample key)")
+    g.add_argument("--store-quality", type=integer(0, 100), default=85,
                    help="JPEG quality of corrupted images, as ImageNet-C stored them (0: no round trip on the fly)")
     g.add_argument("--frost-dir", type=Path, default=None,
                    help="folder with the reference's frost1.png..frost6.jpg (default: procedural frost, an "
                         "approximation)")
-    g.add_argument("--workers", type=int, default=1, help="processes applying corruptions")
+    g.add_argument("--workers", type=COUNT, default=1, help="processes applying corruptions")
     p.set_defaults(func=_run_eval)
 
 
@@ -174,8 +174,8 @@ def _add_predict(sub) -> None:
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="kdkit checkpoint (or a bare state dict "
                                                                        "with --model)")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders")
-    p.add_argument("--topk", type=int, default=5, help="classes shown per image")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--topk", type=COUNT, default=5, help="classes shown per image")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
     p.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="also write the predictions as JSON (default: not written)")
     _add_model_args(p)
@@ -213,22 +213,22 @@ def _add_export(sub) -> None:
                                                                     "the report beside it as .export.json)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="auto: torch.export-based (dynamo), falling back to the TorchScript-based one")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
+    p.add_argument("--opset", type=integer(7), default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
     g = p.add_argument_group("Parity check")
     g.add_argument("--data", type=Path, default=None,
                    help="shard set whose first eval views are the test inputs (default: --images)")
     g.add_argument("--images", type=csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
                    help="or these image files / folders, comma-separated (default: random inputs if neither)")
     g.add_argument("--split", default="val", help="split of --data to read")
-    g.add_argument("--parity-samples", type=int, default=16, help="inputs compared (as one batch and one by one)")
-    g.add_argument("--atol", type=float, default=1e-3, help="largest allowed |ONNX Runtime - PyTorch| on the logits")
+    g.add_argument("--parity-samples", type=COUNT, default=16, help="inputs compared (as one batch and one by one)")
+    g.add_argument("--atol", type=POSITIVE, default=1e-3, help="largest allowed |ONNX Runtime - PyTorch| on the logits")
     g = p.add_argument_group("Throughput (same run, same batch)")
     g.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="time PyTorch eager and ONNX Runtime")
-    g.add_argument("--batch-size", type=int, default=32, help="batch of the timing runs")
-    g.add_argument("--iterations", type=int, default=20, help="timed batches per runtime")
-    g.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of both runtimes")
+    g.add_argument("--batch-size", type=COUNT, default=32, help="batch of the timing runs")
+    g.add_argument("--iterations", type=COUNT, default=20, help="timed batches per runtime")
+    g.add_argument("--warmup", type=integer(0), default=3, help="untimed batches first")
+    g.add_argument("--threads", type=COUNT, default=os.cpu_count() or 1, help="intra-op threads of both runtimes")
     _add_model_args(p, device=False)  # export, parity and timing run on the CPU
     p.set_defaults(func=_run_export)
 

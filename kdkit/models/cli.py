@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from kdkit import options
+
 
 def _run(a: argparse.Namespace) -> int:
     from kdkit.models.listing import ListingConfig, format_table, list_variants, rows_as_json
@@ -25,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "GMACs of one image at --resolution. GMACs = multiply-accumulates, what papers "
                                    "call GFLOPs (ResNet-50: 4.1). Any of these names works wherever kdkit takes "
                                    "a model, as does every timm model name.")
-    p.add_argument("--resolution", type=int, default=224, help="square input side for GMACs")
+    p.add_argument("--resolution", type=options.integer(8), default=224, help="square input side for GMACs")
     p.add_argument("--filter", default=None, metavar="PATTERN",
                    help="only names matching this glob (e.g. 'assemble_*') or containing this text")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,

@@ -8,26 +8,26 @@ import os
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import HelpFormatter, command_line, csv_list, part
+from kdkit.options import COUNT, POSITIVE, SEED, HelpFormatter, command_line, csv_list, integer, part
 
 
 def _add_shard_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Shard layout")
-    g.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of one shard in MB")
-    g.add_argument("--samples-per-shard", type=int, default=None,
+    g.add_argument("--shard-size-mb", type=POSITIVE, default=256.0, help="target size of one shard in MB")
+    g.add_argument("--samples-per-shard", type=COUNT, default=None,
                    help="samples per shard (overrides --shard-size-mb)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the sample order (classes interleave across shards)")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the sample order (classes interleave across shards)")
     g.add_argument("--part", type=part, default=(0, 1), metavar="i/N",
                    help="write only shards i, i+N, ... so N machines can write one set together (default: 0/1, all)")
     g = p.add_argument_group("Image encoding (the biggest levers on later decode speed)")
-    g.add_argument("--max-size", type=int, default=None,
+    g.add_argument("--max-size", type=integer(8), default=None,
                    help="downscale images so the --resize-side is at most this many pixels (default: keep)")
     g.add_argument("--resize-side", choices=["shorter", "longer"], default="shorter", help="side --max-size applies to")
-    g.add_argument("--quality", type=int, default=None,
+    g.add_argument("--quality", type=integer(1, 100), default=None,
                    help="re-encode every image as JPEG at this quality (default: keep JPEG bytes, "
                         "encode others at 95)")
     g = p.add_argument_group("Run")
-    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image-processing processes")
+    g.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1, help="image-processing processes")
     g.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -112,7 +112,7 @@ def add_shard_parser(sub) -> None:
                                  "Split from the file name (train-*, validation-*) unless --split is given.")
     q.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TFRecord files or a folder of them")
     q.add_argument("out", type=Path)
-    q.add_argument("--label-offset", type=int, default=1,
+    q.add_argument("--label-offset", type=integer(0), default=1,
                    help="subtracted from image/class/label: TF-slim's labels are 1..1000 (0 = background)")
     q.add_argument("--split", default=None, help="put every record in this split (default: from file names)")
     _add_shard_common(q)

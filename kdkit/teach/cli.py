@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import HelpFormatter, command_line, csv_list
+from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_list, integer
 
 
 DESCRIPTION = """\
@@ -40,20 +40,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "a kdkit checkpoint names its own) (default: none)")
     g.add_argument("--ema", action="store_true", help="use the EMA weights where a checkpoint has them")
     g = p.add_argument_group("Views")
-    g.add_argument("--views", type=int, default=None, metavar="K",
+    g.add_argument("--views", type=COUNT, default=None, metavar="K",
                    help="K seeded random-resized-crop views per sample, stored with their boxes "
                         "(default: the centre crop only)")
-    g.add_argument("--image-size", type=int, default=None, help="view size (default: from the checkpoint / timm)")
-    g.add_argument("--crop-ratio", type=float, default=None,
+    g.add_argument("--image-size", type=integer(8), default=None, help="view size (default: from the checkpoint / timm)")
+    g.add_argument("--crop-ratio", type=FRACTION, default=None,
                    help="centre crop: image size / resized shorter side (default: timm's crop_pct, else 0.875)")
-    g.add_argument("--random-area", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+    g.add_argument("--random-area", type=FRACTION, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="random views: share of the image area")
-    g.add_argument("--random-aspect-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
+    g.add_argument("--random-aspect-ratio", type=POSITIVE, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
                    help="random views: width / height range (default: 3/4 4/3)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random views: mirror half")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random views (each shard derives its own)")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the random views (each shard derives its own)")
     g = p.add_argument_group("Storage")
-    g.add_argument("--topk", type=int, default=None, metavar="k",
+    g.add_argument("--topk", type=COUNT, default=None, metavar="k",
                    help="store the k largest logits and their class indices instead of all (default: all)")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, default=None, help="write a new set (or dataset root) here (default: none)")
@@ -70,9 +70,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where DALI and the teacher run (gpu: device LOCAL_RANK; auto: the GPU where torch sees one)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast on the GPU")
-    g.add_argument("--batch-size", type=int, default=64, help="images per teacher forward (x K with --views)")
-    g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
-    g.add_argument("--torch-threads", type=int, default=None,
+    g.add_argument("--batch-size", type=COUNT, default=64, help="images per teacher forward (x K with --views)")
+    g.add_argument("--threads", type=COUNT, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    g.add_argument("--torch-threads", type=COUNT, default=None,
                    help="CPU teacher: torch threads (default: the cores DALI's --threads leave, at least 1)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

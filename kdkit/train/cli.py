@@ -18,6 +18,7 @@ import dataclasses
 import yaml
 
 from kdkit.errors import KdkitError
+from kdkit import options
 from kdkit.options import HelpFormatter
 from kdkit.train.config import FIELDS, TYPES, KD_MODES, TrainConfig, list_recipes, load_recipe, make_config
 
@@ -132,10 +133,10 @@ def add_lr_find_parser(sub) -> None:
                                    "lr_find.json into runs/NAME and prints the suggested LR.")
     add_train_arguments(p, kd_default="none")
     g = p.add_argument_group("LR finder")
-    g.add_argument("--start-lr", type=float, default=1e-7, help="first LR (default: 1e-7)")
-    g.add_argument("--end-lr", type=float, default=10.0, help="last LR (default: 10)")
-    g.add_argument("--num-steps", type=int, default=100, help="optimizer updates, one batch each (default: 100)")
-    g.add_argument("--diverge", type=float, default=4.0,
+    g.add_argument("--start-lr", type=options.POSITIVE, default=1e-7, help="first LR (default: 1e-7)")
+    g.add_argument("--end-lr", type=options.POSITIVE, default=10.0, help="last LR (default: 10)")
+    g.add_argument("--num-steps", type=options.integer(5), default=100, help="optimizer updates, one batch each (default: 100)")
+    g.add_argument("--diverge", type=options.number(1, above=True), default=4.0,
                    help="stop when the smoothed loss exceeds this multiple of its minimum (default: 4)")
 
     def run(a: argparse.Namespace) -> int:

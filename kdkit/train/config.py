@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, OptionError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 KD_MODES = ("none", "stored", "replay", "online")
@@ -131,10 +131,9 @@ class TrainConfig:
     recipe: str | None = _f(None, "recipe the defaults came from (set by -c/--config)", N)
 
     def __post_init__(self):
-        self.random_area = [float(x) for x in self.random_area]
-        self.decay_milestones = [int(x) for x in self.decay_milestones]
         if self.val_split in ("", "none", "None"):
             self.val_split = None
+        check_values(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,6 +149,73 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 TYPES = typing.get_type_hints(TrainConfig)
+
+# allowed ranges of the numeric options: (low, high, low excluded); None = unbounded on that side
+LIMITS = {
+    "num_classes": (1, None, False), "image_size": (8, None, False), "eval_crop_ratio": (0, 1, True),
+    "batch_size": (1, None, False), "loader_threads": (1, None, False), "shuffle_buffer": (1, None, False),
+    "random_area": (0, 1, True), "color_jitter": (0, None, False), "randaugment_n": (0, None, False),
+    "randaugment_m": (0, 30, False), "am_margin": (0, None, False), "am_scale": (0, None, True),
+    "freeze_epochs": (0, None, False), "kd_temperature": (0, None, True), "kd_alpha": (0, 1, False),
+    "label_smoothing": (0, 0.999, False), "mixup": (0, None, False), "cutmix": (0, None, False),
+    "mix_prob": (0, 1, False), "mix_switch_prob": (0, 1, False), "mix_off_epoch": (0, None, False),
+    "lr": (0, None, True), "momentum": (0, 1, False), "weight_decay": (0, None, False), "sam_rho": (0, None, False),
+    "clip_grad": (0, None, True), "grad_accum": (1, None, False), "epochs": (1, None, False),
+    "warmup_epochs": (0, None, False), "warmup_lr": (0, None, False), "min_lr": (0, None, False),
+    "decay_epochs": (0, None, True), "decay_milestones": (0, None, False), "decay_rate": (0, None, True),
+    "patience_epochs": (0, None, False), "ema_decay": (0, 1, False), "seed": (0, None, False),
+    "checkpoint_every": (0, None, False), "eval_every": (1, None, False), "log_interval": (1, None, False),
+}
+
+
+def _kind(hint) -> tuple[type, bool]:
+    """(base type, None allowed) of a field's annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional and args else (typing.get_origin(hint) or hint)
+    return (typing.get_origin(base) or base), optional
+
+
+def _check_number(name: str, value, kind: type):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise OptionError(f"{name}={value!r}: expected {'an integer' if kind is int else 'a number'}")
+    low, high, above = LIMITS.get(name, (None, None, False))
+    if (low is not None and (value <= low if above else value < low)) or (high is not None and value > high):
+        what = "an integer" if kind is int else "a number"
+        span = (f"{low} {'<' if above else '<='} {name} <= {high}" if low is not None and high is not None
+                else f"{'>' if above else '>='} {low}" if low is not None else f"<= {high}")
+        raise OptionError(f"{name}={value!r}: expected {what} {span}")
+    return float(value) if kind is float else value
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """Every field against its type and range (recipes, flags and Python callers alike): an OptionError
+    naming the option, before anything runs. Numbers given where lists of numbers are due are refused."""
+    for name, f in FIELDS.items():
+        value = getattr(cfg, name)
+        kind, optional = _kind(TYPES[name])
+        if value is None and optional:
+            continue
+        if kind in (int, float):
+            setattr(cfg, name, _check_number(name, value, kind))
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(f"{name}={value!r}: expected true or false")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise OptionError(f"{name}={value!r}: expected a string")
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise OptionError(f"{name}={value!r}: expected one of {', '.join(f.metadata['choices'])}")
+        elif kind is list:
+            n = f.metadata.get("nargs")
+            if not isinstance(value, (list, tuple)) or (isinstance(n, int) and len(value) != n):
+                raise OptionError(f"{name}={value!r}: expected a list of "
+                                  + (f"{n} numbers" if isinstance(n, int) else "numbers"))
+            setattr(cfg, name, [_check_number(name, v, f.metadata["item"]) for v in value])
+        elif kind is dict and not isinstance(value, dict):
+            raise OptionError(f"{name}={value!r}: expected a mapping of KEY: VALUE")
+    if cfg.random_area[0] > cfg.random_area[1]:
+        raise OptionError(f"random_area={cfg.random_area}: expected (min, max) with min <= max")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -193,11 +259,18 @@ def check_keys(d: dict, where: str) -> None:
 
 
 def make_config(overrides: dict | None = None, recipe: str | None = None) -> TrainConfig:
-    """TrainConfig from defaults < recipe < overrides (the Python-side twin of the CLI)."""
+    """TrainConfig from defaults < recipe < overrides (the Python-side twin of the CLI). A value of the
+    wrong type or out of range is an OptionError naming the key (and the recipe it came from)."""
     values = load_recipe(recipe) if recipe else {}
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     check_keys(overrides, "config")
-    return TrainConfig(**{k.replace("-", "_"): v for k, v in {**values, **overrides}.items()})
+    merged = {k.replace("-", "_"): v for k, v in {**values, **overrides}.items()}
+    try:
+        return TrainConfig(**merged)
+    except OptionError as e:
+        key = str(e).split("=", 1)[0]
+        source = values.get("recipe") if key in values and key not in overrides else None
+        raise OptionError(f"recipe {source}: {e}" if source else str(e)) from None
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
