@@ -162,3 +162,47 @@ def test_an_am_softmax_teacher_teaches_stored_and_online(files, data, tmp_path):
     online_run = fit(cfg_for(data["three"], tmp_path, epochs=1, name="online", kd="online",
                              teacher_checkpoint=str(teacher)))
     assert np.isfinite(stored_run[-1]["train_loss"]) and np.isfinite(online_run[-1]["train_loss"])
+
+
+class _Touch:
+    """Unpickling this runs code: it creates its marker file (what a crafted checkpoint could do worse)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+def test_a_crafted_checkpoint_never_runs_its_code(files, data, image, tmp_path, consumer, capsys):
+    """Every consumer loads checkpoints as data only (torch.load weights_only=True): a file carrying code
+    is refused with one line naming it and the opt-in, and its code does not run."""
+    from kdkit.cli import main
+
+    path, _ = files["plain"]
+    crafted, marker = tmp_path / "crafted.pth", tmp_path / "ran"
+    torch.save({**read_checkpoint(path), "payload": _Touch(marker)}, crafted)
+    argv = {"teacher pass": ["add-teacher-logits", str(data["three"]), "--checkpoint", str(crafted), "--out",
+                             str(tmp_path / "kd"), "--device", "cpu"],
+            "online KD": ["train", "student", str(data["three"]), "--kd", "online", "--teacher-checkpoint", str(crafted),
+                          "--output", str(tmp_path / "runs"), "--device", "cpu"],
+            "fine-tuning": ["train", "teacher", str(data["three"]), "--model", MODEL, "--finetune", str(crafted),
+                            "--output", str(tmp_path / "runs"), "--device", "cpu"],
+            "eval": ["eval", str(crafted), "--data", str(data["three"]), "--device", "cpu"],
+            "predict": ["predict", str(crafted), str(image), "--device", "cpu"],
+            "export": ["export", str(crafted), "-o", str(tmp_path / "m.onnx")]}[consumer]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "crafted.pth: holds Python objects" in err and "--trust-checkpoint" in err
+    assert not marker.exists() and not (tmp_path / "kd").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_trust_checkpoint_is_the_explicit_opt_in(files, tmp_path):
+    from kdkit.models.checkpoint import load_model
+
+    path, _ = files["plain"]
+    crafted, marker = tmp_path / "crafted.pth", tmp_path / "ran"
+    torch.save({**read_checkpoint(path), "payload": _Touch(marker)}, crafted)
+    model, info = load_model(crafted, trust=True)
+    assert marker.exists() and info.model == MODEL  # the user said so: loaded, code and all

@@ -26,6 +26,9 @@ def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     g.add_argument("--model", default=None, metavar="NAME",
                    help="timm model name for a bare timm/torchvision state dict (default: the name a kdkit checkpoint "
                         "holds)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints that hold pickled Python objects besides weights (that runs their code: only "
+                        "for files you trust; default: data only)")
     g.add_argument("--crop-ratio", type=FRACTION, default=0.875,
                    help="image_size / resized shorter side of the eval transform (224/256)")
     if device:
@@ -50,7 +53,9 @@ def _run_eval(a: argparse.Namespace) -> int:
 
         if not 1 <= a.store_quality <= 100:
             raise KdkitError(f"--store-quality {a.store_quality}: written sets are JPEGs, give 1..100")
-        size = a.image_size or (load_model(a.checkpoints[0], model_name=a.model)[1].image_size if a.checkpoints else 224)
+        size = a.image_size or 224
+        if a.checkpoints and not a.image_size:
+            size = load_model(a.checkpoints[0], model_name=a.model, trust=a.trust_checkpoint)[1].image_size
         folders = write_corrupted(a.data, a.write_corrupted, size, corruptions or parse_corruptions("all"), severities,
                                   split=a.split, crop_ratio=a.crop_ratio, seed=a.corruption_seed,
                                   quality=a.store_quality,
@@ -81,7 +86,8 @@ def _run_eval(a: argparse.Namespace) -> int:
         raise KdkitError("--reference normalises corruption errors: give --corruptions too (e.g. all)")
     cfg = EvalConfig(checkpoints=a.checkpoints, data=a.data, split=a.split, views=a.views, crop_ratio=a.crop_ratio,
                      batch_size=a.batch_size, num_threads=a.threads, device=a.device, prefer_ema=a.ema,
-                     model_name=a.model, robustness=robust, extra={"command": command_line()})
+                     model_name=a.model, trust_checkpoint=a.trust_checkpoint, robustness=robust,
+                     extra={"command": command_line()})
     report = evaluate(cfg)
     print(format_report(report))
     out = a.out or Path(a.checkpoints[0]).parent / "eval"
@@ -150,7 +156,8 @@ def _run_predict(a: argparse.Namespace) -> int:
     from kdkit.evaluate.predict import PredictConfig, format_predictions, predict
 
     results = predict(PredictConfig(checkpoint=a.checkpoint, inputs=a.images, topk=a.topk, crop_ratio=a.crop_ratio,
-                                    batch_size=a.batch_size, prefer_ema=a.ema, model_name=a.model, device=a.device))
+                                    batch_size=a.batch_size, prefer_ema=a.ema, model_name=a.model, device=a.device,
+                                    trust_checkpoint=a.trust_checkpoint))
     text = format_predictions(results)
     if text:
         print(text)
@@ -192,7 +199,8 @@ def _run_export(a: argparse.Namespace) -> int:
                                  data=a.data, images=a.images or [], split=a.split, crop_ratio=a.crop_ratio,
                                  parity_samples=a.parity_samples, atol=a.atol, benchmark=a.benchmark,
                                  batch_size=a.batch_size, iterations=a.iterations, warmup=a.warmup,
-                                 threads=a.threads, prefer_ema=a.ema, model_name=a.model))
+                                 threads=a.threads, prefer_ema=a.ema, model_name=a.model,
+                                 trust_checkpoint=a.trust_checkpoint))
     print(format_export(report))
     json_path = Path(report["onnx"]).with_suffix(".export.json")
     json_path.write_text(json.dumps(report, indent=1) + "\n")

@@ -41,17 +41,18 @@ class EvalConfig:
     device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there; "auto": the GPU if any
     prefer_ema: bool = True  # use the checkpoint's EMA weights when it has them
     model_name: str | None = None  # for bare timm/torchvision state dicts
+    trust_checkpoint: bool = False  # load pickled Python objects too (runs their code: trusted files only)
     ece_bins: int = metrics.ECE_BINS
     robustness: RobustnessConfig | None = None  # corruption errors and mCE too, when given
     extra: dict = field(default_factory=dict)  # recorded in the report as given (e.g. the command line)
 
 
 def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = None,
-                device: torch.device | str = "cpu") -> tuple[list[torch.nn.Module], list[ModelInfo]]:
+                device: torch.device | str = "cpu", trust: bool = False) -> tuple[list[torch.nn.Module], list[ModelInfo]]:
     """Load every checkpoint of an ensemble and check they can be averaged."""
     if not checkpoints:
         raise KdkitError("no checkpoint given")
-    loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name) for c in checkpoints]
+    loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name, trust=trust) for c in checkpoints]
     models, infos = [m.to(device) for m, _ in loaded], [i for _, i in loaded]
     check_same_classes(infos)
     check_same_transform(infos)
@@ -96,7 +97,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise KdkitError(f"views {cfg.views!r}: expected one of {', '.join(EVAL_VIEWS)}")
     t0 = time.perf_counter()
     with runtime.start(cfg.device, announce="kdkit eval", distributed=False) as rt:
-        models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, rt.device)
+        models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, rt.device, cfg.trust_checkpoint)
         shards = open_eval_set(cfg.data, cfg.split, infos)
         probs, labels = collect_probs(models, infos, shards, cfg, rt)
         robustness = None

@@ -47,6 +47,7 @@ class ExportConfig:
     threads: int | None = None  # intra-op threads of both runtimes (default: torch's current setting)
     prefer_ema: bool = True
     model_name: str | None = None
+    trust_checkpoint: bool = False  # load pickled Python objects too (runs their code: trusted files only)
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path, opset: int = 18,
@@ -168,7 +169,8 @@ def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size
 
 
 def export(cfg: ExportConfig) -> dict:
-    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name)
+    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
+                             trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

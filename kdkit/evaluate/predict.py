@@ -32,6 +32,7 @@ class PredictConfig:
     prefer_ema: bool = True
     model_name: str | None = None  # for bare timm/torchvision state dicts
     device: str = "cpu"
+    trust_checkpoint: bool = False  # load pickled Python objects too (runs their code: trusted files only)
 
 
 @dataclass
@@ -112,7 +113,8 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
     """One Prediction per image, in input order; undecodable images carry `error` instead of `top`."""
     from kdkit.runtime import pick_device
 
-    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name)
+    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
+                             trust=cfg.trust_checkpoint)
     dev = pick_device(cfg.device)
     model.to(dev)
     transform = eval_transform(info, cfg.crop_ratio)

@@ -188,7 +188,7 @@ def evaluate_robustness(models, infos: list[ModelInfo], shards, cfg, rcfg: Robus
     judges = [_Judge(models, info, dev)]
     ref_spec, reference, ref_kind = rcfg.reference, None, None
     if ref_spec and ref_spec.lower() != "alexnet" and Path(ref_spec).suffix.lower() != ".json":
-        ref_models, ref_infos = load_models([ref_spec], cfg.prefer_ema, None, dev)
+        ref_models, ref_infos = load_models([ref_spec], cfg.prefer_ema, None, dev, cfg.trust_checkpoint)
         open_eval_set(cfg.data, cfg.split, ref_infos)  # the reference must know the set's classes too
         if ref_infos[0].image_size != info.image_size:
             raise KdkitError(f"reference {ref_spec} wants {ref_infos[0].image_size} px images, the model "

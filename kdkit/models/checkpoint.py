@@ -24,6 +24,7 @@ export) calls `load_model`, the one way from a checkpoint to a model and its met
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,13 +51,41 @@ def is_kdkit_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def read_checkpoint(path: Path | str) -> dict:
-    """The raw checkpoint dict; a clear KdkitError for a missing or unreadable file."""
+def _array_globals() -> list:
+    """numpy's array reconstruction: plain data (older kdkit checkpoints stored numpy RNG states). Object
+    arrays would need more globals, and are refused."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in ("uint8", "uint32", "int32", "int64", "float16", "float32", "float64")]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def read_checkpoint(path: Path | str, trust: bool = False) -> dict:
+    """The raw checkpoint dict; a clear KdkitError for a missing or unreadable file.
+
+    Loaded with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts (and numpy
+    arrays of plain numbers) only, so a crafted file cannot run code. A file that needs more (pickled
+    classes or functions) is refused with the global it names, unless the caller trusts it (`trust`,
+    the commands' --trust-checkpoint).
+    """
     path = Path(path)
     if not path.exists():
         raise KdkitError(f"{path}: checkpoint does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_array_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - not even a checkpoint archive
+            names = []
+        if not names:
+            raise KdkitError(f"{path}: not a readable PyTorch checkpoint (no torch.save archive or state dict "
+                             "in it)") from None
+        raise KdkitError(f"{path}: holds Python objects ({', '.join(names[:3])}) besides weights, and loading them "
+                         "could run code; kdkit loads checkpoints as data only. If you trust where the file comes "
+                         "from, pass --trust-checkpoint") from None
     except Exception as e:
         raise KdkitError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if is_kdkit_checkpoint(obj) and int(obj.get("version", 0)) > VERSION:
@@ -149,7 +178,8 @@ class ModelInfo:
 
 
 def load_model(checkpoint: Path | str, *, model_name: str | None = None, model_kwargs: dict | None = None,
-               num_classes: int | None = None, prefer_ema: bool = True) -> tuple[torch.nn.Module, ModelInfo]:
+               num_classes: int | None = None, prefer_ema: bool = True,
+               trust: bool = False) -> tuple[torch.nn.Module, ModelInfo]:
     """(model in eval mode on the CPU, ModelInfo) from any checkpoint kdkit writes or a bare state dict.
 
     A kdkit checkpoint names its model, kwargs, head, classes and eval transform; `model_name`, when
@@ -157,10 +187,11 @@ def load_model(checkpoint: Path | str, *, model_name: str | None = None, model_k
     its class count is read off its classifier weight, and its transform comes from timm's pretrained
     config for that name. `num_classes`, when given, is the count the caller's data has: a checkpoint
     predicting another count is refused as such before any weight is loaded. EMA weights are used when
-    `prefer_ema` and the checkpoint has them (info.weights says which were loaded).
+    `prefer_ema` and the checkpoint has them (info.weights says which were loaded). The file is read as
+    data only unless `trust` (read_checkpoint).
     """
     path = Path(checkpoint)
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path, trust)
     state = extract_state_dict(obj, prefer_ema=prefer_ema)
     if is_kdkit_checkpoint(obj):
         name = obj.get("model")

@@ -39,6 +39,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="timm model name per --checkpoint, in the same order (needed for bare state dicts; "
                         "a kdkit checkpoint names its own) (default: none)")
     g.add_argument("--ema", action="store_true", help="use the EMA weights where a checkpoint has them")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints that hold pickled Python objects besides weights (that runs their code: only "
+                        "for files you trust; default: data only)")
     g = p.add_argument_group("Views")
     g.add_argument("--views", type=COUNT, default=None, metavar="K",
                    help="K seeded random-resized-crop views per sample, stored with their boxes "
@@ -86,7 +89,8 @@ def config_from_args(a: argparse.Namespace):
         raise KdkitError(f"{len(a.model)} --model for {len(a.checkpoint)} --checkpoint: give one --model per "
                          "--checkpoint, in the same order, or none (kdkit checkpoints name their model)")
     models = a.model or [None] * len(a.checkpoint)
-    teachers = [TeacherSpec(checkpoint=c, model=m, prefer_ema=a.ema) for c, m in zip(a.checkpoint, models)]
+    teachers = [TeacherSpec(checkpoint=c, model=m, prefer_ema=a.ema, trust=a.trust_checkpoint)
+                for c, m in zip(a.checkpoint, models)]
     return TeacherPassConfig(
         shards=a.shards, teachers=teachers, splits=a.split, out=a.out, in_place=a.in_place, views=a.views,
         topk=a.topk, import_h5=a.import_h5, export_h5=a.export_h5, image_size=a.image_size, crop_ratio=a.crop_ratio,

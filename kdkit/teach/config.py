@@ -22,6 +22,7 @@ class TeacherSpec:
     model: str | None = None  # required for a bare timm/torchvision state dict
     model_kwargs: dict = field(default_factory=dict)  # extra create_model kwargs for a bare state dict
     prefer_ema: bool = False  # load the EMA weights of a kdkit checkpoint when it has them
+    trust: bool = False  # the file may hold pickled Python objects (--trust-checkpoint): loading them runs code
 
 
 @dataclass

@@ -28,7 +28,7 @@ class Teacher:
 def load_teacher(spec: TeacherSpec, num_classes: int) -> Teacher:
     """Build and load one teacher; refuse it unless it predicts `num_classes` classes."""
     model, info = load_model(spec.checkpoint, model_name=spec.model, model_kwargs=spec.model_kwargs,
-                             num_classes=num_classes, prefer_ema=spec.prefer_ema)
+                             num_classes=num_classes, prefer_ema=spec.prefer_ema, trust=spec.trust)
     model.requires_grad_(False)
     record = {"model": info.model, "model_kwargs": info.model_kwargs, "checkpoint": str(spec.checkpoint),
               "checkpoint_sha256": info.sha256(), "ema": info.weights == "ema", "mean": list(info.mean),

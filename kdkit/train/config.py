@@ -123,6 +123,9 @@ class TrainConfig:
     name: str | None = _f(None, "run folder name (default: <teacher|student>-<model>)", N)
     seed: int = _f(0, "seed of model init, data order, augmentation and mixing", N)
     resume: str | None = _f(None, "continue a run: 'last' (its last.pth) or a checkpoint path", N)
+    trust_checkpoint: bool = _f(False, "load --finetune / --teacher-checkpoint / --resume files that hold pickled "
+                                       "Python objects besides weights (that runs their code: only for files you "
+                                       "trust); kdkit's own checkpoints never need it", N)
     checkpoint_every: int = _f(0, "also save last.pth every N optimizer updates inside an epoch (0 = per epoch)", N)
     eval_every: int = _f(1, "evaluate every N epochs (and after the last)", N)
     log_interval: int = _f(50, "micro-batches between progress updates and NaN checks", N)

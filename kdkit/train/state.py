@@ -38,7 +38,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The generators' states as plain values and tensors, so a checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -46,7 +49,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -89,7 +93,7 @@ def read_resume_checkpoint(cfg) -> tuple[str, dict] | None:
     if not cfg.resume:
         return None
     path = str(cfg.run_dir / "last.pth") if cfg.resume == "last" else cfg.resume
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, cfg.trust_checkpoint)
     if is_kdkit_checkpoint(ckpt) and ckpt.get("model") and ckpt["model"] != cfg.model:
         raise KdkitError(f"{path}: a checkpoint of {ckpt['model']!r}, but this run builds {cfg.model!r}; "
                          f"pass --model {ckpt['model']} or another checkpoint")
