@@ -64,3 +64,37 @@ def test_recipe_values_are_type_checked_with_the_key_and_file_named(tmp_path, li
     recipe.write_text(line + "\n")
     with pytest.raises(KdkitError, match=rf"recipe .*mine\.yaml: {expected}".replace("(", r"\(").replace(")", r"\)")):
         make_config({"data": "x"}, recipe=str(recipe))
+
+
+def test_verify_fails_when_a_splits_manifest_is_missing(tiny_shards, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    (root / "val" / "manifest.json").unlink()
+    assert main(["verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM" in out and "val: holds shards but no manifest.json" in out
+
+
+@pytest.mark.parametrize("name", ["../../outside.tar", "/tmp/abs.tar", "sub/dir.tar", "..tar", "train-0.txt"])
+def test_a_manifest_cannot_point_outside_its_set(tiny_shards, tmp_path, capsys, name):
+    """A crafted manifest naming a path outside the set: every reader stops with one line before
+    touching anything (it used to let `verify --fix-index` overwrite that file with an index)."""
+    import json
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    victim = tmp_path / "outside.idx"
+    victim.write_text("precious")
+    man = json.loads((root / "train" / "manifest.json").read_text())
+    man["shards"][0]["tar"], man["shards"][0]["idx"] = name, name.replace(".tar", ".idx")
+    (root / "train" / "manifest.json").write_text(json.dumps(man))
+    for argv in (["verify", str(root / "train"), "--fix-index", "--quiet"],
+                 ["add-teacher-logits", str(root / "train"), "--import-h5", str(tmp_path / "x.h5"), "--out",
+                  str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unreadable manifest" in err and "not a .tar file name inside the set's folder" in err, err
+    assert victim.read_text() == "precious"

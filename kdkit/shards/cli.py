@@ -133,9 +133,14 @@ def add_shard_parser(sub) -> None:
 
 
 def _run_verify(a: argparse.Namespace) -> int:
-    from kdkit.shards.verify import find_sets, fix_indexes, verify_set
+    from kdkit.shards import contract
+    from kdkit.shards.verify import find_sets, fix_indexes, unfinished_sets, verify_set
 
     bad = 0
+    for folder in unfinished_sets(a.path):
+        print(f"PROBLEM {folder}: holds shards but no {contract.MANIFEST} (writing did not finish, or the "
+              "manifest was lost): run the command that wrote it again to finish it")
+        bad += 1
     for folder in find_sets(a.path):
         if a.fix_index:
             print(f"{folder}: rewrote {fix_indexes(folder)} DALI indexes")

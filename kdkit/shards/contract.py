@@ -41,6 +41,13 @@ TIMM_INFO = "_info.json"  # at the dataset root, aggregating every split (timm's
 DALI_INDEX_VERSION = "v1.2"  # first token of a DALI webdataset index (tools/wds2idx.py)
 
 
+def is_member_file(name, suffix: str) -> bool:
+    """A bare file name of a set's own folder: no folder part, no "..", not absolute, the right suffix.
+    Paths read from manifests must resolve inside the set (a crafted one must not reach other files)."""
+    return (isinstance(name, str) and name.endswith(suffix) and "/" not in name and "\\" not in name
+            and name not in (".", "..") and not name.startswith(".") and "\0" not in name)
+
+
 def shard_stem(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
@@ -164,10 +171,16 @@ class Manifest:
             raise ValueError(
                 f"manifest format_version {d['format_version']} is newer than this kdkit "
                 f"understands ({FORMAT_VERSION}); upgrade kdkit")
+        shards = [ShardRecord(**s) for s in d["shards"]]
+        for s in shards:
+            for name, suffix in ((s.tar, ".tar"), (s.idx, ".idx")):
+                if not is_member_file(name, suffix):
+                    raise ValueError(f"shard entry {name!r} is not a {suffix} file name inside the set's folder "
+                                     "(a manifest names its shards by bare file name)")
         return cls(
             split=d["split"],
             classes=[ClassInfo(**c) for c in d["classes"]],
-            shards=[ShardRecord(**s) for s in d["shards"]],
+            shards=shards,
             source=d.get("source", {}),
             options=d.get("options", {}),
             command=d.get("command", ""),

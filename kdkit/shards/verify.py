@@ -40,6 +40,16 @@ def find_sets(path: Path) -> list[Path]:
     return sets
 
 
+def unfinished_sets(path: Path) -> list[Path]:
+    """Sub-folders of a dataset root holding shards (or a writer's state) but no manifest: a split whose
+    writing did not finish, or whose manifest was lost. find_sets leaves them out; verify reports them."""
+    path = Path(path)
+    if (path / contract.MANIFEST).exists():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_dir() and not (p / contract.MANIFEST).exists()
+                  and (any(p.glob("*.tar")) or (p / contract.STATE_DIR).exists()))
+
+
 def load_manifest(folder: Path) -> contract.Manifest:
     p = Path(folder) / contract.MANIFEST
     try:
