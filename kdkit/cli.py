@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdkit: interrupted; what was finished is kept, run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        if not e.filename:  # not about a file a user named: a bug, let the traceback say where
+            raise
+        print(f"kdkit: error: {e.filename}: {e.strerror or e} (check that the folder exists and is writable; "
+              "nothing else was changed)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

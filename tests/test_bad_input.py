@@ -98,3 +98,18 @@ def test_a_manifest_cannot_point_outside_its_set(tiny_shards, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert "unreadable manifest" in err and "not a .tar file name inside the set's folder" in err, err
     assert victim.read_text() == "precious"
+
+
+def test_an_output_inside_the_input_is_refused(class_tree, capsys):
+    root, _ = class_tree
+    assert main(["shard", "folder", str(root), str(root / "out"), "--quiet", "--workers", "1"]) == 2
+    assert "inside the input" in capsys.readouterr().err and not (root / "out").exists()
+
+
+def test_an_unwritable_output_folder_is_one_line(class_tree, tmp_path, capsys):
+    root, _ = class_tree
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder should be")
+    assert main(["shard", "folder", str(root), str(blocker / "out"), "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "file.txt/out" in err and "writable" in err

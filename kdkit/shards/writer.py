@@ -206,6 +206,10 @@ def write_timm_info(root: Path) -> None:
 
 def write_dataset(ds: SourceDataset, out: Path | str, cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
     out = Path(out)
+    root = Path(ds.root)
+    if root.is_dir() and (out.resolve() == root.resolve() or root.resolve() in out.resolve().parents):
+        raise KdkitError(f"{out}: the output folder is inside the input {root} (a later run would read its own "
+                         "shards as a class); write the shards somewhere else")
     if not ds.classes:
         raise KdkitError(f"{ds.root}: no classes found; check the path and layout")
     if len(ds.classes) > contract.MAX_CLASSES:
