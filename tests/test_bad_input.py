@@ -113,3 +113,57 @@ def test_an_unwritable_output_folder_is_one_line(class_tree, tmp_path, capsys):
     assert main(["shard", "folder", str(root), str(blocker / "out"), "--quiet", "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "file.txt/out" in err and "writable" in err
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height (a decompression bomb's shape)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+def test_a_decompression_bomb_is_skipped_and_reported_not_decoded(class_tree, tmp_path):
+    import json
+
+    from conftest import shard_cfg
+    from kdkit.shards.sources.folder import list_folder
+    from kdkit.shards.writer import write_dataset
+
+    root, made = class_tree
+    (root / "train" / "cat" / "bomb.png").write_bytes(_png_claiming(30_000, 30_000))
+    write_dataset(list_folder(root, splits=["train"]), tmp_path / "out", shard_cfg())
+    report = (tmp_path / "out" / "train" / "skipped.tsv").read_text()
+    assert "bomb.png" in report and "100-megapixel limit" in report and "KDKIT_MAX_PIXELS" in report
+    man = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
+    assert man["num_samples"] == len(made["train"]) and man["skipped"] == 1
+
+
+def test_grayscale_images_are_stored_as_rgb(tmp_path):
+    """Readers always get 3 channels: a stock webdataset + torchvision Normalize pipeline must not meet a
+    1-channel image mid-epoch."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import read_with_webdataset, shard_cfg
+    from kdkit.shards.sources.folder import list_folder
+    from kdkit.shards.writer import write_dataset
+
+    for c in ("a", "b"):
+        (tmp_path / "raw" / c).mkdir(parents=True)
+        gray = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32), dtype=np.uint8), mode="L")
+        gray.save(tmp_path / "raw" / c / "g.jpg", quality=90)
+    write_dataset(list_folder(tmp_path / "raw"), tmp_path / "out", shard_cfg())
+    for jpg, _ in read_with_webdataset(tmp_path / "out" / "train").values():
+        assert Image.open(io.BytesIO(jpg)).mode == "RGB"

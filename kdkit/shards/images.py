@@ -6,6 +6,7 @@ webdataset reader cannot skip a sample that fails to decode later (DALI #3913).
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -15,7 +16,11 @@ from PIL import Image, ImageFile
 from kdkit.errors import BadImage
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not come back half grey
-Image.MAX_IMAGE_PIXELS = 30_000 * 30_000  # big scans are fine; decompression bombs beyond that are not
+# Decompression-bomb guard: a small file may declare a huge image (a 0.9 MB PNG of 30000 x 30000 takes
+# 1.6 GB to decode). Real photo datasets stay far below 100 megapixels (ImageNet's largest is under 40);
+# an image above is skipped and reported (or stops the run with --strict). KDKIT_MAX_PIXELS raises it.
+MAX_PIXELS = int(os.environ.get("KDKIT_MAX_PIXELS", 100_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 DEFAULT_QUALITY = 95  # used whenever an image has to be (re-)encoded and --quality is not given
 
@@ -38,7 +43,8 @@ def _target_size(w: int, h: int, opts: ImageOptions) -> tuple[int, int] | None:
 
 
 def _encode(img: Image.Image, quality: int) -> bytes:
-    if img.mode not in ("RGB", "L"):
+    """An RGB JPEG: readers always get 3 channels (grayscale, CMYK, palette and alpha images converted)."""
+    if img.mode != "RGB":
         if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
             # composite transparency on white, as a viewer would show it, instead of black
             rgba = img.convert("RGBA")
@@ -68,7 +74,8 @@ def prepare_image(raw: bytes | np.ndarray, opts: ImageOptions) -> tuple[bytes, b
             img = Image.open(io.BytesIO(raw))
             fmt = img.format
             size = _target_size(*img.size, opts)
-            keep = fmt == "JPEG" and img.mode in ("RGB", "L") and size is None and opts.quality is None
+            # source JPEG bytes are kept when they are already what a shard stores: an RGB JPEG
+            keep = fmt == "JPEG" and img.mode == "RGB" and size is None and opts.quality is None
             if keep:
                 # Decoding at 1/8 scale still entropy-decodes the whole stream, so truncation and
                 # corrupt data are caught, at a fraction of the cost of a full decode.
@@ -76,6 +83,9 @@ def prepare_image(raw: bytes | np.ndarray, opts: ImageOptions) -> tuple[bytes, b
             img.load()
     except BadImage:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"over the {MAX_PIXELS / 1e6:.0f}-megapixel limit (a decompression-bomb guard; set "
+                       f"KDKIT_MAX_PIXELS to allow it): {e}".replace("\n", " ")) from None
     except Exception as e:  # Pillow raises many types for bad data; all mean "cannot decode"
         raise BadImage(f"cannot decode: {type(e).__name__}: {e}".replace("\n", " ")) from None
     if keep:
