@@ -167,3 +167,18 @@ def test_grayscale_images_are_stored_as_rgb(tmp_path):
     write_dataset(list_folder(tmp_path / "raw"), tmp_path / "out", shard_cfg())
     for jpg, _ in read_with_webdataset(tmp_path / "out" / "train").values():
         assert Image.open(io.BytesIO(jpg)).mode == "RGB"
+
+
+def test_train_and_val_sets_of_other_classes_are_refused(tiny_shards, tmp_path, capsys):
+    import json
+    import shutil
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    man = json.loads((root / "val" / "manifest.json").read_text())
+    man["classes"][0]["id"], man["classes"][1]["id"] = man["classes"][1]["id"], man["classes"][0]["id"]
+    (root / "val" / "manifest.json").write_text(json.dumps(man))
+    assert main(["train", "teacher", str(root), "--output", str(tmp_path / "runs"), "--model", "test_efficientnet",
+                 "--image-size", "32", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "its classes are not" in err and "first difference at index 0: 'dog' vs 'cat'" in err, err

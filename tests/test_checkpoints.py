@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import jpeg_bytes
+from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import read_checkpoint
 from kdkit.models.factory import create_model
 from kdkit.models.heads import am_softmax, classifier_name
@@ -91,7 +92,8 @@ def test_every_checkpoint_through_every_consumer(files, data, image, tmp_path, k
         from kdkit.train.model import build_teacher
 
         cfg = cfg_for(data["three"], tmp_path, kd="online", teacher_checkpoint=str(path), teacher_model=name)
-        teacher = build_teacher(cfg, 3, torch.device("cpu"))
+        classes = json.loads((data["three"] / "train" / "manifest.json").read_text())["classes"]
+        teacher = build_teacher(cfg, 3, classes, torch.device("cpu"))
         assert torch.allclose(outputs(teacher), outputs(reference(path, ema=False)), atol=1e-5)
     elif consumer == "fine-tuning":  # kdkit train --finetune: the backbone as saved, a fresh 4-class head
         from kdkit.train.model import build_model, load_finetune
@@ -206,3 +208,22 @@ def test_trust_checkpoint_is_the_explicit_opt_in(files, tmp_path):
     torch.save({**read_checkpoint(path), "payload": _Touch(marker)}, crafted)
     model, info = load_model(crafted, trust=True)
     assert marker.exists() and info.model == MODEL  # the user said so: loaded, code and all
+
+
+def test_a_teacher_of_other_classes_is_refused_everywhere_it_meets_a_set(files, data, tmp_path):
+    """Same class count, other class ids or order: the teacher pass and online KD refuse it as eval does,
+    naming the first difference (it used to teach wrong targets silently)."""
+    from kdkit.models.checkpoint import save_checkpoint
+    from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
+    from kdkit.train.loop import fit
+
+    path, _ = files["plain"]
+    obj = read_checkpoint(path)
+    shuffled = tmp_path / "shuffled.pth"
+    save_checkpoint(shuffled, {**obj, "classes": [obj["classes"][i] for i in (1, 0, 2)]})
+    with pytest.raises(KdkitError, match=r"classes are not the ones .*shuffled\.pth.*another order.*index 0"):
+        add_teacher_logits(TeacherPassConfig(data["three"], [TeacherSpec(shuffled)], out=tmp_path / "kd",
+                                             device="cpu", progress=False))
+    with pytest.raises(KdkitError, match=r"classes are not the ones .*shuffled\.pth"):
+        fit(cfg_for(data["three"], tmp_path, epochs=1, name="online", kd="online", teacher_checkpoint=str(shuffled)))
+    assert not (tmp_path / "kd").exists() and not (tmp_path / "online").exists()

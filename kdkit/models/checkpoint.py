@@ -258,8 +258,10 @@ def check_classes(info: ModelInfo, set_classes, data: str) -> None:
         return
     missing = [c for c in own if c not in set_ids]
     extra = [c for c in set_ids if c not in own]
+    first = next((i for i, (a, b) in enumerate(zip(set_ids, own)) if a != b), min(len(set_ids), len(own)))
     if not missing and not extra:
-        why = "the same classes in another order (the class indices disagree)"
+        why = (f"the same classes in another order (the class indices disagree; first at index {first}: set "
+               f"{set_ids[first]!r}, model {own[first]!r})")
     else:
         why = (f"{len(missing)} of the model's classes missing from the set (e.g. {', '.join(missing[:3]) or '-'}), "
                f"{len(extra)} classes the model does not know (e.g. {', '.join(extra[:3]) or '-'})")

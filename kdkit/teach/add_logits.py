@@ -87,13 +87,13 @@ def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
 class _Source:
     """Where outputs come from: teachers run here, or an HDF5 file. `identity` feeds the fingerprint."""
 
-    def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], num_classes: int, rt: runtime.Runtime):
+    def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], classes, rt: runtime.Runtime):
         self.cfg, self.rt, self.h5, self.groups = cfg, rt, None, {}
         if cfg.teachers:
             from kdkit.teach.teachers import load_teachers
 
             self.ensemble, self.teachers, self.size, self.ratio = load_teachers(
-                cfg.teachers, num_classes, cfg.image_size, cfg.crop_ratio)
+                cfg.teachers, classes, cfg.image_size, cfg.crop_ratio, str(cfg.shards))
             self.ensemble.to(rt.device)
             if rt.device.type == "cuda":  # DALI hands over NHWC memory (layout "channels_last"): keep it
                 self.ensemble.to(memory_format=torch.channels_last)
@@ -191,12 +191,11 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
             print(f"{cfg.export_h5}: teacher outputs of {n} samples exported", file=sys.stderr)
         return []
     mans = {split: load_manifest(folder) for split, folder in sets}
-    counts = {len(m.classes) for m in mans.values()}
-    if len(counts) != 1:
-        raise KdkitError(f"{cfg.shards}: the splits have different class counts ({sorted(counts)}); "
-                         "run them one at a time (--split)")
-    num_classes = counts.pop()
-    source = _Source(cfg, sets, num_classes, rt)
+    if len({tuple(c.id for c in m.classes) for m in mans.values()}) != 1:
+        raise KdkitError(f"{cfg.shards}: the splits have different classes; run them one at a time (--split)")
+    classes = next(iter(mans.values())).classes
+    num_classes = len(classes)
+    source = _Source(cfg, sets, classes, rt)
     fp = fingerprint(source.identity)
     reports, done_sets = [], []
     for split, folder in sets:

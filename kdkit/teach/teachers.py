@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import ModelInfo, load_model
+from kdkit.models.checkpoint import ModelInfo, check_classes, load_model
 from kdkit.teach.config import TeacherSpec
 
 
@@ -75,11 +75,14 @@ class TeacherEnsemble(nn.Module):
         return torch.logsumexp(logp, dim=0) - math.log(len(outs))
 
 
-def load_teachers(specs: list[TeacherSpec], num_classes: int, image_size: int | None,
-                  crop_ratio: float | None) -> tuple[TeacherEnsemble, list[Teacher], int, float]:
-    """All teachers, checked to agree on the input size the one pipeline gives them."""
-    teachers = [load_teacher(s, num_classes) for s in specs]
+def load_teachers(specs: list[TeacherSpec], classes, image_size: int | None, crop_ratio: float | None,
+                  data: str = "the shard set") -> tuple[TeacherEnsemble, list[Teacher], int, float]:
+    """All teachers, checked to know the set's classes (by id and order, where a checkpoint lists them)
+    and to agree on the input size the one pipeline gives them."""
+    teachers = [load_teacher(s, len(classes)) for s in specs]
     infos = [t.info for t in teachers]
+    for info in infos:
+        check_classes(info, classes, data)
     size = image_size or infos[0].image_size
     ratio = crop_ratio or next((i.crop_ratio for i in infos if i.crop_ratio), 0.875)
     if image_size is None:

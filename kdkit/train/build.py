@@ -84,7 +84,7 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
     if cfg.sync_bn and rt.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    teacher = build_teacher(cfg, data.num_classes, rt.device) if cfg.kd == "online" else None
+    teacher = build_teacher(cfg, data.num_classes, data.classes, rt.device) if cfg.kd == "online" else None
 
     optimizer = build_optimizer(cfg, model)  # before any freezing: frozen parameters join later
     loader = data_mod.train_loader(cfg, data, rt, loader_state(resume, cfg, data, rt))

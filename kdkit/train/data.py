@@ -69,6 +69,11 @@ def check_classes(cfg: TrainConfig, train: ShardSet, val: ShardSet | None) -> tu
     if val is not None and val.manifest and n is not None and len(val.manifest.classes) != n:
         raise KdkitError(f"class counts disagree: {_set_name(train)} has {n} classes, {_set_name(val)} "
                          f"{len(val.manifest.classes)}; shard both splits from the same source")
+    if val is not None and val.manifest and man and [c.id for c in val.manifest.classes] != [c.id for c in man.classes]:
+        first = next(i for i, (a, b) in enumerate(zip(man.classes, val.manifest.classes)) if a.id != b.id)
+        raise KdkitError(f"{_set_name(val)}: its classes are not {_set_name(train)}'s (first difference at index "
+                         f"{first}: {val.manifest.classes[first].id!r} vs {man.classes[first].id!r}); shard both "
+                         "splits from the same source")
     if cfg.num_classes is not None and n is not None and cfg.num_classes != n:
         raise KdkitError(f"--num-classes {cfg.num_classes} disagrees with {_set_name(train)} ({n} classes)")
     n = cfg.num_classes if cfg.num_classes is not None else n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import load_model, load_weights
+from kdkit.models.checkpoint import check_classes, load_model, load_weights
 from kdkit.models.factory import create_model
 from kdkit.models.heads import am_softmax, classifier_name
 from kdkit.train.config import TrainConfig
@@ -74,12 +74,15 @@ def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
                 m.eval()
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+def build_teacher(cfg: TrainConfig, num_classes: int, classes: list[dict], device: torch.device) -> torch.nn.Module:
     """The online teacher: any checkpoint load_model reads (its model named by it, or --teacher-model
-    for a bare state dict), for this run's class count, in eval mode on `device`."""
+    for a bare state dict), checked to know this run's classes (by id and order where it lists them),
+    in eval mode on `device`."""
     if not cfg.teacher_checkpoint:
         raise KdkitError("--kd online needs --teacher-checkpoint (kdkit never downloads weights)")
-    teacher, _ = load_model(cfg.teacher_checkpoint, model_name=cfg.teacher_model, num_classes=num_classes,
-                            prefer_ema=False, trust=cfg.trust_checkpoint)
+    teacher, info = load_model(cfg.teacher_checkpoint, model_name=cfg.teacher_model, num_classes=num_classes,
+                               prefer_ema=False, trust=cfg.trust_checkpoint)
+    if classes:  # the shards' class list (sets without a manifest have only a count)
+        check_classes(info, classes, cfg.data)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
     return teacher.to(device, memory_format=fmt).requires_grad_(False)

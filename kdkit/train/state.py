@@ -128,6 +128,9 @@ def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
     """Load a resume checkpoint into the built parts; returns (epoch, step_in_epoch, epoch_sums)."""
     if ckpt.get("num_classes") not in (None, p.data.num_classes):
         raise KdkitError(f"{path}: {ckpt['num_classes']} classes, the shards have {p.data.num_classes}")
+    if ckpt.get("classes") and p.data.classes and [c["id"] for c in ckpt["classes"]] != [c["id"] for c in p.data.classes]:
+        raise KdkitError(f"{path}: trained on other classes than {p.cfg.data} holds (same count, other ids or "
+                         "order); resume on the shards the run started with")
     load_weights(p.model, ckpt["state_dict"], path)
     if p.ema is not None and ckpt.get("ema_state_dict"):
         p.ema.module.load_state_dict(ckpt["ema_state_dict"])
