@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from kdkit import __version__
-from kdkit.errors import KdkitError
+from kdkit.errors import Interrupted, KdkitError
 from kdkit.options import HelpFormatter, Parser
 
 
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KdkitError as e:
         print(f"kdkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kdkit: interrupted; what was finished is kept, run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if isinstance(e, Interrupted) and e.args else
+              "kdkit: interrupted; what was finished is kept, run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as e:
         if not e.filename:  # not about a file a user named: a bug, let the traceback say where

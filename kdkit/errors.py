@@ -9,6 +9,10 @@ class BadImage(Exception):
     """An image that cannot be decoded (corrupt, truncated, not an image); carries the reason."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that tells how to continue (the CLI prints it and exits 130)."""
+
+
 class OptionError(KdkitError, ValueError):
     """An option value outside what it can mean (a config built in Python, or a flag): names the option
     and the allowed range. A ValueError too, so library callers can catch it the usual way."""

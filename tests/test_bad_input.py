@@ -182,3 +182,41 @@ def test_train_and_val_sets_of_other_classes_are_refused(tiny_shards, tmp_path, 
                  "--image-size", "32", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "its classes are not" in err and "first difference at index 0: 'dog' vs 'cat'" in err, err
+
+
+def test_an_interrupted_run_says_how_to_continue_and_that_command_resumes_it(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: the message gives the exact command; it reloads the run's saved config (so --resume alone
+    continues a 32 px test_efficientnet run as such), and flags that would make it another run are refused."""
+    import sys
+
+    from test_train_loop import write_colour_shards
+    from kdkit.train import loop
+
+    data = write_colour_shards(tmp_path / "c")
+    out = tmp_path / "runs"
+    argv = ["train", "teacher", str(data), "--name", "r", "--output", str(out), "--model", "test_efficientnet",
+            "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--loader-threads", "1", "--no-progress",
+            "--opt", "adamw", "--lr", "0.003", "--device", "cpu"]
+    real, calls = loop.train_step, []
+
+    def ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_step", ctrl_c)
+    monkeypatch.setattr(sys, "argv", ["kdkit", *argv])
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    command = err.strip().splitlines()[-1].split("Continue with: ")[1]
+    assert command == f"kdkit train teacher {data} --name r --output {out} --resume"
+    monkeypatch.undo()
+    assert main(["train", "teacher", str(data), "--name", "r", "--output", str(out), "--resume", "--model",
+                 "resnet50"]) == 2
+    assert "--model resnet50 (the run has 'test_efficientnet')" in capsys.readouterr().err
+    assert main(command.split()[1:]) == 0
+    import json
+    rows = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "image_size: 32" in (out / "r" / "config.yaml").read_text()

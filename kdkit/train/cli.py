@@ -77,9 +77,22 @@ def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None) -> N
         help="continue the run named by --name from its last.pth, or from CHECKPOINT")
 
 
+# what a resumed run may change from its saved config: where and how it runs and reports, and how long
+# it goes on; everything else would make it another run (a new --name, or --finetune from its weights)
+RESUME_MAY_CHANGE = {"data", "val_data", "output", "name", "resume", "epochs", "checkpoint_every", "eval_every",
+                     "log_interval", "progress", "tensorboard", "loader_threads", "device", "loader_device",
+                     "compile", "trust_checkpoint"}
+
+
 def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
-    """TrainConfig of a parsed command line: the recipe's values, then every flag that was given."""
+    """TrainConfig of a parsed command line: the recipe's values, then every flag that was given. With
+    --resume, the run's saved config.yaml instead of the recipe: flags may change only what
+    RESUME_MAY_CHANGE lists (each change is printed when the run starts)."""
     given = {k: v for k, v in vars(a).items() if k in FIELDS}
+    if "resume" in given:
+        saved = _saved_config(a, given, mode)
+        if saved is not None:
+            return saved
     if "model_kwargs" in given:
         given["model_kwargs"] = dict(given["model_kwargs"])
     recipe = load_recipe(a.config) if a.config else {}
@@ -95,11 +108,50 @@ def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
         raise KdkitError(f"bad option: {e}") from None
 
 
+def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig | None:
+    """The resumed run's own config (runs/NAME/config.yaml) with the flags that may change applied; None
+    where the run has no saved config (a checkpoint given by path from elsewhere)."""
+    import shlex
+    from pathlib import Path
+
+    name = given.get("name") or make_config({**(load_recipe(a.config) if a.config else {}), **given,
+                                              **({"kd": given.get("kd", "stored")} if mode == "student" else {})}
+                                             ).run_name
+    path = Path(given.get("output", FIELDS["output"].default)) / name / "config.yaml"
+    if not path.exists():
+        return None
+    saved = yaml.safe_load(path.read_text()) or {}
+    if "model_kwargs" in given:
+        given["model_kwargs"] = dict(given["model_kwargs"])
+    changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {shlex.quote(str(given[k]))} (the run has {saved.get(k)!r})"
+                          for k in changed)
+        raise KdkitError(f"{path.parent}: resuming continues the run as it started; these flags would make it "
+                         f"another run: {flags}. Leave them out, or start a new run (--name) from its weights "
+                         "(--finetune)")
+    return make_config({**{k: v for k, v in saved.items() if k in FIELDS}, **given})
+
+
+def resume_command(cfg: TrainConfig, mode: str) -> str:
+    """The command that continues this run (its saved config supplies every other option)."""
+    import shlex
+
+    args = ["kdkit", "train", mode, cfg.data, "--name", cfg.run_name, "--output", cfg.output, "--resume"]
+    return shlex.join(str(x) for x in args)
+
+
 def _run(mode: str):
     def run(a: argparse.Namespace) -> int:
+        from kdkit.errors import Interrupted
         from kdkit.train.loop import fit
 
-        fit(config_from_args(a, mode))
+        cfg = config_from_args(a, mode)
+        try:
+            fit(cfg)
+        except KeyboardInterrupt:
+            raise Interrupted(f"kdkit train: interrupted; {cfg.run_dir / 'last.pth'} keeps the last checkpoint. "
+                              f"Continue with: {resume_command(cfg, mode)}") from None
         return 0
     return run
 
