@@ -81,20 +81,21 @@ def outputs(model) -> torch.Tensor:
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_checkpoint_through_every_consumer(files, data, image, tmp_path, kind, consumer):
     path, name = files[kind]
-    if consumer == "teacher pass":  # kdkit add-teacher-logits (its EMA default: off)
+    # one rule everywhere: a checkpoint's EMA weights where it has them
+    if consumer == "teacher pass":  # kdkit add-teacher-logits
         from kdkit.teach.config import TeacherSpec
         from kdkit.teach.teachers import load_teacher
 
         teacher = load_teacher(TeacherSpec(path, model=name), num_classes=3)
-        assert torch.allclose(outputs(teacher.model), outputs(reference(path, ema=False)), atol=1e-5)
-        assert teacher.record["model"] == MODEL and ("head" in teacher.record) == (kind == "am_softmax")
-    elif consumer == "online KD":  # kdkit train student --kd online (EMA off)
+        assert torch.allclose(outputs(teacher.model), outputs(reference(path, ema=True)), atol=1e-5)
+        assert teacher.info.weights == ("ema" if kind == "ema" else "model") and teacher.record["model"] == MODEL and ("head" in teacher.record) == (kind == "am_softmax")
+    elif consumer == "online KD":  # kdkit train student --kd online
         from kdkit.train.model import build_teacher
 
         cfg = cfg_for(data["three"], tmp_path, kd="online", teacher_checkpoint=str(path), teacher_model=name)
         classes = json.loads((data["three"] / "train" / "manifest.json").read_text())["classes"]
         teacher = build_teacher(cfg, 3, classes, torch.device("cpu"))
-        assert torch.allclose(outputs(teacher), outputs(reference(path, ema=False)), atol=1e-5)
+        assert torch.allclose(outputs(teacher), outputs(reference(path, ema=True)), atol=1e-5)
     elif consumer == "fine-tuning":  # kdkit train --finetune: the backbone as saved, a fresh 4-class head
         from kdkit.train.model import build_model, load_finetune
 
@@ -103,7 +104,7 @@ def test_every_checkpoint_through_every_consumer(files, data, image, tmp_path, k
         reset = load_finetune(model, str(path), cfg)
         head = classifier_name(model) + "."
         assert reset and all(k.startswith(head) for k in reset) and model.get_classifier().out_features == 4
-        ref = reference(path, ema=False).state_dict()
+        ref = reference(path, ema=True).state_dict()
         for k, v in model.state_dict().items():
             if not k.startswith(head):
                 assert torch.equal(v, ref[k]), k
@@ -227,3 +228,21 @@ def test_a_teacher_of_other_classes_is_refused_everywhere_it_meets_a_set(files, 
     with pytest.raises(KdkitError, match=r"classes are not the ones .*shuffled\.pth"):
         fit(cfg_for(data["three"], tmp_path, epochs=1, name="online", kd="online", teacher_checkpoint=str(shuffled)))
     assert not (tmp_path / "kd").exists() and not (tmp_path / "online").exists()
+
+
+def test_every_command_says_which_weights_it_used_on_its_first_line(files, data, image, tmp_path, capsys):
+    from kdkit.cli import main
+
+    path, _ = files["ema"]
+    kd = tmp_path / "kd"
+    for argv, first in (
+            (["eval", str(path), "--data", str(data["three"]), "--out", str(tmp_path / "ev"), "--device", "cpu"],
+             "ema weights"),
+            (["predict", str(path), str(image), "--device", "cpu", "--no-ema"], "model weights"),
+            (["export", str(path), "-o", str(tmp_path / "m.onnx"), "--no-benchmark", "--exporter", "torchscript"],
+             "ema weights"),
+            (["add-teacher-logits", str(data["three"]), "--checkpoint", str(path), "--out", str(kd), "--split", "val",
+              "--device", "cpu", "--quiet"], "ema weights")):
+        assert main(argv) == 0, argv[0]
+        out = capsys.readouterr().out.splitlines()
+        assert first in out[0] and str(path) in out[0], (argv[0], out[:2])

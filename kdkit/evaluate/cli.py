@@ -22,7 +22,8 @@ EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
 def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
     g = p.add_argument_group("Model")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="use the checkpoint's EMA weights when it has them")
+                   help="use the checkpoint's EMA weights where it has them; --no-ema: the raw weights (one rule "
+                        "for every command that loads a checkpoint)")
     g.add_argument("--model", default=None, metavar="NAME",
                    help="timm model name for a bare timm/torchvision state dict (default: the name a kdkit checkpoint "
                         "holds)")
@@ -158,9 +159,7 @@ def _run_predict(a: argparse.Namespace) -> int:
     results = predict(PredictConfig(checkpoint=a.checkpoint, inputs=a.images, topk=a.topk, crop_ratio=a.crop_ratio,
                                     batch_size=a.batch_size, prefer_ema=a.ema, model_name=a.model, device=a.device,
                                     trust_checkpoint=a.trust_checkpoint))
-    text = format_predictions(results)
-    if text:
-        print(text)
+    print(format_predictions(results, results.info))
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"kdkit: error: {r.error}", file=sys.stderr)

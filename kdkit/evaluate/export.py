@@ -190,8 +190,9 @@ def export(cfg: ExportConfig) -> dict:
 
 
 def format_export(r: dict) -> str:
-    p = r["parity"]
-    lines = [f"{r['onnx']}: {r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['exporter']} exporter"
+    p, m = r["parity"], r["model"]
+    lines = [f"{r['checkpoint']} ({m['model']}, {m['weights']} weights) ->",
+             f"{r['onnx']}: {r['bytes'] / 1e6:.1f} MB, opset {r['opset']}, {r['exporter']} exporter"
              + (f" (dynamo failed: {r['fallback_reason']})" if r.get("fallback_reason") else ""),
              f"input {r['input']['name']} {tuple(r['input']['shape'])} float32, normalised; output logits",
              f"parity vs PyTorch on {p['inputs']}, batch sizes {p['batch_sizes']}: max |diff| {p['max_abs_diff']:.2e}, "

@@ -109,7 +109,13 @@ def top_classes(probs: torch.Tensor, info: ModelInfo, k: int) -> list[dict]:
     return [{"index": int(i), "id": ids[i], "name": names[i], "prob": float(v)} for v, i in zip(p, idx.tolist())]
 
 
-def predict(cfg: PredictConfig) -> list[Prediction]:
+class Predictions(list):
+    """The Predictions of one run, in input order, with `info`: the model and the weights that made them."""
+
+    info: ModelInfo
+
+
+def predict(cfg: PredictConfig) -> Predictions:
     """One Prediction per image, in input order; undecodable images carry `error` instead of `top`."""
     from kdkit.runtime import pick_device
 
@@ -119,7 +125,8 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
     model.to(dev)
     transform = eval_transform(info, cfg.crop_ratio)
     paths = list_images(cfg.inputs)
-    results = [Prediction(str(p)) for p in paths]
+    results = Predictions(Prediction(str(p)) for p in paths)
+    results.info = info
     for start in range(0, len(paths), cfg.batch_size):
         chunk, tensors = [], []
         for i in range(start, min(start + cfg.batch_size, len(paths))):
@@ -135,9 +142,10 @@ def predict(cfg: PredictConfig) -> list[Prediction]:
     return results
 
 
-def format_predictions(results: list[Prediction]) -> str:
-    """Per image its path, then one line per class: probability %, index, name (id)."""
-    lines = []
+def format_predictions(results: list[Prediction], info: ModelInfo | None = None) -> str:
+    """The model and the weights used, then per image its path and one line per class: probability %,
+    index, name (id)."""
+    lines = [f"# {info.source} ({info.model}, {info.weights} weights)"] if info else []
     for r in results:
         if r.error:
             continue  # errors go to stderr, one line each

@@ -53,6 +53,7 @@ class SplitReport:
     payload_bytes_per_sample: float | None = None  # .npy bytes the teacher members add per sample
     bytes_per_sample: float | None = None  # the same with tar headers and padding
     share_of_set: float | None = None  # teacher bytes / bytes of the whole set after the pass
+    source: str = ""  # where the outputs came from: the teachers and the weights used, or the HDF5 file
 
 
 def select_sets(path: Path, splits: list[str] | None) -> tuple[list[tuple[str, Path]], bool]:
@@ -132,6 +133,12 @@ class _Source:
                              "rewrite it with `kdkit verify --fix-index`")
         return {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
                 for i, k in enumerate(keys)}
+
+    def describe(self) -> str:
+        if self.h5 is not None:
+            return f"teacher outputs from {self.h5.path}"
+        return "teacher " + " + ".join(f"{t.info.source} ({t.info.model}, {t.info.weights} weights)"
+                                       for t in self.teachers)
 
     def block(self, split: str, fp: str, num_classes: int) -> dict:
         cfg = self.cfg
@@ -243,6 +250,8 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
                 print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
                       "(the last one to finish writes the manifest)", file=sys.stderr)
         reports.append(_report(split, out, new_man, len(todo), len(mine) - len(todo), rate))
+    for r in reports:
+        r.source = source.describe()
     rt.barrier()
     if source.h5 is not None:
         source.h5.close()
@@ -299,7 +308,8 @@ def _report(split, folder, man, written, kept, rate) -> SplitReport:
 
 
 def format_report(reports: list[SplitReport]) -> str:
-    lines = []
+    """Which teacher (and weights) on the first line, then a line per split."""
+    lines = [reports[0].source] if reports and reports[0].source else []
     for r in reports:
         speed = f", {r.images_per_s:.0f} img/s" if r.images_per_s else ""
         head = f"{r.split}: {r.written} shards written, {r.kept} kept{speed}"

@@ -38,7 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--model", action="append", default=[],
                    help="timm model name per --checkpoint, in the same order (needed for bare state dicts; "
                         "a kdkit checkpoint names its own) (default: none)")
-    g.add_argument("--ema", action="store_true", help="use the EMA weights where a checkpoint has them")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use a checkpoint's EMA weights where it has them; --no-ema: the raw weights (one rule "
+                        "for every command that loads a checkpoint)")
     g.add_argument("--trust-checkpoint", action="store_true",
                    help="load checkpoints that hold pickled Python objects besides weights (that runs their code: only "
                         "for files you trust; default: data only)")

@@ -21,7 +21,7 @@ class TeacherSpec:
     checkpoint: Path
     model: str | None = None  # required for a bare timm/torchvision state dict
     model_kwargs: dict = field(default_factory=dict)  # extra create_model kwargs for a bare state dict
-    prefer_ema: bool = False  # load the EMA weights of a kdkit checkpoint when it has them
+    prefer_ema: bool = True  # the EMA weights where the checkpoint has them (kdkit's rule for every command)
     trust: bool = False  # the file may hold pickled Python objects (--trust-checkpoint): loading them runs code
 
 

@@ -76,6 +76,8 @@ class TrainConfig:
     kd_alpha: float = _f(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", K)
     teacher_model: str | None = _f(None, "online KD: teacher model name (default: from the checkpoint)", K)
     teacher_checkpoint: str | None = _f(None, "online KD: teacher checkpoint (also checks class counts)", K)
+    checkpoint_ema: bool = _f(True, "use the EMA weights of --teacher-checkpoint and --finetune where they have them "
+                                    "(kdkit's one rule for every command that loads a checkpoint)", K)
     # --- regularization -----------------------------------------------------------------------
     label_smoothing: float = _f(0.0, "label smoothing of the hard-label loss", R)
     mixup: float = _f(0.0, "mixup alpha (0 = off)", R)

@@ -33,8 +33,8 @@ def load_finetune(model: torch.nn.Module, path: str, cfg: TrainConfig) -> list[s
     dict of it; every non-classifier weight must fit (else: another architecture, named by
     load_weights). Returns the names of the re-initialised classifier tensors.
     """
-    source, _ = load_model(path, model_name=cfg.model, model_kwargs=dict(cfg.model_kwargs), prefer_ema=False,
-                           trust=cfg.trust_checkpoint)
+    source, _ = load_model(path, model_name=cfg.model, model_kwargs=dict(cfg.model_kwargs),
+                           prefer_ema=cfg.checkpoint_ema, trust=cfg.trust_checkpoint)
     prefix = classifier_name(model) + "."
     head_keys = [k for k in model.state_dict() if k.startswith(prefix)]
     backbone = {k: v for k, v in source.state_dict().items() if not k.startswith(prefix)}
@@ -81,7 +81,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, classes: list[dict], devic
     if not cfg.teacher_checkpoint:
         raise KdkitError("--kd online needs --teacher-checkpoint (kdkit never downloads weights)")
     teacher, info = load_model(cfg.teacher_checkpoint, model_name=cfg.teacher_model, num_classes=num_classes,
-                               prefer_ema=False, trust=cfg.trust_checkpoint)
+                               prefer_ema=cfg.checkpoint_ema, trust=cfg.trust_checkpoint)
     if classes:  # the shards' class list (sets without a manifest have only a count)
         check_classes(info, classes, cfg.data)
     fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
