@@ -220,3 +220,36 @@ def test_an_interrupted_run_says_how_to_continue_and_that_command_resumes_it(tmp
     rows = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert "image_size: 32" in (out / "r" / "config.yaml").read_text()
+
+
+def test_an_empty_class_folder_is_not_a_class_and_is_reported(class_tree, tmp_path):
+    """The indices are timm's folder reader's (it ignores empty folders): an empty `aardvark/` sorted
+    first must not shift every label by one."""
+    import json
+
+    from conftest import read_with_webdataset, shard_cfg
+    from kdkit.shards.sources.folder import list_folder
+    from kdkit.shards.writer import write_dataset
+
+    root, made = class_tree
+    (root / "train" / "aardvark").mkdir()
+    (root / "train" / "aardvark" / "notes.txt").write_text("no images here")
+    write_dataset(list_folder(root), tmp_path / "out", shard_cfg())
+    man = json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())
+    assert [c["id"] for c in man["classes"]] == ["cat", "dog", "eel"]
+    got = read_with_webdataset(tmp_path / "out" / "train")
+    assert sorted(label for _, label in got.values()) == sorted(label for _, label in made["train"].values())
+    assert "aardvark/\tignored: empty class folder" in (tmp_path / "out" / "train" / "skipped.tsv").read_text()
+
+
+def test_teacher_pass_refusals_say_what_is_wrong(tiny_shards, tmp_path, capsys):
+    from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
+
+    with pytest.raises(KdkitError, match=r"say where the result goes: --out NEW_FOLDER .* or --in-place .*\)$"):
+        TeacherPassConfig(tiny_shards, [TeacherSpec(tmp_path / "t.pth")]).check()  # neither given: not "not both"
+    with pytest.raises(KdkitError, match="not both"):
+        TeacherPassConfig(tiny_shards, [TeacherSpec(tmp_path / "t.pth")], out=tmp_path / "o", in_place=True).check()
+    with pytest.raises(KdkitError, match=r"--topk 5: the set has 3 classes"):
+        add_teacher_logits(TeacherPassConfig(tiny_shards, [TeacherSpec(tmp_path / "t.pth")], out=tmp_path / "o",
+                                             topk=5, device="cpu", progress=False))
+    assert not (tmp_path / "o").exists()

@@ -202,6 +202,9 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
         raise KdkitError(f"{cfg.shards}: the splits have different classes; run them one at a time (--split)")
     classes = next(iter(mans.values())).classes
     num_classes = len(classes)
+    if cfg.topk is not None and cfg.topk >= num_classes:
+        raise KdkitError(f"--topk {cfg.topk}: the set has {num_classes} classes, so top-{cfg.topk} would store them "
+                         "all; leave --topk out (full logits) or give k < the class count")
     source = _Source(cfg, sets, classes, rt)
     fp = fingerprint(source.identity)
     reports, done_sets = [], []

@@ -61,9 +61,11 @@ class TeacherPassConfig:
         if computing and self.import_h5:
             raise KdkitError("--import-h5 takes the outputs from the file: give it without --model/--checkpoint")
         writing = computing or self.import_h5 is not None
-        if writing and (self.out is None) == (not self.in_place):
+        if writing and self.out is None and not self.in_place:
             raise KdkitError("say where the result goes: --out NEW_FOLDER (a new set beside the old one) "
-                             "or --in-place (replace each shard atomically), not both")
+                             "or --in-place (replace each shard atomically)")
+        if writing and self.out is not None and self.in_place:
+            raise KdkitError("--out and --in-place: give one of them, not both")
         if not writing and self.export_h5 is None:
             raise KdkitError("nothing to do: give a teacher (--checkpoint [--model]), --import-h5 FILE, "
                              "or --export-h5 FILE to export logits the set already holds")
