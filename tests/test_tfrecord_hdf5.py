@@ -336,3 +336,35 @@ def test_hdf5_class_names_from_text_file_and_cli(tmp_path):
     assert main(["shard", "hdf5", str(f), str(out), "--samples-per-shard", "8", "--workers", "1", "--quiet"]) == 0
     man = json.loads((out / "train" / contract.MANIFEST).read_text())
     assert man["num_samples"] == 10 and man["num_shards"] == 2 and man["source"]["converter"] == "hdf5"
+
+
+def test_labels_out_of_sorted_wnid_order_can_be_remapped(tmp_path):
+    """The refusal names the way forward; --remap-labels indexes classes by sorted synset."""
+    rng = np.random.default_rng(3)
+    f = tmp_path / "train-00000-of-00001"
+    write_tfrecord(f, [{**slim_example(rng, 1, 0), "image/class/synset": "n09999999"}, slim_example(rng, 2, 1),
+                       {**slim_example(rng, 1, 2), "image/class/synset": "n09999999"}])
+    with pytest.raises(KdkitError, match="sorted-wnid order.*pass --remap-labels"):
+        list_tfrecords([f])
+    ds = list_tfrecords([f], remap_labels=True)
+    assert [c.id for c in ds.classes] == [SYNSETS[1], "n09999999"]
+    assert [s.label for s in ds.splits[0].samples] == [1, 0, 1]  # label 1 (n09999999) now sorts last
+
+
+def test_label_offset_zero_on_one_based_records_warns(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    f = tmp_path / "train-00000-of-00001"
+    write_tfrecord(f, [slim_example(rng, 1, 0), slim_example(rng, 2, 1)])  # TF-slim: 1-based
+    list_tfrecords([f], label_offset=0)
+    assert "no record has label 0: the labels look 1-based" in capsys.readouterr().err
+
+
+def test_an_archive_given_as_devkit_folder_says_extract_it(tmp_path):
+    from kdkit.shards.sources.imagenet import list_imagenet
+    from test_imagenet import make_train
+
+    make_train(tmp_path / "in" / "train")
+    archive = tmp_path / "ILSVRC2012_devkit_t12.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(KdkitError, match=r"devkit_t12\.tar\.gz: devkit folder is an archive; extract it first"):
+        list_imagenet(tmp_path / "in", devkit=archive)

@@ -61,7 +61,7 @@ def _run_shard(a: argparse.Namespace) -> int:
     elif a.source == "tfrecord":
         from kdkit.shards.sources.tfrecord import list_tfrecords
 
-        ds = list_tfrecords(a.inputs, label_offset=a.label_offset, split=a.split)
+        ds = list_tfrecords(a.inputs, label_offset=a.label_offset, split=a.split, remap_labels=a.remap_labels)
     elif a.source == "hdf5":
         from kdkit.shards.sources.hdf5 import list_hdf5
 
@@ -114,6 +114,9 @@ def add_shard_parser(sub) -> None:
     q.add_argument("out", type=Path)
     q.add_argument("--label-offset", type=integer(0), default=1,
                    help="subtracted from image/class/label: TF-slim's labels are 1..1000 (0 = background)")
+    q.add_argument("--remap-labels", action="store_true",
+                   help="index the classes by sorted image/class/synset (the order of other ImageNet shard sets) "
+                        "where the records' labels order them otherwise")
     q.add_argument("--split", default=None, help="put every record in this split (default: from file names)")
     _add_shard_common(q)
 

@@ -28,6 +28,9 @@ def require_dir(path: Path, what: str = "dataset folder") -> Path:
     if not path.exists():
         raise KdkitError(f"{path}: {what} does not exist; check the path")
     if not path.is_dir():
+        if path.name.endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+            raise KdkitError(f"{path}: {what} is an archive; extract it first (e.g. `tar xf {path.name}`) and "
+                             "pass the extracted folder")
         raise KdkitError(f"{path}: {what} is not a folder")
     if not os.access(path, os.R_OK | os.X_OK):
         raise KdkitError(f"{path}: {what} is not readable; check its permissions")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 
 from kdkit.errors import BadImage, KdkitError
@@ -269,12 +270,27 @@ def _classes(synsets: dict[int, str], texts: dict[int, str], max_index: int) -> 
     for (i, a), (j, b) in zip(by_index, by_index[1:]):
         if a >= b:
             raise KdkitError(f"synset {a} has class index {i} but {b} has {j}: the labels do not follow sorted-wnid "
-                             "order, so the class indices would not match other ImageNet shard sets")
+                             "order, so the class indices would not match other ImageNet shard sets; pass "
+                             "--remap-labels to index the classes by sorted synset instead")
     # an index never seen (only some files listed) keeps an empty id rather than a guessed wnid
     return [ClassInfo(i, synsets.get(i, ""), texts.get(i, "")) for i in range(max_index + 1)], "sorted synsets"
 
 
-def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None = None) -> SourceDataset:
+def _remap(splits: dict[str, list[SourceSample]], synsets: dict[int, str], texts: dict[int, str]):
+    """Class indices re-assigned by sorted synset (the records' own labels ordered them otherwise)."""
+    if len(set(synsets.values())) != len(synsets):
+        raise KdkitError("--remap-labels: two labels share a synset; the records cannot be re-indexed by synset")
+    new = {old: i for i, (old, _) in enumerate(sorted(synsets.items(), key=lambda kv: kv[1]))}
+    missing = sorted({s.label for samples in splits.values() for s in samples} - set(new))
+    if missing:
+        raise KdkitError(f"--remap-labels: labels {missing[:5]} come without image/class/synset; nothing to sort by")
+    for name, samples in splits.items():
+        splits[name] = [SourceSample(s.key, new[s.label], s.ref, s.origin) for s in samples]
+    return {new[i]: w for i, w in synsets.items()}, {new[i]: t for i, t in texts.items()}, len(new) - 1
+
+
+def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None = None,
+                   remap_labels: bool = False) -> SourceDataset:
     files = find_files(inputs)
     splits: dict[str, list[SourceSample]] = {}
     synsets: dict[int, str] = {}
@@ -313,9 +329,16 @@ def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None 
             key = key_from_relpath(fname[0].decode("utf-8", "replace") if fname else
                                    f"{path.stem.replace('.', '_')}-{n:07d}")
             samples.append(SourceSample(key, index, ("tfrecord", str(path), offset, length), f"{path}@{offset - 12}"))
+    if label_offset == 0 and splits and min(s.label for samples in splits.values() for s in samples) > 0:
+        print(f"kdkit: warning: --label-offset 0, but no record has label 0: the labels look 1-based (TF-slim's); "
+              "class 0 would stay empty and every index be one too high. Use --label-offset 1 unless that is "
+              "intended", file=sys.stderr)
+    if remap_labels:
+        synsets, texts, max_index = _remap(splits, synsets, texts)
     classes, order = _classes(synsets, texts, max_index)
     root = str(files[0]) if len(files) == 1 else os.path.commonpath([str(p.parent) for p in files])
     ordered = sorted(splits, key=lambda s: (s != "train", s != "val", s))
     return SourceDataset("tfrecord", root, classes, [SourceSplit(s, splits[s]) for s in ordered],
-                         info={"label_offset": label_offset, "class_order": order, "files": len(files)})
+                         info={"label_offset": label_offset, "class_order": order, "files": len(files),
+                               "remapped_labels": remap_labels})
 
