@@ -253,3 +253,31 @@ def test_teacher_pass_refusals_say_what_is_wrong(tiny_shards, tmp_path, capsys):
         add_teacher_logits(TeacherPassConfig(tiny_shards, [TeacherSpec(tmp_path / "t.pth")], out=tmp_path / "o",
                                              topk=5, device="cpu", progress=False))
     assert not (tmp_path / "o").exists()
+
+
+def test_small_things_a_user_feels(tiny_shards, tmp_path, capsys, monkeypatch):
+    """Evaluations of other views do not overwrite each other; an export leaves one file and, after a
+    failure, nothing under the final name."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_eval import make_checkpoint
+
+    (tmp_path / "m").mkdir()
+    ckpt = make_checkpoint(tmp_path / "m" / "best.pth", tiny_shards)
+    for views in ("center", "flip"):
+        assert main(["eval", str(ckpt), "--data", str(tiny_shards), "--views", views, "--no-plots",
+                     "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m" / "eval").iterdir()) == ["best-val-center", "best-val-flip"]
+    capsys.readouterr()
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "x" / "m.onnx"), "--no-benchmark"]) == 0
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["m.export.json", "m.onnx"]
+    shutil.rmtree(tmp_path / "x")
+    from kdkit.evaluate import export
+
+    def broken(*a, **k):
+        raise KdkitError("the ONNX checker refused the graph")
+    monkeypatch.setattr(export, "add_metadata", broken)  # fails after the exporter wrote its files
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "x" / "m.onnx")]) == 2
+    assert not any((tmp_path / "x").iterdir())

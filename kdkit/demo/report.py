@@ -147,6 +147,14 @@ def plot_students(cfg, out: Path) -> bool:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test error (%, log scale)")
     ax.set_yscale("log")  # the last epochs, where the ways differ, sit near the bottom
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+
+    # plain numbers on the log axis (1, 2, 3, 5 %, ...), not "3x10^0"; whole epochs on the other
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.5, 4.0, 7.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("MNIST students, same budget" + (f" (mean of {cfg.seeds} seeds, band min..max)"
                                                      if cfg.seeds > 1 else ""))
     ax.grid(alpha=0.3)

@@ -91,7 +91,9 @@ def _run_eval(a: argparse.Namespace) -> int:
                      extra={"command": command_line()})
     report = evaluate(cfg)
     print(format_report(report))
-    out = a.out or Path(a.checkpoints[0]).parent / "eval"
+    # one folder per checkpoint, split and views: evaluations of other settings never overwrite each other
+    first = Path(a.checkpoints[0])
+    out = a.out or first.parent / "eval" / f"{first.stem}-{a.split}-{a.views}"
     files = write_outputs(report, out, a.json, plots=a.plots)
     print("\nwrote " + ", ".join(map(str, files)))
     return 0
@@ -117,8 +119,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--threads", type=COUNT, default=2, help="DALI CPU threads")
     _add_model_args(p)
     g = p.add_argument_group("Output")
-    g.add_argument("--out", type=Path, default=None, help="folder for metrics.json, confusion.png, reliability.png "
-                                                          "(default: eval/ beside the first checkpoint)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="folder for metrics.json, confusion.png, reliability.png (default: eval/CKPT-SPLIT-VIEWS/ "
+                        "beside the first checkpoint, so other evaluations are kept)")
     g.add_argument("--json", type=Path, default=None, metavar="FILE",
                    help="write the JSON report here (default: OUT/metrics.json)")
     g.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the two PNGs")

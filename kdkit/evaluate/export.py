@@ -175,8 +175,19 @@ def export(cfg: ExportConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    how = export_onnx(model, info.image_size, out, cfg.opset, cfg.exporter)
-    add_metadata(out, info, cfg.crop_ratio)
+    # written under a temporary name and renamed when complete: a failed export leaves nothing under the
+    # real name. The exporter may put the weights in NAME.data beside the graph; add_metadata embeds them
+    # in the one file, so that side file goes too.
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        how = export_onnx(model, info.image_size, tmp, cfg.opset, cfg.exporter)
+        add_metadata(tmp, info, cfg.crop_ratio)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     session = ort_session(out, cfg.threads or torch.get_num_threads())
     inputs, source = parity_inputs(cfg, info)
     report = {"checkpoint": str(cfg.checkpoint), "onnx": str(out), "bytes": out.stat().st_size, **how,

@@ -59,7 +59,11 @@ def resolve_data(cfg: TrainConfig) -> tuple[ShardSet, ShardSet | None]:
     if train.folder is not None and train.folder.resolve() == root.resolve():
         sibling = root.parent / cfg.val_split
         return train, (resolve_shards(sibling) if (sibling / contract.MANIFEST).exists() else None)
-    return train, resolve_shards(root, cfg.val_split)
+    try:
+        return train, resolve_shards(root, cfg.val_split)
+    except KdkitError as e:
+        raise KdkitError(f"{e}; evaluate on another set with --val-data SHARDS (e.g. the set the teacher pass "
+                         "read), or train without evaluation: --val-split none") from None
 
 
 def check_classes(cfg: TrainConfig, train: ShardSet, val: ShardSet | None) -> tuple[int, list[dict]]:

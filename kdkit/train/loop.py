@@ -240,11 +240,31 @@ def format_row(row: dict, epochs: int) -> str:
     return "  ".join(parts)
 
 
+def opening_line(p: Parts) -> str:
+    cfg, d = p.cfg, p.data
+    val = f", {p.val_loader.num_samples * p.rt.world} val" if p.val_loader is not None else ", no val set"
+    start = f"; resuming at epoch {p.start[0] + 1}" + (f", step {p.start[1] + 1}" if p.start[1] else "") \
+        if p.start != (0, 0, None) else ""
+    return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {p.train_loader.scan.num_samples} train{val} "
+            f"samples of {d.num_classes} classes; KD {cfg.kd}; {cfg.epochs} epochs of {len(p.train_loader)} steps, "
+            f"batch {cfg.batch_size}{f' x {p.rt.world} ranks' if p.rt.distributed else ''}; run folder "
+            f"{p.run.path}{start}")
+
+
+def closing_line(p: Parts) -> str:
+    rows = [r for r in p.history if r.get("val_top1") is not None]
+    best = (f"best val top-1 {p.best:.2f} % (epoch {max(rows, key=lambda r: r['val_top1'])['epoch']}, "
+            f"{p.run.path / BEST})" if p.best is not None and rows else "no val set: no best.pth")
+    return f"kdkit train: done, {best}; last checkpoint {p.run.path / LAST}"
+
+
 def fit(cfg: TrainConfig) -> list[dict]:
     """Train as configured (under torchrun: one rank of a DDP run); returns the per-epoch metrics."""
     with runtime.start(cfg.device, announce="kdkit train") as rt:
         p = build(cfg, rt)
         epoch, step, sums = p.start
+        if rt.is_main:
+            print(opening_line(p), flush=True)
         if epoch >= cfg.epochs and rt.is_main:
             print(f"kdkit train: {p.run.path} already finished {epoch} of {cfg.epochs} epochs")
         for e in range(epoch, cfg.epochs):
@@ -252,4 +272,6 @@ def fit(cfg: TrainConfig) -> list[dict]:
             end_epoch(p, e, train)
             step, sums = 0, None
         p.run.close()
+        if rt.is_main:
+            print(closing_line(p), flush=True)
         return p.history

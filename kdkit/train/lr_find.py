@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from kdkit.errors import KdkitError
 from kdkit import runtime
@@ -77,7 +78,9 @@ def _range_test(p, start_lr: float, end_lr: float, num_steps: int, smooth: float
     mixing = p.cfg.mixup > 0 or p.cfg.cutmix > 0
     lrs, raw, smoothed, avg, best = [], [], [], 0.0, math.inf
     batches = iter(p.train_loader)
+    bar = tqdm(total=num_steps, desc="lr-find", unit="step", disable=not p.cfg.progress, dynamic_ncols=True)
     for i, lr in enumerate(lr_schedule(start_lr, end_lr, num_steps)):
+        bar.update(1)
         batch = next(batches, None)
         if batch is None:  # more steps than one epoch: the loader's next epoch, as training would
             batches = iter(p.train_loader)
@@ -92,8 +95,10 @@ def _range_test(p, start_lr: float, end_lr: float, num_steps: int, smooth: float
         raw.append(loss)
         smoothed.append(avg)
         best = min(best, avg)
+        bar.set_postfix(lr=f"{lr:.2g}", loss=f"{avg:.3f}")
         if avg > diverge * best:
             break
+    bar.close()
     return lrs, raw, smoothed
 
 
@@ -111,7 +116,8 @@ def plot(r: LrFindResult, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
-    ax.set_ylim(top=min(max(r.raw_losses), 2 * max(r.losses)))
+    ax.set_title(f"LR range test: {len(r.lrs)} steps, suggested LR {r.suggested_lr:.2g}")
+    ax.set_ylim(bottom=0, top=min(max(r.raw_losses), 2 * max(r.losses)))  # a loss is never below zero
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

@@ -121,6 +121,10 @@ def plot_curves(rows: list[dict], out: Path) -> None:
         if ax.lines:
             ax.legend()
     axes[0].set_xlim(0.5, max(epochs) + 0.5)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:  # epochs are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=80)
