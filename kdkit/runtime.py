@@ -159,6 +159,8 @@ def start(requested: str = "auto", announce: str | None = None, distributed: boo
             joined = True
     rank, world = rank_and_world() if distributed else (0, 1)
     rt = Runtime(device, rank, world, local_rank)
+    if device.type == "cuda":  # fixed-size batches everywhere: let cuDNN pick its fastest kernels once
+        torch.backends.cudnn.benchmark = True
     if announce and rt.is_main:
         print(f"{announce}: {rt.describe()}", file=sys.stderr, flush=True)
     try:

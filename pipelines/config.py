@@ -147,10 +147,14 @@ class Backend:
 
     def decoder_args(self) -> dict:
         """Decoder options beyond DALI's defaults: libjpeg-turbo's fast integer IDCT (the CPU decoder, and
-        the mixed one's CPU fallback) and the GPU decoder's hardware share."""
+        the mixed one's CPU fallback) and the GPU decoder's hardware share. On the GPU, chroma is
+        upsampled as libjpeg-turbo does it (jpeg_fancy_upsampling): nvJPEG's default differs, so a teacher
+        pass on the CPU and a replay on the GPU (or GPU eval and `kdkit predict`) would see other pixels."""
         args = {"use_fast_idct": True} if self.fast_idct else {}
-        if self.gpu and self.hw_decoder_load is not None:
-            args["hw_decoder_load"] = self.hw_decoder_load
+        if self.gpu:
+            args["jpeg_fancy_upsampling"] = True
+            if self.hw_decoder_load is not None:
+                args["hw_decoder_load"] = self.hw_decoder_load
         return args
 
     def to_output(self, node):

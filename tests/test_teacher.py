@@ -478,3 +478,21 @@ def test_torchrun_ranks_split_the_shards_and_write_the_single_process_set(tiny_s
         mine = json.loads((out / split / contract.MANIFEST).read_text())
         theirs = json.loads((single[0] / split / contract.MANIFEST).read_text())
         assert mine["shards"] == theirs["shards"] and mine["teacher"]["fingerprint"] == theirs["teacher"]["fingerprint"]
+
+
+def test_a_pass_started_on_one_device_is_not_finished_on_another(tiny_shards, ckpts, tmp_path, monkeypatch):
+    """CPU and GPU decoders (and fp16) differ in the last bits: one set must not mix both kinds of logits.
+    Simulated here by a plan written as a GPU pass would write it."""
+    cfg = config(tiny_shards, ckpts["main"], out=tmp_path / "o", splits=["val"])
+    fail_after(monkeypatch, 1)
+    with pytest.raises(RuntimeError):
+        add_teacher_logits(cfg)
+    monkeypatch.undo()
+    plan = tmp_path / "o" / "val" / contract.STATE_DIR / "teacher" / contract.PLAN_FILE
+    if not plan.exists():
+        plan = tmp_path / "o" / contract.STATE_DIR / "teacher" / contract.PLAN_FILE
+    started = json.loads(plan.read_text())
+    assert started["ran_on"] == {"device": "cpu", "amp": False}
+    plan.write_text(json.dumps({**started, "ran_on": {"device": "gpu", "amp": True}}))
+    with pytest.raises(KdkitError, match=r"started with device gpu \(AMP on\); resuming it with device cpu"):
+        add_teacher_logits(cfg)

@@ -86,7 +86,7 @@ def _run_eval(a: argparse.Namespace) -> int:
     elif a.reference:
         raise KdkitError("--reference normalises corruption errors: give --corruptions too (e.g. all)")
     cfg = EvalConfig(checkpoints=a.checkpoints, data=a.data, split=a.split, views=a.views, crop_ratio=a.crop_ratio,
-                     batch_size=a.batch_size, num_threads=a.threads, device=a.device, prefer_ema=a.ema,
+                     batch_size=a.batch_size, num_threads=a.threads, device=a.device, amp=a.amp, prefer_ema=a.ema,
                      model_name=a.model, trust_checkpoint=a.trust_checkpoint, robustness=robust,
                      extra={"command": command_line()})
     report = evaluate(cfg)
@@ -117,6 +117,8 @@ def _add_eval(sub) -> None:
                    help="test-time views: centre crop, + its mirror image, or ten crops (corners + centre, mirrored)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images per batch (x views with --views)")
     p.add_argument("--threads", type=COUNT, default=2, help="DALI CPU threads")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the GPU: fp16 autocast and channels-last, as in training")
     _add_model_args(p)
     g = p.add_argument_group("Output")
     g.add_argument("--out", type=Path, default=None,

@@ -39,6 +39,7 @@ class EvalConfig:
     batch_size: int = 64
     num_threads: int = 2  # DALI CPU threads
     device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there; "auto": the GPU if any
+    amp: bool = True  # on the GPU: fp16 autocast and channels-last, as in training (probabilities in fp32)
     prefer_ema: bool = True  # use the checkpoint's EMA weights when it has them
     model_name: str | None = None  # for bare timm/torchvision state dicts
     trust_checkpoint: bool = False  # load pickled Python objects too (runs their code: trusted files only)
@@ -77,14 +78,18 @@ def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
 
     rt = rt or runtime.Runtime()
     info = infos[0]
+    gpu = rt.device.type == "cuda"
     lcfg = loader_config("eval", views=cfg.views, crop_ratio=cfg.crop_ratio, image_size=info.image_size,
-                         mean=info.mean, std=info.std, batch_size=cfg.batch_size, last_batch="partial",
-                         shard_id=0, num_shards=1, num_threads=cfg.num_threads, device=rt.dali_device,
-                         device_id=rt.device_id)
+                         mean=info.mean, std=info.std, layout="channels_last" if gpu else "CHW",
+                         batch_size=cfg.batch_size, last_batch="partial", shard_id=0, num_shards=1,
+                         num_threads=cfg.num_threads, device=rt.dali_device, device_id=rt.device_id)
     loader = DaliLoader(shards, lcfg)
+    if gpu:
+        models = [m.to(memory_format=torch.channels_last) for m in models]
     probs, labels = [], []
     for images, y, _ in loader:
-        probs.append(ensemble_probs(models, images.to(rt.device)).cpu().numpy())
+        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=gpu and cfg.amp):
+            probs.append(ensemble_probs(models, images.to(rt.device)).cpu().numpy())
         labels.append(y.cpu().numpy())
     return np.concatenate(probs), np.concatenate(labels)
 

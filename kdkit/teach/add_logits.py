@@ -101,8 +101,10 @@ class _Source:
             self.transform = cfg.view_transform(self.size, self.ratio)
             # the checkpoint's path is not part of the identity (its hash is): a moved file is the same teacher
             records = [{k: v for k, v in t.record.items() if k != "checkpoint"} for t in self.teachers]
-            self.identity = {"teachers": records,
-                             "transform": self.transform, "topk": cfg.topk, "dtype": "float16"}
+            # the device and AMP are part of it: CPU and GPU decoders, and fp16, differ in the last bits, and
+            # one set must not mix logits of both kinds (a pass resumed elsewhere is refused, naming both)
+            self.identity = {"teachers": records, "transform": self.transform, "topk": cfg.topk, "dtype": "float16",
+                             "device": rt.dali_device, "amp": cfg.amp and rt.device.type == "cuda"}
             return
         from kdkit.pipelines import ShardSet, scan_shards
 
@@ -219,9 +221,9 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
         # rank 0 checks the destination and writes the plan; the others then find it
         job = None
         if rt.is_main:
-            job = _open(out, fp, cfg)
+            job = _open(out, fp, cfg, source)
         rt.barrier()
-        job = job or _open(out, fp, cfg)
+        job = job or _open(out, fp, cfg, source)
         mine = my_shards(len(man.shards), rank, world)
         todo = [i for i in mine if job.done(man.shards[i].tar) is None]
         job.clear_temps([man.shards[i].tar for i in todo])
@@ -264,9 +266,20 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
     return reports
 
 
-def _open(out: Path, fp: str, cfg: TeacherPassConfig) -> ShardJob:
+def _open(out: Path, fp: str, cfg: TeacherPassConfig, source: _Source) -> ShardJob:
+    where = {k: source.identity.get(k) for k in ("device", "amp")}
+    plan = out / contract.STATE_DIR / STATE_JOB / contract.PLAN_FILE
+    if plan.exists():  # an unfinished pass on another kind of device: say so plainly
+        started = json.loads(plan.read_text())
+        old = started.get("ran_on") or {}
+        if old and old != where and teacher_fingerprint(out) != started.get("fingerprint"):
+            raise KdkitError(f"{out}: this teacher pass was started with device {old.get('device')} (AMP "
+                             f"{'on' if old.get('amp') else 'off'}); resuming it with device {where['device']} (AMP "
+                             f"{'on' if where['amp'] else 'off'}) would mix two kinds of logits in one set. Finish it "
+                             f"with --device {old.get('device')}" + (" --amp" if old.get("amp") else "")
+                             + ", or start over in another --out")
     job, _ = open_job(out, fp, cfg.command, "teacher pass", job=STATE_JOB, staged=cfg.in_place,
-                      finished=teacher_fingerprint(out))
+                      finished=teacher_fingerprint(out), plan=lambda: {"ran_on": where})
     return job
 
 

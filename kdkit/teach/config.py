@@ -1,9 +1,10 @@
 """What a teacher pass is asked to do, as one typed config the CLI fills and Python users build.
 
 The config splits in two: options that change the stored bytes (teachers, views, top-k, the
-transform, the view seed) make up the pass's *fingerprint*, which resume and "already done" checks
-compare; options that only change how fast it runs (device, threads, batch size in single-view
-mode) do not, so a pass interrupted on one machine may be finished on another.
+transform, the view seed, and the device and AMP: CPU and GPU decoders and fp16 differ in the last
+bits) make up the pass's *fingerprint*, which resume and "already done" checks compare; options that
+only change how fast it runs (threads, batch size in single-view mode) do not, so a pass interrupted
+on one machine may be finished on another of the same kind.
 """
 from __future__ import annotations
 

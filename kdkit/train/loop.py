@@ -139,7 +139,12 @@ def train_one_epoch(p: Parts, epoch: int, start_step: int = 0, sums: dict | None
     window, window_start, wait, t0 = [], start_step, 0.0, time.perf_counter()
     step = start_step - skip  # the step of the next batch the loader yields
     batches = iter(loader)
+    cuda = p.rt.device.type == "cuda"
     while True:  # the loader's whole epoch: DALI's iterator starts the next one once this one is exhausted
+        # the wait for data starts once the GPU has finished the previous step: without the sync, next()
+        # would also wait for the model (DALI's iterator syncs the host anyway, so this costs nothing)
+        if cuda:
+            torch.cuda.synchronize(p.rt.device)
         t = time.perf_counter()
         batch = next(batches, None)
         wait += time.perf_counter() - t

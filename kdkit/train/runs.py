@@ -2,7 +2,8 @@
 
     config.yaml     the resolved config (defaults < recipe < flags); `-c runs/x/config.yaml` reruns it
     metrics.jsonl   one JSON object per epoch: train loss, val top-1/top-5 (and EMA's), LR,
-                    images/s, loader wait share, epoch time
+                    images/s, loader wait share (the share of the epoch spent waiting for the next
+                    batch after the previous step finished on the device), epoch time
     last.pth        kdkit checkpoint after the latest epoch (or N updates), with train_state: resume
     best.pth        the epoch with the best val top-1 (train_state dropped: it is for using, not resuming)
     curves.png      loss, accuracy and LR per epoch
