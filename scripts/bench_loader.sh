@@ -36,9 +36,11 @@ for set in shards shards-256; do
 done
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    # a GPU loader's host side (reading, JPEG parsing, the CPU share of decoding) wants every core
+    GPU_THREADS="${GPU_THREADS:-$(nproc)}"
     for set in shards shards-256; do
         echo; echo "== GPU backend, $set (+ ResNet-50 AMP step)"
-        "$KDKIT" bench-loader "$OUT/$set" --batch-size 256 --threads "$THREADS" --size 224 --aug rrc-flip \
+        "$KDKIT" bench-loader "$OUT/$set" --batch-size 256 --threads "$GPU_THREADS" --size 224 --aug rrc-flip \
             --batches "$BATCHES" --warmup 10 --repeats "$REPEATS" --device gpu --gpu-feed resnet50 \
             --json "$OUT/gpu-$set.json"
     done

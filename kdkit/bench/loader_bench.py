@@ -112,8 +112,10 @@ def baseline_loader(cfg: BenchConfig, tars: list[Path], rt):
     ds = (wds.WebDataset([str(t) for t in tars], shardshuffle=False, repeat=True, empty_check=False)
           .shuffle(cfg.shuffle_buffer).decode("pil").to_tuple("jpg", "cls")
           .map_tuple(baseline_transform(cfg), _label))
+    # spawned workers: forking this process, which already runs DALI's threads (and CUDA), is unsafe
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.threads,
-                                       pin_memory=rt.device.type == "cuda", persistent_workers=cfg.threads > 0)
+                                       pin_memory=rt.device.type == "cuda", persistent_workers=cfg.threads > 0,
+                                       multiprocessing_context="spawn" if cfg.threads > 0 else None)
 
 
 def _median(runs: list[RunResult]) -> RunResult:

@@ -36,7 +36,11 @@ class TrainingDiverged(KdkitError):
 def make_targets(p: Parts, batch, mixing: bool):
     """Images and the two targets of a batch: class probabilities (smoothed, mixed) and teacher
     probabilities at temperature T (stored or replayed logits mixed with the same lambda; an
-    online teacher run on the mixed images themselves) or None without KD."""
+    online teacher run on the mixed images themselves) or None without KD.
+
+    With the GPU backend the batch is already on the device. A CPU-backend batch feeding a GPU arrives
+    in pageable memory, so its copy is synchronous; pinning it first would add a full copy on the CPU,
+    the side that is short of time on that path: feed GPUs with the GPU backend instead."""
     cfg, dev = p.cfg, p.rt.device
     images = batch.images.to(dev, non_blocking=True)
     target = one_hot_smoothed(batch.labels.to(dev, non_blocking=True).view(-1), p.data.num_classes,
