@@ -12,6 +12,15 @@ tensors, the Reading of the shards and the Backend (pipelines.config); DaliLoade
 iterator of torch batches. The graph functions (decode_train, eval_views, ...) compose into
 custom pipelines. Installed as kdkit.pipelines.
 """
+try:
+    import nvidia.dali  # noqa: F401
+except ImportError:  # kdkit installed without the extra for the machine's CUDA
+    from kdkit.errors import KdkitError
+
+    raise KdkitError("NVIDIA DALI is not installed: install kdkit with the extra for your CUDA driver, "
+                     "`pip install -e '.[cu13]'` (driver R580+, or no GPU) or `'.[cu12]'` (R525-R575), or run "
+                     "`bash scripts/setup.sh [--cuda 12]` (README: Which CUDA)") from None
+
 from kdkit.pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
 from kdkit.pipelines.config import (Backend, Batch, LoaderConfig, Output, Reading, Role, ViewsBatch, loader_config,
                                     roles)
