@@ -80,3 +80,10 @@ def tiny_shards(tmp_path_factory):
     out = base / "shards"
     write_dataset(list_folder(base / "raw"), out, ShardConfig(samples_per_shard=10, workers=1, progress=False))
     return out
+
+
+def cuda_only(test):
+    """A test of the GPU path: marked `gpu` (`pytest -m gpu`, scripts/gpu_check.sh) and skipped without CUDA."""
+    import torch
+
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))

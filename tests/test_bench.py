@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,16 @@ def test_cpu_use_counts_live_worker_processes():
     finally:
         child.kill()
         child.wait()
+
+
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
+    """scripts/gpu_check.sh exits at once, status 0, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the check would run for minutes")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120, env={**os.environ, "PY": sys.executable})
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "no CUDA device" in r.stdout, r.stdout + r.stderr
+    assert not list(tmp_path.iterdir())

@@ -424,7 +424,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     assert pipe.device_id == 0
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from conftest import cuda_only as gpu  # noqa: E402
 
 
 @gpu

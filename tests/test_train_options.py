@@ -79,7 +79,7 @@ def test_tensorboard_is_optional(colour, tmp_path):
         assert any((tmp_path / "tb" / "tb").iterdir())
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from conftest import cuda_only as gpu  # noqa: E402
 
 
 @gpu
