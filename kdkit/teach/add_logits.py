@@ -2,7 +2,7 @@
 
     for each split, for each shard this process owns (index % world == rank) not yet done:
         read the tar's samples            (tario: keys, labels, original members)
-        teacher outputs for its views     (compute.run_shard: DALI eval / teacher_views pipeline)
+        teacher outputs for its views     (compute.run_shards: DALI eval / teacher_views pipelines)
           - or the rows of an HDF5 file   (h5.H5Outputs: joined by key, checked before any work)
         write the tar again: original members unchanged + the teacher members
     when every shard of a set is done: its manifest, with the teacher block, is written last.
@@ -119,22 +119,34 @@ class _Source:
             self.groups[split] = g
         self.identity = {"import_sha256": self.h5.sha256, "topk": cfg.topk, "dtype": "float16"}
 
-    def outputs(self, split: str, tar: Path, index: int, keys: list[str], labels: list[int], bar) -> dict:
-        """{key: teacher members} for one shard's samples."""
+    def outputs(self, split: str, src: Path, shards: list[tuple[int, contract.ShardRecord]], bar):
+        """(shard index, its samples, {key: teacher members}) for each shard, as each one is ready."""
         if self.h5 is not None:
-            out = self.h5.members(split, self.groups[split], keys, self.cfg.topk)
-            bar.update(len(keys))
-            return out
-        from kdkit.teach.compute import run_shard
+            for index, rec in shards:
+                samples = list(tario.iter_tar_samples(src / rec.tar))
+                keys = [k for k, _ in samples]
+                bar.update(len(keys))
+                yield index, samples, self.h5.members(split, self.groups[split], keys, self.cfg.topk)
+            return
+        from kdkit.teach.compute import run_shards
 
         t = self.teachers[0].info
-        res = run_shard(tar, index, labels, self.ensemble, self.cfg, self.rt, self.size, self.ratio, t.mean, t.std,
-                        on_images=bar.update)
-        if res.keys != keys:
-            raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
-                             "rewrite it with `kdkit verify --fix-index`")
-        return {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
-                for i, k in enumerate(keys)}
+        tars = {index: src / rec.tar for index, rec in shards}
+        for index, res in run_shards(list(tars.items()), self.ensemble, self.cfg, self.rt, self.size, self.ratio,
+                                     t.mean, t.std, on_images=bar.update):
+            tar = tars[index]
+            samples = list(tario.iter_tar_samples(tar))
+            keys = [k for k, _ in samples]
+            labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
+            if res.keys != keys:
+                raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
+                                 "rewrite it with `kdkit verify --fix-index`")
+            if res.labels != labels:
+                first = next((i for i, (a, b) in enumerate(zip(res.labels, labels)) if a != b), len(labels))
+                raise KdkitError(f"{tar}: the pipeline's sample {first} does not match the tar's (label or count "
+                                 "differs); its outputs cannot be joined by key")
+            yield index, samples, {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i],
+                                                 self.cfg.topk) for i, k in enumerate(keys)}
 
     def describe(self) -> str:
         if self.h5 is not None:
@@ -161,15 +173,10 @@ class _Source:
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 
-def _process_shard(source: _Source, src: Path, job: ShardJob, split: str, index: int, rec: contract.ShardRecord,
-                   bar) -> dict:
-    tar = src / rec.tar
-    samples = list(tario.iter_tar_samples(tar))
-    keys = [k for k, _ in samples]
-    labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
-    outputs = source.outputs(split, tar, index, keys, labels, bar)
+def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict) -> dict:
+    """Write one shard again: its own members unchanged, plus the teacher members, and record it."""
     payload = in_tar = 0
-    for key in keys:
+    for key, _ in samples:
         p, b = mem.added_bytes(key, outputs[key])
         payload, in_tar = payload + p, in_tar + b
     new = ({"__key__": k, **mem.without_teacher(m), **outputs[k]} for k, m in samples)
@@ -232,9 +239,9 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
         t0 = time.perf_counter()
         try:
             with cpu_threads(cfg, rt):
-                for i in todo:
+                for i, samples, outputs in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
                     bar.set_postfix_str(man.shards[i].tar)
-                    _process_shard(source, folder, job, split, i, man.shards[i], bar)
+                    _process_shard(job, man.shards[i], samples, outputs)
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -1,17 +1,16 @@
-"""Teacher outputs for the samples of one shard, with the views cut by the DALI pipelines.
+"""Teacher outputs for the samples of a rank's shards, with the views cut by the DALI pipelines.
 
-One loader per shard, reading that tar alone in stored order: the loader yields no keys, but an
-unshuffled single-tar reader yields the samples exactly in `reading_order` (= tar order), and the
-labels DALI decodes are compared with that order's labels, so a join by position that went wrong
-fails loudly instead of storing one sample's logits under another's key. Per-shard loaders are
-also what make the random views reproducible under resume and torchrun: a shard's boxes depend
-only on the shard and the seed (shard_seed), not on which shards ran before it or on which rank.
-Building a loader costs ~10 ms on the CPU, nothing next to a shard of thousands of images.
+The loaders read in stored order and yield no keys, but an unshuffled reader yields the samples
+exactly in `reading_order` (tar after tar, tar order within), and the labels DALI decodes are
+compared with the tar's own, so a join by position that went wrong fails loudly instead of storing
+one sample's logits under another's key. The centre view reads all of a rank's shards with one
+loader; random views use one loader per shard (run_shards says why).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,8 @@ def shard_seed(seed: int, shard_index: int) -> int:
 
 @dataclass
 class ShardOutputs:
-    keys: list[str]
+    keys: list[str]  # in tar order, as DALI's index lists them
+    labels: list[int]  # as the pipeline decoded them: checked against the tar's before the join by key
     logits: np.ndarray  # float32 (N, C) or (N, K, C)
     boxes: np.ndarray | None  # float32 (N, K, 5)
 
@@ -70,38 +70,60 @@ def loader_config(cfg: TeacherPassConfig, rt: Runtime, image_size: int, crop_rat
                 num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id)
 
 
-def run_shard(tar: Path, shard_index: int, labels: list[int], ensemble: TeacherEnsemble, cfg: TeacherPassConfig,
-              rt: Runtime, image_size: int, crop_ratio: float, mean, std, on_images=None) -> ShardOutputs:
-    """Teacher outputs for every sample of `tar`, in tar order; `labels` are the tar's own, in order."""
+def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: TeacherPassConfig, rt: Runtime,
+               image_size: int, crop_ratio: float, mean, std, on_images=None) -> Iterator[tuple[int, ShardOutputs]]:
+    """(shard index, its outputs in tar order) for each (index, tar) of `shards`, as each one completes.
+
+    The centre view has no randomness, so one loader reads all of this process's shards: a GPU
+    pipeline's start-up (decoder init, device and pinned buffers, an empty prefetch queue) is paid
+    once per rank, not once per shard. Random views keep one loader per shard, seeded by the shard
+    (shard_seed): DALI cannot re-seed a built pipeline, and a shard's boxes must not depend on which
+    shards ran before it on this rank (resume, another world size), so that a rerun stores the same.
+    """
     from kdkit.pipelines import DaliLoader, ShardSet, reading_order
 
-    lcfg = loader_config(cfg, rt, image_size, crop_ratio, mean, std, shard_index)
-    loader = DaliLoader(ShardSet(tars=[Path(tar)]), lcfg)
-    keys = [k for _, k in reading_order(loader.shards, loader.scan)]
-    if len(keys) != len(labels):
-        raise KdkitError(f"{tar}: DALI's index lists {len(keys)} samples, the tar holds {len(labels)}; "
-                         "rewrite the index with `kdkit verify --fix-index`")
-    device = rt.device
-    amp = cfg.amp and device.type == "cuda"
-    logits, boxes, seen = [], [], []
-    for batch in loader:
-        if cfg.views is None:
-            images, batch_labels = batch.images, batch.labels
-        else:  # (B, K, C, H, W) -> (B*K, C, H, W): the teacher sees every view as one more image
-            images, batch_labels = batch.views.flatten(0, 1), batch.labels
-            boxes.append(batch.boxes.cpu().float())
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            out = ensemble(images)
-        out = out.float().cpu()
-        if cfg.views is not None:
-            out = out.view(len(batch_labels), cfg.views, -1)
-        logits.append(out)
-        seen.extend(batch_labels.view(-1).tolist())
-        if on_images is not None:
-            on_images(len(batch_labels))
-    if seen != labels:
-        first = next((i for i, (a, b) in enumerate(zip(seen, labels)) if a != b), min(len(seen), len(labels)))
-        raise KdkitError(f"{tar}: the pipeline's sample {first} does not match the tar's (label or count differs: "
-                         f"{len(seen)} read, {len(labels)} in the tar); its outputs cannot be joined by key")
-    return ShardOutputs(keys, torch.cat(logits).numpy(), torch.cat(boxes).numpy() if boxes else None)
+    groups = [shards] if cfg.views is None else [[s] for s in shards]
+    amp = cfg.amp and rt.device.type == "cuda"
+    for group in groups:
+        lcfg = loader_config(cfg, rt, image_size, crop_ratio, mean, std, group[0][0])
+        loader = DaliLoader(ShardSet(tars=[Path(t) for _, t in group]), lcfg)
+        order = [k for _, k in reading_order(loader.shards, loader.scan)]
+        counts = [sum(u) for u in loader.scan.usable]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        rows: list[torch.Tensor] = []  # outputs of samples read but not yet handed over, in reading order
+        views: list[torch.Tensor] = []
+        labels: list[int] = []
+        done = 0
+
+        def hand_over():
+            nonlocal rows, views, labels, done
+            c = counts[done]
+            flat = torch.cat(rows) if rows else torch.zeros(0)
+            boxes = torch.cat(views) if views else None
+            out = ShardOutputs(order[starts[done]:starts[done] + c], labels[:c], flat[:c].numpy(),
+                               None if boxes is None else boxes[:c].numpy())
+            rows, labels = [flat[c:]], labels[c:]
+            views = [boxes[c:]] if boxes is not None else []
+            done += 1
+            return group[done - 1][0], out
+
+        for batch in loader:
+            if cfg.views is None:
+                images = batch.images
+            else:  # (B, K, C, H, W) -> (B*K, C, H, W): the teacher sees every view as one more image
+                images = batch.views.flatten(0, 1)
+                views.append(batch.boxes.cpu().float())
+            with torch.autocast(rt.device.type, dtype=torch.float16, enabled=amp):
+                out = ensemble(images.to(rt.device, non_blocking=True)).float().cpu()
+            n = len(batch.labels)
+            rows.append(out.view(n, cfg.views, -1) if cfg.views is not None else out)
+            labels.extend(batch.labels.view(-1).tolist())
+            if on_images is not None:
+                on_images(n)
+            while done < len(group) and len(labels) >= counts[done]:  # a shard is complete: hand it over
+                yield hand_over()
+        while done < len(group) and counts[done] == 0:
+            yield hand_over()
+        if done < len(group):
+            raise KdkitError(f"{group[done][1]}: the pipeline read fewer samples than DALI's index lists; rewrite "
+                             "the index with `kdkit verify --fix-index`")
