@@ -55,7 +55,9 @@ def step(results: dict, name: str, fn) -> None:
 
 def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if r.returncode != 0:
-        raise RuntimeError(f"exit {r.returncode}: {(r.stderr or r.stdout)[-1500:]}")
+        text = (r.stderr or "") + (r.stdout or "")
+        said = [line for line in text.splitlines() if "kdkit: error" in line or "Error:" in line]
+        raise RuntimeError(f"exit {r.returncode}: " + (said[0] if said else text[-1500:]))
     return r
 
 
