@@ -16,14 +16,45 @@
 // fn.resize(interp_type=INTERP_LINEAR, antialias=True) computes away from the borders; at the
 // borders the window is cut and renormalized as Pillow does. Values stay float until normalized,
 // so there is no intermediate rounding.
+//
+// Portable build: compiled for the architecture's baseline (no -march=native), so one build runs
+// on any CPU of that architecture. On x86 the hot loops (the two passes, the colour transform, the
+// normalization) are compiled twice by GCC/Clang's target_clones, for x86-64-v3 (AVX2, FMA, F16C:
+// Haswell and Zen onwards) and for the baseline, and the loader picks the clone for this CPU once
+// (an ifunc); the float16 conversion checks for F16C itself and otherwise converts one value at a
+// time. Elsewhere (e.g. aarch64) the loops are built once for the baseline, which there has SIMD.
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#if defined(__F16C__)
+// KDKIT_DISPATCH: 1 on x86 (the default), 0 elsewhere; -DKDKIT_DISPATCH=0 builds the baseline code
+// only, to check it on a CPU that has AVX2 and F16C.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#ifndef KDKIT_DISPATCH
+#define KDKIT_DISPATCH 1
+#endif
+#else
+#undef KDKIT_DISPATCH
+#define KDKIT_DISPATCH 0
+#endif
+
+#if defined(__has_attribute)
+#if __has_attribute(target_clones) && KDKIT_DISPATCH
+// one clone per string; note that "avx2,fma" would be two clones (AVX2 without FMA, FMA without AVX2)
+#define KDKIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef KDKIT_CLONES
+#define KDKIT_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define KDKIT_INLINE inline __attribute__((always_inline))
+#else
+#define KDKIT_INLINE inline
 #endif
 
 #include "dali/core/float16.h"
@@ -81,9 +112,12 @@ struct Window {
   }
 };
 
+// The loops below are templates inlined into the target_clones functions after them, so that each
+// clone compiles its own copy of the loop for its instruction set.
+
 // out (out_h, row_len) = vertical resampling of in (in_h, row_len); contiguous rows, vectorizable.
 template <typename In>
-void ResampleRows(const In *in, int64_t row_len, float *out, const Window &win) {
+KDKIT_INLINE void ResampleRowsImpl(const In *in, int64_t row_len, float *out, const Window &win) {
   const int out_h = static_cast<int>(win.start.size());
   for (int y = 0; y < out_h; y++) {
     float *o = out + y * row_len;
@@ -99,9 +133,17 @@ void ResampleRows(const In *in, int64_t row_len, float *out, const Window &win) 
   }
 }
 
+KDKIT_CLONES void ResampleRows(const uint8_t *in, int64_t row_len, float *out, const Window &win) {
+  ResampleRowsImpl(in, row_len, out, win);
+}
+
+KDKIT_CLONES void ResampleRows(const float *in, int64_t row_len, float *out, const Window &win) {
+  ResampleRowsImpl(in, row_len, out, win);
+}
+
 // out (rows, out_w, 3) = horizontal resampling of in (rows, in_w, 3); each tap run is contiguous.
 template <typename In>
-void ResampleCols(const In *in, int rows, int in_w, float *out, const Window &win) {
+KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int in_w, float *out, const Window &win) {
   const int out_w = static_cast<int>(win.start.size());
   for (int y = 0; y < rows; y++) {
     const In *r = in + static_cast<int64_t>(y) * in_w * 3;
@@ -123,22 +165,30 @@ void ResampleCols(const In *in, int rows, int in_w, float *out, const Window &wi
   }
 }
 
-template <typename Out>
-void Normalize(const float *px, int size, bool planar, bool mirror, const float *mean, const float *inv_std,
-               Out *out) {
+KDKIT_CLONES void ResampleCols(const uint8_t *in, int rows, int in_w, float *out, const Window &win) {
+  ResampleColsImpl(in, rows, in_w, out, win);
+}
+
+KDKIT_CLONES void ResampleCols(const float *in, int rows, int in_w, float *out, const Window &win) {
+  ResampleColsImpl(in, rows, in_w, out, win);
+}
+
+// out = (px - mean) * inv_std, size x size x 3 interleaved in, CHW (planar) or HWC out, mirrored
+KDKIT_CLONES void Normalize(const float *px, int size, bool planar, bool mirror, const float *mean,
+                            const float *inv_std, float *out) {
   const int64_t plane = static_cast<int64_t>(size) * size;
   // out index of output column x in a row: x, or size - 1 - x mirrored; `step` elements apart
   const int64_t step = planar ? 1 : 3;
   for (int y = 0; y < size; y++) {
     const float *row = px + static_cast<int64_t>(y) * size * 3;
     for (int c = 0; c < 3; c++) {
-      Out *dst = planar ? out + c * plane + static_cast<int64_t>(y) * size
-                        : out + static_cast<int64_t>(y) * size * 3 + c;
+      float *dst = planar ? out + c * plane + static_cast<int64_t>(y) * size
+                          : out + static_cast<int64_t>(y) * size * 3 + c;
       const float m = mean[c], s = inv_std[c];
       if (mirror) {
-        for (int x = 0; x < size; x++) dst[(size - 1 - x) * step] = static_cast<Out>((row[3 * x + c] - m) * s);
+        for (int x = 0; x < size; x++) dst[(size - 1 - x) * step] = (row[3 * x + c] - m) * s;
       } else {
-        for (int x = 0; x < size; x++) dst[x * step] = static_cast<Out>((row[3 * x + c] - m) * s);
+        for (int x = 0; x < size; x++) dst[x * step] = (row[3 * x + c] - m) * s;
       }
     }
   }
@@ -168,7 +218,11 @@ struct Color {
   }
 
   void Apply(float *px, int64_t pixels) const {
-    if (identity) return;
+    if (!identity) ColorTransform(m, offset, px, pixels);
+  }
+
+ private:
+  KDKIT_CLONES static void ColorTransform(const float *m, float offset, float *px, int64_t pixels) {
     for (int64_t i = 0; i < pixels; i++, px += 3) {
       const float r = px[0], g = px[1], b = px[2];
       px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
@@ -178,15 +232,32 @@ struct Color {
   }
 };
 
-// float -> float16, 8 at a time with the CPU's conversion instruction where the build has it
-// (-march=native on a CPU with F16C); dali::float16's scalar conversion is several times slower.
-inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
+#if KDKIT_DISPATCH
+// float -> float16 with F16C, 8 at a time; returns how many it converted (a multiple of 8)
+__attribute__((target("f16c,avx"))) int64_t ToHalfF16C(const float *in, int64_t n, ::dali::float16 *out) {
   int64_t i = 0;
-#if defined(__F16C__)
   for (; i + 8 <= n; i += 8) {
     __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i), h);
   }
+  return i;
+}
+
+bool HasF16C() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");  // "avx": the OS saves ymm too
+  }();
+  return has;
+}
+#endif
+
+// float -> float16 (round to nearest even), with the CPU's conversion instruction where it has
+// one; dali::float16's scalar conversion is several times slower and converts the rest.
+inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
+  int64_t i = 0;
+#if KDKIT_DISPATCH
+  if (HasF16C()) i = ToHalfF16C(in, n, out);
 #endif
   for (; i < n; i++) out[i] = static_cast<::dali::float16>(in[i]);
 }
