@@ -4,14 +4,14 @@ comment at the top of resize_normalize.cc).
 
 The plugin is compiled once per DALI version and architecture with the C++ compiler on PATH (g++,
 or $CXX) against the headers DALI ships, into a cache folder ($KDKIT_CACHE, default
-~/.cache/kdkit/native/<hash of source, DALI version, architecture and flags>/). The build is
-portable: no -march=native, so one build (scripts/setup.sh makes it) serves every CPU of the
-architecture, e.g. a cache folder shared by the nodes of a cluster; on x86 the hot loops carry
-an AVX2/FMA copy picked at load time and the float16 conversion uses F16C where the CPU has it. DALI's headers include CUDA's
-runtime headers, which pip installs with torch (nvidia-cuda-runtime) and kdkit's dependency
-nvidia-cuda-crt. Where building is impossible (no compiler), `available()` is False, the CPU
-pipelines fall back to fn.resize + fn.crop_mirror_normalize (same pixels, slower) and one
-warning says why and what to install. KDKIT_NATIVE=0 turns the plugin off.
+~/.cache/kdkit/native/<hash of source, DALI version, architecture and flags>/). DALI's headers
+include CUDA's runtime headers, which pip installs with torch (nvidia-cuda-runtime) and kdkit's
+dependency nvidia-cuda-crt. The build is portable: no -march=native, so one build (scripts/setup.sh
+makes it) serves every CPU of the architecture, e.g. from a cache folder shared by the nodes of a
+cluster; on x86 the hot loops carry an AVX2/FMA copy picked when the plugin loads, and the float16
+conversion uses F16C where the CPU has it. Where building is impossible (no compiler),
+`available()` is False, the CPU pipelines fall back to fn.resize + fn.crop_mirror_normalize (same
+pixels, slower) and one warning says why and what to install. KDKIT_NATIVE=0 turns the plugin off.
 """
 from __future__ import annotations
 
