@@ -18,11 +18,15 @@
 // so there is no intermediate rounding.
 //
 // Portable build: compiled for the architecture's baseline (no -march=native), so one build runs
-// on any CPU of that architecture. On x86 the hot loops (the two passes, the colour transform, the
-// normalization) are compiled twice by GCC/Clang's target_clones, for x86-64-v3 (AVX2, FMA, F16C:
-// Haswell and Zen onwards) and for the baseline, and the loader picks the clone for this CPU once
-// (an ifunc); the float16 conversion checks for F16C itself and otherwise converts one value at a
-// time. Elsewhere (e.g. aarch64) the loops are built once for the baseline, which there has SIMD.
+// on any CPU of that architecture. On x86 the hot code (filter setup, the two passes, the colour
+// transform, the normalization) is compiled twice, for AVX2 + FMA (Haswell, Zen and later) and for
+// the baseline (SSE2), and each call takes the version this CPU runs; the float16 conversion uses
+// F16C where the CPU has it, else converts one value at a time. The CPU is asked once, with cpuid.
+// On an AVX2 CPU the pixels are bit-identical to a -march=native build's. Why not target_clones:
+// "arch=x86-64-v3" clones need GCC 12 (GCC 11: "no dispatcher found"; Clang 14 builds them but
+// runs the default clone on AVX2 CPUs), "avx2,fma" makes two clones, neither with both, and
+// __builtin_cpu_supports("f16c") needs GCC 11 (Clang 14: "invalid cpu feature string").
+// Elsewhere (e.g. aarch64) the code is built once, for the baseline, which there has SIMD (NEON).
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -41,14 +45,8 @@
 #define KDKIT_DISPATCH 0
 #endif
 
-#if defined(__has_attribute)
-#if __has_attribute(target_clones) && KDKIT_DISPATCH
-// one clone per string; note that "avx2,fma" would be two clones (AVX2 without FMA, FMA without AVX2)
-#define KDKIT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
-#endif
-#ifndef KDKIT_CLONES
-#define KDKIT_CLONES
+#if KDKIT_DISPATCH
+#include <cpuid.h>
 #endif
 
 #if defined(__GNUC__)
@@ -62,6 +60,47 @@
 
 namespace kdkit {
 
+#if KDKIT_DISPATCH
+// What this CPU and OS run, from cpuid (leaf 1: AVX, FMA, F16C, OSXSAVE; leaf 7: AVX2) and xgetbv
+// (the OS saves the ymm registers); asked once.
+struct Cpu {
+  bool avx2_fma = false, f16c = false;
+
+  Cpu() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    const bool fma = c & bit_FMA, f16c_bit = c & bit_F16C;
+    if (!(c & bit_OSXSAVE) || !(c & bit_AVX)) return;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 6) != 6) return;  // xmm and ymm state
+    f16c = f16c_bit;
+    if (__get_cpuid_max(0, nullptr) < 7) return;
+    __cpuid_count(7, 0, a, b, c, d);
+    avx2_fma = fma && (b & bit_AVX2);
+  }
+};
+
+const Cpu &ThisCpu() {
+  static const Cpu cpu;
+  return cpu;
+}
+
+// KDKIT_VERSIONS(name, (params), (args)) defines name(params), which runs the inlined template
+// name##Impl(args) compiled for AVX2 + FMA where the CPU has them, else compiled for the baseline.
+#define KDKIT_VERSIONS(name, params, args)                                           \
+  __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; } \
+  void name params {                                                                 \
+    if (ThisCpu().avx2_fma)                                                          \
+      name##Avx2 args;                                                               \
+    else                                                                             \
+      name##Impl args;                                                               \
+  }
+#else
+#define KDKIT_VERSIONS(name, params, args) \
+  void name params { name##Impl args; }
+#endif
+
 // Filter windows of one axis: output i reads `count[i]` inputs from `start[i]` with `coeffs`.
 struct Window {
   std::vector<int> start, count;
@@ -72,7 +111,9 @@ struct Window {
   // Output i is centred on roi_start + (i + 0.5) * scale, scale = (roi_end - roi_start) / out_size,
   // in input pixels; the filter may reach outside the window (as resizing the whole image and then
   // cropping does), not outside the image.
-  void Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
+  void Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end);
+
+  KDKIT_INLINE void InitImpl(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
     const double scale = (roi_end - roi_start) / out_size;
     const double filterscale = antialias ? std::max(scale, 1.0) : 1.0;
     const double support = filterscale;  // the triangle's radius is 1 input pixel, scaled
@@ -112,8 +153,19 @@ struct Window {
   }
 };
 
-// The loops below are templates inlined into the target_clones functions after them, so that each
-// clone compiles its own copy of the loop for its instruction set.
+// the filter setup runs per sample and axis: a few % of the time on small images
+KDKIT_INLINE void InitWindowImpl(Window &win, int in_size, int out_size, bool antialias, double lo, double hi) {
+  win.InitImpl(in_size, out_size, antialias, lo, hi);
+}
+KDKIT_VERSIONS(InitWindow, (Window &win, int in_size, int out_size, bool antialias, double lo, double hi),
+               (win, in_size, out_size, antialias, lo, hi))
+
+void Window::Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
+  InitWindow(*this, in_size, out_size, antialias, roi_start, roi_end);
+}
+
+// The loops below are templates inlined into each version that KDKIT_VERSIONS makes of them, so
+// that each version compiles its own copy of the loop for its instruction set.
 
 // out (out_h, row_len) = vertical resampling of in (in_h, row_len); contiguous rows, vectorizable.
 template <typename In>
@@ -133,13 +185,10 @@ KDKIT_INLINE void ResampleRowsImpl(const In *in, int64_t row_len, float *out, co
   }
 }
 
-KDKIT_CLONES void ResampleRows(const uint8_t *in, int64_t row_len, float *out, const Window &win) {
-  ResampleRowsImpl(in, row_len, out, win);
-}
-
-KDKIT_CLONES void ResampleRows(const float *in, int64_t row_len, float *out, const Window &win) {
-  ResampleRowsImpl(in, row_len, out, win);
-}
+KDKIT_VERSIONS(ResampleRows, (const uint8_t *in, int64_t row_len, float *out, const Window &win),
+               (in, row_len, out, win))
+KDKIT_VERSIONS(ResampleRows, (const float *in, int64_t row_len, float *out, const Window &win),
+               (in, row_len, out, win))
 
 // out (rows, out_w, 3) = horizontal resampling of in (rows, in_w, 3); each tap run is contiguous.
 template <typename In>
@@ -165,17 +214,14 @@ KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int in_w, float *out,
   }
 }
 
-KDKIT_CLONES void ResampleCols(const uint8_t *in, int rows, int in_w, float *out, const Window &win) {
-  ResampleColsImpl(in, rows, in_w, out, win);
-}
-
-KDKIT_CLONES void ResampleCols(const float *in, int rows, int in_w, float *out, const Window &win) {
-  ResampleColsImpl(in, rows, in_w, out, win);
-}
+KDKIT_VERSIONS(ResampleCols, (const uint8_t *in, int rows, int in_w, float *out, const Window &win),
+               (in, rows, in_w, out, win))
+KDKIT_VERSIONS(ResampleCols, (const float *in, int rows, int in_w, float *out, const Window &win),
+               (in, rows, in_w, out, win))
 
 // out = (px - mean) * inv_std, size x size x 3 interleaved in, CHW (planar) or HWC out, mirrored
-KDKIT_CLONES void Normalize(const float *px, int size, bool planar, bool mirror, const float *mean,
-                            const float *inv_std, float *out) {
+KDKIT_INLINE void NormalizeImpl(const float *px, int size, bool planar, bool mirror, const float *mean,
+                                const float *inv_std, float *out) {
   const int64_t plane = static_cast<int64_t>(size) * size;
   // out index of output column x in a row: x, or size - 1 - x mirrored; `step` elements apart
   const int64_t step = planar ? 1 : 3;
@@ -193,6 +239,9 @@ KDKIT_CLONES void Normalize(const float *px, int size, bool planar, bool mirror,
     }
   }
 }
+
+KDKIT_VERSIONS(Normalize, (const float *px, int size, bool planar, bool mirror, const float *mean,
+                           const float *inv_std, float *out), (px, size, planar, mirror, mean, inv_std, out))
 
 // fn.color_twist's transform for hue 0: out = clamp(M x + offset) with
 // M = brightness * contrast * YIQ->RGB * diag(1, saturation, saturation) * RGB->YIQ and
@@ -217,38 +266,33 @@ struct Color {
     identity = brightness == 1.0f && contrast == 1.0f && saturation == 1.0f;
   }
 
-  void Apply(float *px, int64_t pixels) const {
-    if (!identity) ColorTransform(m, offset, px, pixels);
-  }
-
- private:
-  KDKIT_CLONES static void ColorTransform(const float *m, float offset, float *px, int64_t pixels) {
-    for (int64_t i = 0; i < pixels; i++, px += 3) {
-      const float r = px[0], g = px[1], b = px[2];
-      px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
-      px[1] = std::min(std::max(m[3] * r + m[4] * g + m[5] * b + offset, 0.0f), 255.0f);
-      px[2] = std::min(std::max(m[6] * r + m[7] * g + m[8] * b + offset, 0.0f), 255.0f);
-    }
-  }
+  void Apply(float *px, int64_t pixels) const;
 };
+
+KDKIT_INLINE void ColorTransformImpl(const float *m, float offset, float *px, int64_t pixels) {
+  for (int64_t i = 0; i < pixels; i++, px += 3) {
+    const float r = px[0], g = px[1], b = px[2];
+    px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
+    px[1] = std::min(std::max(m[3] * r + m[4] * g + m[5] * b + offset, 0.0f), 255.0f);
+    px[2] = std::min(std::max(m[6] * r + m[7] * g + m[8] * b + offset, 0.0f), 255.0f);
+  }
+}
+
+KDKIT_VERSIONS(ColorTransform, (const float *m, float offset, float *px, int64_t pixels), (m, offset, px, pixels))
+
+void Color::Apply(float *px, int64_t pixels) const {
+  if (!identity) ColorTransform(m, offset, px, pixels);
+}
 
 #if KDKIT_DISPATCH
 // float -> float16 with F16C, 8 at a time; returns how many it converted (a multiple of 8)
-__attribute__((target("f16c,avx"))) int64_t ToHalfF16C(const float *in, int64_t n, ::dali::float16 *out) {
+__attribute__((target("avx,f16c"))) int64_t ToHalfF16C(const float *in, int64_t n, ::dali::float16 *out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i), h);
   }
   return i;
-}
-
-bool HasF16C() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");  // "avx": the OS saves ymm too
-  }();
-  return has;
 }
 #endif
 
@@ -257,7 +301,7 @@ bool HasF16C() {
 inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
   int64_t i = 0;
 #if KDKIT_DISPATCH
-  if (HasF16C()) i = ToHalfF16C(in, n, out);
+  if (ThisCpu().f16c) i = ToHalfF16C(in, n, out);
 #endif
   for (; i < n; i++) out[i] = static_cast<::dali::float16>(in[i]);
 }
