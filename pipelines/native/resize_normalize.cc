@@ -16,14 +16,43 @@
 // fn.resize(interp_type=INTERP_LINEAR, antialias=True) computes away from the borders; at the
 // borders the window is cut and renormalized as Pillow does. Values stay float until normalized,
 // so there is no intermediate rounding.
+//
+// Portable build: compiled for the architecture's baseline (no -march=native), so one build runs
+// on any CPU of that architecture. On x86 the hot code (filter setup, the two passes, the colour
+// transform, the normalization) is compiled twice, for AVX2 + FMA (Haswell, Zen and later) and for
+// the baseline (SSE2), and each call takes the version this CPU runs; the float16 conversion uses
+// F16C where the CPU has it, else converts one value at a time. The CPU is asked once, with cpuid.
+// On an AVX2 CPU the pixels are bit-identical to a -march=native build's. Why not target_clones:
+// "arch=x86-64-v3" clones need GCC 12 (GCC 11: "no dispatcher found"; Clang 14 builds them but
+// runs the default clone on AVX2 CPUs), "avx2,fma" makes two clones, neither with both, and
+// __builtin_cpu_supports("f16c") needs GCC 11 (Clang 14: "invalid cpu feature string").
+// Elsewhere (e.g. aarch64) the code is built once, for the baseline, which there has SIMD (NEON).
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#if defined(__F16C__)
+// KDKIT_DISPATCH: 1 on x86 (the default), 0 elsewhere; -DKDKIT_DISPATCH=0 builds the baseline code
+// only, to check it on a CPU that has AVX2 and F16C.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#ifndef KDKIT_DISPATCH
+#define KDKIT_DISPATCH 1
+#endif
+#else
+#undef KDKIT_DISPATCH
+#define KDKIT_DISPATCH 0
+#endif
+
+#if KDKIT_DISPATCH
+#include <cpuid.h>
+#endif
+
+#if defined(__GNUC__)
+#define KDKIT_INLINE inline __attribute__((always_inline))
+#else
+#define KDKIT_INLINE inline
 #endif
 
 #include "dali/core/float16.h"
@@ -31,6 +60,47 @@
 #include "dali/pipeline/operator/checkpointing/stateless_operator.h"
 
 namespace kdkit {
+
+#if KDKIT_DISPATCH
+// What this CPU and OS run, from cpuid (leaf 1: AVX, FMA, F16C, OSXSAVE; leaf 7: AVX2) and xgetbv
+// (the OS saves the ymm registers); asked once.
+struct Cpu {
+  bool avx2_fma = false, f16c = false;
+
+  Cpu() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    const bool fma = c & bit_FMA, f16c_bit = c & bit_F16C;
+    if (!(c & bit_OSXSAVE) || !(c & bit_AVX)) return;
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 6) != 6) return;  // xmm and ymm state
+    f16c = f16c_bit;
+    if (__get_cpuid_max(0, nullptr) < 7) return;
+    __cpuid_count(7, 0, a, b, c, d);
+    avx2_fma = fma && (b & bit_AVX2);
+  }
+};
+
+const Cpu &ThisCpu() {
+  static const Cpu cpu;
+  return cpu;
+}
+
+// KDKIT_VERSIONS(name, (params), (args)) defines name(params), which runs the inlined template
+// name##Impl(args) compiled for AVX2 + FMA where the CPU has them, else compiled for the baseline.
+#define KDKIT_VERSIONS(name, params, args)                                           \
+  __attribute__((target("avx2,fma"))) void name##Avx2 params { name##Impl args; } \
+  void name params {                                                                 \
+    if (ThisCpu().avx2_fma)                                                          \
+      name##Avx2 args;                                                               \
+    else                                                                             \
+      name##Impl args;                                                               \
+  }
+#else
+#define KDKIT_VERSIONS(name, params, args) \
+  void name params { name##Impl args; }
+#endif
 
 // Filter windows of one axis: output i reads `count[i]` inputs from `start[i]` with `coeffs`.
 struct Window {
@@ -42,7 +112,9 @@ struct Window {
   // Output i is centred on roi_start + (i + 0.5) * scale, scale = (roi_end - roi_start) / out_size,
   // in input pixels; the filter may reach outside the window (as resizing the whole image and then
   // cropping does), not outside the image.
-  void Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
+  void Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end);
+
+  KDKIT_INLINE void InitImpl(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
     const double scale = (roi_end - roi_start) / out_size;
     const double filterscale = antialias ? std::max(scale, 1.0) : 1.0;
     const double support = filterscale;  // the triangle's radius is 1 input pixel, scaled
@@ -82,9 +154,23 @@ struct Window {
   }
 };
 
+// the filter setup runs per sample and axis: a few % of the time on small images
+KDKIT_INLINE void InitWindowImpl(Window &win, int in_size, int out_size, bool antialias, double lo, double hi) {
+  win.InitImpl(in_size, out_size, antialias, lo, hi);
+}
+KDKIT_VERSIONS(InitWindow, (Window &win, int in_size, int out_size, bool antialias, double lo, double hi),
+               (win, in_size, out_size, antialias, lo, hi))
+
+void Window::Init(int in_size, int out_size, bool antialias, double roi_start, double roi_end) {
+  InitWindow(*this, in_size, out_size, antialias, roi_start, roi_end);
+}
+
+// The loops below are templates inlined into each version that KDKIT_VERSIONS makes of them, so
+// that each version compiles its own copy of the loop for its instruction set.
+
 // out (out_h, row_len) = vertical resampling of in (in_h, row_len); contiguous rows, vectorizable.
 template <typename In>
-void ResampleRows(const In *in, int64_t row_len, float *out, const Window &win) {
+KDKIT_INLINE void ResampleRowsImpl(const In *in, int64_t row_len, float *out, const Window &win) {
   const int out_h = static_cast<int>(win.start.size());
   for (int y = 0; y < out_h; y++) {
     float *o = out + y * row_len;
@@ -100,9 +186,14 @@ void ResampleRows(const In *in, int64_t row_len, float *out, const Window &win) 
   }
 }
 
+KDKIT_VERSIONS(ResampleRows, (const uint8_t *in, int64_t row_len, float *out, const Window &win),
+               (in, row_len, out, win))
+KDKIT_VERSIONS(ResampleRows, (const float *in, int64_t row_len, float *out, const Window &win),
+               (in, row_len, out, win))
+
 // out (rows, out_w, 3) = horizontal resampling of in (rows, in_w, 3); each tap run is contiguous.
 template <typename In>
-void ResampleCols(const In *in, int rows, int in_w, float *out, const Window &win) {
+KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int in_w, float *out, const Window &win) {
   const int out_w = static_cast<int>(win.start.size());
   for (int y = 0; y < rows; y++) {
     const In *r = in + static_cast<int64_t>(y) * in_w * 3;
@@ -124,26 +215,34 @@ void ResampleCols(const In *in, int rows, int in_w, float *out, const Window &wi
   }
 }
 
-template <typename Out>
-void Normalize(const float *px, int size, bool planar, bool mirror, const float *mean, const float *inv_std,
-               Out *out) {
+KDKIT_VERSIONS(ResampleCols, (const uint8_t *in, int rows, int in_w, float *out, const Window &win),
+               (in, rows, in_w, out, win))
+KDKIT_VERSIONS(ResampleCols, (const float *in, int rows, int in_w, float *out, const Window &win),
+               (in, rows, in_w, out, win))
+
+// out = (px - mean) * inv_std, size x size x 3 interleaved in, CHW (planar) or HWC out, mirrored
+KDKIT_INLINE void NormalizeImpl(const float *px, int size, bool planar, bool mirror, const float *mean,
+                                const float *inv_std, float *out) {
   const int64_t plane = static_cast<int64_t>(size) * size;
   // out index of output column x in a row: x, or size - 1 - x mirrored; `step` elements apart
   const int64_t step = planar ? 1 : 3;
   for (int y = 0; y < size; y++) {
     const float *row = px + static_cast<int64_t>(y) * size * 3;
     for (int c = 0; c < 3; c++) {
-      Out *dst = planar ? out + c * plane + static_cast<int64_t>(y) * size
-                        : out + static_cast<int64_t>(y) * size * 3 + c;
+      float *dst = planar ? out + c * plane + static_cast<int64_t>(y) * size
+                          : out + static_cast<int64_t>(y) * size * 3 + c;
       const float m = mean[c], s = inv_std[c];
       if (mirror) {
-        for (int x = 0; x < size; x++) dst[(size - 1 - x) * step] = static_cast<Out>((row[3 * x + c] - m) * s);
+        for (int x = 0; x < size; x++) dst[(size - 1 - x) * step] = (row[3 * x + c] - m) * s;
       } else {
-        for (int x = 0; x < size; x++) dst[x * step] = static_cast<Out>((row[3 * x + c] - m) * s);
+        for (int x = 0; x < size; x++) dst[x * step] = (row[3 * x + c] - m) * s;
       }
     }
   }
 }
+
+KDKIT_VERSIONS(Normalize, (const float *px, int size, bool planar, bool mirror, const float *mean,
+                           const float *inv_std, float *out), (px, size, planar, mirror, mean, inv_std, out))
 
 // fn.color_twist's transform for hue 0: out = clamp(M x + offset) with
 // M = brightness * contrast * YIQ->RGB * diag(1, saturation, saturation) * RGB->YIQ and
@@ -168,26 +267,42 @@ struct Color {
     identity = brightness == 1.0f && contrast == 1.0f && saturation == 1.0f;
   }
 
-  void Apply(float *px, int64_t pixels) const {
-    if (identity) return;
-    for (int64_t i = 0; i < pixels; i++, px += 3) {
-      const float r = px[0], g = px[1], b = px[2];
-      px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
-      px[1] = std::min(std::max(m[3] * r + m[4] * g + m[5] * b + offset, 0.0f), 255.0f);
-      px[2] = std::min(std::max(m[6] * r + m[7] * g + m[8] * b + offset, 0.0f), 255.0f);
-    }
-  }
+  void Apply(float *px, int64_t pixels) const;
 };
 
-// float -> float16, 8 at a time with the CPU's conversion instruction where the build has it
-// (-march=native on a CPU with F16C); dali::float16's scalar conversion is several times slower.
-inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
+KDKIT_INLINE void ColorTransformImpl(const float *m, float offset, float *px, int64_t pixels) {
+  for (int64_t i = 0; i < pixels; i++, px += 3) {
+    const float r = px[0], g = px[1], b = px[2];
+    px[0] = std::min(std::max(m[0] * r + m[1] * g + m[2] * b + offset, 0.0f), 255.0f);
+    px[1] = std::min(std::max(m[3] * r + m[4] * g + m[5] * b + offset, 0.0f), 255.0f);
+    px[2] = std::min(std::max(m[6] * r + m[7] * g + m[8] * b + offset, 0.0f), 255.0f);
+  }
+}
+
+KDKIT_VERSIONS(ColorTransform, (const float *m, float offset, float *px, int64_t pixels), (m, offset, px, pixels))
+
+void Color::Apply(float *px, int64_t pixels) const {
+  if (!identity) ColorTransform(m, offset, px, pixels);
+}
+
+#if KDKIT_DISPATCH
+// float -> float16 with F16C, 8 at a time; returns how many it converted (a multiple of 8)
+__attribute__((target("avx,f16c"))) int64_t ToHalfF16C(const float *in, int64_t n, ::dali::float16 *out) {
   int64_t i = 0;
-#if defined(__F16C__)
   for (; i + 8 <= n; i += 8) {
     __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i), h);
   }
+  return i;
+}
+#endif
+
+// float -> float16 (round to nearest even), with the CPU's conversion instruction where it has
+// one; dali::float16's scalar conversion is several times slower and converts the rest.
+inline void ToHalf(const float *in, int64_t n, ::dali::float16 *out) {
+  int64_t i = 0;
+#if KDKIT_DISPATCH
+  if (ThisCpu().f16c) i = ToHalfF16C(in, n, out);
 #endif
   for (; i < n; i++) out[i] = static_cast<::dali::float16>(in[i]);
 }
