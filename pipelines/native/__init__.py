@@ -40,13 +40,14 @@ def cache_root() -> Path:
 
 
 def _include_dirs() -> list[str]:
-    """DALI's headers, plus the CUDA runtime headers they include (pip's nvidia/cu13 tree)."""
+    """DALI's headers, plus the CUDA runtime headers they include, from pip's CUDA packages: the cu13
+    extra's nvidia/cu13 tree, or the cu12 extra's nvidia/cuda_runtime and nvidia/cuda_nvcc (crt/)."""
     import nvidia
     import nvidia.dali.sysconfig as sysconfig
 
     dirs = [sysconfig.get_include_dir()]
     # nvidia-cuda-runtime and nvidia-cuda-crt (CUDA 13) unpack their headers into nvidia/cu13/include
-    dirs += [str(Path(p) / "cu13" / "include") for p in nvidia.__path__]
+    dirs += [str(Path(p) / sub / "include") for p in nvidia.__path__ for sub in ("cu13", "cuda_runtime", "cuda_nvcc")]
     if os.environ.get("CUDA_HOME"):
         dirs.append(str(Path(os.environ["CUDA_HOME"]) / "include"))
     return [d for d in dirs if Path(d).is_dir()]
