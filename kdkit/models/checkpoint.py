@@ -75,7 +75,7 @@ def read_checkpoint(path: Path | str, trust: bool = False) -> dict:
     try:
         with torch.serialization.safe_globals(_array_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception:  # noqa: BLE001 - not even a checkpoint archive

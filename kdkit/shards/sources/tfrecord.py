@@ -330,7 +330,7 @@ def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None 
                                    f"{path.stem.replace('.', '_')}-{n:07d}")
             samples.append(SourceSample(key, index, ("tfrecord", str(path), offset, length), f"{path}@{offset - 12}"))
     if label_offset == 0 and splits and min(s.label for samples in splits.values() for s in samples) > 0:
-        print(f"kdkit: warning: --label-offset 0, but no record has label 0: the labels look 1-based (TF-slim's); "
+        print("kdkit: warning: --label-offset 0, but no record has label 0: the labels look 1-based (TF-slim's); "
               "class 0 would stay empty and every index be one too high. Use --label-offset 1 unless that is "
               "intended", file=sys.stderr)
     if remap_labels:
