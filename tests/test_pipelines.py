@@ -442,7 +442,8 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     c = dict(shuffle=False, last_batch="partial", batch_size=8, **RAW)
     on_cpu = next(iter(DaliLoader(tars, cfg("replay", **c)))).images
     on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()
-    assert (on_cpu - on_gpu).abs().mean() < 3  # GPU JPEG decoding differs slightly from libjpeg
+    # the same chroma upsampling on both (jpeg_fancy_upsampling): what is left is the IDCT's rounding
+    assert (on_cpu - on_gpu).abs().mean() < 1
 
 
 # ---------------------------------------------------------------------------------------------
