@@ -216,6 +216,9 @@ def test_an_interrupted_run_says_how_to_continue_and_that_command_resumes_it(tmp
                  "resnet50"]) == 2
     assert "--model resnet50 (the run has 'test_efficientnet')" in capsys.readouterr().err
     assert main(command.split()[1:]) == 0
+    said = capsys.readouterr().out
+    assert f"kdkit train: test_efficientnet on {data}/train: 24 train, 12 val samples of 3 classes" in said
+    assert "resuming at epoch 2" in said and "kdkit train: done, best val top-1" in said and "best.pth" in said
     import json
     rows = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -281,3 +284,43 @@ def test_small_things_a_user_feels(tiny_shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(export, "add_metadata", broken)  # fails after the exporter wrote its files
     assert main(["export", str(ckpt), "-o", str(tmp_path / "x" / "m.onnx")]) == 2
     assert not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.timeout(240)
+def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards, tmp_path):
+    """Every reader (train, eval, the teacher pass) stops with one line naming the shard and the sample,
+    exit status 2, run after run; a crash (the reported segfault in DALI's share_outputs) fails this."""
+    import shutil
+    import subprocess
+    import sys
+
+    from kdkit.shards import tario
+    from test_eval import make_checkpoint
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    bad = []
+    for split in ("train", "val"):
+        tar = sorted((root / split).glob("*.tar"))[0]
+        samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(tar)]
+        jpg = samples[2]["jpg"]
+        sos = jpg.index(b"\xff\xda")
+        samples[2]["jpg"] = jpg[:sos + 4] + bytes(len(jpg) - sos - 4)  # headers kept, the body zeroed, no EOI
+        tario.write_shard(tar, samples)
+        bad.append(samples[2]["__key__"])
+    ckpt = make_checkpoint(tmp_path / "c.pth", tiny_shards)
+    runs = {"train": ["train", "teacher", str(root), "--model", "test_efficientnet", "--image-size", "32",
+                      "--batch-size", "4", "--epochs", "1", "--output", str(tmp_path / "runs"), "--device", "cpu"],
+            "eval": ["eval", str(ckpt), "--data", str(root), "--out", str(tmp_path / "ev"), "--device", "cpu"],
+            "teach": ["add-teacher-logits", str(root), "--checkpoint", str(ckpt), "--out", str(tmp_path / "kd"),
+                      "--device", "cpu", "--quiet"]}
+    for name, argv in runs.items():
+        for attempt in range(2):
+            shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+            shutil.rmtree(tmp_path / "kd", ignore_errors=True)
+            r = subprocess.run([sys.executable, "-m", "kdkit", *argv], capture_output=True, text=True, timeout=120)
+            assert r.returncode == 2, (name, attempt, r.returncode, r.stderr[-600:])
+            # (libjpeg's own warnings may print from DALI's threads around kdkit's line)
+            said = [line for line in r.stderr.splitlines() if line.startswith("kdkit: error:")]
+            assert len(said) == 1 and ".tar" in said[0], r.stderr[-600:]
+            assert any(f"sample {k}: image does not decode" in said[0] for k in bad), said
