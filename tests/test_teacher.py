@@ -492,7 +492,8 @@ def test_a_pass_started_on_one_device_is_not_finished_on_another(tiny_shards, ck
     if not plan.exists():
         plan = tmp_path / "o" / contract.STATE_DIR / "teacher" / contract.PLAN_FILE
     started = json.loads(plan.read_text())
-    assert started["ran_on"] == {"device": "cpu", "amp": False}
-    plan.write_text(json.dumps({**started, "ran_on": {"device": "gpu", "amp": True}}))
-    with pytest.raises(KdkitError, match=r"started with device gpu \(AMP on\); resuming it with device cpu"):
+    assert (started["device"], started["amp"]) == ("cpu", False)
+    plan.write_text(json.dumps({**started, "fingerprint": "gpu-pass", "device": "gpu", "amp": True}))
+    with pytest.raises(KdkitError, match=r"holds a different teacher pass \(unfinished.*device 'gpu' then, 'cpu' now, "
+                                         r"amp True then, False now\)"):
         add_teacher_logits(cfg)

@@ -97,14 +97,16 @@ class ShardJob:
 
 
 def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str | None = None,
-             staged: bool = False, finished: str | None = None,
+             staged: bool = False, finished: str | None = None, facts: dict | None = None,
              plan: Callable[[], dict] | None = None) -> tuple[ShardJob, dict]:
     """Open (or start) the job that writes `folder`; returns it with its plan.
 
     what: the job in words for errors ("shard set", "teacher pass"). job: its state sub-folder
     (None: the job that creates the folder). staged: in place (see the module doc). finished: the
     fingerprint of the finished result the folder holds (its manifest's), which a staged job may
-    replace. plan(): the job's own plan fields, computed once when the job starts.
+    replace. facts: what the fingerprint stands for, in words a user knows (options, device), kept in
+    the plan so that a refusal can say which of them differ. plan(): the job's own plan fields,
+    computed once when the job starts.
 
     Refused, with nothing touched: a folder holding another job's unfinished shards, a finished result
     of other options (except in place), and a non-empty folder this job did not start.
@@ -119,8 +121,11 @@ def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str |
             hint = "use another output folder" if done else "rerun that command to finish it, or " + (
                 f"delete {state} to redo every shard with these options" if staged
                 else "use another output folder (or delete this one to start over)")
+            differ = [f"{k} {current[k]!r} then, {v!r} now" for k, v in (facts or {}).items()
+                      if k in current and current[k] != v]
             raise KdkitError(f"{folder} holds a different {what} ({'finished' if done else 'unfinished'}, made by: "
-                             f"{current.get('command') or 'unknown'}); nothing was overwritten: {hint}")
+                             f"{current.get('command') or 'unknown'}" + (f"; {', '.join(differ)}" if differ else "")
+                             + f"); nothing was overwritten: {hint}")
         current = None  # a finished result is being replaced in place: its records no longer apply
         for old in state.glob("*.json"):
             old.unlink()
@@ -131,7 +136,7 @@ def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str |
                              f"({', '.join(sorted(leftovers)[:3])}); nothing was overwritten. Use an empty or new "
                              "output folder")
     if current is None:
-        current = {"fingerprint": fingerprint, "command": command, **(plan() if plan else {})}
+        current = {"fingerprint": fingerprint, "command": command, **(facts or {}), **(plan() if plan else {})}
         state.mkdir(parents=True, exist_ok=True)
         tario.atomic_write_json(plan_path, current)
     return ShardJob(folder, fingerprint, state, staged), current

@@ -89,10 +89,10 @@ def _estimate_samples_per_shard(samples: list[SourceSample], cfg: ShardConfig) -
 def _open(folder: Path, split: SourceSplit, order: list[SourceSample], cfg: ShardConfig) -> tuple[ShardJob, dict]:
     def plan() -> dict:
         per = cfg.samples_per_shard or _estimate_samples_per_shard(order, cfg)
-        return {"num_samples": len(order), "samples_per_shard": per, "num_shards": (len(order) + per - 1) // per,
-                "options": cfg.output_options()}
+        return {"samples_per_shard": per, "num_shards": (len(order) + per - 1) // per}
 
-    return open_job(folder, fingerprint(split, cfg), cfg.command, "shard set", plan=plan)
+    return open_job(folder, fingerprint(split, cfg), cfg.command, "shard set",
+                    facts={"options": cfg.output_options(), "num_samples": len(order)}, plan=plan)
 
 
 def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConfig) -> contract.Manifest | None:

@@ -274,19 +274,10 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
 
 
 def _open(out: Path, fp: str, cfg: TeacherPassConfig, source: _Source) -> ShardJob:
-    where = {k: source.identity.get(k) for k in ("device", "amp")}
-    plan = out / contract.STATE_DIR / STATE_JOB / contract.PLAN_FILE
-    if plan.exists():  # an unfinished pass on another kind of device: say so plainly
-        started = json.loads(plan.read_text())
-        old = started.get("ran_on") or {}
-        if old and old != where and teacher_fingerprint(out) != started.get("fingerprint"):
-            raise KdkitError(f"{out}: this teacher pass was started with device {old.get('device')} (AMP "
-                             f"{'on' if old.get('amp') else 'off'}); resuming it with device {where['device']} (AMP "
-                             f"{'on' if where['amp'] else 'off'}) would mix two kinds of logits in one set. Finish it "
-                             f"with --device {old.get('device')}" + (" --amp" if old.get("amp") else "")
-                             + ", or start over in another --out")
+    # device and AMP are in the fingerprint (one set must not mix CPU and GPU logits): named when they differ
+    facts = {k: source.identity.get(k) for k in ("device", "amp")}
     job, _ = open_job(out, fp, cfg.command, "teacher pass", job=STATE_JOB, staged=cfg.in_place,
-                      finished=teacher_fingerprint(out), plan=lambda: {"ran_on": where})
+                      finished=teacher_fingerprint(out), facts=facts)
     return job
 
 
