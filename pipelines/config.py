@@ -231,14 +231,6 @@ class LoaderConfig:
     reading: Reading = field(default_factory=Reading)
     backend: Backend = field(default_factory=Backend)
 
-    def replace(self, **options) -> "LoaderConfig":
-        """A copy with some flat options changed (e.g. a new seed), checked as loader_config checks them."""
-        parts = _route(type(self.role), options)
-        return LoaderConfig(role=dataclasses.replace(self.role, **parts[0]),
-                            output=dataclasses.replace(self.output, **parts[1]),
-                            reading=dataclasses.replace(self.reading, **parts[2]),
-                            backend=dataclasses.replace(self.backend, **parts[3]))
-
 
 def roles() -> dict[str, type]:
     from kdkit.pipelines.eval import Eval

@@ -151,11 +151,3 @@ def iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             members[ext] = data
         if key is not None:
             yield key, members
-
-
-def remove_temp_files(folder: Path) -> int:
-    n = 0
-    for p in folder.glob("*" + TMP_SUFFIX):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n

@@ -9,6 +9,7 @@ loader; random views use one loader per shard (run_shards says why).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
         loader = DaliLoader(ShardSet(tars=[Path(t) for _, t in group]), lcfg)
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]
-        starts = [sum(counts[:i]) for i in range(len(counts))]
+        starts = [0, *itertools.accumulate(counts)]
         rows: list[torch.Tensor] = []  # outputs of samples read but not yet handed over, in reading order
         views: list[torch.Tensor] = []
         labels: list[int] = []

@@ -150,7 +150,11 @@ def _run(mode: str):
         try:
             fit(cfg)
         except KeyboardInterrupt:
-            raise Interrupted(f"kdkit train: interrupted; {cfg.run_dir / 'last.pth'} keeps the last checkpoint. "
+            last = cfg.run_dir / "last.pth"
+            if not last.exists():  # stopped before the first checkpoint: there is nothing to resume
+                raise Interrupted("kdkit train: interrupted before the first checkpoint; nothing was saved, run the "
+                                  "same command again to start over") from None
+            raise Interrupted(f"kdkit train: interrupted; {last} keeps the last checkpoint. "
                               f"Continue with: {resume_command(cfg, mode)}") from None
         return 0
     return run
