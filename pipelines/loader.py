@@ -36,7 +36,7 @@ from nvidia.dali import pipeline_def
 
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, Role
-from kdkit.pipelines.shardset import (ShardScan, explain_failure, reading_order, resolve_shards, scan_shards,
+from kdkit.pipelines.shardset import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards, scan_shards,
                                       shard_range, teacher_format)
 from kdkit.runtime import rank_and_world
 
@@ -120,6 +120,8 @@ class DaliLoader:
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id={self.shard_id} outside 0..{self.num_shards - 1}")
         self.scan, self.with_logits = _scan(self.role, cfg, self.shards)
+        check_checksums(self.shards, [t for t, _ in reading_order(self.shards, self.scan, self.shard_id,
+                                                                   self.num_shards)], progress=self.shard_id == 0)
         self.last_batch = cfg.reading.last_batch or self.role.last_batch
         self.last_view_index: torch.Tensor | None = None  # replay: the view each sample of the last batch used
         self.checkpointing = checkpointing or restore is not None

@@ -4,21 +4,27 @@ turning DALI's failures into errors that name the shard and the sample key.
 DALI's own errors for bad shards are correct but unhelpful ("Malformed index file ... line 8",
 "nvImageCodec failure: '#3'"), and a missing `.idx` makes it silently re-scan every tar at start.
 Everything that can be checked from the index files alone (present, offsets inside the tar,
-requested members present, label width) is checked here first, in one pass over the indexes;
-what only decoding can reveal (a corrupt JPEG) is diagnosed after DALI fails, by decoding the
-rank's samples in reading order with Pillow until the bad one is found.
+requested members present, label width) is checked here first, in one pass over the indexes; a
+shard whose bytes differ from its manifest's checksum is refused before DALI reads it
+(check_checksums); what only decoding can reveal (a corrupt JPEG in a set without a manifest, or
+one written that way) is diagnosed after DALI fails, by decoding the rank's samples in reading order
+with Pillow until the bad one is found.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
-from kdkit.shards.tario import parse_dali_index
+from kdkit.shards.tario import atomic_write_json, parse_dali_index, sha256_file
 from kdkit.shards.verify import find_sets, load_manifest
 
 
@@ -33,6 +39,7 @@ class ShardSet:
     tars: list[Path]
     folder: Path | None = None
     manifest: contract.Manifest | None = None
+    checksums: dict[Path, str] = field(default_factory=dict)  # tar -> the sha256 its manifest recorded
 
     @property
     def indexes(self) -> list[Path]:
@@ -64,7 +71,8 @@ def resolve_shards(source, split: str = "train") -> ShardSet:
         path = sets[0]
     if (path / contract.MANIFEST).exists():
         man = load_manifest(path)
-        return ShardSet(tars=[path / s.tar for s in man.shards], folder=path, manifest=man)
+        return ShardSet(tars=[path / s.tar for s in man.shards], folder=path, manifest=man,
+                        checksums={path / s.tar: s.sha256 for s in man.shards})
     return ShardSet(tars=sorted(path.glob("*.tar")), folder=path)
 
 
@@ -163,6 +171,55 @@ def reading_order(shards: ShardSet, scan: ShardScan, shard_id: int = 0, num_shar
             for k, u in zip(keys, ok) if u]
     begin, end = shard_range(len(flat), shard_id, num_shards)
     return flat[begin:end]
+
+
+def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -> None:
+    """Refuse a shard whose bytes differ from the sha256 its manifest recorded, before DALI reads it.
+
+    Why here and not after DALI fails: DALI cannot skip a damaged image inside a pipeline; its decoders
+    report most damage as an error (explain_failure then names the sample), but a JPEG damaged after
+    its shard was written was also reported to crash the process in DALI's share_outputs (a segfault;
+    not reproduced with DALI 2.4 here), and no error handler runs after a segfault. A shard changed
+    since kdkit wrote it is caught by its checksum, every time, whatever the damage. Cost: one read of
+    each shard the first time; a verified shard's (size, mtime) is cached in $KDKIT_CACHE/checked/, so
+    later runs only stat it. KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
+    """
+    todo = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
+    if not todo or os.environ.get("KDKIT_CHECKSUMS") == "0":
+        return
+    from kdkit.pipelines.native import cache_root
+
+    folder = (shards.folder or next(iter(todo)).parent).resolve()
+    cache_file = cache_root("checked") / (hashlib.sha256(str(folder).encode()).hexdigest()[:16] + ".json")
+    try:
+        seen = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        seen = {}
+
+    def stamp(tar: Path) -> list:
+        st = tar.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != [*stamp(t), want]}
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    total = sum(t.stat().st_size for t in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="checking shard checksums (once per change)",
+              disable=not progress or total < 1 << 30, file=sys.stderr) as bar:
+        for tar, want in todo.items():
+            if sha256_file(tar) != want:
+                raise ShardError(f"{tar}: its bytes differ from the checksum in its manifest (changed or damaged "
+                                 f"since it was written); `kdkit verify --decode {tar.parent}` names the damaged "
+                                 "samples: rewrite that shard (or set KDKIT_CHECKSUMS=0 to read it as it is)")
+            seen[str(tar.resolve())] = [*stamp(tar), want]
+            bar.update(tar.stat().st_size)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_file, seen)
+    except OSError:  # an unwritable cache only costs the same check next time
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

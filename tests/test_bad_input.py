@@ -286,15 +286,15 @@ def test_small_things_a_user_feels(tiny_shards, tmp_path, capsys, monkeypatch):
     assert not any((tmp_path / "x").iterdir())
 
 
-@pytest.mark.timeout(240)
-def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards, tmp_path):
-    """Every reader (train, eval, the teacher pass) stops with one line naming the shard and the sample,
-    exit status 2, run after run; a crash (the reported segfault in DALI's share_outputs) fails this."""
+def _damaged_set(tiny_shards, tmp_path, update_manifest: bool):
+    """A copy of the tiny set with one JPEG per split zeroed after its headers (the tar stays valid);
+    with update_manifest the manifest records the damaged shard's checksum (a set written that way),
+    else it still holds the original's (damage after writing). Returns (root, bad keys, the runs)."""
+    import dataclasses
     import shutil
-    import subprocess
-    import sys
 
-    from kdkit.shards import tario
+    from kdkit.shards import contract, tario
+    from kdkit.shards.verify import load_manifest
     from test_eval import make_checkpoint
 
     root = tmp_path / "set"
@@ -306,21 +306,85 @@ def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards
         jpg = samples[2]["jpg"]
         sos = jpg.index(b"\xff\xda")
         samples[2]["jpg"] = jpg[:sos + 4] + bytes(len(jpg) - sos - 4)  # headers kept, the body zeroed, no EOI
-        tario.write_shard(tar, samples)
-        bad.append(samples[2]["__key__"])
+        info = tario.write_shard(tar, samples)
+        bad.append((tar, samples[2]["__key__"]))
+        if update_manifest:
+            man = load_manifest(root / split)
+            shards = [dataclasses.replace(r, bytes=info["bytes"], sha256=info["sha256"]) if r.tar == tar.name else r
+                      for r in man.shards]
+            tario.atomic_write_json(root / split / contract.MANIFEST, dataclasses.replace(man, shards=shards).to_json())
     ckpt = make_checkpoint(tmp_path / "c.pth", tiny_shards)
     runs = {"train": ["train", "teacher", str(root), "--model", "test_efficientnet", "--image-size", "32",
                       "--batch-size", "4", "--epochs", "1", "--output", str(tmp_path / "runs"), "--device", "cpu"],
             "eval": ["eval", str(ckpt), "--data", str(root), "--out", str(tmp_path / "ev"), "--device", "cpu"],
             "teach": ["add-teacher-logits", str(root), "--checkpoint", str(ckpt), "--out", str(tmp_path / "kd"),
                       "--device", "cpu", "--quiet"]}
+    return root, bad, runs
+
+
+def _one_line(argv, tmp_path, env=None):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+    shutil.rmtree(tmp_path / "kd", ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "kdkit", *argv], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 2, (argv[0], r.returncode, r.stderr[-600:])
+    # (libjpeg's own warnings may print from DALI's threads around kdkit's line)
+    said = [line for line in r.stderr.splitlines() if line.startswith("kdkit: error:")]
+    assert len(said) == 1 and ".tar" in said[0], r.stderr[-600:]
+    return said[0]
+
+
+@pytest.mark.timeout(240)
+def test_a_shard_damaged_after_writing_is_refused_by_its_checksum_before_dali_decodes(tiny_shards, tmp_path):
+    """Every reader (train, eval, the teacher pass) hashes the shards it reads against the manifest before
+    DALI decodes anything (the reported segfault in DALI's share_outputs on a damaged JPEG cannot happen),
+    and names the shard; KDKIT_CHECKSUMS=0 skips the check (then DALI's decode error names the sample)."""
+    root, bad, runs = _damaged_set(tiny_shards, tmp_path, update_manifest=False)
+    for name, argv in runs.items():
+        said = _one_line(argv, tmp_path, env={"KDKIT_CACHE": str(tmp_path / "cache")})
+        assert "differ from the checksum in its manifest" in said and any(str(t) in said for t, _ in bad), said
+    said = _one_line(runs["eval"], tmp_path, env={"KDKIT_CHECKSUMS": "0"})
+    assert "image does not decode" in said, said
+
+
+def test_checksums_are_hashed_once_and_a_later_change_is_still_caught(tiny_shards, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from kdkit.pipelines import DaliLoader, ShardError, loader_config, shardset
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    hashed = []
+    real = shardset.sha256_file
+    monkeypatch.setattr(shardset, "sha256_file", lambda p: hashed.append(p) or real(p))
+    cfg = loader_config("eval", image_size=32, batch_size=4, device="cpu")
+    DaliLoader(root, cfg, split="val")
+    first = len(hashed)
+    assert first == len(list((root / "val").glob("*.tar")))
+    DaliLoader(root, cfg, split="val")
+    assert len(hashed) == first  # verified once: the second open only stats
+    tar = sorted((root / "val").glob("*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[-2000] ^= 0xFF  # same size, other bytes, a later mtime
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ShardError, match=f"{tar.name}: its bytes differ"):
+        DaliLoader(root, cfg, split="val")
+
+
+@pytest.mark.timeout(240)
+def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards, tmp_path):
+    """A set written with a damaged JPEG (its manifest agrees): every reader (train, eval, the teacher pass)
+    stops with one line naming the shard and the sample, exit status 2, run after run; a crash fails this."""
+    root, bad, runs = _damaged_set(tiny_shards, tmp_path, update_manifest=True)
     for name, argv in runs.items():
         for attempt in range(2):
-            shutil.rmtree(tmp_path / "runs", ignore_errors=True)
-            shutil.rmtree(tmp_path / "kd", ignore_errors=True)
-            r = subprocess.run([sys.executable, "-m", "kdkit", *argv], capture_output=True, text=True, timeout=120)
-            assert r.returncode == 2, (name, attempt, r.returncode, r.stderr[-600:])
-            # (libjpeg's own warnings may print from DALI's threads around kdkit's line)
-            said = [line for line in r.stderr.splitlines() if line.startswith("kdkit: error:")]
-            assert len(said) == 1 and ".tar" in said[0], r.stderr[-600:]
-            assert any(f"sample {k}: image does not decode" in said[0] for k in bad), said
+            said = _one_line(argv, tmp_path)
+            assert any(f"sample {k}: image does not decode" in said for _, k in bad), said

@@ -23,7 +23,6 @@ export) calls `load_model`, the one way from a checkpoint to a model and its met
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,17 +33,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from kdkit.errors import KdkitError
 from kdkit.models.factory import create_model
 from kdkit.models.heads import apply_head, classifier_width
+from kdkit.shards.tario import sha256_file
 
 FORMAT = "kdkit-checkpoint"
 VERSION = 1
-
-
-def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_kdkit_checkpoint(obj) -> bool:
@@ -169,7 +161,7 @@ class ModelInfo:
         return [c.get("name") or c["id"] for c in self.classes]
 
     def sha256(self) -> str:
-        return file_sha256(self.source)
+        return sha256_file(self.source)
 
     def to_json(self) -> dict:
         d = asdict(self)

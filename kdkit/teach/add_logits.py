@@ -133,7 +133,8 @@ class _Source:
         t = self.teachers[0].info
         tars = {index: src / rec.tar for index, rec in shards}
         for index, res in run_shards(list(tars.items()), self.ensemble, self.cfg, self.rt, self.size, self.ratio,
-                                     t.mean, t.std, on_images=bar.update):
+                                     t.mean, t.std, on_images=bar.update,
+                                     checksums={src / rec.tar: rec.sha256 for _, rec in shards}):
             tar = tars[index]
             samples = list(tario.iter_tar_samples(tar))
             keys = [k for k, _ in samples]

@@ -72,8 +72,10 @@ def loader_config(cfg: TeacherPassConfig, rt: Runtime, image_size: int, crop_rat
 
 
 def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: TeacherPassConfig, rt: Runtime,
-               image_size: int, crop_ratio: float, mean, std, on_images=None) -> Iterator[tuple[int, ShardOutputs]]:
-    """(shard index, its outputs in tar order) for each (index, tar) of `shards`, as each one completes.
+               image_size: int, crop_ratio: float, mean, std, on_images=None,
+               checksums: dict[Path, str] | None = None) -> Iterator[tuple[int, ShardOutputs]]:
+    """(shard index, its outputs in tar order) for each (index, tar) of `shards`, as each one completes;
+    a tar named in `checksums` (its manifest's sha256) must still have those bytes (check_checksums).
 
     The centre view has no randomness, so one loader reads all of this process's shards: a GPU
     pipeline's start-up (decoder init, device and pinned buffers, an empty prefetch queue) is paid
@@ -87,7 +89,7 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
     amp = cfg.amp and rt.device.type == "cuda"
     for group in groups:
         lcfg = loader_config(cfg, rt, image_size, crop_ratio, mean, std, group[0][0])
-        loader = DaliLoader(ShardSet(tars=[Path(t) for _, t in group]), lcfg)
+        loader = DaliLoader(ShardSet(tars=[Path(t) for _, t in group], checksums=checksums or {}), lcfg)
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]
         starts = [0, *itertools.accumulate(counts)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import file_sha256
+from kdkit.shards.tario import sha256_file
 from kdkit.shards import contract, tario
 from kdkit.teach import members as mem
 
@@ -77,7 +77,7 @@ class H5Outputs:
             self.file = h5py.File(self.path, "r")
         except OSError as e:
             raise KdkitError(f"{self.path}: not a readable HDF5 file ({e})") from None
-        self.sha256 = file_sha256(self.path)
+        self.sha256 = sha256_file(self.path)
         self._rows: dict[str, dict[str, int]] = {}
 
     def group(self, split: str, single_split: bool):

@@ -35,8 +35,9 @@ _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit") / "native"
+def cache_root(sub: str = "native") -> Path:
+    """kdkit's cache folder for `sub` (this operator's builds; "checked": verified shard checksums)."""
+    return Path(os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit") / sub
 
 
 def _include_dirs() -> list[str]:
