@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,10 +207,12 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     from tqdm import tqdm
 
     total = sum(t.stat().st_size for t in todo)
+    # hashlib releases the GIL while it hashes, so threads hash several shards at once
     with tqdm(total=total, unit="B", unit_scale=True, desc="checking shard checksums (once per change)",
-              disable=not progress or total < 1 << 30, file=sys.stderr) as bar:
-        for tar, want in todo.items():
-            if sha256_file(tar) != want:
+              disable=not progress or total < 1 << 30, file=sys.stderr) as bar, \
+            ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for (tar, want), got in zip(todo.items(), pool.map(sha256_file, todo)):
+            if got != want:
                 raise ShardError(f"{tar}: its bytes differ from the checksum in its manifest (changed or damaged "
                                  f"since it was written); `kdkit verify --decode {tar.parent}` names the damaged "
                                  "samples: rewrite that shard (or set KDKIT_CHECKSUMS=0 to read it as it is)")
