@@ -284,13 +284,24 @@ def test_bad_options_are_user_errors(kwargs):
 
 def test_listing_rows_and_resnet50_gmacs():
     rows = {r.name: r for r in list_variants(ListingConfig(pattern="*resnet50"))}
-    assert set(rows) == {"assemble_resnet50", "resnet50"}
+    assert set(rows) == {"assemble_resnet50", "resnet50", "seresnet50"}
     assert all(r.params > 0 and r.gmacs > 0 and r.description for r in rows.values())
     assert rows["resnet50"].gmacs == pytest.approx(4.1, abs=0.05)  # the well-known "4.1 GFLOPs"
     assert rows["resnet50"].params == pytest.approx(25.56e6, rel=0.01)
     assert rows["assemble_resnet50"].source == "kdkit" and rows["resnet50"].source == "timm"
     with pytest.raises(KdkitError):
         list_variants(ListingConfig(resolution=16))
+
+
+def test_listing_names_the_minimum_size_instead_of_failing(capsys):
+    rows = {r.name: r for r in list_variants(ListingConfig(pattern="alexnet*", resolution=32))}
+    assert set(rows) == {"alexnet", "alexnet_bn"}
+    assert all(r.gmacs is None and r.min_size == 63 and r.params > 60e6 for r in rows.values())
+    assert _models_cli(["--filter", "googlenet_bn", "--resolution", "32"]) == 0  # runs from 15 px
+    out = capsys.readouterr().out
+    assert "googlenet_bn" in out and "(>= " not in out
+    assert _models_cli(["--filter", "alexnet_bn", "--resolution", "32"]) == 0
+    assert "- (>= 63 px)" in capsys.readouterr().out
 
 
 def _models_cli(argv: list[str]) -> int:
