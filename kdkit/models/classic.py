@@ -17,6 +17,12 @@ has neither.
   BatchNorm after every conv - the Keras seed's googlenet_bn - aux classifiers off. Its "5x5"
   branches are 3x3 convs (torchvision keeps that to match its weights), hence 6.62M params against
   the seed's 7.02M (5x5 there: +0.38M; Keras also counts BN moving statistics: +0.015M).
+- `inception_v2`: BN-Inception (Ioffe & Szegedy 2015, arXiv:1502.03167) as the Keras seed defines it
+  (jkjung-avt/keras_imagenet models/inception_v2.py, after TF-slim's inception_v2): 5x5 branches as
+  two 3x3 convs, stride-2 modules 4a / 5a, average-pool projections in every stride-1 module. Like
+  the seed and unlike slim, the 7x7 stem conv is a plain conv (slim: depthwise-separable) and module
+  5c pools by average (the paper's last module: max). Written here: neither timm nor torchvision has
+  it. Same size as the seed's (11,214,888 in Keras = these 11.19M params + BN moving statistics).
 
 All three AlexNet-style nets end in torchvision's adaptive 6x6 average pool and the 4096-4096
 classifier, so they take any input from their minimum size up (MIN_SIZE; below it a pooling
@@ -24,8 +30,11 @@ window no longer fits and the forward says so in one line).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ConvNormAct
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torchvision.models import AlexNet as _TvAlexNet
@@ -33,11 +42,11 @@ from torchvision.models import GoogLeNet as _TvGoogLeNet
 
 from kdkit.errors import KdkitError
 
-__all__ = ["AlexNet", "GoogLeNet", "CLASSIC_VARIANTS", "MIN_SIZE"]
+__all__ = ["AlexNet", "GoogLeNet", "InceptionV2", "CLASSIC_VARIANTS", "MIN_SIZE"]
 
 CLASSIC_VARIANTS: dict[str, str] = {}  # name -> one-line description (the entrypoint's first docstring line)
 # smallest square input each one runs at (found by running it: below, a max-pool window no longer fits)
-MIN_SIZE = {"alexnet": 63, "alexnet_bn": 63, "zfnet_bn": 21, "googlenet_bn": 15}
+MIN_SIZE = {"alexnet": 63, "alexnet_bn": 63, "zfnet_bn": 21, "googlenet_bn": 15, "inception_v2": 1}
 
 
 def _check_size(model: nn.Module, x: torch.Tensor) -> None:
@@ -117,6 +126,73 @@ class GoogLeNet(_TvGoogLeNet):
         self.fc = nn.Linear(self.num_features, num_classes)
 
 
+class InceptionModule(nn.Module):
+    """BN-Inception module: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 | 3x3 pool -> 1x1, concatenated.
+
+    With stride 2 (modules 4a, 5a): no 1x1 branch, the 3x3 convs that end a branch take the stride and
+    the pool branch is a plain 3x3 max pool passing its input through.
+    """
+
+    def __init__(self, in_chs: int, c1: int, c3: tuple[int, int], c33: tuple[int, int], pool_proj: int,
+                 stride: int = 1):
+        super().__init__()
+        self.b1 = ConvNormAct(in_chs, c1, 1) if stride == 1 else None
+        self.b3 = nn.Sequential(ConvNormAct(in_chs, c3[0], 1), ConvNormAct(c3[0], c3[1], 3, stride))
+        self.b33 = nn.Sequential(ConvNormAct(in_chs, c33[0], 1), ConvNormAct(c33[0], c33[1], 3),
+                                 ConvNormAct(c33[1], c33[1], 3, stride))
+        if stride == 1:  # Keras' 'same' average pool leaves the padding out of the mean
+            self.pool = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), ConvNormAct(in_chs, pool_proj, 1))
+        else:
+            self.pool = nn.MaxPool2d(3, stride, 1)
+        self.out_chs = (c1 if stride == 1 else 0) + c3[1] + c33[1] + (pool_proj if stride == 1 else in_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.b3(x), self.b33(x), self.pool(x)]
+        return torch.cat(parts if self.b1 is None else [self.b1(x), *parts], 1)
+
+
+# (1x1, (3x3 reduce, 3x3), (double 3x3 reduce, double 3x3), pool projection, stride): the Keras seed's table
+_INCEPTION_V2 = {
+    "3b": (64, (64, 64), (64, 96), 32, 1), "3c": (64, (64, 96), (64, 96), 64, 1),
+    "4a": (0, (128, 160), (64, 96), 0, 2), "4b": (224, (64, 96), (96, 128), 128, 1),
+    "4c": (192, (96, 128), (96, 128), 128, 1), "4d": (160, (128, 160), (128, 160), 96, 1),
+    "4e": (96, (128, 192), (160, 192), 96, 1),
+    "5a": (0, (128, 192), (192, 256), 0, 2), "5b": (352, (192, 320), (160, 224), 128, 1),
+    "5c": (352, (192, 320), (192, 224), 128, 1),
+}
+
+
+class InceptionV2(nn.Module):
+    """BN-Inception / Inception v2 of the Keras seed (see the module docstring), timm's classifier API."""
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.4):
+        super().__init__()
+        self.stem = nn.Sequential(ConvNormAct(in_chans, 64, 7, 2), nn.MaxPool2d(3, 2, 1),
+                                  ConvNormAct(64, 64, 1), ConvNormAct(64, 192, 3), nn.MaxPool2d(3, 2, 1))
+        modules, chs = {}, 192
+        for name, spec in _INCEPTION_V2.items():
+            modules[f"mixed_{name}"] = m = InceptionModule(chs, *spec)
+            chs = m.out_chs
+        self.blocks = nn.Sequential(OrderedDict(modules))
+        self.global_pool, self.drop = nn.AdaptiveAvgPool2d(1), nn.Dropout(drop_rate)
+        self.arch, self.min_size = "inception_v2", MIN_SIZE["inception_v2"]
+        self.num_classes, self.num_features = num_classes, chs
+        self.fc = nn.Linear(chs, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.global_pool(self.forward_features(x)).flatten(1)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes)
+
+
 def _cfg(name: str, first_conv: str, classifier: str):
     size = MIN_SIZE[name]
     return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "min_input_size": (3, size, size),
@@ -126,7 +202,8 @@ def _cfg(name: str, first_conv: str, classifier: str):
 
 default_cfgs = generate_default_cfgs({
     f"{n}.untrained": _cfg(n, "features.0", "classifier.6") for n in ("alexnet", "alexnet_bn", "zfnet_bn")
-} | {"googlenet_bn.untrained": _cfg("googlenet_bn", "conv1.conv", "fc")})
+} | {"googlenet_bn.untrained": _cfg("googlenet_bn", "conv1.conv", "fc"),
+     "inception_v2.untrained": _cfg("inception_v2", "stem.0.conv", "fc")})
 
 
 def _variant(fn):
@@ -162,3 +239,9 @@ def zfnet_bn(pretrained: bool = False, **kwargs) -> AlexNet:
 def googlenet_bn(pretrained: bool = False, **kwargs) -> GoogLeNet:
     """GoogLeNet-BN (Keras seed): torchvision's Inception v1 with BatchNorm (1409.4842), no aux heads."""
     return _create(GoogLeNet, "googlenet_bn", pretrained, kwargs)
+
+
+@_variant
+def inception_v2(pretrained: bool = False, **kwargs) -> InceptionV2:
+    """Inception v2 / BN-Inception (Keras seed; 1502.03167): 5x5 as two 3x3, BatchNorm everywhere."""
+    return _create(InceptionV2, "inception_v2", pretrained, kwargs)

@@ -58,7 +58,7 @@ class VariantRow:
     params: int
     gmacs: float | None  # None: the model needs larger inputs than `resolution` (min_size)
     resolution: int
-    min_size: int | None = None  # smallest square input it runs at, where it has one above 32 px
+    min_size: int | None = None  # smallest square input it runs at, where its pretrained_cfg says
 
 
 def _matches(name: str, pattern: str | None) -> bool:
