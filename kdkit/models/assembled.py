@@ -293,13 +293,9 @@ def assemble_resnet101_bl(pretrained: bool = False, **kwargs) -> AssembledResNet
 
 @_variant
 def assemble_resnet152(pretrained: bool = False, **kwargs) -> AssembledResNet:
-    """Assemble-ResNet-152 without bL: assemble_resnet50's blocks and tricks at ResNet-152 depth (3-8-36-3).
-
-    ResNet-D (1812.01187), SK bottlenecks (1903.06586), BlurPool in strided convs (1904.11486),
-    DropBlock 0.1 in stages 3-4 (1810.12890), zero-gamma (1706.02677).
-    """
-    defaults = dict(layers=_DEPTHS[152], bottleneck=True, drop_block_rate=0.1)
-    return _create("assemble_resnet152", pretrained, defaults, kwargs)
+    """Assemble-ResNet-152 without bL: assemble_resnet101 at ResNet-152 depth (3-8-36-3)."""
+    return _create("assemble_resnet152", pretrained, dict(layers=_DEPTHS[152], bottleneck=True,
+                                                          drop_block_rate=0.1), kwargs)
 
 
 @_variant
