@@ -9,7 +9,8 @@ has neither.
   (Krizhevsky 2014, arXiv:1404.5997), 61.1M params.
 - `alexnet_bn`: AlexNet of the paper (Krizhevsky et al., NIPS 2012; widths 96-256-384-384-256) with
   each Local Response Normalization replaced by BatchNorm at the same place (after the ReLU of
-  conv1 and conv2), as the TF2 seed's AlexNet-BN did.
+  conv1 and conv2), as the TF2 seed's AlexNet-BN did. That seed's code also gives conv2 a stride
+  of 2 (ZFNet's change); here conv2 keeps the paper's stride 1, so the two nets differ as the papers do.
 - `zfnet_bn`: ZFNet (Zeiler & Fergus 2013, arXiv:1311.2901: 7x7/2 conv1, 5x5/2 conv2; feature maps
   110-55-26-13-13-13-6 at 224 px) with BatchNorm in place of its contrast normalization, as the TF2
   seed's ZFNet-BN.
