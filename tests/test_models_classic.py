@@ -110,5 +110,6 @@ def test_a_seed_model_trains_an_epoch_and_evaluates_through_the_cli(tiny_shards,
                  str(tmp_path / "ev"), "--json", str(tmp_path / "ev.json"), "--no-plots", "--quiet"]) == 0
     report = json.loads((tmp_path / "ev.json").read_text())
     assert report["models"][0]["model"] == "mobilenetv3_large_100"
+    assert 0 <= report["metrics"]["map"] <= 1 and all(c["ap"] is not None for c in report["metrics"]["per_class"])
     assert main(["train", "teacher", str(tiny_shards), "--model", "alexnet_bn", "--name", "small", *common]) == 2
     assert "at least 63 px" in capsys.readouterr().err
