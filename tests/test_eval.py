@@ -125,11 +125,45 @@ def test_metrics_equal_a_hand_computation(ckpt, tiny_shards, tmp_path):
             ece += sel.sum() / len(conf) * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
     assert m["ece"] == pytest.approx(ece) and m["ece_bins"] == 15
     assert m["nll"] == pytest.approx(-np.log(probs[np.arange(12), labels]).mean(), rel=1e-5)
+    # AP without tied scores: the mean, over the class's samples, of the precision at each one's rank
+    ap = []
+    for c in range(3):
+        hits = labels[np.argsort(-probs[:, c])] == c
+        ap.append(np.mean([hits[:k + 1].mean() for k in np.flatnonzero(hits)]))
+    assert [c["ap"] for c in m["per_class"]] == pytest.approx(ap)
+    assert m["map"] == pytest.approx(np.mean(ap)) and m["map_classes"] == 3 and m["ap_undefined"] == []
     files = write_outputs(report, tmp_path / "out")
     assert [f.name for f in files] == ["metrics.json", "confusion.png", "reliability.png"]
     assert json.loads(files[0].read_text())["metrics"]["top1"] == m["top1"]
     text = format_report(report)
-    assert "top-1" in text and "ECE" in text and "cat" in text
+    assert "top-1" in text and "ECE" in text and "cat" in text and "mAP" in text and "AP %" in text
+
+
+def test_average_precision_by_hand_with_ties_and_an_absent_class():
+    from kdkit.evaluate.metrics import average_precision, classification_metrics
+
+    # scores 0.9 0.8 0.8 0.3 0.1 for positives 1 0 1 0 1; thresholds from the top (the tie is one):
+    #   >= 0.9: P 1/1, R 1/3;  >= 0.8: P 2/3, R 2/3;  >= 0.3: P 2/4, R 2/3;  >= 0.1: P 3/5, R 3/3
+    # AP = sum (R_n - R_n-1) P_n = 1/3 * 1 + 1/3 * 2/3 + 0 * 1/2 + 1/3 * 3/5 = 34/45
+    scores = np.array([0.1, 0.8, 0.9, 0.3, 0.8])  # shuffled: the order of samples must not matter
+    positive = np.array([1, 1, 1, 0, 0], bool)
+    assert average_precision(scores, positive) == pytest.approx(34 / 45)
+    assert average_precision(scores, np.ones(5, bool)) == pytest.approx(1.0)
+    assert average_precision(scores, np.zeros(5, bool)) is None
+
+    # three classes, no "eel" sample: its AP is undefined, left out of the mean and listed
+    probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1], [0.2, 0.3, 0.5]])
+    labels = np.array([0, 1, 1, 0])
+    m = classification_metrics(probs, labels, ["cat", "dog", "eel"], ["cat", "dog", "eel"])
+    # cat: scores 0.7 0.3 0.5 0.2 -> ranks: 0.7 (cat), 0.5 (dog), 0.3 (dog), 0.2 (cat): AP = (1 + 2/4) / 2
+    # dog: scores 0.2 0.6 0.4 0.3 -> ranks: 0.6 (dog), 0.4 (dog): AP = 1
+    assert [c["ap"] for c in m["per_class"]] == pytest.approx([0.75, 1.0, None])
+    assert m["map"] == pytest.approx(0.875) and m["map_classes"] == 2 and m["ap_undefined"] == ["eel"]
+    report = {"models": [{"source": "x", "model": "m", "weights": "model"}], "ensemble": False,
+              "data": {"path": "p"}, "transform": {"views": "center", "num_views": 1, "image_size": 32,
+                                                   "crop_ratio": 0.875}, "metrics": m}
+    text = format_report(report)
+    assert "mAP" in text and "87.50 %" in text and "over 2 classes" in text and "left out: eel" in text
 
 
 @pytest.mark.parametrize("eval_views,n", [("flip", 2), ("tencrop", 10)])

@@ -24,6 +24,7 @@ from kdkit.models.layers.residual import last_norm
 from kdkit.models.listing import ListingConfig, list_variants, measure_gmacs
 
 TINY = "assemble_resnet_tiny"
+DEEP = {n for n in KD_VARIANTS if "101" in n or "152" in n}  # built on "meta" below: 45-83M params each
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -51,17 +52,18 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def built():
     """Each kdkit variant, 7 classes, default options; built once for the whole file."""
-    return {name: create_model(name, num_classes=7) for name in KD_VARIANTS}
+    return {name: create_model(name, num_classes=7) for name in KD_VARIANTS if name not in DEEP}
 
 
 def test_variants_are_registered_with_timm():
     assert set(KD_VARIANTS) == {"assemble_resnet_tiny", "assemble_resnet18", "assemble_resnet50",
-                                "assemble_resnet50_bl"}
+                                "assemble_resnet50_bl", "assemble_resnet101", "assemble_resnet101_bl",
+                                "assemble_resnet152", "assemble_resnet152_bl"}
     assert set(KD_VARIANTS) <= set(timm.list_models("assemble_*"))
     assert all(desc for desc in KD_VARIANTS.values())
 
 
-@pytest.mark.parametrize("name", sorted(KD_VARIANTS))
+@pytest.mark.parametrize("name", sorted(set(KD_VARIANTS) - DEEP))
 def test_every_variant_builds_and_classifies(built, name):
     model = built[name].eval()
     with torch.no_grad():
@@ -229,6 +231,50 @@ def test_big_little_matches_the_paper_and_cuts_gmacs():
     assert bl_gmacs < 0.75 * plain
 
 
+def _stage_blocks(stage: nn.Module) -> int:
+    return len(blocks(stage))
+
+
+@pytest.mark.parametrize("depth", [101, 152])
+def test_deeper_variants_have_resnet_depths_and_the_same_tricks(depth):
+    with torch.device("meta"):  # layout only: no memory, no init arithmetic
+        plain = create_model(f"assemble_resnet{depth}", num_classes=1000)
+        bl = create_model(f"assemble_resnet{depth}_bl", num_classes=1000)
+        ref = timm.create_model(f"resnet{depth}d", num_classes=1000)
+    stages = {101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]  # He et al. 2015, table 1
+    assert [_stage_blocks(getattr(plain, f"layer{i}")) for i in range(1, 5)] == stages
+    assert all(type(b).__name__ == "SelectiveKernelBottleneck" for b in blocks(plain) + blocks(bl))
+    assert min(count(m, BlurPool2d) for m in (plain, bl)) > 0 and count(plain, DropBlock2d) > 0
+    assert isinstance(bl.layer3, BigLittleStage) and isinstance(bl.maxpool, BigLittleStem)
+    # the same -50 tricks add about as much to resnet{depth}d as they add to resnet50d (timm's input-split SK)
+    assert abs(params(plain) / params(ref) - 1) < 0.15
+
+
+def test_assemble_resnet152_bl_is_the_seeds_evaluation_network():
+    # clovaai/assembled-cnn README: --resnet_size=152 --bl_alpha=1 --bl_beta=2 --use_sk_block=True
+    # --anti_alias_type=sconv --anti_alias_filter_size=3
+    with torch.device("meta"):
+        model = create_model("assemble_resnet152_bl", num_classes=1000)
+    stage = model.layer3  # 36 blocks: big 35, little 36 // beta - 1 = 17 at full width (alpha = 1), merge 1
+    assert (len(stage.big), len(stage.little), len(stage.merge)) == (35, 17, 1)
+    assert stage.little[0].conv1.out_channels == stage.big[0].conv1.out_channels
+    blurs = [m for m in model.modules() if isinstance(m, BlurPool2d)]
+    assert blurs and all(b.filt_size == 3 for b in blurs)
+    assert isinstance(model.maxpool, BigLittleStem)
+
+
+def test_deep_big_little_trains_and_costs_less():
+    model = create_model("assemble_resnet101_bl", num_classes=5).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 5) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.device("meta"):
+        gmacs = {n: measure_gmacs(create_model(n, num_classes=1000), 224)
+                 for n in ("assemble_resnet101", "assemble_resnet101_bl", "assemble_resnet152", "assemble_resnet152_bl")}
+    assert gmacs["assemble_resnet101_bl"] < 0.7 * gmacs["assemble_resnet101"]
+    assert gmacs["assemble_resnet152_bl"] < gmacs["assemble_resnet152"]  # alpha=1 keeps the little branch wide
+
+
 @pytest.mark.parametrize("kwargs", [dict(norm="layernorm"), dict(attn="cbam"), dict(aa="max"),
                                     dict(pretrained=True), dict(big_little=True, output_stride=16)])
 def test_bad_options_are_user_errors(kwargs):
@@ -238,13 +284,24 @@ def test_bad_options_are_user_errors(kwargs):
 
 def test_listing_rows_and_resnet50_gmacs():
     rows = {r.name: r for r in list_variants(ListingConfig(pattern="*resnet50"))}
-    assert set(rows) == {"assemble_resnet50", "resnet50"}
+    assert set(rows) == {"assemble_resnet50", "resnet50", "seresnet50"}
     assert all(r.params > 0 and r.gmacs > 0 and r.description for r in rows.values())
     assert rows["resnet50"].gmacs == pytest.approx(4.1, abs=0.05)  # the well-known "4.1 GFLOPs"
     assert rows["resnet50"].params == pytest.approx(25.56e6, rel=0.01)
     assert rows["assemble_resnet50"].source == "kdkit" and rows["resnet50"].source == "timm"
     with pytest.raises(KdkitError):
         list_variants(ListingConfig(resolution=16))
+
+
+def test_listing_names_the_minimum_size_instead_of_failing(capsys):
+    rows = {r.name: r for r in list_variants(ListingConfig(pattern="alexnet*", resolution=32))}
+    assert set(rows) == {"alexnet", "alexnet_bn"}
+    assert all(r.gmacs is None and r.min_size == 63 and r.params > 60e6 for r in rows.values())
+    assert _models_cli(["--filter", "googlenet_bn", "--resolution", "32"]) == 0  # runs from 15 px
+    out = capsys.readouterr().out
+    assert "googlenet_bn" in out and "(>= " not in out
+    assert _models_cli(["--filter", "alexnet_bn", "--resolution", "32"]) == 0
+    assert "- (>= 63 px)" in capsys.readouterr().out
 
 
 def _models_cli(argv: list[str]) -> int:

@@ -100,12 +100,14 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy, calibration and corruption robustness (mCE) on a shard set",
+    p = sub.add_parser("eval", help="accuracy, mAP, calibration and corruption robustness (mCE) on a shard set",
                        formatter_class=HelpFormatter,
                        description="Evaluate checkpoints on a shard set with the DALI eval pipeline: top-1/top-5, "
-                                   "per-class accuracy, confusion matrix, calibration (ECE, 15 bins, reliability "
-                                   "plot). Several checkpoints are averaged as an ensemble (mean of softmax "
-                                   "probabilities, as are test-time views). --corruptions adds ImageNet-C "
+                                   "per-class accuracy and average precision, mAP (one-vs-rest on the softmax "
+                                   "scores; classes without samples left out and listed), confusion matrix, "
+                                   "calibration (ECE, 15 bins, reliability plot). Several checkpoints are averaged "
+                                   "as an ensemble (mean of softmax probabilities, as are test-time views). "
+                                   "--corruptions adds ImageNet-C "
                                    "corruption errors and mCE against --reference (kdkit/evaluate/CORRUPTIONS.md).")
     p.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
                    help="kdkit checkpoint(s); several are averaged as an ensemble (default: none, only with "

@@ -1,4 +1,4 @@
-"""`kdkit eval`: accuracy, per-class accuracy, confusion, calibration and (optionally) corruption
+"""`kdkit eval`: accuracy, per-class accuracy and AP, mAP, confusion, calibration and (optionally) corruption
 robustness of one checkpoint or an ensemble, on a shard set read by the DALI eval pipeline.
 
     report = evaluate(EvalConfig(checkpoints=["runs/r50/best.pt"], data="shards/imagenet", views="tencrop"))
@@ -153,6 +153,16 @@ def write_outputs(report: dict, out: Path, json_path: Path | None = None, plots:
     return written
 
 
+def _map_line(m: dict) -> str:
+    """mAP, and which classes it leaves out (no samples in the set: AP undefined)."""
+    if m.get("map") is None:
+        return f"{'mAP':<10}{'-':>8}     (no class has samples)"
+    absent = m["ap_undefined"]
+    note = (f"; {len(absent)} without samples left out: {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}"
+            if absent else "")
+    return f"{'mAP':<10}{100 * m['map']:>8.2f} %   (mean one-vs-rest AP over {m['map_classes']} classes{note})"
+
+
 def format_report(report: dict, max_classes: int = 20) -> str:
     """The table `kdkit eval` prints."""
     m, t = report["metrics"], report["transform"]
@@ -165,7 +175,8 @@ def format_report(report: dict, max_classes: int = 20) -> str:
              f"{'top-1':<10}{100 * m['top1']:>8.2f} %",
              f"{'top-' + str(m['top5_k']):<10}{100 * m['top5']:>8.2f} %",
              f"{'NLL':<10}{m['nll']:>8.4f}",
-             f"{'ECE':<10}{100 * m['ece']:>8.2f} %   ({m['ece_bins']} equal-width confidence bins)"]
+             f"{'ECE':<10}{100 * m['ece']:>8.2f} %   ({m['ece_bins']} equal-width confidence bins)",
+             _map_line(m)]
     rows = m["per_class"]
     shown = rows
     if len(rows) > max_classes:  # the worst classes are the ones worth reading; all are in the JSON
@@ -174,10 +185,11 @@ def format_report(report: dict, max_classes: int = 20) -> str:
     else:
         lines += ["", "per class:"]
     width = max([len(str(r["name"] or r["id"])) for r in shown] + [5]) + 2
-    lines.append(f"  {'index':>5}  {'class':<{width}}{'samples':>8}{'top-1 %':>10}")
+    lines.append(f"  {'index':>5}  {'class':<{width}}{'samples':>8}{'top-1 %':>10}{'AP %':>9}")
     for r in shown:
         acc = "-" if r["top1"] is None else f"{100 * r['top1']:.2f}"
-        lines.append(f"  {r['index']:>5}  {str(r['name'] or r['id']):<{width}}{r['support']:>8}{acc:>10}")
+        ap = "-" if r.get("ap") is None else f"{100 * r['ap']:.2f}"
+        lines.append(f"  {r['index']:>5}  {str(r['name'] or r['id']):<{width}}{r['support']:>8}{acc:>10}{ap:>9}")
     if "robustness" in report:
         from kdkit.evaluate.robustness import format_robustness
 

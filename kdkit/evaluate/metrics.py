@@ -7,6 +7,12 @@ when fewer than k classes have a strictly higher probability than its true class
 Calibration is the expected calibration error of Guo et al. (2017) over 15 equal-width confidence
 bins ((m-1)/15, m/15]: ECE = sum_m |B_m|/N * |accuracy(B_m) - mean confidence(B_m)|, with the
 confidence of a sample = its top probability.
+Average precision (AP) of a class is scikit-learn's `average_precision_score` on the one-vs-rest
+problem "is it this class", scored by the class's probability: AP = sum_n (R_n - R_{n-1}) P_n over
+the distinct scores taken as thresholds from the highest down (tied scores form one threshold), the
+step-wise area under the precision-recall curve without interpolation. mAP (the OpenVINO seed's
+headline metric) is the mean over the classes present in the evaluated set: a class without samples
+has no recall, so its AP is undefined (None), it is left out of the mean and listed by id.
 """
 from __future__ import annotations
 
@@ -56,6 +62,27 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12)).mean())
 
 
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """AP of one binary problem exactly as sklearn.metrics.average_precision_score (which kdkit does not
+    depend on: it is these few lines); None when there is no positive sample."""
+    positive = np.asarray(positive, bool)
+    if not positive.any():
+        return None
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    scores, positive = np.asarray(scores, np.float64)[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of each distinct score
+    tp = np.cumsum(positive)[last]
+    precision, recall = tp / (last + 1), tp / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_average_precision(probs: np.ndarray, labels: np.ndarray) -> tuple[float | None, list[float | None]]:
+    """(mAP over the classes that have samples, per-class AP with None for classes without any)."""
+    ap = [average_precision(probs[:, c], labels == c) for c in range(probs.shape[1])]
+    present = [a for a in ap if a is not None]
+    return (float(np.mean(present)) if present else None), ap
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_ids: list[str], class_names: list[str],
                            bins: int = ECE_BINS) -> dict:
     """Everything `kdkit eval` reports for clean data, as JSON-ready Python values."""
@@ -71,6 +98,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_ids: lis
     cm = confusion_matrix(labels, preds, k)
     support = cm.sum(axis=1)
     cal = calibration_bins(probs, labels, bins)
+    m_ap, ap = mean_average_precision(probs, labels)
     return {
         "num_samples": int(n),
         "top1": float((preds == labels).mean()),
@@ -79,8 +107,12 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_ids: lis
         "nll": nll(probs, labels),
         "ece": expected_calibration_error(cal, n),
         "ece_bins": bins,
+        "map": m_ap,  # mean of per-class AP over the classes with samples (None if none has)
+        "map_classes": sum(a is not None for a in ap),
+        "ap_undefined": [class_ids[i] for i in range(k) if ap[i] is None],  # no samples: left out of mAP
         "per_class": [{"index": i, "id": class_ids[i], "name": class_names[i], "support": int(support[i]),
-                       "top1": float(cm[i, i] / support[i]) if support[i] else None} for i in range(k)],
+                       "top1": float(cm[i, i] / support[i]) if support[i] else None, "ap": ap[i]}
+                      for i in range(k)],
         "confusion": cm.tolist(),
         "reliability": cal,
     }

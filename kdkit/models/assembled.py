@@ -197,6 +197,10 @@ default_cfgs = generate_default_cfgs({
     "assemble_resnet18.untrained": _cfg(),
     "assemble_resnet50.untrained": _cfg(),
     "assemble_resnet50_bl.untrained": _cfg(first_conv="conv1"),
+    "assemble_resnet101.untrained": _cfg(),
+    "assemble_resnet101_bl.untrained": _cfg(first_conv="conv1"),
+    "assemble_resnet152.untrained": _cfg(),
+    "assemble_resnet152_bl.untrained": _cfg(first_conv="conv1"),
 })
 
 
@@ -259,3 +263,51 @@ def assemble_resnet50_bl(pretrained: bool = False, **kwargs) -> AssembledResNet:
     """
     defaults = dict(layers=(3, 4, 6, 3), bottleneck=True, big_little=True, drop_block_rate=0.1)
     return _create("assemble_resnet50_bl", pretrained, defaults, kwargs)
+
+
+# Deeper: ResNet-101 / -152 depths (He et al. 2015, 1512.03385), the same blocks and tricks as -50.
+_DEPTHS = {101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+
+@_variant
+def assemble_resnet101(pretrained: bool = False, **kwargs) -> AssembledResNet:
+    """Assemble-ResNet-101 without bL: assemble_resnet50's blocks and tricks at ResNet-101 depth (3-4-23-3).
+
+    ResNet-D (1812.01187), SK bottlenecks (1903.06586), BlurPool in strided convs (1904.11486),
+    DropBlock 0.1 in stages 3-4 (1810.12890), zero-gamma (1706.02677).
+    """
+    defaults = dict(layers=_DEPTHS[101], bottleneck=True, drop_block_rate=0.1)
+    return _create("assemble_resnet101", pretrained, defaults, kwargs)
+
+
+@_variant
+def assemble_resnet101_bl(pretrained: bool = False, **kwargs) -> AssembledResNet:
+    """Assemble-ResNet-101 with Big-Little (alpha=2, beta=4 as assemble_resnet50_bl) + SK + anti-aliasing.
+
+    assemble_resnet50_bl at ResNet-101 depth. The Assemble paper publishes no ResNet-101; alpha=2,
+    beta=4 are bL-ResNet-101's in Chen et al. (1807.03848). `bl_alpha` / `bl_beta` change them.
+    """
+    defaults = dict(layers=_DEPTHS[101], bottleneck=True, big_little=True, drop_block_rate=0.1)
+    return _create("assemble_resnet101_bl", pretrained, defaults, kwargs)
+
+
+@_variant
+def assemble_resnet152(pretrained: bool = False, **kwargs) -> AssembledResNet:
+    """Assemble-ResNet-152 without bL: assemble_resnet101 at ResNet-152 depth (3-8-36-3)."""
+    return _create("assemble_resnet152", pretrained, dict(layers=_DEPTHS[152], bottleneck=True,
+                                                          drop_block_rate=0.1), kwargs)
+
+
+@_variant
+def assemble_resnet152_bl(pretrained: bool = False, **kwargs) -> AssembledResNet:
+    """Assemble-ResNet-152 of the seed's evaluation example (84.19 % top-1): bL alpha=1, beta=2 + SK + AA.
+
+    The network of clovaai/assembled-cnn's README and eval_assemble152_mCE_on_imagenet.sh:
+    `--resnet_size=152 --bl_alpha=1 --bl_beta=2 --use_sk_block=True --anti_alias_type=sconv
+    --anti_alias_filter_size=3`, i.e. Big-Little (1807.03848) with a full-width little branch,
+    SK bottlenecks (1903.06586), 3x3 BlurPool in strided convs (1904.11486), average-pool
+    shortcuts (1812.01187); plus DropBlock 0.1 (1810.12890) and zero-gamma as the -50.
+    """
+    defaults = dict(layers=_DEPTHS[152], bottleneck=True, big_little=True, bl_alpha=1, bl_beta=2,
+                    drop_block_rate=0.1)
+    return _create("assemble_resnet152_bl", pretrained, defaults, kwargs)

@@ -22,8 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register `models` on the `kdkit` subparsers object (sets `func`)."""
     p = sub.add_parser("models", help="list kdkit's model variants with params and GMACs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="List the models kdkit registers with timm (the assembled ResNet family) "
-                                   "and, for comparison, a few timm baselines: parameters (ImageNet head) and "
+                       description="List the models kdkit registers with timm (the assembled ResNet family; the "
+                                   "TF2 / Keras seeds' AlexNet, ZFNet-BN, GoogLeNet-BN; MNIST MLPs) and, for "
+                                   "comparison, a few timm baselines: parameters (ImageNet head) and "
                                    "GMACs of one image at --resolution. GMACs = multiply-accumulates, what papers "
                                    "call GFLOPs (ResNet-50: 4.1). Any of these names works wherever kdkit takes "
                                    "a model, as does every timm model name.")
@@ -31,7 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--filter", default=None, metavar="PATTERN",
                    help="only names matching this glob (e.g. 'assemble_*') or containing this text")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                   help="also list timm baselines (resnet18, resnet50, resnet50d, skresnet50d, ...)")
+                   help="also list timm baselines (resnet18, resnet50, resnet50d, skresnet50d, ...) and the "
+                        "seeds' timm models (resnetv2_50, seresnet50, mobilenetv2_100, efficientnet_b0, ...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run)
     return p

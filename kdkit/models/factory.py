@@ -14,6 +14,7 @@ from kdkit.errors import KdkitError
 def _register_variants() -> None:
     try:
         import kdkit.models.assembled  # noqa: F401  (registers the assembled ResNet family)
+        import kdkit.models.classic  # noqa: F401  (registers the TF2 / Keras seeds' AlexNet, ZFNet, GoogLeNet)
         import kdkit.models.mlp  # noqa: F401  (registers Hinton et al.'s MNIST MLPs)
     except ModuleNotFoundError as e:
         if e.name != "kdkit.models.assembled":

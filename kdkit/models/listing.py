@@ -30,6 +30,16 @@ BASELINES = {
     "resnetblur50d": "ResNet-50-D + BlurPool in strided convs and stem pool (1904.11486)",
     "ecaresnet50d": "ResNet-50-D + ECA channel attention (1910.03151)",
 }
+# the timm names of the other seeds' backbones (TF2, Keras and OpenVINO seeds), for their size and cost
+SEED_BASELINES = {  # the OpenVINO seed's "GFLOPs" are 2 x MACs: its 0.44 for MobileNetV3-L is 0.22 here
+    "resnetv2_50": "pre-activation ResNet-50 (1603.05027), the TF2 seed's ResNetV2-50",
+    "seresnet50": "SE-ResNet-50 (1709.01507), the TF2 seed's ResNetSE-50",
+    "mobilenetv2_100": "MobileNetV2 1.0 (1801.04381), Keras seed (3,538,984 params)",
+    "mobilenetv3_large_100": "MobileNetV3-Large 1.0 (1905.02244), OpenVINO seed (0.44 GFLOPs = 2 x GMACs)",
+    "efficientnet_b0": "EfficientNet-B0 (1905.11946), Keras + OpenVINO seeds (0.76 GFLOPs = 2 x GMACs)",
+    "efficientnet_b2": "EfficientNet-B2 (1905.11946), bag-of-tricks seed; 260 px native",
+    "regnety_016": "RegNetY-1.6GF (2003.13678), bag-of-tricks seed",
+}
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,9 @@ class VariantRow:
     source: str          # "kdkit" (registered by kdkit.models.assembled) or "timm"
     description: str
     params: int
-    gmacs: float
+    gmacs: float | None  # None: the model needs larger inputs than `resolution` (min_size)
     resolution: int
+    min_size: int | None = None  # smallest square input it runs at, where its pretrained_cfg says
 
 
 def _matches(name: str, pattern: str | None) -> bool:
@@ -77,6 +88,9 @@ def _row(name: str, source: str, description: str, cfg: ListingConfig) -> Varian
     extra = {"img_size": cfg.resolution} if name in MLP_VARIANTS else {}  # an MLP is built for one size
     model = create_model(name, num_classes=cfg.num_classes, **extra)
     params = sum(p.numel() for p in model.parameters())
+    min_size = ((getattr(model, "pretrained_cfg", None) or {}).get("min_input_size") or (0, 0, 0))[-1] or None
+    if min_size and cfg.resolution < min_size:
+        return VariantRow(name, source, description, params, None, cfg.resolution, min_size)
     try:
         gmacs = measure_gmacs(model, cfg.resolution)
     except Exception:  # an op without a meta kernel: count on a fresh CPU copy instead
@@ -85,20 +99,21 @@ def _row(name: str, source: str, description: str, cfg: ListingConfig) -> Varian
                                   device="cpu")
         except Exception as e:
             raise KdkitError(f"{name} at {cfg.resolution}px: forward failed ({type(e).__name__}: {e})") from None
-    return VariantRow(name, source, description, params, round(gmacs, 3), cfg.resolution)
+    return VariantRow(name, source, description, params, round(gmacs, 3), cfg.resolution, min_size)
 
 
 def list_variants(config: ListingConfig | None = None) -> list[VariantRow]:
     """kdkit's variants (and the timm baselines), each built without weights and measured."""
     from kdkit.models.assembled import KD_VARIANTS
+    from kdkit.models.classic import CLASSIC_VARIANTS
     cfg = config or ListingConfig()
     if cfg.resolution < 32:
         raise KdkitError(f"resolution {cfg.resolution}: the variants need at least 32 px (5 stride-2 steps)")
     from kdkit.models.mlp import mlp_variants
 
-    wanted = [(n, "kdkit", d) for n, d in {**KD_VARIANTS, **mlp_variants()}.items()]
+    wanted = [(n, "kdkit", d) for n, d in {**KD_VARIANTS, **CLASSIC_VARIANTS, **mlp_variants()}.items()]
     if cfg.baselines:
-        wanted += [(n, "timm", d) for n, d in BASELINES.items()]
+        wanted += [(n, "timm", d) for n, d in {**BASELINES, **SEED_BASELINES}.items()]
     return [_row(n, src, d, cfg) for n, src, d in wanted if _matches(n, cfg.pattern)]
 
 
@@ -107,7 +122,8 @@ def format_table(rows: list[VariantRow], config: ListingConfig | None = None) ->
     if not rows:
         return f"no model matches {cfg.pattern!r}"
     head = ("model", "from", "params", f"GMACs@{cfg.resolution}", "description")
-    body = [(r.name, r.source, f"{r.params / 1e6:.2f}M", f"{r.gmacs:.2f}", r.description) for r in rows]
+    body = [(r.name, r.source, f"{r.params / 1e6:.2f}M", f"{r.gmacs:.2f}" if r.gmacs is not None else
+             f"- (>= {r.min_size} px)", r.description) for r in rows]
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(4)]
     lines = ["  ".join([line[0].ljust(widths[0]), line[1].ljust(widths[1]), line[2].rjust(widths[2]),
                         line[3].rjust(widths[3]), line[4]]) for line in [head, *body]]
