@@ -1,4 +1,4 @@
-"""`kdkit shard imagenet | folder | tfrecord | hdf5` and `kdkit verify`: options -> ShardConfig ->
+"""`kdkit shard imagenet | folder | list | tfrecord | hdf5` and `kdkit verify`: options -> ShardConfig ->
 write_dataset / verify_set. Heavy imports happen when a command runs, so `kdkit --help` stays fast.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _add_shard_common(p: argparse.ArgumentParser) -> None:
                         "encode others at 95)")
     g = p.add_argument_group("Run")
     g.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1, help="image-processing processes")
-    g.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad image (or bad list line) instead of skipping it")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -58,6 +58,10 @@ def _run_shard(a: argparse.Namespace) -> int:
 
         ds = list_imagenet(a.root, splits=a.splits, val_labels=a.val_labels, devkit=a.devkit,
                            class_names=a.class_names)
+    elif a.source == "list":
+        from kdkit.shards.sources.listfile import list_listfile
+
+        ds = list_listfile(a.lists, a.root, classes_file=a.classes, split=a.split, strict=a.strict)
     elif a.source == "tfrecord":
         from kdkit.shards.sources.tfrecord import list_tfrecords
 
@@ -103,6 +107,24 @@ def add_shard_parser(sub) -> None:
     q.add_argument("out", type=Path)
     q.add_argument("--splits", type=csv_list, default=None, help="comma-separated split folders (default: all found)")
     q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
+    _add_shard_common(q)
+
+    q = s.add_parser("list", formatter_class=HelpFormatter,
+                     help="list files of 'relative/path label' lines (train_labels.txt, valid_labels.txt)",
+                     description="List files as the TF2 ImageNet trainer reads them: one 'relative/path label' "
+                                 "per line (the label is the last field, so paths may hold spaces; # comments and "
+                                 "blank lines are skipped), labels as class indices or class names. A bad line "
+                                 "(malformed, missing file, label out of range, unknown class) is listed in the "
+                                 "skip report as LIST:LINE. Split from each file's name (train*, val*/valid*, "
+                                 "test*) unless --split is given.")
+    q.add_argument("lists", nargs="+", type=Path, metavar="LIST_FILE",
+                   help="list files; several (train and valid) share one class list")
+    q.add_argument("out", type=Path)
+    q.add_argument("--root", type=Path, required=True, help="folder the listed paths are relative to")
+    q.add_argument("--classes", type=Path, default=None,
+                   help="class names, one per line (index = line position) (default: sorted label names, or "
+                        "largest integer label + 1 classes)")
+    q.add_argument("--split", default=None, help="split of a single list file (default: from its name)")
     _add_shard_common(q)
 
     q = s.add_parser("tfrecord", formatter_class=HelpFormatter,

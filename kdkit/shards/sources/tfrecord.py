@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kdkit.errors import BadImage, KdkitError
 from kdkit.shards.contract import ClassInfo, key_from_relpath
-from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
+from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit, split_from_name
 
 SHARD_NAME = re.compile(r"^.+-\d+-of-\d+$")  # TF-slim shards: train-00000-of-01024, validation-00000-of-00128
 SUFFIXES = (".tfrecord", ".tfrecords")
@@ -242,11 +242,6 @@ def read_image(ref: tuple) -> bytes:
     return image[0]
 
 
-def split_of(path: Path) -> str | None:
-    name = path.name.lower()
-    return "train" if name.startswith("train") else "val" if name.startswith("val") else None  # val, validation
-
-
 def find_files(inputs: list[Path]) -> list[Path]:
     files = []
     for p in map(Path, inputs):
@@ -297,7 +292,7 @@ def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None 
     texts: dict[int, str] = {}
     max_index = -1
     for path in files:
-        name = split or split_of(path)
+        name = split or split_from_name(path.name)
         if name is None:
             raise KdkitError(f"{path}: cannot tell the split from the file name (expected train-* or "
                              "validation-*); pass --split")
