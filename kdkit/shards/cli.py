@@ -139,7 +139,7 @@ def add_shard_parser(sub) -> None:
     q.add_argument("--classes", type=Path, default=None, metavar="NAMES_FILE",
                    help="class names, one per line (index = line position) (default: sorted label names, or "
                         "largest integer label + 1 classes)")
-    q.add_argument("--split", default=None, help="split of a single list file (default: from its name)")
+    q.add_argument("--split", default=None, help="put every listed image in this split (default: from each list file's name)")
     _add_shard_common(q)
 
     q = s.add_parser("tfrecord", formatter_class=HelpFormatter,

@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 class SourceSample:
     key: str  # unique within the split, stable across runs (contract.key_from_relpath)
     label: int
-    ref: tuple  # ("file", path) | ("tfrecord", path, offset, length) | ("hdf5", path, dataset, index)
+    ref: tuple  # ("file", path) | ("tfrecord", path, offset, length, feature) | ("hdf5", path, dataset, index)
     origin: str  # what a person should look at when this sample is bad (a path, file@offset)
 
 

@@ -114,12 +114,9 @@ def _classes(entries: list[_Entry], classes_file: Path | None, problems: list) -
 
 def list_listfile(list_files: list[Path | str], root: Path | str, classes_file: Path | str | None = None,
                   split: str | None = None, strict: bool = False) -> SourceDataset:
-    """List files (one per split) of `PATH LABEL` lines, paths relative to root."""
+    """List files of `PATH LABEL` lines, paths relative to root; each file's split from its name, or `split`."""
     root = require_dir(Path(root), "image root (--root)")
     list_files = [Path(p) for p in list_files]
-    if split and len(list_files) > 1:
-        raise KdkitError(f"--split {split}: given with {len(list_files)} list files; each file's split comes from "
-                         "its name (train*, val*/valid*, test*), so shard them one at a time to name the split")
     problems: list[tuple[Path, int, str]] = []
     entries, split_of = [], {}
     for f in list_files:
@@ -165,6 +162,7 @@ def list_listfile(list_files: list[Path | str], root: Path | str, classes_file: 
     for f, n, why in problems:
         ignored.setdefault(split_of[f], []).append((f"{f}:{n}", why))
     order = sorted(splits, key=lambda s: (s != "train", s != "val", s))
-    return SourceDataset("list", str(root), [ClassInfo(i, n, n) for i, n in enumerate(names)],
+    classes = [ClassInfo(i, n, "" if how == MAX_PLUS_ONE else n) for i, n in enumerate(names)]
+    return SourceDataset("list", str(root), classes,
                          [SourceSplit(s, splits[s], ignored.get(s, [])) for s in order],
                          info={"lists": [str(f) for f in list_files], "class_order": how})

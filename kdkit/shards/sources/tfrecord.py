@@ -348,7 +348,7 @@ def gunzip_copy(path: Path, scratch: Path | None) -> Path:
     if plain.exists():
         return plain
     plain.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plain.with_name(plain.name + tario.TMP_SUFFIX)
+    tmp = plain.with_name(f"{plain.name}.{os.getpid()}{tario.TMP_SUFFIX}")  # --part machines may share OUT
     try:
         with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
@@ -383,11 +383,12 @@ def _tfds_names(files: list[Path]) -> tuple[list[str], Path] | tuple[None, None]
         print(f"kdkit: warning: no {TFDS_LABELS} beside the TFDS records: classes are numbered by label, without "
               "names (it is in the TFDS data folder, e.g. imagenet2012/5.1.0/)", file=sys.stderr)
         return None, None
-    lists = [read_lines(f, "TFDS class list") for f in found]
-    if any(other != lists[0] for other in lists[1:]):
-        raise KdkitError(f"{found[0]} and {found[lists.index(next(o for o in lists if o != lists[0]))]} differ: the "
-                         "records come from different datasets; shard them separately")
-    return lists[0], found[0]
+    names = read_lines(found[0], "TFDS class list")
+    for other in found[1:]:
+        if read_lines(other, "TFDS class list") != names:
+            raise KdkitError(f"{found[0]} and {other} differ: the records come from different datasets; shard them "
+                             "separately")
+    return names, found[0]
 
 
 def list_tfrecords(inputs: list[Path], label_offset: int | None = None, split: str | None = None,
