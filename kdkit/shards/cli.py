@@ -30,7 +30,8 @@ def _add_shard_common(p: argparse.ArgumentParser) -> None:
                         "encode others at 95)")
     g = p.add_argument_group("Run")
     g.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1, help="image-processing processes")
-    g.add_argument("--strict", action="store_true", help="stop at the first bad image (or bad list line) instead of skipping it")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first bad image (or bad list line) instead of skipping it")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -139,7 +140,8 @@ def add_shard_parser(sub) -> None:
     q.add_argument("--classes", type=Path, default=None, metavar="NAMES_FILE",
                    help="class names, one per line (index = line position) (default: sorted label names, or "
                         "largest integer label + 1 classes)")
-    q.add_argument("--split", default=None, help="put every listed image in this split (default: from each list file's name)")
+    q.add_argument("--split", default=None,
+                   help="put every listed image in this split (default: from each list file's name)")
     _add_shard_common(q)
 
     q = s.add_parser("tfrecord", formatter_class=HelpFormatter,
