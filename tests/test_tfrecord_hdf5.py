@@ -420,7 +420,7 @@ def test_tfds_records_round_trip_with_labels_mapped_to_wnids(tmp_path, capsys):
         list_tfrecords([data])
 
 
-def test_tfds_class_names_keep_their_order_and_layout_can_be_forced(tmp_path):
+def test_tfds_class_names_keep_their_order_and_layout_can_be_forced(tmp_path, capsys):
     rng = np.random.default_rng(9)
     f = tmp_path / "pets-train.tfrecord-00000-of-00001"
     write_tfrecord(f, [tfds_example(rng, 0, "a.jpg"), tfds_example(rng, 1, "b.jpg")])
@@ -431,6 +431,10 @@ def test_tfds_class_names_keep_their_order_and_layout_can_be_forced(tmp_path):
     with pytest.raises(KdkitError, match=r"record 0 at offset 0: no image/encoded feature \(features: file_name, "
                                          r"image, label\); is --layout slim right\?"):
         list_tfrecords([f], layout="slim")
+
+    (tmp_path / tfrecord.TFDS_LABELS).unlink()
+    assert [c.id for c in list_tfrecords([f]).classes] == ["0", "1"]  # numbered by label, and said so
+    assert f"no {tfrecord.TFDS_LABELS} beside the TFDS records" in capsys.readouterr().err
 
 
 def test_an_unknown_layout_names_its_features_and_the_layouts(tmp_path, capsys):
