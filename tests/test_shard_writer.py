@@ -289,7 +289,7 @@ def test_keys_are_stable_and_safe():
 
 def test_cli_help_for_every_command(capsys):
     for argv in (["--help"], ["shard", "--help"], ["shard", "imagenet", "--help"], ["shard", "folder", "--help"],
-                 ["shard", "tfrecord", "--help"], ["shard", "hdf5", "--help"], ["verify", "--help"]):
+                 ["shard", "list", "--help"], ["shard", "tfrecord", "--help"], ["shard", "hdf5", "--help"], ["verify", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0

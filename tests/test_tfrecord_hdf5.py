@@ -1,6 +1,7 @@
 """TFRecord (no TensorFlow) and HDF5 converters: round trips read back with stock webdataset, and refusals."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import struct
@@ -369,3 +370,121 @@ def test_an_archive_given_as_devkit_folder_says_extract_it(tmp_path):
     archive.write_bytes(b"\x1f\x8b")
     with pytest.raises(KdkitError, match=r"devkit_t12\.tar\.gz: devkit folder is an archive; extract it first"):
         list_imagenet(tmp_path / "in", devkit=archive)
+
+
+# --- tensorflow-datasets records, GZIP -------------------------------------------------------------
+
+TFDS_WNIDS = SYNSETS + ["n01491361", "n01494475"]  # label.labels.txt: every class, in label order
+
+
+def tfds_example(rng, label: int, name: str, image: bytes | None = None) -> dict:
+    """A record the way tensorflow-datasets' imagenet2012 builder writes it (label 0-based)."""
+    return {"image": image or jpeg_bytes(rng, 32, 40), "label": label, "file_name": name}
+
+
+def tfds_folder(folder: Path, files: dict[str, list[dict]]) -> Path:
+    folder.mkdir(parents=True)
+    for name, examples in files.items():
+        write_tfrecord(folder / name, examples)
+    (folder / tfrecord.TFDS_LABELS).write_text("\n".join(TFDS_WNIDS) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({"name": "imagenet2012", "version": "5.1.0"}))
+    return folder
+
+
+def test_tfds_records_round_trip_with_labels_mapped_to_wnids(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    want: dict[str, dict] = {"train": {}, "val": {}}
+    files = {}
+    for name, split, labels in (("imagenet2012-train.tfrecord-00000-of-00002", "train", [0, 2, 4]),
+                                ("imagenet2012-train.tfrecord-00001-of-00002", "train", [2, 0]),
+                                ("imagenet2012-validation.tfrecord-00000-of-00001", "val", [4, 1])):
+        files[name] = []
+        for lb in labels:
+            file_name = (f"{TFDS_WNIDS[lb]}_{len(want[split])}.JPEG" if split == "train"
+                         else f"ILSVRC2012_val_{len(want[split]):08d}.JPEG")
+            files[name].append(tfds_example(rng, lb, file_name, noisy_jpeg(rng) if lb == 4 else None))
+            want[split][file_name.removesuffix(".JPEG")] = (files[name][-1]["image"], lb)
+    data = tfds_folder(tmp_path / "imagenet2012" / "5.1.0", files)
+    out = tmp_path / "out"
+    assert main(["shard", "tfrecord", str(data), str(out), "--samples-per-shard", "2", "--workers", "1",
+                 "--quiet"]) == 0
+    for split in ("train", "val"):
+        assert read_with_webdataset(out / split) == want[split]  # TFDS's 0-based label is the class index
+    man = json.loads((out / "val" / contract.MANIFEST).read_text())
+    assert [c["id"] for c in man["classes"]] == TFDS_WNIDS  # every class of the list, also n01443537 (unused)
+    assert man["source"]["layout"] == "tfds" and man["source"]["label_offset"] == 0
+    assert man["source"]["class_list"] == str(data / tfrecord.TFDS_LABELS)
+
+    (data / tfrecord.TFDS_LABELS).write_text("\n".join(TFDS_WNIDS[:4]) + "\n")  # label 4 has no class now
+    with pytest.raises(KdkitError, match=r"record 2 at offset \d+: label 4, but .*label.labels.txt names 4 classes"):
+        list_tfrecords([data])
+
+
+def test_tfds_class_names_keep_their_order_and_layout_can_be_forced(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    f = tmp_path / "pets-train.tfrecord-00000-of-00001"
+    write_tfrecord(f, [tfds_example(rng, 0, "a.jpg"), tfds_example(rng, 1, "b.jpg")])
+    (tmp_path / tfrecord.TFDS_LABELS).write_text("dog\ncat\n")  # not wnids: the dataset's order stands
+    ds = list_tfrecords([f], layout="tfds")
+    assert [(c.index, c.id) for c in ds.classes] == [(0, "dog"), (1, "cat")]
+    assert {s.key: s.label for s in ds.splits[0].samples} == {"a": 0, "b": 1}
+    with pytest.raises(KdkitError, match=r"record 0 at offset 0: no image/encoded feature \(features: file_name, "
+                                         r"image, label\); is --layout slim right\?"):
+        list_tfrecords([f], layout="slim")
+
+    (tmp_path / tfrecord.TFDS_LABELS).unlink()
+    assert [c.id for c in list_tfrecords([f]).classes] == ["0", "1"]  # numbered by label, and said so
+    assert f"no {tfrecord.TFDS_LABELS} beside the TFDS records" in capsys.readouterr().err
+
+
+def test_an_unknown_layout_names_its_features_and_the_layouts(tmp_path, capsys):
+    f = tmp_path / "train-00000-of-00001"
+    write_tfrecord(f, [{"jpeg": b"\xff\xd8", "y": 1}])
+    assert main(["shard", "tfrecord", str(f), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "record 0 at offset 0: unknown TFRecord layout, features: jpeg, y" in err
+    assert "--layout slim (image/encoded, image/class/label)" in err and "--layout tfds (image, label)" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["train-00000-of-00001", "train-00000-of-00001.gz"])
+def test_gzip_records_are_recognised_and_read(tmp_path, name):
+    rng = np.random.default_rng(10)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    examples = [slim_example(rng, i % 3 + 1, i) for i in range(5)]
+    examples[3]["image/encoded"] = b"\xff\xd8 not a jpeg"
+    write_tfrecord(tmp_path / "plain", examples)
+    (raw / name).write_bytes(gzip.compress((tmp_path / "plain").read_bytes()))
+    assert tfrecord.is_gzip(raw / name) and not tfrecord.is_gzip(tmp_path / "plain")
+
+    out = tmp_path / "out"
+    assert main(["shard", "tfrecord", str(raw), str(out), "--samples-per-shard", "2", "--workers", "1",
+                 "--quiet"]) == 0
+    got = read_with_webdataset(out / "train")
+    assert got == {f"{SYNSETS[i % 3]}_{i}": (examples[i]["image/encoded"], i % 3) for i in (0, 1, 2, 4)}
+    assert f"{raw / name}: record 3\t" in (out / "train" / contract.SKIP_REPORT).read_text()  # the .gz file named
+    man = json.loads((out / "train" / contract.MANIFEST).read_text())
+    assert man["source"]["gzip_files"] == 1
+    assert not (out / contract.STATE_DIR).exists()  # the decompressed copy is gone once the set is written
+
+    with pytest.raises(KdkitError, match="record 0 at offset 0: length CRC mismatch"):
+        list_tfrecords([raw / name], compression="none")
+    (raw / name).write_bytes((raw / name).read_bytes()[:-40])
+    with pytest.raises(KdkitError, match=r"GZIP-compressed TFRecord does not decompress .*copy it again"):
+        list_tfrecords([raw / name], scratch=tmp_path / "scratch")
+    assert not list((tmp_path / "scratch").iterdir())  # no half copy left behind
+
+
+def test_gzip_copy_is_made_once_and_reused(tmp_path):
+    rng = np.random.default_rng(11)
+    write_tfrecord(tmp_path / "plain", [slim_example(rng, 1, 0)])
+    f = tmp_path / "validation-00000-of-00001"
+    f.write_bytes(gzip.compress((tmp_path / "plain").read_bytes()))
+    first = list_tfrecords([f], scratch=tmp_path / "s").splits[0].samples[0].ref
+    copy = Path(first[1])
+    assert copy.parent == tmp_path / "s" and copy.read_bytes() == (tmp_path / "plain").read_bytes()
+    made = copy.stat().st_mtime_ns
+    assert list_tfrecords([f], scratch=tmp_path / "s").splits[0].samples[0].ref == first  # a resumed run's listing
+    assert copy.stat().st_mtime_ns == made
+    assert tfrecord.read_image(first) == slim_example(np.random.default_rng(11), 1, 0)["image/encoded"]

@@ -1,10 +1,12 @@
-"""`kdkit shard imagenet | folder | tfrecord | hdf5` and `kdkit verify`: options -> ShardConfig ->
+"""`kdkit shard imagenet | folder | list | tfrecord | hdf5` and `kdkit verify`: options -> ShardConfig ->
 write_dataset / verify_set. Heavy imports happen when a command runs, so `kdkit --help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from kdkit.errors import KdkitError
@@ -28,7 +30,8 @@ def _add_shard_common(p: argparse.ArgumentParser) -> None:
                         "encode others at 95)")
     g = p.add_argument_group("Run")
     g.add_argument("--workers", type=COUNT, default=os.cpu_count() or 1, help="image-processing processes")
-    g.add_argument("--strict", action="store_true", help="stop at the first bad image instead of skipping it")
+    g.add_argument("--strict", action="store_true",
+                   help="stop at the first bad image (or bad list line) instead of skipping it")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -58,10 +61,15 @@ def _run_shard(a: argparse.Namespace) -> int:
 
         ds = list_imagenet(a.root, splits=a.splits, val_labels=a.val_labels, devkit=a.devkit,
                            class_names=a.class_names)
+    elif a.source == "list":
+        from kdkit.shards.sources.listfile import list_listfile
+
+        ds = list_listfile(a.lists, a.root, classes_file=a.classes, split=a.split, strict=a.strict)
     elif a.source == "tfrecord":
         from kdkit.shards.sources.tfrecord import list_tfrecords
 
-        ds = list_tfrecords(a.inputs, label_offset=a.label_offset, split=a.split, remap_labels=a.remap_labels)
+        ds = list_tfrecords(a.inputs, label_offset=a.label_offset, split=a.split, remap_labels=a.remap_labels,
+                            layout=a.layout, compression=a.compression, scratch=gunzipped(a.out))
     elif a.source == "hdf5":
         from kdkit.shards.sources.hdf5 import list_hdf5
 
@@ -70,7 +78,18 @@ def _run_shard(a: argparse.Namespace) -> int:
     else:  # pragma: no cover - argparse restricts the choices
         raise KdkitError(f"unknown source {a.source}")
     manifests = write_dataset(ds, a.out, cfg)
+    if a.source == "tfrecord" and all(manifests.values()):
+        shutil.rmtree(gunzipped(a.out), ignore_errors=True)  # every split is written: the copies are done with
+        with contextlib.suppress(OSError):
+            gunzipped(a.out).parent.rmdir()  # only if nothing else is in it
     return 0 if manifests else 1
+
+
+def gunzipped(out: Path) -> Path:
+    """Where `kdkit shard tfrecord` keeps plain copies of GZIP-compressed records while writing OUT."""
+    from kdkit.shards import contract
+
+    return out / contract.STATE_DIR / "gunzipped"
 
 
 def add_shard_parser(sub) -> None:
@@ -105,15 +124,45 @@ def add_shard_parser(sub) -> None:
     q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
     _add_shard_common(q)
 
+    q = s.add_parser("list", formatter_class=HelpFormatter,
+                     help="list files of 'relative/path label' lines (train_labels.txt, valid_labels.txt)",
+                     description="List files as the TF2 ImageNet trainer reads them: one 'relative/path label' "
+                                 "per line (the label is the last field, so paths may hold spaces; # comments and "
+                                 "blank lines are skipped), labels as class indices or class names. A bad line "
+                                 "(malformed, missing file, label out of range, unknown class) is listed in the "
+                                 "skip report as LIST:LINE. Split from each file's name (train*, val*/valid*, "
+                                 "test*) unless --split is given.")
+    q.add_argument("lists", nargs="+", type=Path, metavar="LIST_FILE",
+                   help="list files; several (train and valid) share one class list")
+    q.add_argument("out", type=Path)
+    q.add_argument("--root", type=Path, required=True, metavar="IMAGE_ROOT",
+                   help="folder the listed paths are relative to (default: none, required)")
+    q.add_argument("--classes", type=Path, default=None, metavar="NAMES_FILE",
+                   help="class names, one per line (index = line position) (default: sorted label names, or "
+                        "largest integer label + 1 classes)")
+    q.add_argument("--split", default=None,
+                   help="put every listed image in this split (default: from each list file's name)")
+    _add_shard_common(q)
+
     q = s.add_parser("tfrecord", formatter_class=HelpFormatter,
-                     help="TF-slim/Inception ImageNet TFRecords (no TensorFlow)",
-                     description="TFRecords with image/encoded and image/class/label (optional "
-                                 "image/class/synset), as TF-slim's build_imagenet_data.py writes them. "
-                                 "Split from the file name (train-*, validation-*) unless --split is given.")
+                     help="TF-slim or tensorflow-datasets ImageNet TFRecords, plain or GZIP (no TensorFlow)",
+                     description="TFRecords as TF-slim's build_imagenet_data.py writes them (image/encoded, "
+                                 "image/class/label, optional image/class/synset), or as tensorflow-datasets' "
+                                 "imagenet2012 builder does (image, label, file_name; classes from the "
+                                 "label.labels.txt beside them). Split from the file name (train-*, validation-*, "
+                                 "imagenet2012-train.tfrecord-*) unless --split is given. GZIP-compressed files "
+                                 "are decompressed once into OUT/.kdkit-state/gunzipped/ (disk for their uncompressed "
+                                 "size), removed when every split is written.")
     q.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TFRecord files or a folder of them")
     q.add_argument("out", type=Path)
-    q.add_argument("--label-offset", type=integer(0), default=1,
-                   help="subtracted from image/class/label: TF-slim's labels are 1..1000 (0 = background)")
+    q.add_argument("--layout", choices=["auto", "slim", "tfds"], default="auto",
+                   help="feature names: slim (image/encoded, image/class/label) or tfds (image, label) "
+                        "(default: auto, from the first record)")
+    q.add_argument("--compression", choices=["auto", "none", "gzip"], default="auto",
+                   help="record file compression (default: auto, GZIP recognised by its magic bytes)")
+    q.add_argument("--label-offset", type=integer(0), default=None,
+                   help="subtracted from the label (default: 1 for slim, whose labels are 1..1000 with 0 = "
+                        "background; 0 for tfds)")
     q.add_argument("--remap-labels", action="store_true",
                    help="index the classes by sorted image/class/synset (the order of other ImageNet shard sets) "
                         "where the records' labels order them otherwise")

@@ -182,7 +182,7 @@ def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.M
     total = sum(r["bytes"] for r in records)
     rate = f", {written / elapsed:.0f} img/s" if written and elapsed > 0 else ""
     print(f"{split.name}: {manifest.num_samples} samples in {len(records)} shards "
-          f"({total / 1e6:.1f} MB){rate}; {len(skipped)} skipped, {len(split.ignored)} non-image files ignored"
+          f"({total / 1e6:.1f} MB){rate}; {len(skipped)} skipped, {len(split.ignored)} ignored"
           + (f" (see {folder / contract.SKIP_REPORT})" if skipped or split.ignored else ""), file=sys.stderr)
     return manifest
 

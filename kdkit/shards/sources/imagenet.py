@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.shards.contract import ClassInfo, key_from_relpath
-from kdkit.shards.sources.base import IMAGE_SUFFIXES, SourceDataset, SourceSample, SourceSplit
+from kdkit.shards.sources.base import IMAGE_SUFFIXES, SourceDataset, SourceSample, SourceSplit, read_lines
 from kdkit.shards.sources.folder import class_dirs, list_class_tree, require_dir
 
 DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
@@ -60,23 +60,9 @@ def _load_meta(path: Path) -> _Meta:
     return _Meta(path, {i: w for i, w, _ in leaves}, {w: words for _, w, words in leaves})
 
 
-def _read_lines(path: Path, what: str) -> list[str]:
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    except OSError as e:
-        raise KdkitError(f"{path}: cannot read {what}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise KdkitError(f"{path}: {what} is not a text file") from None
-    while lines and not lines[-1]:
-        lines.pop()  # a trailing newline is not a label; a blank line inside is caught as malformed
-    if not lines:
-        raise KdkitError(f"{path}: {what} is empty")
-    return lines
-
-
 def _read_names(path: Path) -> dict[str, str]:
     names = {}
-    for line in _read_lines(path, "class-name file"):
+    for line in read_lines(path, "class-name file"):
         wnid, _, words = line.partition(" ")
         if wnid:
             names[wnid] = words.strip()
@@ -85,7 +71,7 @@ def _read_names(path: Path) -> dict[str, str]:
 
 def _val_labels(path: Path, images: list[Path], meta: _Meta | None) -> tuple[list[tuple[str, str]], str]:
     """(wnid, where-in-the-file) for each image (sorted by name), and how the file was read."""
-    lines = _read_lines(path, "val label file")
+    lines = read_lines(path, "val label file")
     if path.suffix.lower() == ".csv" or lines[0].lower().startswith("imageid"):
         return _kaggle_labels(path, images), "LOC_val_solution.csv (first wnid of PredictionString)"
     if len(lines) != len(images):

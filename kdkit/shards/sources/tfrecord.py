@@ -1,4 +1,4 @@
-"""`kdkit shard tfrecord`: TF-slim/Inception ImageNet TFRecords, read without TensorFlow.
+"""`kdkit shard tfrecord`: ImageNet TFRecords of TF-slim or tensorflow-datasets, read without TensorFlow.
 
 A TFRecord file is a sequence of records framed as
     uint64 length (little-endian) | uint32 masked crc32c(length) | data | uint32 masked crc32c(data)
@@ -12,22 +12,61 @@ Labels: TF-slim's build_imagenet_data.py writes image/class/label as 1..1000 (0 
 class index is label - label_offset with the offset stated explicitly (default 1) and recorded in the
 manifest. Classes are the synsets (image/class/synset) where present, which must follow sorted-wnid
 order, the same order the imagenet and folder converters use.
+
+Layouts (the feature names; `--layout`, else recognised from the first record's features):
+  slim  image/encoded, image/class/label (1-based), image/class/synset, image/filename (TF-slim)
+  tfds  image, label (0-based), file_name: tensorflow-datasets' imagenet2012 builder, files
+        imagenet2012-train.tfrecord-00000-of-01024, with label.labels.txt beside them (one class name,
+        for ImageNet a wnid, per line in label order), which names the classes.
+
+GZIP-compressed files (TFRecordWriter with compression "GZIP") are recognised by their magic bytes.
+Records are read by offset, later and in shuffled order, and a GZIP stream cannot seek: each is
+decompressed once into a plain copy under a scratch folder, which the records are then read from.
 """
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import shutil
 import struct
 import sys
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit.errors import BadImage, KdkitError
+from kdkit.errors import BadImage, KdkitError, OptionError
+from kdkit.shards import tario
 from kdkit.shards.contract import ClassInfo, key_from_relpath
-from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
+from kdkit.shards.resume import fingerprint
+from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit, read_lines, split_from_name
+from kdkit.shards.sources.imagenet import WNID
 
 SHARD_NAME = re.compile(r"^.+-\d+-of-\d+$")  # TF-slim shards: train-00000-of-01024, validation-00000-of-00128
+TFDS_NAME = re.compile(r"^[^-]+-(?P<split>[^.]+)\.tfrecord-\d+-of-\d+$")  # imagenet2012-validation.tfrecord-...
+TFDS_LABELS = "label.labels.txt"
 SUFFIXES = (".tfrecord", ".tfrecords")
-WANTED = ("image/class/label", "image/class/synset", "image/class/text", "image/filename")
+GZIP_MAGIC = b"\x1f\x8b"
+COMPRESSIONS = ("auto", "none", "gzip")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    image: str
+    label: str
+    filename: str
+    label_offset: int  # what is subtracted from a label to get the class index
+    synset: str = ""
+    text: str = ""
+
+
+LAYOUTS = {
+    "slim": Layout("slim", "image/encoded", "image/class/label", "image/filename", 1,
+                   "image/class/synset", "image/class/text"),
+    "tfds": Layout("tfds", "image", "label", "file_name", 0),
+}
+WANTED = {k for lay in LAYOUTS.values() for k in (lay.label, lay.filename, lay.synset, lay.text) if k}
 SMALL_ENTRY = 64 * 1024  # feature entries above this (the encoded image) are seeked over while listing
 
 # --- crc32c ------------------------------------------------------------------------------------
@@ -195,29 +234,31 @@ def _scan_example(s: _Stream, end: int) -> tuple[dict[str, list], set[str]]:
 
 # --- records -------------------------------------------------------------------------------------
 
-def iter_records(path: Path):
+def iter_records(path: Path, shown: Path | None = None):
     """(stream, record number, data offset, data length) per record, checking framing and length CRCs.
+    Errors name `shown` (the compressed file a plain copy was made from), else path.
 
     Only the length CRC is checked: the data CRC would mean reading and hashing every image in pure
     Python, and a corrupt image is caught anyway when the writer decodes it (and is skipped and reported).
     """
+    shown = shown or path
     try:
         f, size = open(path, "rb"), os.path.getsize(path)
     except OSError as e:
-        raise KdkitError(f"{path}: cannot read TFRecord file: {e.strerror or e}") from None
+        raise KdkitError(f"{shown}: cannot read TFRecord file: {e.strerror or e}") from None
     with f:
         pos, n = 0, 0
         while pos < size:
             head = f.read(12)
             if len(head) < 12:
-                raise KdkitError(f"{path}: truncated: record {n} at offset {pos} has an incomplete header "
+                raise KdkitError(f"{shown}: truncated: record {n} at offset {pos} has an incomplete header "
                                  f"({len(head)} of 12 bytes); the file was cut short, copy it again")
             length, crc = struct.unpack("<QI", head)
             if masked_crc(head[:8]) != crc:
-                raise KdkitError(f"{path}: record {n} at offset {pos}: length CRC mismatch; the file is "
+                raise KdkitError(f"{shown}: record {n} at offset {pos}: length CRC mismatch; the file is "
                                  "corrupt or not a TFRecord")
             if pos + 12 + length + 4 > size:
-                raise KdkitError(f"{path}: truncated: record {n} at offset {pos} needs {length + 16} bytes, "
+                raise KdkitError(f"{shown}: truncated: record {n} at offset {pos} needs {length + 16} bytes, "
                                  f"only {size - pos} left; the file was cut short, copy it again")
             yield _Stream(f, pos + 12), n, pos + 12, length
             pos += 12 + length + 4
@@ -226,33 +267,31 @@ def iter_records(path: Path):
 
 
 def read_image(ref: tuple) -> bytes:
-    """The image/encoded bytes of the record at ref = ("tfrecord", path, data_offset, data_length)."""
-    _, path, offset, length = ref
+    """The image bytes of the record at ref = ("tfrecord", path, data_offset, data_length, image feature)."""
+    _, path, offset, length, feature = ref
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
     try:
         if len(data) != length:
             raise ValueError(f"record cut short ({len(data)} of {length} bytes)")
-        image = parse_example(data).get("image/encoded")
+        image = parse_example(data).get(feature)
     except (ValueError, IndexError, struct.error) as e:
         raise BadImage(f"malformed tf.train.Example: {e}") from None
     if not image:
-        raise BadImage("record has no image/encoded feature")
+        raise BadImage(f"record has no {feature} feature")
     return image[0]
 
 
-def split_of(path: Path) -> str | None:
-    name = path.name.lower()
-    return "train" if name.startswith("train") else "val" if name.startswith("val") else None  # val, validation
+def _is_record_name(name: str) -> bool:
+    return bool(SHARD_NAME.match(name)) or name.endswith(SUFFIXES)
 
 
 def find_files(inputs: list[Path]) -> list[Path]:
     files = []
     for p in map(Path, inputs):
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file()
-                           and (SHARD_NAME.match(q.name) or q.name.endswith(SUFFIXES)))
+            found = sorted(q for q in p.iterdir() if q.is_file() and _is_record_name(q.name.removesuffix(".gz")))
             if not found:
                 raise KdkitError(f"{p}: no TFRecord files (expected names like train-00000-of-01024 or *.tfrecord)")
             files += found
@@ -289,56 +328,147 @@ def _remap(splits: dict[str, list[SourceSample]], synsets: dict[int, str], texts
     return {new[i]: w for i, w in synsets.items()}, {new[i]: t for i, t in texts.items()}, len(new) - 1
 
 
-def list_tfrecords(inputs: list[Path], label_offset: int = 1, split: str | None = None,
-                   remap_labels: bool = False) -> SourceDataset:
+# --- compression, layout, class list ------------------------------------------------------------
+
+def is_gzip(path: Path) -> bool:
+    """GZIP magic bytes first, and not a plain TFRecord whose first length happens to begin with them."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return head[:2] == GZIP_MAGIC and (len(head) < 12 or masked_crc(head[:8]) != struct.unpack_from("<I", head, 8)[0])
+
+
+def gunzip_copy(path: Path, scratch: Path | None) -> Path:
+    """The plain copy of a GZIP-compressed file under scratch: made once, reused by a resumed run."""
+    if scratch is None:
+        raise KdkitError(f"{path}: GZIP-compressed; its records are read from a decompressed copy, so pass "
+                         "scratch= (a folder for it)")
+    st = path.stat()
+    source = {"file": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    plain = Path(scratch) / f"{path.name.removesuffix('.gz')}-{fingerprint(source)}"
+    if plain.exists():
+        return plain
+    plain.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plain.with_name(f"{plain.name}.{os.getpid()}{tario.TMP_SUFFIX}")  # --part machines may share OUT
+    try:
+        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        tmp.unlink(missing_ok=True)
+        raise KdkitError(f"{path}: GZIP-compressed TFRecord does not decompress ({e}); the file is corrupt or cut "
+                         "short, copy it again") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KdkitError(f"{tmp}: cannot write the decompressed copy of {path}: {e.strerror or e}") from None
+    os.replace(tmp, plain)
+    return plain
+
+
+def _detect(keys: set[str], where: str) -> Layout:
+    for lay in LAYOUTS.values():
+        if lay.image in keys and lay.label in keys:
+            return lay
+    raise KdkitError(f"{where}: unknown TFRecord layout, features: {', '.join(sorted(keys)) or 'none'}; kdkit reads "
+                     + ", ".join(f"--layout {lay.name} ({lay.image}, {lay.label})" for lay in LAYOUTS.values()))
+
+
+def _split_of(path: Path) -> str | None:
+    m = TFDS_NAME.match(path.name.removesuffix(".gz"))
+    return split_from_name(m["split"] if m else path.name)
+
+
+def _tfds_names(files: list[Path]) -> tuple[list[str], Path] | tuple[None, None]:
+    """TFDS's class list (label.labels.txt beside the records): one name per line, in label order."""
+    found = sorted({p.parent / TFDS_LABELS for p in files if (p.parent / TFDS_LABELS).is_file()})
+    if not found:
+        print(f"kdkit: warning: no {TFDS_LABELS} beside the TFDS records: classes are numbered by label, without "
+              "names (it is in the TFDS data folder, e.g. imagenet2012/5.1.0/)", file=sys.stderr)
+        return None, None
+    names = read_lines(found[0], "TFDS class list")
+    for other in found[1:]:
+        if read_lines(other, "TFDS class list") != names:
+            raise KdkitError(f"{found[0]} and {other} differ: the records come from different datasets; shard them "
+                             "separately")
+    return names, found[0]
+
+
+def list_tfrecords(inputs: list[Path], label_offset: int | None = None, split: str | None = None,
+                   remap_labels: bool = False, layout: str = "auto", compression: str = "auto",
+                   scratch: Path | None = None) -> SourceDataset:
+    """label_offset None: the layout's (1 for slim, 0 for tfds). scratch: where GZIP files are decompressed."""
+    if layout != "auto" and layout not in LAYOUTS:
+        raise OptionError(f"--layout {layout}: expected auto or {', '.join(LAYOUTS)}")
+    if compression not in COMPRESSIONS:
+        raise OptionError(f"--compression {compression}: expected {', '.join(COMPRESSIONS)}")
     files = find_files(inputs)
+    lay = LAYOUTS.get(layout)
+    offset_used = names = names_file = None
     splits: dict[str, list[SourceSample]] = {}
     synsets: dict[int, str] = {}
     texts: dict[int, str] = {}
     max_index = -1
+    gzipped = 0
     for path in files:
-        name = split or split_of(path)
+        name = split or _split_of(path)
         if name is None:
             raise KdkitError(f"{path}: cannot tell the split from the file name (expected train-* or "
                              "validation-*); pass --split")
         samples = splits.setdefault(name, [])
-        for stream, n, offset, length in iter_records(path):
-            where = f"{path}: record {n} at offset {offset - 12}"
+        gz = compression == "gzip" or (compression == "auto" and is_gzip(path))
+        plain = gunzip_copy(path, scratch) if gz else path
+        gzipped += gz
+        for stream, n, offset, length in iter_records(plain, shown=path):
+            where = f"{path}: record {n}" + (f" at offset {offset - 12}" if not gz else "")
             try:
                 values, keys = _scan_example(stream, offset + length)
             except (ValueError, IndexError, struct.error) as e:
                 raise KdkitError(f"{where}: not a valid tf.train.Example ({e})") from None
-            if "image/encoded" not in keys:
-                raise KdkitError(f"{where}: no image/encoded feature (features: {', '.join(sorted(keys))})")
-            label = values.get("image/class/label")
+            if lay is None:
+                lay = _detect(keys, where)
+            if offset_used is None:
+                offset_used = lay.label_offset if label_offset is None else label_offset
+                if lay.name == "tfds":
+                    names, names_file = _tfds_names(files)
+            if lay.image not in keys:
+                raise KdkitError(f"{where}: no {lay.image} feature (features: {', '.join(sorted(keys))}); is "
+                                 f"--layout {lay.name} right?")
+            label = values.get(lay.label)
             if not label:
-                raise KdkitError(f"{where}: no image/class/label feature")
-            index = label[0] - label_offset
+                raise KdkitError(f"{where}: no {lay.label} feature")
+            index = label[0] - offset_used
             if index < 0:
-                raise KdkitError(f"{where}: image/class/label {label[0]} - label offset {label_offset} = {index} < 0; "
+                raise KdkitError(f"{where}: {lay.label} {label[0]} - label offset {offset_used} = {index} < 0; "
                                  "TF-slim labels start at 1 (use --label-offset 0 for 0-based labels)")
+            if names is not None and index >= len(names):
+                raise KdkitError(f"{where}: {lay.label} {label[0]}, but {names_file} names {len(names)} classes")
             max_index = max(max_index, index)
-            if values.get("image/class/synset"):
-                wnid = values["image/class/synset"][0].decode("utf-8", "replace")
+            if lay.synset and values.get(lay.synset):
+                wnid = values[lay.synset][0].decode("utf-8", "replace")
                 if synsets.setdefault(index, wnid) != wnid:
-                    raise KdkitError(f"{where}: image/class/label {label[0]} has synset {wnid}, but earlier records "
+                    raise KdkitError(f"{where}: {lay.label} {label[0]} has synset {wnid}, but earlier records "
                                      f"gave {synsets[index]}; one label must mean one synset")
-                if values.get("image/class/text"):
-                    texts.setdefault(index, values["image/class/text"][0].decode("utf-8", "replace"))
-            fname = values.get("image/filename")
+                if values.get(lay.text):
+                    texts.setdefault(index, values[lay.text][0].decode("utf-8", "replace"))
+            fname = values.get(lay.filename)
             key = key_from_relpath(fname[0].decode("utf-8", "replace") if fname else
                                    f"{path.stem.replace('.', '_')}-{n:07d}")
-            samples.append(SourceSample(key, index, ("tfrecord", str(path), offset, length), f"{path}@{offset - 12}"))
-    if label_offset == 0 and splits and min(s.label for samples in splits.values() for s in samples) > 0:
+            samples.append(SourceSample(key, index, ("tfrecord", str(plain), offset, length, lay.image),
+                                        f"{path}: record {n}" if gz else f"{path}@{offset - 12}"))
+    if offset_used == 0 and lay.name == "slim" and splits and min(s.label for ss in splits.values() for s in ss) > 0:
         print("kdkit: warning: --label-offset 0, but no record has label 0: the labels look 1-based (TF-slim's); "
               "class 0 would stay empty and every index be one too high. Use --label-offset 1 unless that is "
               "intended", file=sys.stderr)
+    if names is not None:  # TFDS's class list: every class, also those no listed record uses
+        synsets, max_index = dict(enumerate(names)), len(names) - 1
     if remap_labels:
         synsets, texts, max_index = _remap(splits, synsets, texts)
-    classes, order = _classes(synsets, texts, max_index)
+    if names is not None and not remap_labels and not all(WNID.fullmatch(n) for n in names):
+        # not ImageNet: the dataset's own label order is the one its users know, nothing to line up with
+        classes, order = [ClassInfo(i, n, n) for i, n in enumerate(names)], f"{TFDS_LABELS} order"
+    else:
+        classes, order = _classes(synsets, texts, max_index)
     root = str(files[0]) if len(files) == 1 else os.path.commonpath([str(p.parent) for p in files])
     ordered = sorted(splits, key=lambda s: (s != "train", s != "val", s))
     return SourceDataset("tfrecord", root, classes, [SourceSplit(s, splits[s]) for s in ordered],
-                         info={"label_offset": label_offset, "class_order": order, "files": len(files),
-                               "remapped_labels": remap_labels})
-
+                         info={"layout": lay.name if lay else layout, "label_offset": offset_used, "class_order": order,
+                               "files": len(files), "gzip_files": gzipped, "remapped_labels": remap_labels,
+                               **({"class_list": str(names_file)} if names_file else {})})
