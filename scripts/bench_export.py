@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from kdkit.bench.sysinfo import machine  # noqa: E402
-from kdkit.evaluate.export import check_parity, export_onnx, ort_session, throughput  # noqa: E402
+from kdkit.evaluate.export import check_parity, export_onnx, ort_runner, ort_session, throughput  # noqa: E402
 from kdkit.models.factory import create_model  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         export_s = time.perf_counter() - t0
         session = ort_session(path, a.threads)
         sample = torch.randn(4, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
-        parity = check_parity(model, session, sample, atol=1e-3)
+        parity = check_parity(model, ort_runner(session), sample, atol=1e-3)
         rows = [throughput(model, session, sample, int(b), a.iterations, a.warmup, a.repeats)
                 for b in a.batches.split(",")]
     m = machine()
