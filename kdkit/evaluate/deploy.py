@@ -204,9 +204,8 @@ def check_image_size(shards, info: ModelInfo, data) -> None:
                          f"(kdkit shard --max-size >= {info.image_size})")
 
 
-def calibration_views(cfg, info: ModelInfo) -> tuple[list[torch.Tensor], str]:
-    """cfg.calibration_samples single eval views (1, 3, S, S) from the calibration split."""
-    views = EvalViews(cfg.data, cfg.calibration_split, info, cfg.crop_ratio, 32, cfg.calibration_samples)
+def calibration_views(views: EvalViews) -> tuple[list[torch.Tensor], str]:
+    """The single eval views (1, 3, S, S) NNCF calibrates on."""
     out = [v for images, _ in views for v in images.split(1)]
     if not out:
         raise KdkitError(f"{views.source}: no samples to calibrate on")
@@ -263,6 +262,10 @@ def export_openvino(cfg) -> dict:
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "-openvino")
     spec = input_spec(info, cfg.crop_ratio, cfg.embed_preprocessing, Path(cfg.checkpoint))
     check_output_folder(out, spec["checkpoint_sha256"])
+    sets = None
+    if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
+        sets = (EvalViews(cfg.data, cfg.calibration_split, info, cfg.crop_ratio, 32, cfg.calibration_samples),
+                EvalViews(cfg.data, cfg.split, info, cfg.crop_ratio, 32))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = cfg.threads or torch.get_num_threads()
@@ -271,7 +274,7 @@ def export_openvino(cfg) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        report = _build(cfg, model, info, spec, tmp, out, threads, ov)
+        report = _build(cfg, model, info, spec, tmp, out, threads, ov, sets)
         if out.exists():  # an earlier export of this checkpoint (check_output_folder): replaced whole
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -286,7 +289,7 @@ def export_openvino(cfg) -> dict:
     return report
 
 
-def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, threads: int, ov) -> dict:
+def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, threads: int, ov, sets) -> dict:
     ir_model = convert_ir(model, info, spec)
     ov.save_model(ir_model, str(tmp / IR), compress_to_fp16=False)  # fp32 weights: parity within 1e-3
     (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
@@ -301,8 +304,8 @@ def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, thread
     runners = {"torch_eager": model, "openvino_fp32": ir}
     if cfg.int8:
         nncf, = require("nncf")
-        calib, calib_source = calibration_views(cfg, info)
-        validation = EvalViews(cfg.data, cfg.split, info, cfg.crop_ratio, 32)
+        calib, calib_source = calibration_views(sets[0])
+        validation = sets[1]
         print(f"int8: calibrating on {calib_source}" + (f", accuracy control on {validation.source} "
                                                          f"(max drop {cfg.max_drop} top-1 points)"
                                                          if cfg.max_drop is not None else ""), flush=True)
