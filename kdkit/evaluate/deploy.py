@@ -45,7 +45,7 @@ def require(*modules: str):
                          "pip install -e \".[deploy]\" (or pip install \"kdkit[deploy]\")") from None
 
 
-def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: Path) -> dict:
+def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: Path | None) -> dict:
     s = info.image_size
     return {"name": "images", "shape": ["batch", s, s, 3] if embedded else ["batch", 3, s, s],
             "dtype": "uint8" if embedded else "float32", "layout": "NHWC" if embedded else "NCHW", "color": "RGB",
@@ -56,7 +56,8 @@ def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: P
                                 else "x / 255, minus mean, divided by std, NCHW float32"),
             "model": info.to_json(), "classes": [{"index": i, "id": c, "name": n} for i, (c, n)
                                                  in enumerate(zip(info.class_ids(), info.class_names()))],
-            "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint)}
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None}
 
 
 def conversion_failure(e: Exception) -> str:
