@@ -80,7 +80,7 @@ def test_int8_top1_is_within_the_max_drop_of_fp32(exported, colour):
     assert a["openvino_fp32_top1"] >= 75 and a["torch_eager_top1"] == a["openvino_fp32_top1"]
     assert a["drop"] == pytest.approx(a["openvino_fp32_top1"] - a["openvino_int8_top1"])
     assert a["drop"] <= MAX_DROP and a["ok"]
-    assert q["bytes"] < r["bytes"] / 2.5  # int8 weights
+    assert q["bytes"] < r["bytes"]  # int8 weights (layers accuracy control kept in fp32 keep theirs)
     # the report's int8 top-1 is what the written int8 IR gives
     int8 = OpenVINOModel(out / "model_int8.xml", threads=1)
     views = EvalViews(colour, "val", int8.model_info, 0.875, 8)
@@ -149,6 +149,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
         assert not out.exists() and not (tmp_path / "ir.tmp").exists()
     assert run_cli(["export", str(trained), "-o", str(out), *base, "--int8"]) == 2
     one_line_error(capsys, "--data")
+    assert run_cli(["export", str(trained), "-o", str(out), *base, "--max-drop", "1"]) == 2
+    one_line_error(capsys, "--int8")
+    assert run_cli(["export", str(trained), "-o", str(out), "--int8", "--no-benchmark"]) == 2  # ONNX
+    one_line_error(capsys, "--format openvino")
     # a model OpenVINO cannot convert: the op is named, nothing is written
     import kdkit.evaluate.deploy as deploy
 

@@ -258,6 +258,8 @@ def export_openvino(cfg) -> dict:
     ov = require("openvino", *(["nncf"] if cfg.int8 else []))[0]
     if cfg.int8 and cfg.data is None:
         raise KdkitError("--int8 calibrates on eval views of a shard set: give --data SHARDS")
+    if cfg.max_drop is not None and not cfg.int8:
+        raise KdkitError("--max-drop bounds the top-1 drop of the int8 model: give --int8 too")
     model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "-openvino")

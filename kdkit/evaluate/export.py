@@ -194,8 +194,8 @@ def export(cfg: ExportConfig) -> dict:
         return export_openvino(cfg)
     if cfg.format != "onnx":
         raise KdkitError(f"format {cfg.format!r}: expected onnx or openvino")
-    if cfg.int8 or cfg.embed_preprocessing:
-        raise KdkitError("--int8 and --embed-preprocessing are OpenVINO steps: give --format openvino")
+    if cfg.int8 or cfg.embed_preprocessing or cfg.max_drop is not None:
+        raise KdkitError("--int8, --max-drop and --embed-preprocessing are OpenVINO steps: give --format openvino")
     model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_suffix(".onnx")
