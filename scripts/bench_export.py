@@ -55,7 +55,8 @@ def openvino_models(model, a, tmp: Path, sample: torch.Tensor) -> tuple[dict, di
     int8 = OpenVINOModel(tmp / "model_int8.xml", a.threads)
     models = {"openvino_fp32": fp32, "openvino_int8": int8}
     parity = {"openvino_fp32": check_ir_parity(model, fp32, sample, 1e-3)}
-    sizes = {"openvino_fp32": (tmp / "model.bin").stat().st_size, "openvino_int8": (tmp / "model_int8.bin").stat().st_size}
+    sizes = {"openvino_fp32": (tmp / "model.bin").stat().st_size,
+             "openvino_int8": (tmp / "model_int8.bin").stat().st_size}
     return models, parity, sizes
 
 
@@ -108,7 +109,10 @@ def main(argv=None) -> int:
     m = machine()
     versions = f"torch {m['torch']}, onnxruntime {__import__('onnxruntime').__version__}"
     if ov_models:
-        versions += f", openvino {__import__('openvino').__version__.split('-')[0]}, nncf {__import__('nncf').__version__}"
+        import nncf
+        import openvino
+
+        versions += f", openvino {openvino.__version__.split('-')[0]}, nncf {nncf.__version__}"
     print(f"{a.model}, {a.size} px, {a.classes} classes, random weights; {how['exporter']} ONNX exporter "
           f"({export_s:.1f} s); parity on 4 random inputs (max |diff| vs PyTorch): "
           + ", ".join(f"{LABELS[k]} {v['max_abs_diff']:.1e}" for k, v in parity.items()))
