@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_paths, integer
+from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_paths, integer, number
 
 EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
   TensorRT:  trtexec --onnx=model.onnx --fp16 --minShapes=images:1x3xSxS \\
                      --optShapes=images:32x3xSxS --maxShapes=images:256x3xSxS --saveEngine=model.plan
-  OpenVINO:  ovc model.onnx   (writes model.xml/.bin; benchmark_app -m model.xml)"""
+  OpenVINO:  kdkit export CKPT --format openvino [--int8 --data SHARDS]   (model.xml/.bin, NNCF int8)"""
 
 
 def _add_model_args(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -184,8 +184,9 @@ def _add_predict(sub) -> None:
                                    "transform (Pillow + torch; equal to the DALI eval view up to the resize "
                                    "filter). An image that does not decode is reported on stderr and the others are "
                                    "still predicted; the exit status is then 1.")
-    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="kdkit checkpoint (or a bare state dict "
-                                                                       "with --model)")
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT",
+                   help="kdkit checkpoint (or a bare state dict with --model), or an OpenVINO IR from `kdkit export "
+                        "--format openvino` (model.xml, model_int8.xml or the export folder; needs kdkit[deploy])")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files or folders")
     p.add_argument("--topk", type=COUNT, default=5, help="classes shown per image")
     p.add_argument("--batch-size", type=COUNT, default=32, help="images per forward pass")
@@ -206,7 +207,17 @@ def _run_export(a: argparse.Namespace) -> int:
                                  parity_samples=a.parity_samples, atol=a.atol, benchmark=a.benchmark,
                                  batch_size=a.batch_size, iterations=a.iterations, warmup=a.warmup,
                                  threads=a.threads, prefer_ema=a.ema, model_name=a.model,
-                                 trust_checkpoint=a.trust_checkpoint))
+                                 trust_checkpoint=a.trust_checkpoint, format=a.format,
+                                 embed_preprocessing=a.embed_preprocessing, int8=a.int8,
+                                 calibration_samples=a.calibration_samples, calibration_split=a.calibration_split,
+                                 max_drop=a.max_drop))
+    if a.format == "openvino":
+        from kdkit.evaluate.deploy import format_openvino
+
+        print(format_openvino(report))
+        print(f"wrote {report['output']}/ (model.xml/.bin, input.json, report.json"
+              + (", model_int8.xml/.bin)" if "int8" in report else ")"))
+        return 0 if report["parity"]["ok"] and report.get("accuracy", {"ok": True})["ok"] else 1
     print(format_export(report))
     json_path = Path(report["onnx"]).with_suffix(".export.json")
     json_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -215,16 +226,24 @@ def _run_export(a: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="ONNX export with an ONNX Runtime parity check and throughput",
+    p = sub.add_parser("export", help="ONNX or OpenVINO IR (+ NNCF int8) export, checked against PyTorch",
                        formatter_class=HelpFormatter, epilog=EXPORT_EPILOG,
                        description="Export a checkpoint to ONNX (dynamic batch axis; input 'images' normalised "
                                    "float32 NCHW, output 'logits'; eval transform and classes in the metadata), "
                                    "compare ONNX Runtime with PyTorch on real inputs (max |diff|, top-1 agreement; "
-                                   "exit status 1 if above --atol), and time both on the CPU.")
+                                   "exit status 1 if above --atol), and time both on the CPU. --format openvino: an "
+                                   "OpenVINO IR folder (model.xml/.bin, input.json), checked through the OpenVINO "
+                                   "runtime; --int8 adds an NNCF int8 IR and top-1 before/after on --split.")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="kdkit checkpoint (or a bare state dict "
                                                                        "with --model)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="ONNX file (default: CHECKPOINT with .onnx; "
-                                                                    "the report beside it as .export.json)")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="ONNX file (default: CHECKPOINT with .onnx; the report beside it as .export.json), or with "
+                        "--format openvino a folder (default: CHECKPOINT-openvino/)")
+    p.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                   help="openvino: OpenVINO IR through openvino.convert_model (needs kdkit[deploy])")
+    p.add_argument("--embed-preprocessing", action="store_true",
+                   help="openvino: normalisation inside the IR (PrePostProcessor), which then takes uint8 NHWC RGB "
+                        "crops (default: normalised float32 NCHW, as the ONNX model)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="auto: torch.export-based (dynamo), falling back to the TorchScript-based one")
     p.add_argument("--opset", type=integer(7), default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
@@ -236,9 +255,19 @@ def _add_export(sub) -> None:
     g.add_argument("--split", default="val", help="split of --data to read")
     g.add_argument("--parity-samples", type=COUNT, default=16, help="inputs compared (as one batch and one by one)")
     g.add_argument("--atol", type=POSITIVE, default=1e-3, help="largest allowed |ONNX Runtime - PyTorch| on the logits")
+    g = p.add_argument_group("int8 (OpenVINO, NNCF post-training quantization)")
+    g.add_argument("--int8", action="store_true",
+                   help="also write model_int8.xml, calibrated on eval views of --calibration-split of --data, and "
+                        "report top-1 of PyTorch, OpenVINO fp32 and int8 on --split")
+    g.add_argument("--calibration-samples", type=COUNT, default=300, help="eval views NNCF calibrates on")
+    g.add_argument("--calibration-split", default="train", help="split of --data to calibrate on")
+    g.add_argument("--max-drop", type=number(0), default=None, metavar="POINTS",
+                   help="largest allowed top-1 drop (percentage points) of int8 vs fp32 on --split: NNCF's "
+                        "quantize_with_accuracy_control keeps sensitive layers in fp32 to meet it; exit status 1 if "
+                        "missed (default: plain nncf.quantize, drop only reported)")
     g = p.add_argument_group("Throughput (same run, same batch)")
     g.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=True,
-                   help="time PyTorch eager and ONNX Runtime")
+                   help="time PyTorch eager and ONNX Runtime (OpenVINO fp32/int8 with --format openvino)")
     g.add_argument("--batch-size", type=COUNT, default=32, help="batch of the timing runs")
     g.add_argument("--iterations", type=COUNT, default=20, help="timed batches per runtime")
     g.add_argument("--warmup", type=integer(0), default=3, help="untimed batches first")

@@ -57,3 +57,11 @@ def normalize_uint8(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     mean = torch.tensor(info.mean, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(info.std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.permute(0, 3, 1, 2).float() - mean) / std
+
+
+def denormalize_uint8(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    """The inverse of normalize_uint8: normalised float (B, C, H, W) views back to uint8 (B, H, W, C)
+    pixels, rounded (exact for views that came from uint8 pixels)."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, 3, 1, 1)
+    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

@@ -8,7 +8,8 @@ says, and returns `logits` (N, classes). The transform and the class list travel
 metadata (kdkit.image_size, kdkit.mean, kdkit.std, kdkit.crop_ratio, kdkit.classes) so a runtime
 can rebuild the preprocessing. Exporter: torch.export-based ("dynamo", PyTorch's default since
 2.9) first; the TorchScript-based exporter if that fails (the report says which, and why).
-EXPORT.md describes the next steps to TensorRT and OpenVINO.
+EXPORT.md describes the next steps to TensorRT. `format="openvino"` writes an OpenVINO IR folder
+instead, optionally with an NNCF int8 model (kdkit.evaluate.deploy).
 """
 from __future__ import annotations
 
@@ -48,6 +49,12 @@ class ExportConfig:
     prefer_ema: bool = True
     model_name: str | None = None
     trust_checkpoint: bool = False  # load pickled Python objects too (runs their code: trusted files only)
+    format: str = "onnx"  # or "openvino": an IR folder (kdkit.evaluate.deploy)
+    embed_preprocessing: bool = False  # openvino: the IR takes uint8 NHWC RGB and normalises it itself
+    int8: bool = False  # openvino: also an NNCF int8 IR, calibrated on `data`
+    calibration_samples: int = 300
+    calibration_split: str = "train"
+    max_drop: float | None = None  # top-1 points; given: NNCF's quantize_with_accuracy_control
 
 
 def export_onnx(model: torch.nn.Module, image_size: int, path: Path, opset: int = 18,
@@ -96,6 +103,11 @@ def add_metadata(path: Path, info: ModelInfo, crop_ratio: float) -> None:
     onnx.save(m, str(path))
 
 
+def ort_runner(session):
+    """ONNX Runtime as a function of a normalised float batch, returning the logits."""
+    return lambda x: session.run([OUTPUT], {INPUT: x.numpy()})[0]
+
+
 def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
@@ -129,27 +141,22 @@ def parity_inputs(cfg: ExportConfig, info: ModelInfo) -> tuple[torch.Tensor, str
 
 
 @torch.no_grad()
-def check_parity(model: torch.nn.Module, session, inputs: torch.Tensor, atol: float) -> dict:
-    """ONNX Runtime vs PyTorch on `inputs`, run as one batch and as batches of 1 (the dynamic axis)."""
+def check_parity(model: torch.nn.Module, run, inputs: torch.Tensor, atol: float) -> dict:
+    """A runtime (`run`: normalised float batch -> logits array, e.g. ort_runner) vs PyTorch on `inputs`,
+    run as one batch and as batches of 1 (the dynamic axis)."""
     ref = model(inputs).float().numpy()
-    full = session.run([OUTPUT], {INPUT: inputs.numpy()})[0]
-    single = np.concatenate([session.run([OUTPUT], {INPUT: inputs[i:i + 1].numpy()})[0] for i in range(len(inputs))])
+    full = run(inputs)
+    single = np.concatenate([run(inputs[i:i + 1]) for i in range(len(inputs))])
     diff = max(float(np.abs(full - ref).max()), float(np.abs(single - ref).max()))
     agree = float((full.argmax(1) == ref.argmax(1)).mean())
     return {"samples": len(inputs), "batch_sizes": [1, len(inputs)], "max_abs_diff": diff,
             "top1_agreement": agree, "atol": atol, "ok": diff <= atol and agree == 1.0}
 
 
-@torch.no_grad()
-def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size: int, iterations: int,
-               warmup: int, repeats: int = 1) -> dict:
-    """Images/s of PyTorch eager and ONNX Runtime on the same batch. With repeats > 1 the two
-    alternate and the median of each is reported, so load from other processes hits both alike."""
+def time_runners(calls: dict, batch_size: int, iterations: int, warmup: int, repeats: int = 1) -> dict:
+    """{name: images/s} of each call (one forward pass of `batch_size` images). With repeats > 1 the
+    calls alternate and the median of each is reported, so load from other processes hits all alike."""
     import statistics
-
-    reps = -(-batch_size // len(sample))
-    batch = sample.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
-    feed = {INPUT: batch.numpy()}
 
     def timed(fn):
         for _ in range(warmup):
@@ -159,16 +166,36 @@ def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size
             fn()
         return batch_size * iterations / (time.perf_counter() - t0)
 
-    eager, ort_rate = [], []
+    rates: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        eager.append(timed(lambda: model(batch)))
-        ort_rate.append(timed(lambda: session.run([OUTPUT], feed)))
-    e, o = statistics.median(eager), statistics.median(ort_rate)
+        for name, fn in calls.items():
+            rates[name].append(timed(fn))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+@torch.no_grad()
+def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size: int, iterations: int,
+               warmup: int, repeats: int = 1) -> dict:
+    """Images/s of PyTorch eager and ONNX Runtime on the same batch (time_runners)."""
+    reps = -(-batch_size // len(sample))
+    batch = sample.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
+    feed = {INPUT: batch.numpy()}
+    r = time_runners({"eager": lambda: model(batch), "ort": lambda: session.run([OUTPUT], feed)},
+                     batch_size, iterations, warmup, repeats)
+    e, o = r["eager"], r["ort"]
     return {"batch_size": batch_size, "iterations": iterations, "warmup": warmup, "repeats": repeats,
             "threads": torch.get_num_threads(), "torch_eager_img_s": e, "onnxruntime_img_s": o, "speedup": o / e}
 
 
 def export(cfg: ExportConfig) -> dict:
+    if cfg.format == "openvino":
+        from kdkit.evaluate.deploy import export_openvino
+
+        return export_openvino(cfg)
+    if cfg.format != "onnx":
+        raise KdkitError(f"format {cfg.format!r}: expected onnx or openvino")
+    if cfg.int8 or cfg.embed_preprocessing or cfg.max_drop is not None:
+        raise KdkitError("--int8, --max-drop and --embed-preprocessing are OpenVINO steps: give --format openvino")
     model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_suffix(".onnx")
@@ -194,7 +221,7 @@ def export(cfg: ExportConfig) -> dict:
               "opset": cfg.opset if how["exporter"] == "dynamo" else min(cfg.opset, 17),
               "model": info.to_json(),
               "input": {"name": INPUT, "shape": ["batch", 3, info.image_size, info.image_size]},
-              "parity": {"inputs": source, **check_parity(model, session, inputs, cfg.atol)}}
+              "parity": {"inputs": source, **check_parity(model, ort_runner(session), inputs, cfg.atol)}}
     if cfg.benchmark:
         report["throughput"] = throughput(model, session, inputs, cfg.batch_size, cfg.iterations, cfg.warmup)
     return report

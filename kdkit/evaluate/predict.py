@@ -7,6 +7,8 @@ filter (Pillow's and DALI's antialiased bilinear kernels differ by about one gre
 average), so a prediction here matches `kdkit eval` on the same image to within that.
 
 A file that does not decode gives a one-line error naming it; the other images are still predicted.
+CHECKPOINT may also be an OpenVINO IR (model.xml, or its folder) written by `kdkit export --format
+openvino`: the same transform, run through the OpenVINO runtime (fp32 or int8).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from kdkit.shards.sources.base import IMAGE_SUFFIXES
 
 @dataclass
 class PredictConfig:
-    checkpoint: Path
+    checkpoint: Path  # or an OpenVINO IR (model.xml / its export folder)
     inputs: list[Path]  # image files and/or folders (searched recursively)
     topk: int = 5
     crop_ratio: float = 0.875
@@ -117,12 +119,17 @@ class Predictions(list):
 
 def predict(cfg: PredictConfig) -> Predictions:
     """One Prediction per image, in input order; undecodable images carry `error` instead of `top`."""
+    from kdkit.evaluate.deploy import is_ir, load_ir
     from kdkit.runtime import pick_device
 
-    model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
-                             trust=cfg.trust_checkpoint)
-    dev = pick_device(cfg.device)
-    model.to(dev)
+    if is_ir(cfg.checkpoint):  # an OpenVINO IR from `kdkit export --format openvino`: runs on the CPU
+        model, info = load_ir(cfg.checkpoint)
+        dev = torch.device("cpu")
+    else:
+        model, info = load_model(cfg.checkpoint, prefer_ema=cfg.prefer_ema, model_name=cfg.model_name,
+                                 trust=cfg.trust_checkpoint)
+        dev = pick_device(cfg.device)
+        model.to(dev)
     transform = eval_transform(info, cfg.crop_ratio)
     paths = list_images(cfg.inputs)
     results = Predictions(Prediction(str(p)) for p in paths)
