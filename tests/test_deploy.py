@@ -3,7 +3,9 @@ accuracy on the eval split, predict from an IR, and bad input (one line, nothing
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
+from kdkit.evaluate import deploy  # noqa: E402
 from kdkit.evaluate.deploy import EvalViews, OpenVINOModel  # noqa: E402
 from kdkit.evaluate.predict import PredictConfig, predict  # noqa: E402
 from kdkit.models.checkpoint import load_model  # noqa: E402
@@ -175,3 +178,19 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
     one_line_error(capsys, "kdkit[deploy]")
     assert not out.exists()
 
+
+
+def test_no_usage_data_is_sent_without_a_consent_file(tmp_path, monkeypatch):
+    """openvino_telemetry sends when no consent file exists; through kdkit, no file means declined."""
+    oc = pytest.importorskip("openvino_telemetry.utils.opt_in_checker")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    checker = oc.OptInChecker()
+    monkeypatch.setattr(oc.OptInChecker, "consent_file_base_dir", lambda self: str(tmp_path))
+    assert not os.path.exists(checker.consent_file())
+    monkeypatch.setattr(oc.OptInChecker, "check", oc.OptInChecker.check)  # undone after the test
+    deploy.require("openvino")
+    assert checker.check(enable_opt_in_dialog=False, disable_in_ci=True) == oc.ConsentCheckResult.DECLINED
+    Path(checker.consent_file()).parent.mkdir(parents=True, exist_ok=True)
+    Path(checker.consent_file()).write_text("1")  # a user who opted in keeps their choice
+    assert checker.check(enable_opt_in_dialog=False, disable_in_ci=True) == oc.ConsentCheckResult.ACCEPTED

@@ -28,16 +28,39 @@ import torch
 from kdkit.errors import KdkitError
 from kdkit.evaluate.ensemble import denormalize_uint8, normalize_uint8
 from kdkit.evaluate.export import check_parity, parity_inputs, time_runners
-from kdkit.models.checkpoint import ModelInfo, file_sha256, load_model
+from kdkit.models.checkpoint import ModelInfo, load_model
+from kdkit.shards.tario import sha256_file
 
 SPEC, REPORT, IR, IR_INT8 = "input.json", "report.json", "model.xml", "model_int8.xml"
 RT_KEY = ["kdkit", "spec"]  # where the input spec lives in an IR's rt_info
+
+
+def no_telemetry_without_consent() -> None:
+    """OpenVINO's converter and NNCF send usage data (Google Analytics) from the machine they run on
+    unless a consent file declines it (openvino_telemetry); kdkit sends nothing its user did not agree
+    to, so here no consent file reads as declined. A user who opted in (`opt_in_out --opt_in`) still
+    sends. openvino_telemetry has no setting for this (only CI variables), hence the wrapper."""
+    try:
+        from openvino_telemetry.utils import opt_in_checker as oc
+    except ImportError:  # without it both libraries use their no-op stub
+        return
+    check = oc.OptInChecker.check
+    if getattr(check, "kdkit", False):
+        return
+
+    def declined_without_a_file(self, *args, **kwargs):
+        result = check(self, *args, **kwargs)
+        return oc.ConsentCheckResult.DECLINED if result == oc.ConsentCheckResult.NO_FILE else result
+
+    declined_without_a_file.kdkit = True
+    oc.OptInChecker.check = declined_without_a_file
 
 
 def require(*modules: str):
     """Import the deploy extra's packages, or one line saying how to install them."""
     import importlib
 
+    no_telemetry_without_consent()  # before nncf's import: it starts its telemetry on import
     try:
         return [importlib.import_module(m) for m in modules]
     except ImportError as e:
@@ -57,7 +80,7 @@ def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: P
             "model": info.to_json(), "classes": [{"index": i, "id": c, "name": n} for i, (c, n)
                                                  in enumerate(zip(info.class_ids(), info.class_names()))],
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None}
+            "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None}
 
 
 def conversion_failure(e: Exception) -> str:
