@@ -256,7 +256,7 @@ struct Color {
 
   Color(float brightness, float contrast, float saturation, float hue) {
     static const double rgb2yiq[9] = {.299, .587, .114, .596, -.274, -.321, .211, -.523, .311};
-    static const double yiq2rgb[9] = {1, .956, .621, 1, -.272, -.647, 1, -1.107, 1.705};
+    static const std::array<double, 9> yiq2rgb = Inverse(rgb2yiq);  // as color_twist.h: inverse(Rgb2Yiq)
     const double rad = hue * M_PI / 180, cs = std::cos(rad), sn = std::sin(rad);
     // hue rotation times saturation scale, in YIQ: rows (Y, I, Q)
     const double hs[9] = {1, 0, 0, 0, cs * saturation, sn * saturation, 0, -sn * saturation, cs * saturation};
@@ -277,6 +277,18 @@ struct Color {
   }
 
   void Apply(float *px, int64_t pixels) const;
+
+  static std::array<double, 9> Inverse(const double *a) {  // of a 3x3 matrix, by cofactors
+    std::array<double, 9> inv;
+    for (int r = 0; r < 3; r++)
+      for (int c = 0; c < 3; c++) {
+        const int r1 = (c + 1) % 3, r2 = (c + 2) % 3, c1 = (r + 1) % 3, c2 = (r + 2) % 3;
+        inv[r * 3 + c] = a[r1 * 3 + c1] * a[r2 * 3 + c2] - a[r1 * 3 + c2] * a[r2 * 3 + c1];
+      }
+    const double det = a[0] * inv[0] + a[1] * inv[3] + a[2] * inv[6];
+    for (double &v : inv) v /= det;
+    return inv;
+  }
 };
 
 KDKIT_INLINE void ColorTransformImpl(const float *m, float offset, float *px, int64_t pixels) {
