@@ -2,6 +2,7 @@
 and its three JSD views, and the combinations the pipelines refuse."""
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -168,3 +169,29 @@ def test_replay_refuses_what_would_break_crop_exactness(options, named):
         loader_config("replay", **options)
     with pytest.raises(OptionError, match="rotate: not a loader option of role 'teacher_views'"):
         loader_config("teacher_views", rotate=10)
+
+
+@pytest.mark.parametrize("extra", [dict(rotate=20, hue=0.1, color_jitter=0.4),
+                                   dict(augmix=True, augmix_jsd=True, augmix_width=2, rotate=10, rotate_fill=0)])
+def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, extra):
+    from kdkit.pipelines.config import loader_config as make
+    from kdkit.pipelines.loader import build_pipeline
+    from kdkit.pipelines.shardset import resolve_shards
+
+    # defining the graph checks every CPU/GPU placement (the AugMix weights drawn on the CPU, used on the GPU)
+    with warnings.catch_warnings(record=True):
+        pipe = build_pipeline(make("train", device="gpu", device_id=0, batch_size=4, image_size=SIZE, **extra),
+                              resolve_shards(tiny_shards), teacher=False)
+    assert pipe.device_id == 0
+
+
+from conftest import cuda_only as gpu  # noqa: E402
+
+
+@gpu
+def test_gpu_training_views_rotate_and_augmix_on_the_device(tiny_shards):
+    device_id = int(os.environ.get("LOCAL_RANK", 0))
+    for extra in (dict(rotate=30, hue=0.2), dict(augmix=True, augmix_jsd=True)):
+        batch = next(iter(loader(tiny_shards, device="gpu", device_id=device_id, **extra)))
+        assert batch.images.is_cuda and torch.isfinite(batch.images).all()
+        assert batch.images.shape[0] == (12 if extra.get("augmix_jsd") else 4)
