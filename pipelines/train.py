@@ -137,7 +137,8 @@ def fill_colour(augment: Augment, output: Output) -> list[float]:
 def rotation_input(augment: Augment, output: Output) -> Output:
     """What the resize + normalize step produces when a rotation follows: HWC float32 normalized around
     the fill colour, so that fn.rotate's one scalar fill value (0) is that colour in every channel."""
-    return dataclasses.replace(output, layout="HWC", dtype="float32", mean=tuple(c / 255 for c in fill_colour(augment, output)))
+    fill = tuple(c / 255 for c in fill_colour(augment, output))
+    return dataclasses.replace(output, layout="HWC", dtype="float32", mean=fill)
 
 
 def rotate_views(views, angles, augment: Augment, output: Output):

@@ -80,8 +80,8 @@ def test_rotation_is_pils_rotation_with_the_fill_asked_for(native_op, fill):
     (got,) = run(graph, images)
     colour = np.array([fill] * 3 if fill is not None else [m * 255 for m in MEAN], np.float32)
     for img, angle, out in zip(images, angles, got):
-        want = np.asarray(Image.fromarray(img).rotate(angle, Image.BILINEAR, fillcolor=tuple(int(round(c)) for c in colour)),
-                          np.float32) - np.array(MEAN, np.float32) * 255
+        pil = Image.fromarray(img).rotate(angle, Image.BILINEAR, fillcolor=tuple(int(round(c)) for c in colour))
+        want = np.asarray(pil, np.float32) - np.array(MEAN, np.float32) * 255
         inside = np.asarray(Image.fromarray(np.full((SIZE, SIZE), 255, np.uint8)).rotate(angle, Image.NEAREST)) == 255
         assert out.shape == (SIZE, SIZE, 3)
         # the same rotation (direction and centre): pixels within a few grey levels but at the rotated

@@ -129,8 +129,8 @@ def test_baseline_uses_the_equivalent_torchvision_transforms(tmp_path):
     assert (a.severity, a.mixture_width, a.chain_depth, a.alpha) == (5, 2, 1, 0.5)
     # and DALI gets the same options (the Train role checks them)
     dali = train_augment(cfg)
-    assert (dali["augmix"], dali["rotate"], dali["rotate_fill"], dali["hue"], dali["augmix_width"]) == (True, 15.0, 20.0,
-                                                                                                     0.1, 2)
+    got = (dali["augmix"], dali["rotate"], dali["rotate_fill"], dali["hue"], dali["augmix_width"])
+    assert got == (True, 15.0, 20.0, 0.1, 2)
     order = [type(t) for t in baseline_transform(cfg).transforms]
     assert order.index(T.AugMix) < order.index(T.RandomRotation) < order.index(T.ToTensor)  # rotation after resize
 
@@ -143,7 +143,8 @@ def test_cli_accepts_the_augmentation_options(tiny_shards, capsys):
     assert "aug rrc-flip-jitter + rotate 20 + hue 0.1" in out and "dataloader+pillow" in out
 
 
-@pytest.mark.parametrize("flags,expected", [(["--rotate", "-1"], "argument --rotate"), (["--hue", "0.7"], "argument --hue"),
+@pytest.mark.parametrize("flags,expected", [(["--rotate", "-1"], "argument --rotate"),
+                                            (["--hue", "0.7"], "argument --hue"),
                                             (["--augmix-severity", "0"], "argument --augmix-severity")])
 def test_nonsense_augmentation_flags_are_refused(tiny_shards, capsys, flags, expected):
     with pytest.raises(SystemExit) as e:

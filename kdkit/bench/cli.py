@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
                    help="random rotation in [-DEG, DEG] (baseline: RandomRotation)")
     g.add_argument("--rotate-fill", type=number(0, 255), default=None, metavar="GREY",
                    help="grey level of the corners a rotation uncovers (default: the mean colour)")
-    g.add_argument("--hue", type=number(0, 0.5), default=0.0, help="hue jitter in [-H, H] of a turn (baseline: ColorJitter)")
+    g.add_argument("--hue", type=number(0, 0.5), default=0.0,
+                   help="hue jitter in [-H, H] of a turn (baseline: ColorJitter)")
     g.add_argument("--augmix-severity", type=integer(1, 10), default=3, help="--aug augmix: magnitude 1..10")
     g.add_argument("--augmix-width", type=COUNT, default=3, help="--aug augmix: chains mixed")
     g.add_argument("--augmix-depth", type=integer(-1, 3), default=-1, help="--aug augmix: ops per chain (-1: 1..3)")

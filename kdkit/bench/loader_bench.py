@@ -116,7 +116,8 @@ def baseline_transform(cfg: BenchConfig):
               "augmix": [T.AugMix(cfg.augmix_severity, cfg.augmix_width, cfg.augmix_depth, cfg.augmix_alpha)]}[cfg.aug]
     rotation = []
     if cfg.rotate:  # after the resize, as DALI's graph does it (pipelines.train.rotate_views)
-        fill = [round(cfg.rotate_fill)] * 3 if cfg.rotate_fill is not None else [round(m * 255) for m in IMAGENET_DEFAULT_MEAN]
+        fill = ([round(cfg.rotate_fill)] * 3 if cfg.rotate_fill is not None
+                else [round(m * 255) for m in IMAGENET_DEFAULT_MEAN])
         rotation = [T.RandomRotation(cfg.rotate, interpolation=T.InterpolationMode.BILINEAR, fill=fill)]
     return T.Compose(geometric + colour + policy + rotation + finish)
 

@@ -171,8 +171,9 @@ LIMITS = {
     "num_classes": (1, None, False), "image_size": (8, None, False), "eval_crop_ratio": (0, 1, True),
     "batch_size": (1, None, False), "loader_threads": (1, None, False), "shuffle_buffer": (1, None, False),
     "random_area": (0, 1, True), "color_jitter": (0, None, False),
-    "hue": (0, 0.5, False), "rotate": (0, 180, False), "rotate_fill": (0, 255, False), "augmix_severity": (1, 10, False),
-    "augmix_width": (1, None, False), "augmix_depth": (-1, 3, False), "augmix_alpha": (0, None, True), "randaugment_n": (0, None, False),
+    "hue": (0, 0.5, False), "rotate": (0, 180, False), "rotate_fill": (0, 255, False),
+    "augmix_severity": (1, 10, False), "augmix_width": (1, None, False), "augmix_depth": (-1, 3, False),
+    "augmix_alpha": (0, None, True), "randaugment_n": (0, None, False),
     "randaugment_m": (0, 30, False), "am_margin": (0, None, False), "am_scale": (0, None, True),
     "freeze_epochs": (0, None, False), "kd_temperature": (0, None, True), "kd_alpha": (0, 1, False),
     "label_smoothing": (0, 0.999, False), "mixup": (0, None, False), "cutmix": (0, None, False),
@@ -245,7 +246,8 @@ def check_augment_combinations(cfg: TrainConfig) -> None:
         raise OptionError("rotate: --kd replay feeds the stored teacher views, which record crop box and flip but no "
                           "rotation angle; a rotated view is not what the teacher saw. Use --kd stored, or --rotate 0")
     if cfg.augmix and cfg.auto_augment:
-        raise OptionError(f"augmix: one augmentation policy at a time; drop --auto-augment {cfg.auto_augment} or --augmix")
+        raise OptionError(f"augmix: one augmentation policy at a time; drop --auto-augment {cfg.auto_augment} "
+                          "or --augmix")
     if cfg.augmix_jsd and not cfg.augmix:
         raise OptionError("augmix_jsd: the Jensen-Shannon loss compares AugMix views; add --augmix")
     if cfg.augmix_jsd and cfg.kd != "none":
