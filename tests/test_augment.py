@@ -42,8 +42,8 @@ def run(graph, images, batch=None, conditionals=False):
         out = graph(x)
         return out if isinstance(out, tuple) else (out,)
 
-    p = pipe()
     with warnings.catch_warnings(record=True):  # DALI's auto_aug: its own deprecated aliases, forced to show
+        p = pipe()
         p.build()
     n = batch or len(images)
     return [np.stack([np.asarray(o.at(i), np.float32) for i in range(n)]) for o in p.run()]
