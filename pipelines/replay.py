@@ -20,7 +20,7 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role
+from kdkit.pipelines.config import Role, check
 from kdkit.pipelines.train import Augment, train_views
 
 if TYPE_CHECKING:
@@ -71,6 +71,9 @@ class Replay(Augment, Role):
 
     def __post_init__(self):
         self.check_augment()
+        # the stored views hold crop box and flip, not an angle: a rotated view is not what the teacher saw
+        check(not self.rotate, "rotate", self.rotate, "0 with replay (stored views record no rotation angle)")
+        check(not self.augmix_jsd, "augmix_jsd", self.augmix_jsd, "False with replay (one view per sample)")
 
     def members(self):
         return [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT]

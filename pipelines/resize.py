@@ -34,8 +34,8 @@ def resized_view(crops, output: Output, native_op: bool, mirror=0, roi=None, col
     mirrored where `mirror` is 1; equal to common.normalize(common.resize_square(crops)).
     `native_op`: through kdkit's CPU operator (else DALI's fn.resize + crop_mirror_normalize).
     `roi`: ((y, x) start, (y, x) end) of the window of each crop to resize, in pixels (native
-    operator only: pipelines.eval uses it). `color`: per-sample (brightness, contrast, saturation)
-    factors applied as fn.color_twist applies them, after resizing (native operator only).
+    operator only: pipelines.eval uses it). `color`: per-sample (brightness, contrast, saturation, hue
+    in degrees) applied as fn.color_twist applies them, after resizing (native operator only).
 
     fn.resize differs from the native operator only at the image borders, where it repeats the
     edge pixel while Pillow (and the native operator) cut and renormalize the filter window, and by
@@ -49,7 +49,7 @@ def resized_view(crops, output: Output, native_op: bool, mirror=0, roi=None, col
                                 mirror=mirror)
     extra = {} if roi is None else dict(roi_start=roi[0], roi_end=roi[1])
     if color is not None:
-        extra.update(brightness=color[0], contrast=color[1], saturation=color[2])
+        extra.update(brightness=color[0], contrast=color[1], saturation=color[2], hue=color[3])
     return fn.kdkit_resize_normalize(
         crops, size=output.image_size, mean=output.mean255, std=output.std255, mirror=mirror,
         antialias=output.antialias, planar=output.planar, half=output.dtype == "float16", **extra)

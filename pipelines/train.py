@@ -1,25 +1,30 @@
-"""Training role: random-resized-crop decode, flip, optional colour jitter and auto-augment, normalize.
+"""Training role: random-resized-crop decode, flip, optional colour / hue jitter, auto-augment or AugMix,
+normalize, optional rotation.
 
 Random-resized-crop is done by the decoder itself (fn.decoders.image_random_crop), which picks
 the crop window first and decodes only that region of the JPEG (ROI decode): at the default
 area range (8%..100%) that skips a large part of the decoding work. The crop is then resized and
 normalized in one step (pipelines.resize, which on the CPU backend avoids DALI's slow horizontal
-resampling pass) unless auto-augment must change the resized pixels in between.
+resampling pass) unless auto-augment or AugMix must change the resized pixels in between. A rotation
+comes after that step, on the normalized square views (rotate_views says why).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
 from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, check, range_pair
+from kdkit.pipelines.config import Role, as_nchw, check, positive_int, range_pair
 from kdkit.pipelines.resize import native_available, resized_view
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend, Output
 
+JSD_VIEWS = ("images_augmix1", "images_augmix2")  # iterator outputs of the two AugMix views
 AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
 
 
@@ -40,32 +45,60 @@ class RandomCrop:
 
 @dataclass(frozen=True)
 class Augment:
-    """Photometric and policy augmentation of training crops."""
+    """Photometric, geometric and policy augmentation of training crops."""
 
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
+    hue: float = 0.0  # hue jitter: uniform in [-hue, hue] of a full turn (0..0.5, torchvision's and Keras'), 0 = off
+    rotate: float = 0.0  # random rotation: uniform in [-rotate, rotate] degrees (0..180), 0 = off
+    rotate_fill: float | None = None  # grey level 0..255 of the corners a rotation uncovers; None = the mean colour
     auto_augment: str | None = None  # "autoaugment" | "randaugment" | "trivialaugment"
     randaugment_n: int = 2
     randaugment_m: int = 9
+    augmix: bool = False  # AugMix (pipelines.augmix)
+    augmix_severity: int = 3  # magnitude of its operations, 1..10 (timm's m)
+    augmix_width: int = 3  # augmentation chains mixed
+    augmix_depth: int = -1  # operations per chain, 1..3, or -1: drawn from 1..3 per chain
+    augmix_alpha: float = 1.0  # Dirichlet and Beta parameter of the mixing weights
+    augmix_jsd: bool = False  # three views per sample (clean + 2 AugMix) for the Jensen-Shannon consistency loss
 
     def resizer(self, backend: Backend) -> str:
         """Training crops (train, replay) go through kdkit's CPU operator where it is available, except
-        with an auto-augment policy: those need the resized uint8 pixels, so they keep fn.resize."""
-        native = native_available(backend) and not self.auto_augment
+        with an auto-augment policy or AugMix: those need the resized uint8 pixels, so they keep fn.resize."""
+        native = native_available(backend) and not self.auto_augment and not self.augmix
         return "kdkit_resize_normalize" if native else "fn.resize"
 
     def conditionals(self) -> bool:
-        """DALI's auto_aug policies need conditionals in the graph."""
-        return bool(self.auto_augment)
+        """DALI's auto_aug policies (and AugMix, built from their operations) need conditionals in the graph."""
+        return bool(self.auto_augment) or self.augmix
 
     def check_augment(self) -> None:
         check(isinstance(self.color_jitter, (int, float)) and self.color_jitter >= 0, "color_jitter",
               self.color_jitter, "a strength >= 0 (0 = off)")
+        check(isinstance(self.hue, (int, float)) and 0 <= self.hue <= 0.5, "hue", self.hue,
+              "0 <= hue <= 0.5 (a fraction of the hue circle; 0 = off)")
+        check(isinstance(self.rotate, (int, float)) and 0 <= self.rotate <= 180, "rotate", self.rotate,
+              "0 <= degrees <= 180 (0 = off)")
+        check(self.rotate_fill is None or (isinstance(self.rotate_fill, (int, float)) and 0 <= self.rotate_fill <= 255),
+              "rotate_fill", self.rotate_fill, "None (the mean colour) or a grey level 0..255")
         check(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS, "auto_augment", self.auto_augment,
               f"None or one of {', '.join(AUTO_AUGMENTS)}")
         check(isinstance(self.randaugment_n, int) and self.randaugment_n >= 0, "randaugment_n", self.randaugment_n,
               "an integer >= 0")
         check(isinstance(self.randaugment_m, int) and 0 <= self.randaugment_m <= 30, "randaugment_m",
               self.randaugment_m, "0..30 (DALI's magnitude bins)")
+        check_augmix(self)
+
+
+def check_augmix(a: Augment) -> None:
+    check(isinstance(a.augmix_severity, int) and 1 <= a.augmix_severity <= 10, "augmix_severity",
+          a.augmix_severity, "an integer 1..10")
+    positive_int("augmix_width", a.augmix_width)
+    check(a.augmix_depth in (-1, 1, 2, 3), "augmix_depth", a.augmix_depth, "1, 2, 3, or -1 (drawn from 1..3)")
+    check(isinstance(a.augmix_alpha, (int, float)) and a.augmix_alpha > 0, "augmix_alpha", a.augmix_alpha,
+          "a number > 0")
+    check(not (a.augmix and a.auto_augment), "augmix", a.augmix,
+          f"no second policy: AugMix and auto_augment={a.auto_augment!r} exclude each other")
+    check(not a.augmix_jsd or a.augmix, "augmix_jsd", a.augmix_jsd, "augmix=True with it (the views it compares)")
 
 
 def decode_train(jpegs, crop: RandomCrop, backend: Backend):
@@ -76,18 +109,54 @@ def decode_train(jpegs, crop: RandomCrop, backend: Backend):
         random_aspect_ratio=list(crop.random_aspect_ratio), **backend.decoder_args())
 
 
-def jitter_factors(strength: float) -> tuple:
-    """Per-sample (brightness, contrast, saturation) factors, each uniform in [1 - s, 1 + s]
-    (torchvision's ColorJitter(s, s, s) without hue)."""
+def jitter_factors(strength: float, hue: float = 0.0) -> tuple:
+    """Per-sample (brightness, contrast, saturation, hue in degrees): the factors uniform in [1 - s, 1 + s]
+    (torchvision's ColorJitter(s, s, s)), the hue uniform in [-hue, hue] of a turn; 1 or 0 where off."""
     def factor():
-        return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
-    return factor(), factor(), factor()
+        return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength]) if strength else 1.0
+    return factor(), factor(), factor(), (fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]) if hue else 0.0)
 
 
-def color_jitter(images, strength: float):
-    """Colour jitter of uint8 images in one colour-twist pass (factors: jitter_factors)."""
-    brightness, contrast, saturation = jitter_factors(strength)
-    return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation)
+def color_jitter(images, strength: float, hue: float = 0.0):
+    """Colour jitter of uint8 images in one colour-twist pass (factors: jitter_factors). DALI's hue is a
+    rotation in YIQ space, not torchvision's HSV shift: the same idea, slightly different colours."""
+    brightness, contrast, saturation, hue_degrees = jitter_factors(strength, hue)
+    return fn.color_twist(images, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue_degrees)
+
+
+def rotation_angles(degrees: float):
+    """Per-sample rotation angle, uniform in [-degrees, degrees] (counter-clockwise positive)."""
+    return fn.random.uniform(range=[-float(degrees), float(degrees)])
+
+
+def fill_colour(augment: Augment, output: Output) -> list[float]:
+    """The 0..255 RGB colour of the corners a rotation uncovers: the grey level asked for, else the mean."""
+    return [float(augment.rotate_fill)] * 3 if augment.rotate_fill is not None else output.mean255
+
+
+def rotation_input(augment: Augment, output: Output) -> Output:
+    """What the resize + normalize step produces when a rotation follows: HWC float32 normalized around
+    the fill colour, so that fn.rotate's one scalar fill value (0) is that colour in every channel."""
+    fill = tuple(c / 255 for c in fill_colour(augment, output))
+    return dataclasses.replace(output, layout="HWC", dtype="float32", mean=fill)
+
+
+def rotate_views(views, angles, augment: Augment, output: Output):
+    """Rotate normalized HWC views (from rotation_input) by `angles` degrees about their centre, keeping
+    their size, then shift them to Output's mean and hand them over in its layout and dtype.
+
+    Why here, after the resize: a random-resized crop of another aspect ratio is stretched to a square,
+    and a rotation before that stretch would come out sheared; torchvision's RandomRotation (and Keras')
+    also rotates the final-size image. Rotating the normalized floats keeps the CPU operator's fused
+    resize + jitter + normalize as it is; training without rotation does not pass through here.
+    """
+    rotated = fn.rotate(views, angle=angles, keep_size=True, fill_value=0.0, interp_type=types.INTERP_LINEAR)
+    fill = fill_colour(augment, output)
+    # (x - fill) / std -> (x - mean) / std, with the transpose and cast in the same pass
+    shift = [(m - f) / s for f, m, s in zip(fill, output.mean255, output.std255)]
+    dtype = types.FLOAT if output.dtype == "float32" else types.FLOAT16
+    return fn.crop_mirror_normalize(rotated, dtype=dtype, output_layout="CHW" if output.planar else "HWC",
+                                    mean=shift, std=[1.0, 1.0, 1.0])
 
 
 def auto_augment(images, policy: str, size: int, n: int = 2, m: int = 9):
@@ -102,24 +171,50 @@ def auto_augment(images, policy: str, size: int, n: int = 2, m: int = 9):
     return ta.trivial_augment_wide(images, shape=shape)
 
 
-def train_views(crops, augment: Augment, output: Output, native_op: bool, mirror=0):
+def augment_resized(images, augment: Augment, size: int):
+    """DALI's operators on resized uint8 HWC crops: colour jitter, then an auto-augment policy or AugMix
+    (whose output is float)."""
+    if augment.color_jitter or augment.hue:
+        images = color_jitter(images, augment.color_jitter, augment.hue)
+    if augment.auto_augment:
+        images = auto_augment(images, augment.auto_augment, size, augment.randaugment_n, augment.randaugment_m)
+    if augment.augmix:
+        from kdkit.pipelines.augmix import augment_and_mix
+
+        images = augment_and_mix(images, augment, size)
+    return images
+
+
+def train_views(crops, augment: Augment, output: Output, native_op: bool, mirror=0, resized=None):
     """Decoded crops -> augmented, normalized size x size training inputs, mirrored where `mirror`.
 
-    With DALI's operators (GPU, no native operator, or auto-augment) the resize, the augmentation
-    and the normalize are separate steps. With kdkit's CPU operator, colour jitter is folded into
-    its one pass: the same transform as fn.color_twist (tested), though DALI seeds the two graphs'
-    random operators differently, so the two routes draw different (equally distributed) factors.
+    With DALI's operators (GPU, no native operator, or a policy) the resize, the augmentation and the
+    normalize are separate steps (`resized`: the crops already resized, to share them between views).
+    With kdkit's CPU operator, colour and hue jitter are folded into its one pass: the same transform
+    as fn.color_twist (tested), though DALI seeds the two graphs' random operators differently, so the
+    two routes draw different (equally distributed) factors. A rotation follows either (rotate_views).
     """
+    normalized = rotation_input(augment, output) if augment.rotate else output
     if native_op:
-        color = jitter_factors(augment.color_jitter) if augment.color_jitter else None
-        return resized_view(crops, output, True, mirror=mirror, color=color)
-    images = common.resize_square(crops, output.image_size, output.antialias)
-    if augment.color_jitter:
-        images = color_jitter(images, augment.color_jitter)
-    if augment.auto_augment:
-        images = auto_augment(images, augment.auto_augment, output.image_size, augment.randaugment_n,
-                              augment.randaugment_m)
-    return common.normalize(images, output, mirror=mirror)
+        jitter = augment.color_jitter or augment.hue
+        color = jitter_factors(augment.color_jitter, augment.hue) if jitter else None
+        views = resized_view(crops, normalized, True, mirror=mirror, color=color)
+    else:
+        if resized is None:
+            resized = common.resize_square(crops, output.image_size, output.antialias)
+        views = common.normalize(augment_resized(resized, augment, output.image_size), normalized, mirror=mirror)
+    if augment.rotate:
+        views = rotate_views(views, rotation_angles(augment.rotate), augment, output)
+    return views
+
+
+def jsd_views(crops, augment: Augment, output: Output, mirror=0) -> tuple:
+    """AugMix with the Jensen-Shannon loss: three views of one crop and flip, as timm's AugMixDataset
+    makes them: the clean one (resized, flipped, normalized) and two drawn independently with every
+    augmentation asked for."""
+    resized = common.resize_square(crops, output.image_size, output.antialias)
+    clean = common.normalize(resized, output, mirror=mirror)
+    return (clean, *(train_views(crops, augment, output, False, mirror, resized=resized) for _ in range(2)))
 
 
 @dataclass(frozen=True)
@@ -136,7 +231,22 @@ class Train(Augment, RandomCrop, Role):
 
     def graph(self, members, teacher, output, backend):
         jpegs, cls = members
+        crops, mirror = decode_train(jpegs, self, backend), common.random_flip(self.flip)
+        labels, logits = backend.to_output(common.parse_label(cls)), common.teacher_outputs(teacher, backend)
+        if self.augmix_jsd:
+            clean, *augmixed = jsd_views(crops, self, output, mirror)
+            return (clean, labels, *logits, *augmixed)
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
-        images = train_views(decode_train(jpegs, self, backend), self, output, native_op,
-                             mirror=common.random_flip(self.flip))
-        return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher, backend))
+        return (train_views(crops, self, output, native_op, mirror=mirror), labels, *logits)
+
+    def output_names(self, teacher_kind):
+        return Role.output_names(self, teacher_kind) + (list(JSD_VIEWS) if self.augmix_jsd else [])
+
+    def batch(self, outputs, teacher_kind, channels_last):
+        """With augmix_jsd the images are the clean views, then the first and the second AugMix views of
+        the same samples (3 B images for B labels): the split-major order timm's JsdCrossEntropy reads."""
+        b = Role.batch(self, outputs, teacher_kind, channels_last)
+        if not self.augmix_jsd:
+            return b
+        views = [b.images, *(as_nchw(outputs[name], channels_last) for name in JSD_VIEWS)]
+        return b._replace(images=torch.cat(views))

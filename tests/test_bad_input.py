@@ -45,9 +45,20 @@ def test_nonsense_values_of_other_commands_are_one_line(capsys, argv, expected):
 @pytest.mark.parametrize("flags,expected", [
     (["--label-smoothing", "2"], "label_smoothing=2.0: expected a number 0 <= label_smoothing <= 0.999"),
     (["--image-size", "0"], "image_size=0: expected an integer >= 8"),
-    (["--kd-alpha", "1.5"], "kd_alpha=1.5"), (["--random-area", "0.9", "0.2"], "random_area")])
+    (["--kd-alpha", "1.5"], "kd_alpha=1.5"), (["--random-area", "0.9", "0.2"], "random_area"),
+    (["--rotate", "-5"], "rotate=-5.0: expected a number 0 <= rotate <= 180"),
+    (["--rotate-fill", "256"], "rotate_fill=256.0: expected a number 0 <= rotate_fill <= 255"),
+    (["--hue", "0.6"], "hue=0.6: expected a number 0 <= hue <= 0.5"),
+    (["--augmix-severity", "11"], "augmix_severity=11"), (["--augmix-depth", "0"], "augmix_depth=0"),
+    (["--augmix-alpha", "0"], "augmix_alpha=0.0: expected a number > 0"),
+    (["--augmix-jsd"], "augmix_jsd: the Jensen-Shannon loss compares AugMix views; add --augmix"),
+    (["--augmix", "--auto-augment", "randaugment"], "augmix: one augmentation policy at a time"),
+    (["--augmix", "--augmix-jsd", "--mixup", "0.2"], "set --mixup 0 --cutmix 0"),
+    (["--augmix", "--augmix-jsd", "--kd", "stored"], "the JSD loss trains on the labels"),
+    (["--kd", "replay", "--rotate", "10"], "stored teacher views, which record crop box and flip but no rotation")])
 def test_nonsense_training_options_are_refused_naming_the_option(tiny_shards, tmp_path, capsys, flags, expected):
-    assert main(["train", "teacher", str(tiny_shards), "--output", str(tmp_path), *flags]) == 2
+    mode = "student" if "--kd" in flags else "teacher"  # only students take --kd
+    assert main(["train", mode, str(tiny_shards), "--output", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())

@@ -113,3 +113,40 @@ def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
                        cwd=tmp_path, timeout=120, env={**os.environ, "PY": sys.executable})
     assert r.returncode == 0 and r.stdout.count("\n") == 1 and "no CUDA device" in r.stdout, r.stdout + r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_baseline_uses_the_equivalent_torchvision_transforms(tmp_path):
+    from torchvision import transforms as T
+
+    from kdkit.bench.loader_bench import baseline_transform, train_augment
+
+    cfg = BenchConfig(tmp_path, aug="augmix", rotate=15.0, rotate_fill=20.0, hue=0.1, augmix_severity=5,
+                      augmix_width=2, augmix_depth=1, augmix_alpha=0.5)
+    steps = {type(t): t for t in baseline_transform(cfg).transforms}
+    assert steps[T.RandomRotation].degrees == [-15.0, 15.0] and steps[T.RandomRotation].fill == [20, 20, 20]
+    assert steps[T.ColorJitter].hue == (-0.1, 0.1)
+    a = steps[T.AugMix]
+    assert (a.severity, a.mixture_width, a.chain_depth, a.alpha) == (5, 2, 1, 0.5)
+    # and DALI gets the same options (the Train role checks them)
+    dali = train_augment(cfg)
+    got = (dali["augmix"], dali["rotate"], dali["rotate_fill"], dali["hue"], dali["augmix_width"])
+    assert got == (True, 15.0, 20.0, 0.1, 2)
+    order = [type(t) for t in baseline_transform(cfg).transforms]
+    assert order.index(T.AugMix) < order.index(T.RandomRotation) < order.index(T.ToTensor)  # rotation after resize
+
+
+@pytest.mark.timeout(300)
+def test_cli_accepts_the_augmentation_options(tiny_shards, capsys):
+    assert cli.main(["bench-loader", str(tiny_shards), *TINY, "--threads", "1", "--rotate", "20", "--hue", "0.1",
+                     "--aug", "rrc-flip-jitter"]) == 0
+    out = capsys.readouterr().out
+    assert "aug rrc-flip-jitter + rotate 20 + hue 0.1" in out and "dataloader+pillow" in out
+
+
+@pytest.mark.parametrize("flags,expected", [(["--rotate", "-1"], "argument --rotate"),
+                                            (["--hue", "0.7"], "argument --hue"),
+                                            (["--augmix-severity", "0"], "argument --augmix-severity")])
+def test_nonsense_augmentation_flags_are_refused(tiny_shards, capsys, flags, expected):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench-loader", str(tiny_shards), *flags])
+    assert e.value.code == 2 and expected in capsys.readouterr().err

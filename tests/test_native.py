@@ -81,31 +81,35 @@ def test_layout_dtype_and_normalization(plugin):
         np.testing.assert_allclose(out, want, rtol=2e-3, atol=2e-3)  # float16 resolution
 
 
-@pytest.mark.parametrize("factors", [(1.3, 1.0, 1.0), (1.0, 0.6, 1.0), (1.0, 1.0, 0.3), (0.7, 1.4, 1.6)])
+@pytest.mark.parametrize("factors", [(1.3, 1.0, 1.0, 0.0), (1.0, 0.6, 1.0, 0.0), (1.0, 1.0, 0.3, 0.0),
+                                     (0.7, 1.4, 1.6, 0.0), (1.0, 1.0, 1.0, 40.0), (1.0, 1.0, 1.0, -180.0),
+                                     (0.8, 1.2, 1.5, -72.0)])
 def test_colour_jitter_is_dalis_color_twist(plugin, factors):
     from nvidia.dali import fn, pipeline_def, types
 
     rng = np.random.default_rng(3)
     images = [smooth_and_sharp(rng, 45, 61), smooth_and_sharp(rng, 20, 26)]
-    brightness, contrast, saturation = factors
+    brightness, contrast, saturation, hue = factors
 
     @pipeline_def(batch_size=2, num_threads=1, device_id=None)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
         resized = fn.resize(x, size=[SIZE, SIZE], interp_type=types.INTERP_LINEAR, antialias=True)
-        twisted = fn.color_twist(resized, brightness=brightness, contrast=contrast, saturation=saturation)
+        twisted = fn.color_twist(resized, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
         ours = fn.kdkit_resize_normalize(x, size=SIZE, planar=False, brightness=brightness, contrast=contrast,
-                                         saturation=saturation)
+                                         saturation=saturation, hue=hue)
         plain = fn.kdkit_resize_normalize(x, size=SIZE, planar=False)
-        return twisted, ours, plain
+        return twisted, ours, plain, fn.hue(resized, hue=hue)
 
     p = pipe()
     p.build()
-    twisted, ours, plain = (np.stack([np.asarray(o.at(i), np.float32) for i in range(2)]) for o in p.run())
+    twisted, ours, plain, hued = (np.stack([np.asarray(o.at(i), np.float32) for i in range(2)]) for o in p.run())
     assert ours.min() >= 0 and ours.max() <= 255  # clamped like the uint8 result
     # fn.color_twist works on fn.resize's rounded uint8 pixels and rounds again: within 2 levels
     assert np.abs(ours - twisted)[:, 2:-2, 2:-2].max() <= 2.0
     assert np.abs(ours - plain).mean() > 5  # and the factors do change the pixels
+    if factors[:3] == (1.0, 1.0, 1.0):  # a hue change alone is fn.hue's too
+        assert np.abs(ours - hued)[:, 2:-2, 2:-2].max() <= 2.0
 
 
 def test_without_antialias_is_dalis_bilinear(plugin):

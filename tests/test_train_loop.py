@@ -142,6 +142,19 @@ def test_student_from_stored_teacher_outputs(colour, tmp_path, kd, extra):
     assert len(history) == 2 and all(np.isfinite(r["train_loss"]) for r in history)
 
 
+def test_augmix_jsd_trains_a_teacher_through_the_cli(colour, tmp_path, capsys):
+    from kdkit.cli import main
+
+    # the smallest AugMix (one chain of one op) keeps the DALI graph quick to build; JSD on top
+    assert main(["train", "teacher", str(colour), "--output", str(tmp_path), "--name", "jsd", "--model", MODEL,
+                 "--image-size", "32", "--batch-size", "8", "--loader-threads", "1", "--epochs", "1",
+                 "--no-progress", "--val-split", "none", "--augmix", "--augmix-jsd", "--augmix-width", "1",
+                 "--augmix-depth", "1", "--rotate", "10", "--hue", "0.05"]) == 0
+    assert "done" in capsys.readouterr().out
+    row = json.loads((tmp_path / "jsd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["train_loss"]) and row["samples"] > 0  # samples, not 3 views each
+
+
 @pytest.mark.parametrize("kd", ["stored", "replay"])
 def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
     """Top-k storage: the loader yields (values, indices) and the loss sees the dense logits with

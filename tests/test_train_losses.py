@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from kdkit.train.losses import (DistillationLoss, dense_logits_from_topk, kd_kl, kd_loss, one_hot_smoothed,
-                                soft_target_ce, teacher_probs)
+from kdkit.train.losses import (AugMixJsdLoss, DistillationLoss, dense_logits_from_topk, kd_kl, kd_loss,
+                                one_hot_smoothed, soft_target_ce, teacher_probs)
 from kdkit.train.mix import MixParams, draw_mix, mix_batch, mix_images
 from kdkit.models.heads import AMSoftmaxHead
 from kdkit.train.config import TrainConfig
@@ -183,3 +183,23 @@ def test_warmup_then_cosine_per_update():
     assert lrs[4] == pytest.approx(0.05) and lrs[9] == pytest.approx(0.1)  # linear warmup over 10 updates
     assert lrs[29] == pytest.approx(0.05) and lrs[-1] < 0.001  # then the whole cosine over 40, down to 0
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_augmix_jsd_loss_is_timms_on_the_loaders_split_major_views(smoothing):
+    torch.manual_seed(0)
+    B, C = 4, 5
+    logits, labels = torch.randn(3 * B, C), torch.tensor([0, 3, 1, 4])
+    got = AugMixJsdLoss(smoothing)(logits, one_hot_smoothed(labels, C, smoothing))
+    want = JsdCrossEntropy(num_splits=3, alpha=12, smoothing=smoothing)(logits, labels.repeat(3))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # by hand: the CE on the clean third, plus 12 x the mean KL of each view to the views' mixture
+    probs = logits.softmax(-1).split(B)
+    mixture = torch.stack(probs).mean(0)
+    js = sum((p * (p.log() - mixture.log())).sum(-1).mean() for p in probs) / 3
+    ce = -(one_hot_smoothed(labels, C, smoothing) * logits[:B].log_softmax(-1)).sum(-1).mean()
+    assert got.item() == pytest.approx((ce + 12 * js).item(), rel=1e-4)
+    # three views the model sees alike: nothing to make consistent, the loss is the clean CE
+    same = logits[:B].repeat(3, 1)
+    alike = AugMixJsdLoss(smoothing)(same, one_hot_smoothed(labels, C, smoothing))
+    assert alike.item() == pytest.approx(ce.item(), rel=1e-5)

@@ -4,4 +4,4 @@ Kept import-light: the CLI reads AUGS when it builds its parser.
 """
 
 # augmentations both loaders implement (DALI graph / torchvision transforms)
-AUGS = ("rrc-flip", "rrc-flip-jitter", "randaugment", "autoaugment", "trivialaugment", "eval")
+AUGS = ("rrc-flip", "rrc-flip-jitter", "randaugment", "autoaugment", "trivialaugment", "augmix", "eval")

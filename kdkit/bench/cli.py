@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdkit.options import COUNT, HelpFormatter, integer
+from kdkit.options import COUNT, POSITIVE, HelpFormatter, integer, number
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
                           size=a.size, aug=a.aug, device=a.device, batches=a.batches, warmup=a.warmup,
                           repeats=a.repeats, baseline=a.baseline, gpu_feed=a.gpu_feed, shuffle_buffer=a.shuffle_buffer,
                           dtype=a.dtype, antialias=a.antialias, fast_idct=a.fast_idct,
-                          native_resize=a.native_resize)
+                          native_resize=a.native_resize, rotate=a.rotate, rotate_fill=a.rotate_fill, hue=a.hue,
+                          augmix_severity=a.augmix_severity, augmix_width=a.augmix_width,
+                          augmix_depth=a.augmix_depth, augmix_alpha=a.augmix_alpha)
         report = run_bench(cfg)
         print(format_table(report))
         if a.json:
@@ -37,6 +39,17 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=COUNT, default=2, help="DALI num_threads and DataLoader num_workers")
     p.add_argument("--size", type=integer(8), default=224, help="output resolution (square)")
     p.add_argument("--aug", choices=AUGS, default="rrc-flip", help="augmentation (both loaders)")
+    g = p.add_argument_group("augmentation added to --aug (train augmentations; as `kdkit train`)")
+    g.add_argument("--rotate", type=number(0, 180), default=0.0, metavar="DEG",
+                   help="random rotation in [-DEG, DEG] (baseline: RandomRotation)")
+    g.add_argument("--rotate-fill", type=number(0, 255), default=None, metavar="GREY",
+                   help="grey level of the corners a rotation uncovers (default: the mean colour)")
+    g.add_argument("--hue", type=number(0, 0.5), default=0.0,
+                   help="hue jitter in [-H, H] of a turn (baseline: ColorJitter)")
+    g.add_argument("--augmix-severity", type=integer(1, 10), default=3, help="--aug augmix: magnitude 1..10")
+    g.add_argument("--augmix-width", type=COUNT, default=3, help="--aug augmix: chains mixed")
+    g.add_argument("--augmix-depth", type=integer(-1, 3), default=-1, help="--aug augmix: ops per chain (-1: 1..3)")
+    g.add_argument("--augmix-alpha", type=POSITIVE, default=1.0, help="--aug augmix: Dirichlet / Beta parameter")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="DALI backend (auto: the GPU where torch sees one; the table says which ran)")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="DALI output type")

@@ -48,6 +48,13 @@ class BenchConfig:
     antialias: bool = True  # DALI resize antialiasing; Pillow always antialiases, so off is not equivalent
     fast_idct: bool = False  # DALI decode with libjpeg-turbo's fast IDCT; Pillow uses the exact one
     native_resize: bool = True  # CPU: kdkit's resize + normalize DALI operator; False: DALI's fn.resize
+    rotate: float = 0.0  # train augs: random rotation in [-rotate, rotate] degrees on top of `aug`
+    rotate_fill: float | None = None  # grey level of the uncovered corners; None = the mean colour
+    hue: float = 0.0  # train augs: hue jitter in [-hue, hue] of a turn on top of `aug`
+    augmix_severity: int = 3  # aug "augmix": timm's / torchvision's AugMix parameters
+    augmix_width: int = 3
+    augmix_depth: int = -1
+    augmix_alpha: float = 1.0
 
 
 @dataclass
@@ -74,15 +81,22 @@ def dali_loader(cfg: BenchConfig, rt):
 
     # last_batch="partial": like the baseline, the end of an epoch yields a short batch (images are
     # counted, not batches) instead of a full one computed and dropped
-    policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
-    role = "eval" if cfg.aug == "eval" else Train(auto_augment=policy,
-                                                  color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0)
+    role = "eval" if cfg.aug == "eval" else Train(**train_augment(cfg))
     lc = loader_config(role, image_size=cfg.size, dtype=cfg.dtype, antialias=cfg.antialias,
                        layout="channels_last" if cfg.gpu_feed else "CHW", batch_size=cfg.batch_size,
                        shuffle_buffer=cfg.shuffle_buffer, teacher_logits=False, last_batch="partial",
                        num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id,
                        fast_idct=cfg.fast_idct, native_resize=cfg.native_resize)
     return DaliLoader(cfg.shards, lc, split=cfg.split)
+
+
+def train_augment(cfg: BenchConfig) -> dict:
+    """The Train role's augmentation options for `cfg.aug` and the extra ones."""
+    policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
+    return dict(auto_augment=policy, color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0, hue=cfg.hue,
+                rotate=cfg.rotate, rotate_fill=cfg.rotate_fill, augmix=cfg.aug == "augmix",
+                augmix_severity=cfg.augmix_severity, augmix_width=cfg.augmix_width, augmix_depth=cfg.augmix_depth,
+                augmix_alpha=cfg.augmix_alpha)
 
 
 def baseline_transform(cfg: BenchConfig):
@@ -95,10 +109,17 @@ def baseline_transform(cfg: BenchConfig):
     if cfg.aug == "eval":
         return T.Compose([T.Resize(round(cfg.size / 0.875)), T.CenterCrop(cfg.size)] + finish)
     geometric = [T.RandomResizedCrop(cfg.size), T.RandomHorizontalFlip()]
-    extra = {"rrc-flip": [], "rrc-flip-jitter": [T.ColorJitter(JITTER, JITTER, JITTER)],
-             "randaugment": [T.RandAugment(2, 9)], "autoaugment": [T.AutoAugment()],
-             "trivialaugment": [T.TrivialAugmentWide()]}[cfg.aug]
-    return T.Compose(geometric + extra + finish)
+    jitter = JITTER if cfg.aug == "rrc-flip-jitter" else 0.0
+    colour = [T.ColorJitter(jitter, jitter, jitter, cfg.hue)] if jitter or cfg.hue else []
+    policy = {"rrc-flip": [], "rrc-flip-jitter": [], "randaugment": [T.RandAugment(2, 9)],
+              "autoaugment": [T.AutoAugment()], "trivialaugment": [T.TrivialAugmentWide()],
+              "augmix": [T.AugMix(cfg.augmix_severity, cfg.augmix_width, cfg.augmix_depth, cfg.augmix_alpha)]}[cfg.aug]
+    rotation = []
+    if cfg.rotate:  # after the resize, as DALI's graph does it (pipelines.train.rotate_views)
+        fill = ([round(cfg.rotate_fill)] * 3 if cfg.rotate_fill is not None
+                else [round(m * 255) for m in IMAGENET_DEFAULT_MEAN])
+        rotation = [T.RandomRotation(cfg.rotate, interpolation=T.InterpolationMode.BILINEAR, fill=fill)]
+    return T.Compose(geometric + colour + policy + rotation + finish)
 
 
 def _label(x) -> int:
@@ -199,6 +220,8 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure DALI (and the baseline); returns the report `format_table` prints and --json writes."""
     if cfg.aug not in AUGS:
         raise KdkitError(f"--aug {cfg.aug}: expected one of {', '.join(AUGS)}")
+    if cfg.aug == "eval" and (cfg.rotate or cfg.hue):
+        raise KdkitError("--rotate and --hue are training augmentations: use a train --aug with them")
     if min(cfg.batches, cfg.batch_size, cfg.threads, cfg.repeats) < 1 or cfg.warmup < 0:
         raise KdkitError("--batches, --batch-size, --threads and --repeats must be >= 1, --warmup >= 0")
     with runtime.start(cfg.device, announce="kdkit bench-loader", distributed=False) as rt:
@@ -244,15 +267,28 @@ def command_line(cfg: BenchConfig) -> str:
             "--shuffle-buffer", cfg.shuffle_buffer, "--baseline" if cfg.baseline else "--no-baseline",
             "--antialias" if cfg.antialias else "--no-antialias", "--fast-idct" if cfg.fast_idct else "--no-fast-idct",
             "--native-resize" if cfg.native_resize else "--no-native-resize"]
+    if cfg.rotate:
+        args += ["--rotate", cfg.rotate] + (["--rotate-fill", cfg.rotate_fill] if cfg.rotate_fill is not None else [])
+    if cfg.hue:
+        args += ["--hue", cfg.hue]
+    if cfg.aug == "augmix":
+        args += ["--augmix-severity", cfg.augmix_severity, "--augmix-width", cfg.augmix_width, "--augmix-depth",
+                 cfg.augmix_depth, "--augmix-alpha", cfg.augmix_alpha]
     if cfg.gpu_feed:
         args += ["--gpu-feed", cfg.gpu_feed]
     return shlex.join(str(a) for a in args)
 
 
+def extra_augs(c: dict) -> str:
+    """The augmentation added to --aug, as the table's head names it."""
+    extra = [f" + {name} {c[name]:g}" for name in ("rotate", "hue") if c.get(name)]
+    return "".join(extra)
+
+
 def format_table(report: dict) -> str:
     c, m = report["config"], report["machine"]
     head = (f"{report['shard_folder']}: {report['samples']} samples; batch {c['batch_size']}, "
-            f"{c['threads']} threads/workers, {c['size']}px, aug {c['aug']}"
+            f"{c['threads']} threads/workers, {c['size']}px, aug {c['aug']}{extra_augs(c)}"
             f"{'' if c['antialias'] else ' (DALI resize without antialiasing)'}, {c['batches']} batches "
             f"after {c['warmup']} warm-up, median of {c['repeats']} run(s); "
             f"DALI resize: {report.get('resize', '?')}\n"

@@ -17,7 +17,7 @@ from kdkit.errors import KdkitError
 from kdkit.runtime import Runtime
 from kdkit.train import data as data_mod
 from kdkit.train.config import TrainConfig
-from kdkit.train.losses import DistillationLoss
+from kdkit.train.losses import AugMixJsdLoss, DistillationLoss
 from kdkit.train.model import build_model, build_teacher, load_finetune, set_backbone_frozen
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 from kdkit.train.runs import RunDir
@@ -34,7 +34,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: object | None
     scaler: torch.amp.GradScaler
-    criterion: DistillationLoss
+    criterion: DistillationLoss | AugMixJsdLoss
     run: RunDir
     teacher: torch.nn.Module | None = None
     sam: SAM | None = None
@@ -93,8 +93,7 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
         cfg=cfg, rt=rt, data=data, model=model, net=model, optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, updates_per_epoch),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
-        criterion=DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None,
-                                   cfg.am_margin),
+        criterion=criterion(cfg),
         run=RunDir(cfg, rt.is_main), teacher=teacher,
         sam=SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None,
         ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None,
@@ -109,6 +108,13 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
         p.history = [r for r in p.run.read_metrics() if r["epoch"] <= p.start[0]]
     set_frozen(p, p.start[0] < cfg.freeze_epochs)
     return p
+
+
+def criterion(cfg: TrainConfig) -> DistillationLoss | AugMixJsdLoss:
+    """The loss of a step: AugMix's JSD loss over the loader's three views, else hard-label CE + KD."""
+    if cfg.augmix_jsd:
+        return AugMixJsdLoss(cfg.label_smoothing)
+    return DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None, cfg.am_margin)
 
 
 def set_frozen(p: Parts, frozen: bool) -> None:

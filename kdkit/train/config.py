@@ -56,9 +56,20 @@ class TrainConfig:
                                "lets shrunk crops alias", R)
     fast_idct: bool = _f(False, "decode JPEGs with libjpeg-turbo's fast IDCT (CPU decoder; ~1 grey level off)", P)
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength (0 = off)", R)
+    hue: float = _f(0.0, "hue jitter: uniform in [-H, H] of the hue circle, 0..0.5 (0 = off; DALI's YIQ hue)", R)
+    rotate: float = _f(0.0, "random rotation in [-DEG, DEG] degrees of the resized crop, 0..180 (0 = off)", R)
+    rotate_fill: float | None = _f(None, "grey level 0..255 of the corners a rotation uncovers (none: the mean "
+                                         "colour)", R)
     auto_augment: str | None = _f(None, "autoaugment, randaugment or trivialaugment (DALI auto_aug)", R)
     randaugment_n: int = _f(2, "RandAugment: operations per image", R)
     randaugment_m: int = _f(9, "RandAugment: magnitude", R)
+    augmix: bool = _f(False, "AugMix (timm's augment_and_mix, built from DALI's auto_aug operations)", R)
+    augmix_severity: int = _f(3, "AugMix: magnitude of its operations, 1..10", R)
+    augmix_width: int = _f(3, "AugMix: augmentation chains mixed", R)
+    augmix_depth: int = _f(-1, "AugMix: operations per chain, 1..3, or -1 to draw 1..3 per chain", R)
+    augmix_alpha: float = _f(1.0, "AugMix: Dirichlet / Beta parameter of the mixing weights", R)
+    augmix_jsd: bool = _f(False, "AugMix's Jensen-Shannon consistency loss (timm's JsdCrossEntropy) over the clean "
+                                 "and two AugMix views of each sample; needs --augmix", R)
     # --- model ------------------------------------------------------------------------------
     model: str = _f("resnet50", "timm or kdkit model name (kdkit models lists kdkit's variants)", M)
     model_kwargs: dict = _f({}, "extra create_model kwargs, KEY=VALUE (e.g. drop_rate=0.2 zero_init_last=true)", M)
@@ -159,7 +170,10 @@ TYPES = typing.get_type_hints(TrainConfig)
 LIMITS = {
     "num_classes": (1, None, False), "image_size": (8, None, False), "eval_crop_ratio": (0, 1, True),
     "batch_size": (1, None, False), "loader_threads": (1, None, False), "shuffle_buffer": (1, None, False),
-    "random_area": (0, 1, True), "color_jitter": (0, None, False), "randaugment_n": (0, None, False),
+    "random_area": (0, 1, True), "color_jitter": (0, None, False),
+    "hue": (0, 0.5, False), "rotate": (0, 180, False), "rotate_fill": (0, 255, False),
+    "augmix_severity": (1, 10, False), "augmix_width": (1, None, False), "augmix_depth": (-1, 3, False),
+    "augmix_alpha": (0, None, True), "randaugment_n": (0, None, False),
     "randaugment_m": (0, 30, False), "am_margin": (0, None, False), "am_scale": (0, None, True),
     "freeze_epochs": (0, None, False), "kd_temperature": (0, None, True), "kd_alpha": (0, 1, False),
     "label_smoothing": (0, 0.999, False), "mixup": (0, None, False), "cutmix": (0, None, False),
@@ -221,6 +235,29 @@ def check_values(cfg: TrainConfig) -> None:
             raise OptionError(f"{name}={value!r}: expected a mapping of KEY: VALUE")
     if cfg.random_area[0] > cfg.random_area[1]:
         raise OptionError(f"random_area={cfg.random_area}: expected (min, max) with min <= max")
+    check_augment_combinations(cfg)
+
+
+def check_augment_combinations(cfg: TrainConfig) -> None:
+    """Augmentation options that cannot go together, each refused with what to do instead."""
+    if cfg.augmix_depth == 0:
+        raise OptionError("augmix_depth=0: expected 1, 2, 3, or -1 (drawn from 1..3 per chain)")
+    if cfg.rotate and cfg.kd == "replay":
+        raise OptionError("rotate: --kd replay feeds the stored teacher views, which record crop box and flip but no "
+                          "rotation angle; a rotated view is not what the teacher saw. Use --kd stored, or --rotate 0")
+    if cfg.augmix and cfg.auto_augment:
+        raise OptionError(f"augmix: one augmentation policy at a time; drop --auto-augment {cfg.auto_augment} "
+                          "or --augmix")
+    if cfg.augmix_jsd and not cfg.augmix:
+        raise OptionError("augmix_jsd: the Jensen-Shannon loss compares AugMix views; add --augmix")
+    if cfg.augmix_jsd and cfg.kd != "none":
+        raise OptionError(f"augmix_jsd: the JSD loss trains on the labels (timm's JsdCrossEntropy), not on a teacher; "
+                          f"use --kd none, or --augmix without --augmix-jsd for --kd {cfg.kd}")
+    if cfg.augmix_jsd and (cfg.mixup or cfg.cutmix):
+        raise OptionError("augmix_jsd: mixup/cutmix would mix the three views of a sample with other samples (timm "
+                          "refuses mixing with augmentation splits too); set --mixup 0 --cutmix 0")
+    if cfg.augmix_jsd and cfg.am_softmax:
+        raise OptionError("augmix_jsd: timm's JsdCrossEntropy has no AM-softmax margin; drop --am-softmax")
 
 
 def recipe_path(name_or_path: str) -> Path:

@@ -144,8 +144,10 @@ def _loader_config(cfg: TrainConfig, rt: Runtime, role, **reading):
 def train_loader_config(cfg: TrainConfig, rt: Runtime):
     """The train loader's LoaderConfig. The last partial batch is dropped (the roles' default) so every
     rank runs the same number of equal-sized steps."""
-    aug = dict(color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n,
-               randaugment_m=cfg.randaugment_m)
+    aug = dict(color_jitter=cfg.color_jitter, hue=cfg.hue, rotate=cfg.rotate, rotate_fill=cfg.rotate_fill,
+               auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
+               augmix=cfg.augmix, augmix_severity=cfg.augmix_severity, augmix_width=cfg.augmix_width,
+               augmix_depth=cfg.augmix_depth, augmix_alpha=cfg.augmix_alpha, augmix_jsd=cfg.augmix_jsd)
     role = Replay(**aug) if cfg.kd == "replay" else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug)
     return _loader_config(cfg, rt, role, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                           teacher_logits=cfg.kd in ("stored", "replay"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 
 _SOFT_CE = SoftTargetCrossEntropy()
 
@@ -94,3 +94,21 @@ class DistillationLoss(torch.nn.Module):
         if t_probs is None:
             return hard
         return (1.0 - self.alpha) * hard + self.alpha * kd_kl(logits, t_probs, self.temperature)
+
+
+class AugMixJsdLoss(torch.nn.Module):
+    """AugMix's loss over the clean view and two AugMix views of each sample (`--augmix-jsd`): timm's
+    JsdCrossEntropy (cross-entropy on the clean views, label smoothing included, plus alpha times the
+    Jensen-Shannon divergence of the three predictions), behind DistillationLoss's signature.
+
+    The logits come split-major as the loader stacks the views (B clean, B first AugMix, B second);
+    `target` holds the B samples' one-hot (smoothed) rows, whose largest entry is the class: timm's
+    loss takes class indices and smooths them itself.
+    """
+
+    def __init__(self, smoothing: float = 0.0, alpha: float = 12.0):
+        super().__init__()
+        self.jsd = JsdCrossEntropy(num_splits=3, alpha=alpha, smoothing=smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, t_probs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.jsd(logits.float(), target.argmax(dim=-1).repeat(3))

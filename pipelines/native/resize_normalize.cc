@@ -1,6 +1,6 @@
 // KdkitResizeNormalize: a DALI CPU operator that resizes each uint8 HWC image (or a window of it,
 // roi_start/roi_end) to size x size with Pillow's bilinear filter (antialiased when shrinking),
-// optionally colour-jitters it (brightness/contrast/saturation as fn.color_twist), and writes the
+// optionally colour-jitters it (brightness/contrast/saturation/hue as fn.color_twist), and writes the
 // normalized, optionally mirrored float32/float16 view in CHW or HWC: fn.resize (+ fn.color_twist)
 // + fn.crop_mirror_normalize in one pass over the pixels.
 //
@@ -244,8 +244,9 @@ KDKIT_INLINE void NormalizeImpl(const float *px, int size, bool planar, bool mir
 KDKIT_VERSIONS(Normalize, (const float *px, int size, bool planar, bool mirror, const float *mean,
                            const float *inv_std, float *out), (px, size, planar, mirror, mean, inv_std, out))
 
-// fn.color_twist's transform for hue 0: out = clamp(M x + offset) with
-// M = brightness * contrast * YIQ->RGB * diag(1, saturation, saturation) * RGB->YIQ and
+// fn.color_twist's transform: out = clamp(M x + offset) with
+// M = brightness * contrast * YIQ->RGB * hue rotation * diag(1, saturation, saturation) * RGB->YIQ, the hue
+// rotation turning the (I, Q) plane by `hue` degrees as color_twist.h's hue_mat does, and
 // offset = (128 - 128 * contrast) * brightness (dali/operators/image/color/color_twist.h), kept in
 // float here; fn.color_twist rounds its uint8 result.
 struct Color {
@@ -253,21 +254,41 @@ struct Color {
   float offset;
   bool identity;
 
-  Color(float brightness, float contrast, float saturation) {
+  Color(float brightness, float contrast, float saturation, float hue) {
     static const double rgb2yiq[9] = {.299, .587, .114, .596, -.274, -.321, .211, -.523, .311};
-    static const double yiq2rgb[9] = {1, .956, .621, 1, -.272, -.647, 1, -1.107, 1.705};
-    const double sat[3] = {1.0, saturation, saturation};
+    static const std::array<double, 9> yiq2rgb = Inverse(rgb2yiq);  // as color_twist.h: inverse(Rgb2Yiq)
+    const double rad = hue * M_PI / 180, cs = std::cos(rad), sn = std::sin(rad);
+    // hue rotation times saturation scale, in YIQ: rows (Y, I, Q)
+    const double hs[9] = {1, 0, 0, 0, cs * saturation, sn * saturation, 0, -sn * saturation, cs * saturation};
+    double t[9];  // hs * rgb2yiq
+    for (int r = 0; r < 3; r++)
+      for (int c = 0; c < 3; c++) {
+        t[r * 3 + c] = 0;
+        for (int k = 0; k < 3; k++) t[r * 3 + c] += hs[r * 3 + k] * rgb2yiq[k * 3 + c];
+      }
     for (int r = 0; r < 3; r++)
       for (int c = 0; c < 3; c++) {
         double v = 0;
-        for (int k = 0; k < 3; k++) v += yiq2rgb[r * 3 + k] * sat[k] * rgb2yiq[k * 3 + c];
+        for (int k = 0; k < 3; k++) v += yiq2rgb[r * 3 + k] * t[k * 3 + c];
         m[r * 3 + c] = static_cast<float>(v * brightness * contrast);
       }
     offset = (128.0f - 128.0f * contrast) * brightness;
-    identity = brightness == 1.0f && contrast == 1.0f && saturation == 1.0f;
+    identity = brightness == 1.0f && contrast == 1.0f && saturation == 1.0f && hue == 0.0f;
   }
 
   void Apply(float *px, int64_t pixels) const;
+
+  static std::array<double, 9> Inverse(const double *a) {  // of a 3x3 matrix, by cofactors
+    std::array<double, 9> inv;
+    for (int r = 0; r < 3; r++)
+      for (int c = 0; c < 3; c++) {
+        const int r1 = (c + 1) % 3, r2 = (c + 2) % 3, c1 = (r + 1) % 3, c2 = (r + 2) % 3;
+        inv[r * 3 + c] = a[r1 * 3 + c1] * a[r2 * 3 + c2] - a[r1 * 3 + c2] * a[r2 * 3 + c1];
+      }
+    const double det = a[0] * inv[0] + a[1] * inv[3] + a[2] * inv[6];
+    for (double &v : inv) v /= det;
+    return inv;
+  }
 };
 
 KDKIT_INLINE void ColorTransformImpl(const float *m, float offset, float *px, int64_t pixels) {
@@ -369,7 +390,7 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
                      ::dali::make_string("sample ", i, ": roi_end must be beyond roi_start"));
       }
       const Color color(spec_.GetArgument<float>("brightness", &ws, i), spec_.GetArgument<float>("contrast", &ws, i),
-                        spec_.GetArgument<float>("saturation", &ws, i));
+                        spec_.GetArgument<float>("saturation", &ws, i), spec_.GetArgument<float>("hue", &ws, i));
       const auto *in = static_cast<const uint8_t *>(input.raw_tensor(i));
       void *out = output.raw_mutable_tensor(i);
       pool.AddWork([this, in, out, h, w, roi, color, mirror](int) { Sample(in, h, w, roi, color, mirror, out); },
@@ -458,6 +479,8 @@ shrinking unless antialias=False) and normalizes them: (x - mean) / std, mirrore
                     1.0f, true)
     .AddOptionalArg("contrast", "Per-sample contrast factor (around grey 128), as fn.color_twist.", 1.0f, true)
     .AddOptionalArg("saturation", "Per-sample saturation factor (YIQ chroma scale), as fn.color_twist.", 1.0f, true)
+    .AddOptionalArg("hue", "Per-sample hue change in degrees (a rotation of YIQ's I-Q plane), as fn.color_twist.",
+                    0.0f, true)
     .AddOptionalArg("antialias", "Widen the filter when shrinking, as Pillow and torchvision do.", true)
     .AddOptionalArg("planar", "CHW output; HWC when false.", true)
     .AddOptionalArg("half", "float16 output instead of float32.", false);
