@@ -55,16 +55,19 @@ def _add_field(group, f: dataclasses.Field, default) -> None:
                            else f.name.upper(), **kw)
 
 
-def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None, mutual: bool = False) -> None:
     """-c/--config, the DATA positional and one flag per TrainConfig field, in timm's argument groups.
-    kd_default None: no --kd flag (teacher training never distills)."""
+    kd_default None: no --kd flag (teacher training never distills); the --peer-* flags only with mutual
+    (`kdkit train mutual` sets `mutual` itself)."""
     p.add_argument("-c", "--config", default=None, metavar="RECIPE",
                    help=f"recipe name ({', '.join(list_recipes())}) or YAML file filling the defaults")
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
                    help="dataset root (holding train/ and val/ shard sets) or a train shard-set folder")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("data", "recipe") or (f.name == "kd" and kd_default is None):
+        if f.name in ("data", "recipe", "mutual") or (f.name == "kd" and kd_default is None):
+            continue
+        if f.name.startswith("peer_") and not mutual:
             continue
         if f.name == "resume":
             continue

@@ -27,7 +27,7 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import is_kdkit_checkpoint, load_weights, read_checkpoint
 from kdkit.train.data import stream_key
-from kdkit.train.model import head_info
+from kdkit.train.model import head_info, model_kwargs
 from kdkit.train.optim import load_scheduler_state, scheduler_state
 
 
@@ -64,7 +64,7 @@ def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums
     rngs = p.rt.gather(rng_state())
     loaders = p.rt.gather(p.train_loader.state())
     ckpt = {
-        "model": p.cfg.model, "model_kwargs": dict(p.cfg.model_kwargs),
+        "model": p.cfg.model, "model_kwargs": model_kwargs(p.cfg),
         "num_classes": p.data.num_classes, "classes": p.data.classes,
         "image_size": p.cfg.image_size, "crop_ratio": p.cfg.eval_crop_ratio,
         "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
