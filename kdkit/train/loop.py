@@ -156,7 +156,8 @@ def train_one_epoch(p: Parts, epoch: int, start_step: int = 0, sums: dict | None
     loader = p.train_loader
     if (epoch < cfg.freeze_epochs) != p.frozen:
         set_frozen(p, epoch < cfg.freeze_epochs)
-    p.model.train()
+    for model, _, _ in trained(p):
+        model.train()
     if p.frozen:
         set_backbone_frozen(p.model, True)
     mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and not (cfg.mix_off_epoch and epoch >= cfg.mix_off_epoch)
