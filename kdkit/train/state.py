@@ -12,6 +12,8 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     loader                  per rank: the train loader's DALI checkpoint (kdkit.train.data)
     loader_stream           what decided that loader's stream (data.stream_key): restored only into the same
     world                   ranks that wrote it (RNG and loader states are per rank)
+    peer                    `kdkit train mutual`: the second student's weights, optimizer, scheduler
+                            and best val top-1 (kdkit.train.mutual)
 
 The data position is (epoch, step_in_epoch) and the loader state at it.
 """
