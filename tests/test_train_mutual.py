@@ -140,3 +140,15 @@ def test_kd_and_peer_options_stay_with_their_subcommands(colour, tmp_path, capsy
     assert e.value.code == 2
     with pytest.raises(KdkitError, match="--peer-model / --peer-am-softmax describe the second student"):
         fit(cfg_for(colour, tmp_path, epochs=1, peer_model="test_resnet"))
+
+
+from conftest import cuda_only as gpu  # noqa: E402
+
+
+@gpu
+def test_gpu_mutual_learning_with_fp16_loss_scaling(colour, tmp_path):
+    """One GradScaler over the two students' optimizers (scaler.step for each, one update)."""
+    history = fit(cfg_for(colour, tmp_path, epochs=2, name="gpu", device="cuda", amp="fp16", mutual=True,
+                          peer_am_softmax=True, kd_alpha=0.5, channels_last=True, clip_grad=1.0))
+    for key in ("train_loss", "peer_train_loss", "val_top1", "peer_val_top1"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in history), key
