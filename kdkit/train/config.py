@@ -73,7 +73,8 @@ class TrainConfig:
     # --- mutual learning (`kdkit train mutual`) ----------------------------------------------
     mutual: bool = _f(False, "train two students together, each also on the other's predictions (set by "
                              "`kdkit train mutual`)", K)
-    peer_model: str | None = _f(None, "mutual learning: the second student's model (default: --model)", K)
+    peer_model: str | None = _f(None, "mutual learning: the second student's model (default: --model); "
+                                 "--model-kwargs and --drop-rate apply to both", K)
     peer_am_softmax: bool = _f(False, "mutual learning: the second student gets the AM-softmax head "
                                       "(--am-margin, --am-scale)", K)
     # --- distillation -------------------------------------------------------------------------
