@@ -14,7 +14,8 @@ from kdkit.models.checkpoint import read_checkpoint
 from kdkit.train.losses import DistillationLoss
 from kdkit.train.loop import fit
 from kdkit.train.mutual import mutual_losses
-from test_train_loop import Killed, cfg_for, kill_at_step, rows, same_state, write_colour_shards
+from test_train_loop import (Killed, add_teacher_outputs, cfg_for, kill_at_step, rows, same_state,
+                             write_colour_shards)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +23,18 @@ def colour(tmp_path_factory):
     return write_colour_shards(tmp_path_factory.mktemp("colour-mutual"))
 
 
-def hand_loss(own, peer, labels, alpha, T, am=None):
+def hand_loss(own, peer, labels, alpha, T, am=None, teacher=None):
     """(1 - alpha) * CE(own, y) + alpha * T^2 * KL(softmax(peer / T) || softmax(own / T)), written out;
-    am=(s, m): the AM-softmax margin s * m off the target logit in the CE term."""
+    am=(s, m): the AM-softmax margin s * m off the target logit in the CE term; teacher logits: the
+    KL's target is the mean of the teacher's and the peer's softmax at T."""
     n, c = own.shape
     hard_logits = own.clone()
     if am:
         hard_logits[torch.arange(n), labels] -= am[0] * am[1]
     ce = sum(-torch.log(torch.exp(hard_logits[i, labels[i]]) / torch.exp(hard_logits[i]).sum()) for i in range(n)) / n
     p = torch.exp(peer / T) / torch.exp(peer / T).sum(1, keepdim=True)
+    if teacher is not None:
+        p = (p + torch.exp(teacher / T) / torch.exp(teacher / T).sum(1, keepdim=True)) / 2
     q = torch.exp(own / T) / torch.exp(own / T).sum(1, keepdim=True)
     kl = (p * (torch.log(p) - torch.log(q))).sum() / n
     return (1 - alpha) * ce + alpha * T * T * kl
@@ -52,6 +56,14 @@ def test_each_students_loss_is_the_hand_computed_one():
     for i, (own, peer) in enumerate(((a, b), (b, a))):
         g_own, g_peer = torch.autograd.grad(losses[i], [own, peer], retain_graph=True)
         assert g_own.abs().sum() > 0 and not g_peer.any()
+    # a stored teacher on top: the mean of its and the peer's distributions is the KL's target
+    t = torch.randn(4, 3, dtype=torch.float64) * 2
+    losses = mutual_losses(a, b, target, DistillationLoss(T, alpha), DistillationLoss(T, alpha, s, m), T,
+                           t_probs=torch.softmax(t / T, dim=1))
+    with torch.no_grad():
+        want_a = hand_loss(a, b, labels, alpha, T, teacher=t)
+        want_b = hand_loss(b, a, labels, alpha, T, am=(s, m), teacher=t)
+    assert losses.tolist() == pytest.approx([want_a.item(), want_b.item()], rel=1e-5)
 
 
 def mutual_cfg(data, out, name, **kw):
@@ -127,11 +139,20 @@ def test_what_mutual_learning_refuses_is_one_line_with_exit_status_2(colour, tmp
     assert not (tmp_path / "mutual-resnet50").exists()
 
 
+def test_mutual_learning_with_stored_teacher_logits_on_top(colour, tmp_path, capsys):
+    data = add_teacher_outputs(colour, tmp_path / "kd", views=3)
+    common = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "8", "--loader-threads", "1",
+              "--shuffle-buffer", "32", "--no-progress", "--output", str(tmp_path), "--epochs", "1"]
+    assert main(["train", "mutual", str(data), "--name", "dml-kd", "--kd", "replay", "--val-data", str(colour)]
+                + common) == 0
+    assert "mutual learning with test_efficientnet and KD replay" in capsys.readouterr().out
+    assert all(k in rows(tmp_path / "dml-kd")[0] for k in ("train_loss", "peer_train_loss", "peer_val_top1"))
+    assert main(["train", "mutual", str(colour), "--name", "x", "--kd", "stored"] + common) == 2
+    assert "has no teacher logits" in capsys.readouterr().err  # the same checks as `kdkit train student`
+
+
 def test_kd_and_peer_options_stay_with_their_subcommands(colour, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("kd: stored\n")
-    assert main(["train", "mutual", str(colour), "-c", str(recipe), "--output", str(tmp_path)]) == 2
-    assert "--kd stored: the peers teach each other" in capsys.readouterr().err
     recipe.write_text("mutual: true\n")
     assert main(["train", "teacher", str(colour), "-c", str(recipe), "--output", str(tmp_path)]) == 2
     assert "use `kdkit train mutual`" in capsys.readouterr().err

@@ -182,10 +182,11 @@ def add_parser(sub) -> None:
                               "teacher pass, or any plain classifier"),
             ("student", "stored", "distill a student from the teacher logits stored in the shards "
                                   "(--kd stored / replay) or from a teacher run alongside (--kd online)"),
-            ("mutual", None, "deep mutual learning: train --model and a peer (--peer-model, optionally with "
-                             "--peer-am-softmax) together, each on the labels and the other's predictions at "
-                             "--kd-temperature, weighted by --kd-alpha; the peer is saved as peer_best.pth / "
-                             "peer_last.pth in the run folder")):
+            ("mutual", "none", "deep mutual learning: train --model and a peer (--peer-model, optionally with "
+                               "--peer-am-softmax) together, each on the labels and the other's predictions at "
+                               "--kd-temperature, weighted by --kd-alpha (with --kd stored / replay / online: on "
+                               "the mean of the teacher's and the other's); the peer is saved as peer_best.pth / "
+                               "peer_last.pth in the run folder")):
         q = s.add_parser(mode, help=text.split(":")[0] if mode == "mutual" else text,
                          description=text + ". Recipe values fill the defaults; every "
                          "flag overrides them; the resolved config is saved as runs/NAME/config.yaml.",

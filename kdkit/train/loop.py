@@ -72,7 +72,7 @@ def step_losses(p: Parts, images, target, t_probs) -> torch.Tensor:
     if p.peer is None:
         return p.criterion(p.net(images), target, t_probs).reshape(1)
     return mutual_losses(p.net(images), p.peer.net(images), target, p.criterion, p.peer.criterion,
-                         p.cfg.kd_temperature)
+                         p.cfg.kd_temperature, t_probs)
 
 
 def train_step(p: Parts, batch, step: int, steps: int, mixing: bool) -> tuple[torch.Tensor, bool]:
@@ -325,7 +325,8 @@ def kd_words(p: Parts) -> str:
     if p.peer is None:
         return f"KD {p.cfg.kd}"
     head = " with the AM-softmax head" if p.peer.cfg.am_softmax else ""
-    return f"mutual learning with {p.peer.cfg.model}{head}"
+    teacher = f" and KD {p.cfg.kd}" if p.cfg.kd != "none" else ""
+    return f"mutual learning with {p.peer.cfg.model}{head}{teacher}"
 
 
 def closing_line(p: Parts) -> str:

@@ -8,6 +8,9 @@ images, and each minimises kdkit's KD loss with its peer, detached, in the teach
     loss_2 = (1 - alpha) * CE(s2, y) + alpha * T^2 * KL(softmax(s1 / T) || softmax(s2 / T))
 
 (--kd-alpha, --kd-temperature; the paper's loss is CE + KL at T = 1, i.e. alpha 0.5 up to a factor 2.)
+With a teacher on top (--kd stored / replay / online), each student's soft target is the mean of the
+teacher's and the peer's softened distributions, (softmax(t / T) + softmax(s_peer / T)) / 2, in the
+KL above: one target, so alpha keeps its meaning (the weight of everything not the labels).
 Both are updated from the same forward pass, each by its own optimizer and schedule (the paper
 updates them in turn, recomputing the second's input to the KL after the first's step; the
 simultaneous form costs one forward pass less and is what most implementations do). The peer may
@@ -54,9 +57,7 @@ def check_mutual_options(cfg: TrainConfig) -> None:
         if cfg.peer_model or cfg.peer_am_softmax:
             raise KdkitError("--peer-model / --peer-am-softmax describe the second student of `kdkit train mutual`")
         return
-    refused = [(cfg.kd != "none", f"--kd {cfg.kd}: the peers teach each other; a stored or online teacher on top "
-                                  "is not supported"),
-               (cfg.sam_rho > 0, "--sam-rho: SAM's second pass is not supported for two students"),
+    refused = [(cfg.sam_rho > 0, "--sam-rho: SAM's second pass is not supported for two students"),
                (cfg.ema, "--ema: EMA weights of the two students are not supported"),
                (bool(cfg.finetune), "--finetune: loading one backbone into two students is not supported")]
     for bad, why in refused:
@@ -80,10 +81,16 @@ def build_peer(cfg: TrainConfig, num_classes: int, rt, updates_per_epoch: int) -
 
 
 def mutual_losses(logits_1: torch.Tensor, logits_2: torch.Tensor, target: torch.Tensor,
-                  criterion_1: DistillationLoss, criterion_2: DistillationLoss, temperature: float) -> torch.Tensor:
-    """(loss_1, loss_2) of the module doc: each student's KD loss against its detached peer."""
-    loss_1 = criterion_1(logits_1, target, teacher_probs(logits_2.detach(), temperature))
-    loss_2 = criterion_2(logits_2, target, teacher_probs(logits_1.detach(), temperature))
+                  criterion_1: DistillationLoss, criterion_2: DistillationLoss, temperature: float,
+                  t_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """(loss_1, loss_2) of the module doc: each student's KD loss against its detached peer (and the
+    teacher's probabilities at T, t_probs, where the run has a teacher)."""
+    def soft_target(peer_logits):
+        peer = teacher_probs(peer_logits.detach(), temperature)
+        return peer if t_probs is None else (peer + t_probs) / 2
+
+    loss_1 = criterion_1(logits_1, target, soft_target(logits_2))
+    loss_2 = criterion_2(logits_2, target, soft_target(logits_1))
     return torch.stack([loss_1, loss_2])
 
 
