@@ -150,3 +150,11 @@ def test_cli_flags(tmp_path):
                       "--min-lr", "0.001", "--drop-rate", "0.2", "--epochs", "4"])
     cfg = config_from_args(a, "teacher")
     assert (cfg.opt, cfg.opt_eps, cfg.sched, cfg.min_lr, cfg.drop_rate) == ("rmsprop", 1e-7, "linear", 0.001, 0.2)
+
+
+def test_bundled_recipes_of_the_keras_and_openvino_seeds():
+    keras = make_config({"data": "x"}, recipe="keras-rmsprop-exp")
+    assert (keras.opt, keras.sched, keras.drop_rate) == ("rmsprop", "exp", 0.2) and 0 < keras.min_lr < keras.lr
+    assert type(build_optimizer(keras, torch.nn.Linear(2, 2))) is RMSpropTF
+    dml = make_config({"data": "x"}, recipe="mutual-mobilenetv3")
+    assert dml.mutual and dml.peer_am_softmax and dml.run_name == "mutual-mobilenetv3_large_100"
