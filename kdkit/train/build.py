@@ -19,6 +19,7 @@ from kdkit.train import data as data_mod
 from kdkit.train.config import TrainConfig
 from kdkit.train.losses import AugMixJsdLoss, DistillationLoss
 from kdkit.train.model import build_model, build_teacher, load_finetune, set_backbone_frozen
+from kdkit.train.mutual import Peer, build_peer, check_mutual_options
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 from kdkit.train.runs import RunDir
 from kdkit.train.state import loader_state, read_resume_checkpoint, restore, seed_everything
@@ -37,6 +38,7 @@ class Parts:
     criterion: DistillationLoss | AugMixJsdLoss
     run: RunDir
     teacher: torch.nn.Module | None = None
+    peer: Peer | None = None  # mutual learning: the second student (kdkit.train.mutual)
     sam: SAM | None = None
     ema: ModelEmaV3 | None = None
     train_loader: object | None = None  # one per run (kdkit.train.data)
@@ -56,6 +58,7 @@ class Parts:
 
 
 def check_options(cfg: TrainConfig) -> None:
+    check_mutual_options(cfg)
     if cfg.sam_rho > 0 and cfg.grad_accum > 1:
         raise KdkitError("SAM perturbs the weights along the whole batch's gradient: use --grad-accum 1 with it")
     if cfg.sam_rho > 0 and cfg.amp == "fp16":
@@ -89,12 +92,13 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
     optimizer = build_optimizer(cfg, model)  # before any freezing: frozen parameters join later
     loader = data_mod.train_loader(cfg, data, rt, loader_state(resume, cfg, data, rt))
     updates_per_epoch = -(-len(loader) // cfg.grad_accum)
+    peer = build_peer(cfg, data.num_classes, rt, updates_per_epoch) if cfg.mutual else None
     p = Parts(
         cfg=cfg, rt=rt, data=data, model=model, net=model, optimizer=optimizer,
         scheduler=build_scheduler(cfg, optimizer, updates_per_epoch),
         scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
         criterion=criterion(cfg),
-        run=RunDir(cfg, rt.is_main), teacher=teacher,
+        run=RunDir(cfg, rt.is_main), teacher=teacher, peer=peer,
         sam=SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None,
         ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None,
         train_loader=loader, val_loader=data_mod.eval_loader(cfg, data, rt))
@@ -123,9 +127,16 @@ def set_frozen(p: Parts, frozen: bool) -> None:
     if frozen or p.frozen:
         set_backbone_frozen(p.model, frozen)
     p.frozen = frozen
-    net = p.model
+    p.net = wrap(p, p.model)
+    if p.peer is not None:
+        p.peer.net = wrap(p, p.peer.model)
+
+
+def wrap(p: Parts, model: torch.nn.Module) -> torch.nn.Module:
+    """What the training step calls: the model, in DDP across ranks, compiled with --compile."""
+    net = model
     if p.rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(p.model, device_ids=[p.rt.device.index] if p.rt.device.type == "cuda" else None)
-    p.net = torch.compile(net) if p.cfg.compile else net
+        net = DistributedDataParallel(model, device_ids=[p.rt.device.index] if p.rt.device.type == "cuda" else None)
+    return torch.compile(net) if p.cfg.compile else net

@@ -1,8 +1,9 @@
-"""`kdkit train teacher|student` and `kdkit lr-find`: flags built from TrainConfig's fields.
+"""`kdkit train teacher|student|mutual` and `kdkit lr-find`: flags built from TrainConfig's fields.
 
     kdkit train teacher shards/food -c bag-of-tricks --model resnet50 --epochs 30
     kdkit train student shards/food -c assemble-resnet50-kd --kd replay --name r50-kd
     kdkit train student shards/food --name r50-kd --resume          # continue after a kill
+    kdkit train mutual shards/food --model mobilenetv3_large_100 --peer-am-softmax --kd-alpha 0.5
     torchrun --nproc_per_node 8 -m kdkit train student shards/imagenet -c assemble-resnet50-kd
     kdkit lr-find shards/food -c bag-of-tricks --model resnet50
 
@@ -55,16 +56,19 @@ def _add_field(group, f: dataclasses.Field, default) -> None:
                            else f.name.upper(), **kw)
 
 
-def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None, mutual: bool = False) -> None:
     """-c/--config, the DATA positional and one flag per TrainConfig field, in timm's argument groups.
-    kd_default None: no --kd flag (teacher training never distills)."""
+    kd_default None: no --kd flag (teacher training never distills); the --peer-* flags only with mutual
+    (`kdkit train mutual` sets `mutual` itself)."""
     p.add_argument("-c", "--config", default=None, metavar="RECIPE",
                    help=f"recipe name ({', '.join(list_recipes())}) or YAML file filling the defaults")
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
                    help="dataset root (holding train/ and val/ shard sets) or a train shard-set folder")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("data", "recipe") or (f.name == "kd" and kd_default is None):
+        if f.name in ("data", "recipe", "mutual") or (f.name == "kd" and kd_default is None):
+            continue
+        if f.name.startswith("peer_") and not mutual:
             continue
         if f.name == "resume":
             continue
@@ -98,6 +102,10 @@ def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
     recipe = load_recipe(a.config) if a.config else {}
     if mode == "teacher" and recipe.get("kd", "none") != "none":
         raise KdkitError(f"recipe {a.config} distills (kd: {recipe['kd']}); use `kdkit train student`")
+    if recipe.get("mutual") and mode != "mutual":
+        raise KdkitError(f"recipe {a.config} trains two students (mutual: true); use `kdkit train mutual`")
+    if mode == "mutual":
+        given["mutual"] = True
     if mode == "student" and "kd" not in given and "kd" not in recipe:
         given["kd"] = "stored"
     if "model_kwargs" in recipe and "model_kwargs" in given:  # flags add to / override the recipe's kwargs
@@ -114,6 +122,8 @@ def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig 
     import shlex
     from pathlib import Path
 
+    if mode == "mutual":
+        given["mutual"] = True
     name = given.get("name") or make_config({**(load_recipe(a.config) if a.config else {}), **given,
                                               **({"kd": given.get("kd", "stored")} if mode == "student" else {})}
                                              ).run_name
@@ -161,7 +171,7 @@ def _run(mode: str):
 
 
 def add_parser(sub) -> None:
-    """`kdkit train` with its sub-commands `teacher` and `student`."""
+    """`kdkit train` with its sub-commands `teacher`, `student` and `mutual`."""
     p = sub.add_parser("train", help="train a teacher, or distill a student, on a shard set",
                        formatter_class=HelpFormatter,
                        description="Train on a kdkit shard set through the DALI loader.\n\n"
@@ -171,11 +181,17 @@ def add_parser(sub) -> None:
             ("teacher", None, "train a model on the labels alone (no distillation): the teacher for a later "
                               "teacher pass, or any plain classifier"),
             ("student", "stored", "distill a student from the teacher logits stored in the shards "
-                                  "(--kd stored / replay) or from a teacher run alongside (--kd online)")):
-        q = s.add_parser(mode, help=text, description=text + ". Recipe values fill the defaults; every "
+                                  "(--kd stored / replay) or from a teacher run alongside (--kd online)"),
+            ("mutual", "none", "deep mutual learning: train --model and a peer (--peer-model, optionally with "
+                               "--peer-am-softmax) together, each on the labels and the other's predictions at "
+                               "--kd-temperature, weighted by --kd-alpha (with --kd stored / replay / online: on "
+                               "the mean of the teacher's and the other's); the peer is saved as peer_best.pth / "
+                               "peer_last.pth in the run folder")):
+        q = s.add_parser(mode, help=text.split(":")[0] if mode == "mutual" else text,
+                         description=text + ". Recipe values fill the defaults; every "
                          "flag overrides them; the resolved config is saved as runs/NAME/config.yaml.",
                          formatter_class=HelpFormatter)
-        add_train_arguments(q, kd_default)
+        add_train_arguments(q, kd_default, mutual=mode == "mutual")
         q.set_defaults(func=_run(mode))
 
 

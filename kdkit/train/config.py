@@ -73,12 +73,21 @@ class TrainConfig:
     # --- model ------------------------------------------------------------------------------
     model: str = _f("resnet50", "timm or kdkit model name (kdkit models lists kdkit's variants)", M)
     model_kwargs: dict = _f({}, "extra create_model kwargs, KEY=VALUE (e.g. drop_rate=0.2 zero_init_last=true)", M)
+    drop_rate: float | None = _f(None, "dropout rate before the classifier (timm's drop_rate; the Keras seed's "
+                                       "--dropout_rate; default: the model's own)", M)
     am_softmax: bool = _f(False, "AM-softmax head: cosine logits with an additive margin", M)
     am_margin: float = _f(0.35, "AM-softmax margin m", M)
     am_scale: float = _f(30.0, "AM-softmax scale s", M)
     finetune: str | None = _f(None, "checkpoint to fine-tune from: backbone loaded, classifier re-initialised", M)
     freeze_epochs: int = _f(0, "fine-tuning: train only the new head for this many epochs", M)
     sync_bn: bool = _f(False, "synchronized BatchNorm across ranks (DDP)", M)
+    # --- mutual learning (`kdkit train mutual`) ----------------------------------------------
+    mutual: bool = _f(False, "train two students together, each also on the other's predictions (set by "
+                             "`kdkit train mutual`)", K)
+    peer_model: str | None = _f(None, "mutual learning: the second student's model (default: --model); "
+                                 "--model-kwargs and --drop-rate apply to both", K)
+    peer_am_softmax: bool = _f(False, "mutual learning: the second student gets the AM-softmax head "
+                                      "(--am-margin, --am-scale)", K)
     # --- distillation -------------------------------------------------------------------------
     kd: str = _f("none", "teacher signal: none, stored (logits in the shards), replay (stored multi-view "
                           "logits, student sees the same view), online (run the teacher each step)", K,
@@ -97,8 +106,10 @@ class TrainConfig:
     mix_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on", R)
     mix_off_epoch: int = _f(0, "stop mixing from this epoch on (0 = never)", R)
     # --- optimizer ----------------------------------------------------------------------------
-    opt: str = _f("sgd", "timm optimizer: sgd (Nesterov), momentum, adamw, radam, lamb, lars, ...; "
-                          "prefix lookahead_ for Lookahead", O)
+    opt: str = _f("sgd", "timm optimizer: sgd (Nesterov), momentum, adamw, radam, lamb, lars, rmsprop (timm's "
+                          "TF-style RMSpropTF), ...; prefix lookahead_ for Lookahead", O)
+    opt_eps: float | None = _f(None, "optimizer epsilon (default: the optimizer's own; rmsprop: 1e-3, as timm's "
+                                     "rmsproptf recipes)", O)
     lr: float = _f(0.1, "peak learning rate", O)
     momentum: float = _f(0.9, "SGD momentum / Adam beta1", O)
     weight_decay: float = _f(1e-4, "weight decay", O)
@@ -110,12 +121,14 @@ class TrainConfig:
     clip_mode: str = _f("norm", "clipping by 'norm', 'value' or 'agc'", O, choices=("norm", "value", "agc"))
     grad_accum: int = _f(1, "micro-batches per optimizer step (gradient accumulation, Keras' iter_size)", O)
     # --- schedule -----------------------------------------------------------------------------
-    sched: str = _f("cosine", "cosine, step, multistep, plateau (reduce on plateau of val top-1), constant, none",
-                     S, choices=("cosine", "step", "multistep", "plateau", "constant", "none"))
+    sched: str = _f("cosine", "cosine, step, multistep, plateau (reduce on plateau of val top-1), linear and exp "
+                              "(per epoch from --lr in the first epoch after warmup to --min-lr in the last), "
+                              "constant, none", S,
+                     choices=("cosine", "step", "multistep", "plateau", "linear", "exp", "constant", "none"))
     epochs: int = _f(90, "epochs of training (warmup included)", S)
     warmup_epochs: int = _f(0, "epochs of linear warmup from warmup_lr", S)
     warmup_lr: float = _f(1e-5, "learning rate at the start of warmup", S)
-    min_lr: float = _f(0.0, "lower bound of cosine / plateau", S)
+    min_lr: float = _f(0.0, "lower bound of cosine / plateau; the last epoch's LR of linear / exp", S)
     decay_epochs: float = _f(30, "step schedule: epochs between decays", S)
     decay_milestones: list = _f([30, 60, 80], "multistep schedule: epochs to decay at", S, nargs="+", item=int)
     decay_rate: float = _f(0.1, "step / multistep / plateau decay factor", S)
@@ -156,7 +169,8 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{'teacher' if self.kd == 'none' else 'student'}-{self.model}"
+        kind = "mutual" if self.mutual else "teacher" if self.kd == "none" else "student"
+        return self.name or f"{kind}-{self.model}"
 
     @property
     def run_dir(self) -> Path:
@@ -178,7 +192,7 @@ LIMITS = {
     "freeze_epochs": (0, None, False), "kd_temperature": (0, None, True), "kd_alpha": (0, 1, False),
     "label_smoothing": (0, 0.999, False), "mixup": (0, None, False), "cutmix": (0, None, False),
     "mix_prob": (0, 1, False), "mix_switch_prob": (0, 1, False), "mix_off_epoch": (0, None, False),
-    "lr": (0, None, True), "momentum": (0, 1, False), "weight_decay": (0, None, False), "sam_rho": (0, None, False),
+    "lr": (0, None, True), "opt_eps": (0, None, True), "drop_rate": (0, 1, False), "momentum": (0, 1, False), "weight_decay": (0, None, False), "sam_rho": (0, None, False),
     "clip_grad": (0, None, True), "grad_accum": (1, None, False), "epochs": (1, None, False),
     "warmup_epochs": (0, None, False), "warmup_lr": (0, None, False), "min_lr": (0, None, False),
     "decay_epochs": (0, None, True), "decay_milestones": (0, None, False), "decay_rate": (0, None, True),
@@ -235,6 +249,14 @@ def check_values(cfg: TrainConfig) -> None:
             raise OptionError(f"{name}={value!r}: expected a mapping of KEY: VALUE")
     if cfg.random_area[0] > cfg.random_area[1]:
         raise OptionError(f"random_area={cfg.random_area}: expected (min, max) with min <= max")
+    if cfg.sched in ("linear", "exp"):  # from --lr in the first epoch after warmup to --min-lr in the last
+        if cfg.epochs - cfg.warmup_epochs < 2:
+            raise OptionError(f"sched={cfg.sched}: decays over the epochs after warmup, expected epochs >= "
+                              f"warmup_epochs + 2 (got epochs={cfg.epochs}, warmup_epochs={cfg.warmup_epochs})")
+        if cfg.min_lr > cfg.lr or (cfg.sched == "exp" and cfg.min_lr == 0):
+            raise OptionError(f"min_lr={cfg.min_lr}: sched={cfg.sched} decays from lr={cfg.lr} to min_lr, expected "
+                              + ("0 < min_lr <= lr (an exponential never reaches 0)" if cfg.sched == "exp"
+                                 else "min_lr <= lr"))
     check_augment_combinations(cfg)
 
 
@@ -256,6 +278,9 @@ def check_augment_combinations(cfg: TrainConfig) -> None:
     if cfg.augmix_jsd and (cfg.mixup or cfg.cutmix):
         raise OptionError("augmix_jsd: mixup/cutmix would mix the three views of a sample with other samples (timm "
                           "refuses mixing with augmentation splits too); set --mixup 0 --cutmix 0")
+    if cfg.augmix_jsd and cfg.mutual:
+        raise OptionError("augmix_jsd: mutual learning trains each student on its peer's predictions, not on the "
+                          "JSD over AugMix views; use --augmix without --augmix-jsd")
     if cfg.augmix_jsd and cfg.am_softmax:
         raise OptionError("augmix_jsd: timm's JsdCrossEntropy has no AM-softmax margin; drop --am-softmax")
 

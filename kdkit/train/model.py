@@ -17,8 +17,26 @@ from kdkit.train.config import TrainConfig
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
-    model = create_model(cfg.model, num_classes, **dict(cfg.model_kwargs))
+    try:
+        model = create_model(cfg.model, num_classes, **model_kwargs(cfg))
+    except TypeError as e:
+        if cfg.drop_rate is None or "drop_rate" not in str(e):
+            raise
+        raise KdkitError(f"drop_rate={cfg.drop_rate}: model {cfg.model} takes no drop_rate; leave --drop-rate out "
+                         "or pick a timm / kdkit model that has one") from None
     return am_softmax(model, cfg.am_scale) if cfg.am_softmax else model
+
+
+def model_kwargs(cfg: TrainConfig) -> dict:
+    """create_model's kwargs: --model-kwargs, with --drop-rate as drop_rate (timm's dropout before the
+    classifier; kdkit's MLPs drop after each hidden layer, the last of which feeds the classifier)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_rate is not None:
+        if kwargs.get("drop_rate", cfg.drop_rate) != cfg.drop_rate:
+            raise KdkitError(f"drop_rate={cfg.drop_rate} and model_kwargs drop_rate={kwargs['drop_rate']} disagree: "
+                             "give one of them")
+        kwargs["drop_rate"] = cfg.drop_rate
+    return kwargs
 
 
 def head_info(cfg: TrainConfig) -> dict | None:
@@ -33,7 +51,7 @@ def load_finetune(model: torch.nn.Module, path: str, cfg: TrainConfig) -> list[s
     dict of it; every non-classifier weight must fit (else: another architecture, named by
     load_weights). Returns the names of the re-initialised classifier tensors.
     """
-    source, _ = load_model(path, model_name=cfg.model, model_kwargs=dict(cfg.model_kwargs),
+    source, _ = load_model(path, model_name=cfg.model, model_kwargs=model_kwargs(cfg),
                            prefer_ema=cfg.checkpoint_ema, trust=cfg.trust_checkpoint)
     prefix = classifier_name(model) + "."
     head_keys = [k for k in model.state_dict() if k.startswith(prefix)]

@@ -2,7 +2,11 @@
 
 timm gives: SGD with Nesterov ("sgd"), AdamW, RAdam, LAMB and LARS for large batches, Lookahead
 (any name prefixed "lookahead_"), no weight decay on biases and norm weights (filter_bias_and_bn:
-every parameter with ndim <= 1), and warmup + cosine / step / multistep / plateau schedules.
+every parameter with ndim <= 1), and warmup + cosine / step / multistep / plateau schedules. The Keras
+seed's per-epoch decays are timm's too: linear is the polynomial schedule with power 1, exp the step
+schedule decaying every epoch; both run from --lr in the first epoch after warmup to --min-lr in the
+last. Its `--optimizer rmsprop` is timm's TF-style RMSpropTF (alpha 0.9, eps 1e-3 as in timm's
+rmsproptf recipes for EfficientNet / MobileNetV3; momentum is --momentum).
 timm has no SAM, so `SAM` below wraps any optimizer; it needs the whole batch's gradient, so it
 works with neither gradient accumulation nor fp16 loss scaling (use bf16).
 """
@@ -20,20 +24,38 @@ from kdkit.errors import KdkitError
 from kdkit.train.config import TrainConfig
 
 
+RMSPROP_EPS = 1e-3  # timm's rmsproptf recipes (--opt-eps .001); RMSpropTF's own 1e-10 is TF1's
+
+
+def optimizer_name(opt: str) -> tuple[str, dict]:
+    """timm's name for kdkit's --opt, and the defaults kdkit gives it: "rmsprop" is the TF-style RMSprop
+    (timm's "rmsprop" is torch's, whose eps sits outside the square root: not the Keras seed's)."""
+    lookahead, base = ("lookahead_", opt[len("lookahead_"):]) if opt.startswith("lookahead_") else ("", opt)
+    if base in ("rmsprop", "rmsproptf"):
+        return lookahead + "rmsproptf", {"eps": RMSPROP_EPS}
+    return opt, {}
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """timm's optimizer over every parameter (frozen ones included: freezing comes later and is undone)."""
+    name, kwargs = optimizer_name(cfg.opt)
+    if cfg.opt_eps is not None:
+        kwargs["eps"] = cfg.opt_eps
     try:
-        return create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, filter_bias_and_bn=not cfg.bias_decay)
+        return create_optimizer_v2(model, opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum, filter_bias_and_bn=not cfg.bias_decay, **kwargs)
     except (ValueError, AssertionError) as e:
         raise KdkitError(f"optimizer {cfg.opt!r}: {e}") from None
 
 
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     """Warmup then the named schedule. Stepped per optimizer update (smooth warmup and cosine), except
-    plateau, which decides once per epoch from the validation top-1."""
+    plateau, which decides once per epoch from the validation top-1, and the Keras seed's linear / exp,
+    which set one LR per epoch."""
     if cfg.sched == "plateau" and not cfg.val_split:
         raise KdkitError("sched=plateau reduces the LR when val top-1 stops improving: it needs a --val-split")
+    if cfg.sched in ("linear", "exp"):
+        return _per_epoch_decay(cfg, optimizer)
     per_update = cfg.sched != "plateau"
     # cosine: warmup first, then the whole cosine over the remaining epochs (timm's warmup_prefix),
     # so the LR peaks at the end of warmup without a kink; step milestones stay absolute epochs
@@ -48,6 +70,20 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_
             decay_milestones=list(cfg.decay_milestones), decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
             warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, patience_epochs=cfg.patience_epochs,
             plateau_mode="max", step_on_epochs=not per_update, updates_per_epoch=max(1, updates_per_epoch))
+    return sched
+
+
+def _per_epoch_decay(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """The Keras seed's --lr_sched linear / exp: after warmup, epoch i of the n decay epochs (0-based)
+    trains at lr - (lr - min_lr) * i / (n - 1) (linear) or lr * (min_lr / lr) ** (i / (n - 1)) (exp):
+    --lr in the first, --min-lr in the last. timm's poly (power 1) and step (every epoch) schedules,
+    with the decay spanning n - 1 epochs so that the last epoch is at the end of it."""
+    decay = cfg.epochs - cfg.warmup_epochs  # >= 2, 0 < min_lr <= lr for exp: config.check_values
+    rate = (cfg.min_lr / cfg.lr) ** (1 / (decay - 1)) if cfg.sched == "exp" else 1.0  # poly: the power
+    sched, _ = create_scheduler_v2(
+        optimizer, sched="poly" if cfg.sched == "linear" else "step", num_epochs=decay - 1, warmup_prefix=True,
+        decay_epochs=1, decay_rate=rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs, step_on_epochs=True)
     return sched
 
 

@@ -6,6 +6,8 @@
                     batch after the previous step finished on the device), epoch time
     last.pth        kdkit checkpoint after the latest epoch (or N updates), with train_state: resume
     best.pth        the epoch with the best val top-1 (train_state dropped: it is for using, not resuming)
+    peer_best.pth, peer_last.pth    `kdkit train mutual`: the second student's best and latest epoch
+                    (for using; its resume state is in last.pth); its numbers are the peer_* metrics
     curves.png      loss, accuracy and LR per epoch
     tb/             TensorBoard events (--tensorboard)
 
@@ -24,6 +26,7 @@ from kdkit.models.checkpoint import save_checkpoint
 from kdkit.train.config import TrainConfig, config_diff, save_config
 
 CONFIG, METRICS, LAST, BEST, CURVES = "config.yaml", "metrics.jsonl", "last.pth", "best.pth", "curves.png"
+PEER_LAST, PEER_BEST = "peer_last.pth", "peer_best.pth"  # mutual learning's second student (kdkit.train.mutual)
 
 
 class RunDir:
@@ -109,8 +112,9 @@ def plot_curves(rows: list[dict], out: Path) -> None:
         return ([e for e, _ in pts], [v for _, v in pts]) if pts else None
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, keys, title in ((axes[0], ("train_loss", "val_loss"), "loss"),
-                            (axes[1], ("val_top1", "val_top5", "ema_top1", "ema_top5"), "accuracy (%)"),
+    for ax, keys, title in ((axes[0], ("train_loss", "val_loss", "peer_train_loss", "peer_val_loss"), "loss"),
+                            (axes[1], ("val_top1", "val_top5", "ema_top1", "ema_top5", "peer_val_top1",
+                                       "peer_val_top5"), "accuracy (%)"),
                             (axes[2], ("lr",), "learning rate (end of epoch)")):
         for key in keys:
             s = series(key)

@@ -12,6 +12,8 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     loader                  per rank: the train loader's DALI checkpoint (kdkit.train.data)
     loader_stream           what decided that loader's stream (data.stream_key): restored only into the same
     world                   ranks that wrote it (RNG and loader states are per rank)
+    peer                    `kdkit train mutual`: the second student's weights, optimizer, scheduler
+                            and best val top-1 (kdkit.train.mutual)
 
 The data position is (epoch, step_in_epoch) and the loader state at it.
 """
@@ -27,7 +29,8 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import is_kdkit_checkpoint, load_weights, read_checkpoint
 from kdkit.train.data import stream_key
-from kdkit.train.model import head_info
+from kdkit.train.model import head_info, model_kwargs
+from kdkit.train.mutual import load_peer_state, peer_state
 from kdkit.train.optim import load_scheduler_state, scheduler_state
 
 
@@ -59,28 +62,36 @@ def set_rng_state(state: dict) -> None:
 def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
     """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG and
     loader state)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     rngs = p.rt.gather(rng_state())
     loaders = p.rt.gather(p.train_loader.state())
-    ckpt = {
-        "model": p.cfg.model, "model_kwargs": dict(p.cfg.model_kwargs),
-        "num_classes": p.data.num_classes, "classes": p.data.classes,
-        "image_size": p.cfg.image_size, "crop_ratio": p.cfg.eval_crop_ratio,
-        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
-        "state_dict": p.model.state_dict(),
-        "ema_state_dict": p.ema.module.state_dict() if p.ema is not None else None,
-        "epoch": epoch, "metrics": metrics, "kdkit_version": __version__,
-        "train_state": {
-            "optimizer": p.optimizer.state_dict(), "scheduler": scheduler_state(p.scheduler),
-            "scaler": p.scaler.state_dict(), "updates": p.updates, "step_in_epoch": step_in_epoch,
-            "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.rt.world,
-            "loader": loaders, "loader_stream": stream_key(p.cfg, p.data, p.rt),
-            "config": p.cfg.to_dict(),
-        },
+    ckpt = model_checkpoint(p.cfg, p.data, p.model, p.ema.module if p.ema is not None else None, epoch, metrics)
+    ckpt["train_state"] = {
+        "optimizer": p.optimizer.state_dict(), "scheduler": scheduler_state(p.scheduler),
+        "scaler": p.scaler.state_dict(), "updates": p.updates, "step_in_epoch": step_in_epoch,
+        "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.rt.world,
+        "loader": loaders, "loader_stream": stream_key(p.cfg, p.data, p.rt),
+        "config": p.cfg.to_dict(),
     }
-    if head_info(p.cfg):
-        ckpt["head"] = head_info(p.cfg)  # not in the base format: consumers must rebuild this head
+    if p.peer is not None:  # mutual learning: the second student (kdkit.train.mutual)
+        ckpt["train_state"]["peer"] = peer_state(p.peer)
+    return ckpt
+
+
+def model_checkpoint(cfg, data, model, ema_model, epoch: int, metrics: dict) -> dict:
+    """What a checkpoint says about one model (kdkit.models.checkpoint's format), without train_state."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    ckpt = {
+        "model": cfg.model, "model_kwargs": model_kwargs(cfg),
+        "num_classes": data.num_classes, "classes": data.classes,
+        "image_size": cfg.image_size, "crop_ratio": cfg.eval_crop_ratio,
+        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+        "state_dict": model.state_dict(),
+        "ema_state_dict": ema_model.state_dict() if ema_model is not None else None,
+        "epoch": epoch, "metrics": metrics, "kdkit_version": __version__, "train_state": None,
+    }
+    if head_info(cfg):
+        ckpt["head"] = head_info(cfg)  # not in the base format: consumers must rebuild this head
     return ckpt
 
 
@@ -139,6 +150,8 @@ def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
     load_scheduler_state(p.scheduler, ts["scheduler"])
     p.scaler.load_state_dict(ts["scaler"])
     p.updates, p.best = ts["updates"], ts["best"]
+    if p.peer is not None:
+        load_peer_state(p.peer, ts.get("peer"), path)
     rngs = ts["rng"]
     if ts.get("world", 1) != p.rt.world:
         warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {p.rt.world}: "
