@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import jpeg_bytes
+from kdkit.errors import OptionError
 from kdkit.shards import contract, tario
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, loader_config
@@ -286,6 +287,83 @@ def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
             assert (img - views[i][k]).abs().max() <= 1, f"sample {i} view {k}"
             n += 1
     assert n == 23
+
+
+BOXES = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0), (0.33, 0.17, 0.6, 0.8, 1.0)]
+
+
+def replay_views(loader) -> dict:
+    """{(sample, view index): image} of one epoch of a replay loader (labels identify the samples)."""
+    out = {}
+    for b in loader:
+        for img, i, k in zip(b.images, b.labels.tolist(), loader.last_view_index.tolist()):
+            assert (i, k) not in out, f"sample {i} view {k} twice in one epoch"
+            out[(i, k)] = img
+    return out
+
+
+def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path / "all", with_views(samples, lambda i: BOXES))
+    loader = DaliLoader(tars, cfg("replay", batch_size=4, last_batch="partial", views_per_load=3, **RAW))
+    batch = next(iter(loader))
+    assert batch.images.shape == (12, 3, 32, 32) and batch.teacher_logits.shape == (12, 4)
+    assert batch.labels.tolist() == [i for i in batch.labels.tolist()[::3] for _ in range(3)]  # sample by sample
+    # each image's logits row is its view's: row k of sample i holds [i, k]
+    assert batch.teacher_logits[:, 0].tolist() == batch.labels.tolist()
+    assert batch.teacher_logits[:, 1].tolist() == loader.last_view_index.tolist()
+    got = replay_views(DaliLoader(tars, loader.cfg))
+    assert len(got) == 23 * 3
+    for k, box in enumerate(BOXES):  # the one-view route on a set storing only view k
+        single = DaliLoader(write_set(tmp_path / f"v{k}", with_views(samples, lambda i: [box])),
+                            cfg("replay", batch_size=4, last_batch="partial", **RAW))
+        for images, labels, _ in single:
+            for img, i in zip(images, labels.tolist()):
+                if (i, k) in got:
+                    assert torch.equal(img, got[(i, k)]), f"sample {i} view {k}"
+
+
+def test_views_per_load_draws_distinct_views_and_resumes_the_same_draw(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES))
+    c = cfg("replay", batch_size=4, views_per_load=4, image_size=8, seed=3)
+    loader = DaliLoader(tars, c, checkpointing=True)
+    first = []
+    for epoch in range(2):
+        per_sample = {}
+        for b in loader:
+            for i, k in zip(b.labels.tolist(), loader.last_view_index.tolist()):
+                per_sample.setdefault(i, []).append(k)
+            first.append(loader.last_view_index.tolist())
+            if epoch == 0 and len(first) == 2:
+                state = loader.state()
+        assert all(sorted(v) == [0, 1, 2, 3] for v in per_sample.values())  # N = K: every view once
+    resumed = DaliLoader(tars, c, restore=state)
+    again = [resumed.last_view_index.tolist() for _ in range(2) for _ in resumed]
+    assert again == first[2:]  # the same views, batch by batch, for the rest of the run
+    two = [b for b in DaliLoader(tars, cfg("replay", batch_size=4, views_per_load=2, image_size=8))]
+    rows = torch.stack([b.teacher_logits[:, 1] for b in two]).view(-1, 2)
+    assert (rows[:, 0] != rows[:, 1]).all()  # N < K: distinct views within a load
+
+
+def test_views_per_load_beyond_the_stored_views_is_refused(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES[:2]))
+    with pytest.raises(OptionError, match=r"views_per_load=3: expected 1\.\.2: the shards store 2 views"):
+        DaliLoader(tars, cfg("replay", views_per_load=3))
+    with pytest.raises(OptionError, match="views_per_load=0: expected an integer >= 1"):
+        cfg("replay", views_per_load=0)
+
+
+def test_views_per_load_yields_each_views_topk_row(indexed, tmp_path):
+    _, samples = indexed
+    stored = [{**s, common.VIEWS_EXT: npy(np.asarray(BOXES[:3], np.float32)), **topk_members(int(s["cls"]), rows=3)}
+              for s in samples]
+    loader = DaliLoader(write_set(tmp_path, stored), cfg("replay", batch_size=4, views_per_load=2, image_size=16))
+    for images, labels, (values, idx) in loader:
+        assert images.shape[0] == values.shape[0] == idx.shape[0] == len(labels) == 8
+        assert values[:, 0].tolist() == labels.tolist() and idx[:, 1].eq(3).all()
+        assert values[:, 1].tolist() == loader.last_view_index.tolist()
 
 
 # ---------------------------------------------------------------------------------------------

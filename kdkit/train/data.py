@@ -15,17 +15,13 @@ continues at the next epoch boundary with a fresh loader, and says so.
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
-from kdkit.shards.tario import read_dali_index
 from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
-from kdkit.pipelines.shardset import teacher_format
+from kdkit.pipelines.shardset import first_member, teacher_format
 from kdkit.runtime import Runtime
 from kdkit.train.config import TrainConfig
 
@@ -86,14 +82,6 @@ def check_classes(cfg: TrainConfig, train: ShardSet, val: ShardSet | None) -> tu
     return n, classes
 
 
-def _first_member(s: ShardSet, ext: str) -> np.ndarray:
-    """The first sample's .npy member, read through the DALI index (no tar walk)."""
-    offset, size = read_dali_index(s.indexes[0])[0][ext]
-    with open(s.tars[0], "rb") as f:
-        f.seek(offset)
-        return np.load(io.BytesIO(f.read(size)))
-
-
 def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -> None:
     """Stored / replay KD: every train sample holds the teacher outputs the mode reads, of the right width."""
     if cfg.kd not in ("stored", "replay"):
@@ -112,7 +100,7 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
     if cfg.kd == "replay" and scan.present[V] < total:
         raise KdkitError(f"--kd replay: {_set_name(train)} has no stored views (.{V}) for "
                          f"{total - scan.present[V]} samples; use --kd stored, or write multi-view logits")
-    shape = _first_member(train, L).shape
+    shape = first_member(train, L).shape
     if cfg.kd == "stored" and len(shape) != 1:
         raise KdkitError(f"{_set_name(train)}: logits of {shape[0]} stored views per sample; use --kd replay")
     if cfg.kd == "replay" and len(shape) != 2:
