@@ -45,7 +45,9 @@ def test_nonsense_values_of_other_commands_are_one_line(capsys, argv, expected):
 @pytest.mark.parametrize("flags,expected", [
     (["--label-smoothing", "2"], "label_smoothing=2.0: expected a number 0 <= label_smoothing <= 0.999"),
     (["--image-size", "0"], "image_size=0: expected an integer >= 8"),
-    (["--kd-alpha", "1.5"], "kd_alpha=1.5"), (["--random-area", "0.9", "0.2"], "random_area")])
+    (["--kd-alpha", "1.5"], "kd_alpha=1.5"), (["--random-area", "0.9", "0.2"], "random_area"),
+    (["--views-per-load", "0"], "views_per_load=0: expected an integer >= 1"),
+    (["--views-per-load", "2"], "views_per_load=2: several stored views per load need kd=replay")])
 def test_nonsense_training_options_are_refused_naming_the_option(tiny_shards, tmp_path, capsys, flags, expected):
     assert main(["train", "teacher", str(tiny_shards), "--output", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err

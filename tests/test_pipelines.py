@@ -492,7 +492,7 @@ def test_split_folder_and_dataset_root_resolve_alike(tiny_shards):
 
 @pytest.mark.parametrize("role,extra", [("train", dict(color_jitter=0.4, auto_augment="randaugment")),
                                         ("eval", dict(views="tencrop")), ("teacher_views", {}),
-                                        ("replay", dict(hw_decoder_load=0.75))])
+                                        ("replay", dict(hw_decoder_load=0.75)), ("replay", dict(views_per_load=2))])
 def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     # defining the graph (not building it) checks every CPU/GPU placement: "mixed" decoders,
     # GPU operators, CPU-side arguments, outputs moved with .gpu()
@@ -522,6 +522,22 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()
     # the same chroma upsampling on both (jpeg_fancy_upsampling): what is left is the IDCT's rounding
     assert (on_cpu - on_gpu).abs().mean() < 1
+
+
+@gpu
+def test_gpu_views_per_load_matches_one_view_replay(indexed, tmp_path):
+    _, samples = indexed
+    c = dict(shuffle=False, last_batch="partial", batch_size=8, device="gpu", **RAW)
+    both = DaliLoader(write_set(tmp_path / "2", with_views(samples, lambda i: BOXES[1:3])),
+                      cfg("replay", views_per_load=2, **c))
+    got = {(i, k): img.cpu() for b in both for img, i, k in zip(b.images, b.labels.tolist(),
+                                                                 both.last_view_index.tolist())}
+    assert len(got) == 46
+    for k, box in enumerate(BOXES[1:3]):
+        one = DaliLoader(write_set(tmp_path / f"1{k}", with_views(samples, lambda i: [box])), cfg("replay", **c))
+        for images, labels, _ in one:
+            for img, i in zip(images.cpu(), labels.tolist()):  # whole decode + slice vs ROI decode on the GPU
+                assert (img - got[(i, k)]).abs().mean() < 1, f"sample {i} view {k}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,6 +164,29 @@ def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
         assert (torch.isinf(dense).sum(1) == 1).all()  # 3 classes, 2 stored: one -inf per row
 
 
+def test_views_per_load_trains_on_b_x_n_views_and_mixes_within_them(colour, tmp_path, monkeypatch):
+    data = add_teacher_outputs(colour, tmp_path / "d", views=3)
+    mixed = []
+    real = loop.mix_batch
+
+    def spy(images, target, t_probs, *args):
+        out = real(images, target, t_probs, *args)
+        mixed.append((images.shape[0], target, t_probs, out))
+        return out
+    monkeypatch.setattr(loop, "mix_batch", spy)
+    history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd="replay", views_per_load=2, mixup=0.4))
+    assert history[0]["samples"] == 3 * 8 * 2 and history[0]["updates"] == 3  # 3 steps of 8 samples x 2 views
+    for n, target, t_probs, (_, target_mixed, t_mixed, p) in mixed:
+        assert n == target.shape[0] == t_probs.shape[0] == 16  # images, class and teacher targets: B x N rows
+        # image i is mixed with image 15 - i, a view of another sample; its teacher target with the same lambda
+        assert torch.allclose(t_mixed, p.lam * t_probs + (1 - p.lam) * t_probs.flip(0))
+        assert torch.allclose(target_mixed, p.lam * target + (1 - p.lam) * target.flip(0))
+    with pytest.raises(KdkitError, match=r"views_per_load=4: expected 1\.\.3: .* stores 3 views per sample"):
+        fit(cfg_for(data, tmp_path, epochs=1, name="s4", kd="replay", views_per_load=4))
+    with pytest.raises(KdkitError, match="views_per_load=2: several stored views per load need kd=replay"):
+        cfg_for(data, tmp_path, kd="stored", views_per_load=2)
+
+
 def test_online_teacher_and_grad_accumulation(colour, tmp_path):
     fit(cfg_for(colour, tmp_path, epochs=1, name="teacher"))
     history = fit(cfg_for(colour, tmp_path, epochs=1, name="student", kd="online",

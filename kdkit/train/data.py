@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, OptionError
 from kdkit.shards import contract
 from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
 from kdkit.pipelines.shardset import first_member, teacher_format
@@ -105,6 +105,9 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
         raise KdkitError(f"{_set_name(train)}: logits of {shape[0]} stored views per sample; use --kd replay")
     if cfg.kd == "replay" and len(shape) != 2:
         raise KdkitError(f"--kd replay: {_set_name(train)} stores single-view logits; use --kd stored")
+    if cfg.kd == "replay" and cfg.views_per_load > shape[0]:
+        raise OptionError(f"views_per_load={cfg.views_per_load}: expected 1..{shape[0]}: {_set_name(train)} stores "
+                          f"{shape[0]} views per sample, more per load would repeat views")
     block = (train.manifest.teacher or {}) if train.manifest else {}
     # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
     width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
@@ -134,7 +137,8 @@ def train_loader_config(cfg: TrainConfig, rt: Runtime):
     rank runs the same number of equal-sized steps."""
     aug = dict(color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n,
                randaugment_m=cfg.randaugment_m)
-    role = Replay(**aug) if cfg.kd == "replay" else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug)
+    role = (Replay(views_per_load=cfg.views_per_load, **aug) if cfg.kd == "replay"
+            else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug))
     return _loader_config(cfg, rt, role, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                           teacher_logits=cfg.kd in ("stored", "replay"))
 
