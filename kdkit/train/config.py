@@ -19,6 +19,7 @@ from kdkit.errors import KdkitError, OptionError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 KD_MODES = ("none", "stored", "replay", "online")
+TOPK_TARGETS = ("renormalize", "marginal")  # how top-k teacher outputs become targets (losses.dense_logits_from_topk)
 
 
 def _f(default, help: str, group: str, **kw):
@@ -77,6 +78,11 @@ class TrainConfig:
                                 "load: a random offset o, then o..o+N-1 mod K, so distinct while N <= K (N > K is "
                                 "refused) and the same after --resume. --lr is the rate of that B x N step (scale it "
                                 "as for batch B x N); mixup/cutmix mix within the B x N images", K)
+    topk_target: str = _f("renormalize", "top-k teacher outputs: how the student's target is rebuilt. renormalize: "
+                          "the teacher's distribution over its k stored classes, 0 elsewhere; marginal: FKD's "
+                          "marginal smoothing, the k classes keep the teacher's probabilities and the mass left "
+                          "is spread evenly over the other classes (needs top-k written as log-probabilities, "
+                          "as add-teacher-logits --topk does). Full logits: unused", K, choices=TOPK_TARGETS)
     kd_temperature: float = _f(4.0, "KD temperature T", K)
     kd_alpha: float = _f(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", K)
     teacher_model: str | None = _f(None, "online KD: teacher model name (default: from the checkpoint)", K)

@@ -23,6 +23,7 @@ from kdkit.shards import contract
 from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
 from kdkit.pipelines.shardset import first_member, teacher_format
 from kdkit.runtime import Runtime
+from kdkit.teach.members import TOPK_VALUES
 from kdkit.train.config import TrainConfig
 
 
@@ -109,6 +110,10 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
         raise OptionError(f"views_per_load={cfg.views_per_load}: expected 1..{shape[0]}: {_set_name(train)} stores "
                           f"{shape[0]} views per sample, more per load would repeat views")
     block = (train.manifest.teacher or {}) if train.manifest else {}
+    if L == contract.TOPK_VALUES_EXT and cfg.topk_target == "marginal" and block.get("topk_values") != TOPK_VALUES:
+        raise KdkitError(f"--topk-target marginal: {_set_name(train)} stores top-k raw logits, which do not say how "
+                         "much mass the other classes hold; write the top-k again with this kdkit's "
+                         "`kdkit add-teacher-logits --topk` (log-probabilities), or use --topk-target renormalize")
     # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
     width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
     if width != num_classes or block.get("num_classes", width) != width:
