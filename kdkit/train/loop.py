@@ -259,7 +259,8 @@ def opening_line(p: Parts) -> str:
         if p.start != (0, 0, None) else ""
     return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {p.train_loader.scan.num_samples} train{val} "
             f"samples of {d.num_classes} classes; KD {cfg.kd}; {cfg.epochs} epochs of {len(p.train_loader)} steps, "
-            f"batch {cfg.batch_size}{f' x {p.rt.world} ranks' if p.rt.distributed else ''}; run folder "
+            f"batch {cfg.batch_size}{f' samples x {cfg.views_per_load} views' if cfg.views_per_load > 1 else ''}"
+            f"{f' x {p.rt.world} ranks' if p.rt.distributed else ''}; run folder "
             f"{p.run.path}{start}")
 
 
