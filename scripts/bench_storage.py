@@ -16,7 +16,6 @@ share of the set without them; the tar-member accounting (members.added_bytes, w
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdkit.bench.synthetic import photo_like_jpeg  # noqa: E402
+from kdkit.bench.sysinfo import save_report  # noqa: E402
 from kdkit.shards import contract, tario  # noqa: E402
 from kdkit.teach import members as mem  # noqa: E402
 
@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--views", type=int, nargs="+", default=[1, 4, 10], help="K stored views (besides the centre crop)")
     ap.add_argument("--topk", type=int, nargs="+", default=[5, 10])
-    ap.add_argument("--per-shard", type=int, default=100)
+    ap.add_argument("--per-shard", type=int, default=200, help="samples per tar (each tar ends in up to 10 KB of padding)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -96,9 +96,8 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['views']} | {r['storage']} | {r['payload_per_sample']:.0f} | {r['tar_per_sample']:.0f} "
               f"| {r['on_disk_per_sample']:.0f} | {100 * r['share_of_set']:.2f} % |")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(a).items()}, "jpeg_bytes": jpeg,
-                                      "base_bytes_per_sample": base_bytes / a.images, "rows": rows}, indent=1))
+        save_report(a.json, {"config": {k: str(v) for k, v in vars(a).items()}, "jpeg_bytes": jpeg,
+                             "base_bytes_per_sample": base_bytes / a.images, "rows": rows})
     return rows
 
 

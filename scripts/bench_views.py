@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import batches_forever, synthetic_shards, timed  # noqa: E402
-from kdkit.bench.sysinfo import machine  # noqa: E402
+from kdkit.bench.sysinfo import machine, save_report  # noqa: E402
 from kdkit.models.checkpoint import save_checkpoint  # noqa: E402
 from kdkit.models.factory import create_model  # noqa: E402
 from kdkit.runtime import Runtime, pick_device  # noqa: E402
@@ -42,8 +42,9 @@ from kdkit.train.loop import train_step  # noqa: E402
 def with_views(shards: Path, out: Path, views: int, threads: int, device: str) -> Path:
     """`shards` plus K stored views per train sample (written once)."""
     kd = out / f"{shards.name}-kd{views}"
-    if (kd / "train" / "manifest.json").exists():
-        return kd
+    manifest = kd / "train" / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("teacher"):
+        return kd  # an interrupted pass has no teacher block yet: add_teacher_logits resumes it
     model = create_model("test_efficientnet", num_classes=10).eval()
     ckpt = out / "teacher.pth"
     save_checkpoint(ckpt, {"model": "test_efficientnet", "model_kwargs": {}, "num_classes": 10, "image_size": 112,
@@ -127,8 +128,7 @@ def main(argv=None) -> dict:
         print(f"| {name} | {per_step} | {m['training']:.1f} | {m['training'] / base['training']:.2f}x "
               f"| {m['loader_only']:.0f} | {m['loader_only'] / base['loader_only']:.2f}x |")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        save_report(a.json, report)
     return report
 
 
