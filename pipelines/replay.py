@@ -81,6 +81,11 @@ def decode_view(jpegs, box, backend: Backend):
                                    **backend.decoder_args())  # (x, y) order: "WH"
 
 
+def mirror_of(box):
+    """The stored flip of a view row, as the 0/1 mirror flag of the resize."""
+    return fn.cast(box[4] > 0.5, dtype=types.INT32)
+
+
 def cut_views(jpegs, boxes: list, backend: Backend) -> list:
     """Decode each image once, whole, and cut every box of `boxes` from it: uint8 HWC crops at the
     source resolution, the same pixels decode_view gives for each box alone."""
@@ -130,12 +135,11 @@ class Replay(Augment, Role):
         if self.views_per_load == 1:  # decode just the box (ROI decode)
             k = choose_view(views)
             box = views[k]
-            images = train_views(decode_view(jpegs, box, backend), self, output, native_op,
-                                 mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
+            images = train_views(decode_view(jpegs, box, backend), self, output, native_op, mirror=mirror_of(box))
             return (images, labels, *common.teacher_outputs(teacher, backend, row=k), backend.to_output(k))
         rows = view_rows(views, self.views_per_load)
         boxes = [views[k] for k in rows]
-        images = [train_views(crop, self, output, native_op, mirror=fn.cast(box[4] > 0.5, dtype=types.INT32))
+        images = [train_views(crop, self, output, native_op, mirror=mirror_of(box))
                   for crop, box in zip(cut_views(jpegs, boxes, backend), boxes)]
         logits = [fn.stack(*(t[k] for k in rows)) for t in (common.decode_npy(m) for m in teacher)]
         return (fn.stack(*images), labels, *(backend.to_output(t) for t in logits),
