@@ -59,7 +59,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--views", type=int, nargs="+", default=[1, 4, 10], help="K stored views (besides the centre crop)")
     ap.add_argument("--topk", type=int, nargs="+", default=[5, 10])
-    ap.add_argument("--per-shard", type=int, default=200, help="samples per tar (each tar ends in up to 10 KB of padding)")
+    ap.add_argument("--per-shard", type=int, default=200,
+                    help="samples per tar (each tar ends in up to 10 KB of padding)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)

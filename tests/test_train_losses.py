@@ -93,8 +93,8 @@ def test_topk_targets_renormalized_or_marginal_each_sum_to_one(temperature):
             assert torch.allclose(rest.nanmean(-1, keepdim=True).expand_as(probs)[outside], probs[outside])
             if temperature == 1.0:  # FKD's marginal smoothing exactly: the teacher's own probabilities
                 assert torch.allclose(at_kept, kept, atol=1e-6)
-                assert torch.allclose(probs[outside].view(3, 2, 6), ((1 - kept.sum(-1, keepdim=True)) / 6).expand(3, 2, 6),
-                                      atol=1e-6)
+                share = (1 - kept.sum(-1, keepdim=True)) / 6
+                assert torch.allclose(probs[outside].view(3, 2, 6), share.expand(3, 2, 6), atol=1e-6)
     with pytest.raises(ValueError, match="target='spread'"):
         dense_logits_from_topk(values, indices, 10, "spread")
 
