@@ -3,7 +3,8 @@
     train          random-resized-crop (ROI decode), flip, jitter / auto-augment, normalize
     eval           resize shorter side + centre crop, or flip / ten-crop test-time views
     teacher_views  centre crop + K random crops with their boxes and flips, reproducible
-    replay         one stored teacher view per sample, cut and flipped exactly as stored
+    replay         one stored teacher view per sample (or N of one decode: views_per_load), cut and
+                   flipped exactly as stored
 
     loader = DaliLoader("shards/food", loader_config("train", batch_size=256, device="gpu"))
 

@@ -196,6 +196,9 @@ class Role:
         """Sample members read besides the teacher outputs, in the order graph() receives them."""
         return [common.IMAGE_EXT, common.LABEL_EXT]
 
+    def check_shards(self, shards) -> None:
+        """Refuse a shard set this role's options cannot read (an OptionError naming the option)."""
+
     def graph(self, members: list, teacher: list, output: Output, backend: Backend) -> tuple:
         """The role's DALI outputs from the reader's members (inside a pipeline definition)."""
         raise NotImplementedError

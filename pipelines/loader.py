@@ -120,10 +120,11 @@ class DaliLoader:
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id={self.shard_id} outside 0..{self.num_shards - 1}")
         self.scan, self.with_logits = _scan(self.role, cfg, self.shards)
+        self.role.check_shards(self.shards)
         check_checksums(self.shards, [t for t, _ in reading_order(self.shards, self.scan, self.shard_id,
                                                                    self.num_shards)], progress=self.shard_id == 0)
         self.last_batch = cfg.reading.last_batch or self.role.last_batch
-        self.last_view_index: torch.Tensor | None = None  # replay: the view each sample of the last batch used
+        self.last_view_index: torch.Tensor | None = None  # replay: the view each image of the last batch shows
         self.checkpointing = checkpointing or restore is not None
         self.restored = restore is not None
         self._it = None
@@ -201,5 +202,6 @@ class DaliLoader:
             except StopIteration:
                 return
             d = out[0]
-            self.last_view_index = d.get("view_index")
+            view_index = d.get("view_index")  # replay: (B,), or (B, N) with N views per load
+            self.last_view_index = None if view_index is None else view_index.reshape(-1)
             yield self.role.batch(d, self.with_logits, channels_last)

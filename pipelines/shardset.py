@@ -112,6 +112,16 @@ def teacher_format(shards: ShardSet) -> str | None:
     return "topk" if contract.TOPK_VALUES_EXT in comps else None
 
 
+def first_member(shards: ShardSet, ext: str):
+    """The first sample's .npy member `ext` as an array, read through the DALI index (no tar walk)."""
+    import numpy as np
+
+    offset, size = _parse_index(shards.indexes[0])[0][1][ext]
+    with open(shards.tars[0], "rb") as f:
+        f.seek(offset)
+        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+
+
 def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
                 missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
     """Check the indexes before building a pipeline; raise ShardError naming shard and key.

@@ -18,7 +18,6 @@ are written and sharded under bench-out/train first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kdkit.bench.sysinfo import machine  # noqa: E402
+from kdkit.bench.sysinfo import machine, save_report  # noqa: E402
 from kdkit.train.build import build  # noqa: E402
 from kdkit.train.config import make_config  # noqa: E402
 from kdkit.runtime import Runtime, pick_device  # noqa: E402
@@ -134,8 +133,7 @@ def main(argv=None) -> dict:
         print(f"  {k:18s} {v:8.1f} img/s")
     print(f"  loader cost: {100 * report['loader_cost']:.0f}% of the step-only throughput")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(report, indent=1))
+        save_report(a.json, report)
     return report
 
 

@@ -55,7 +55,9 @@ def test_nonsense_values_of_other_commands_are_one_line(capsys, argv, expected):
     (["--augmix", "--auto-augment", "randaugment"], "augmix: one augmentation policy at a time"),
     (["--augmix", "--augmix-jsd", "--mixup", "0.2"], "set --mixup 0 --cutmix 0"),
     (["--augmix", "--augmix-jsd", "--kd", "stored"], "the JSD loss trains on the labels"),
-    (["--kd", "replay", "--rotate", "10"], "stored teacher views, which record crop box and flip but no rotation")])
+    (["--kd", "replay", "--rotate", "10"], "stored teacher views, which record crop box and flip but no rotation"),
+    (["--views-per-load", "0"], "views_per_load=0: expected an integer >= 1"),
+    (["--views-per-load", "2"], "views_per_load=2: several stored views per load need kd=replay")])
 def test_nonsense_training_options_are_refused_naming_the_option(tiny_shards, tmp_path, capsys, flags, expected):
     mode = "student" if "--kd" in flags else "teacher"  # only students take --kd
     assert main(["train", mode, str(tiny_shards), "--output", str(tmp_path), *flags]) == 2

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import jpeg_bytes
+from kdkit.errors import OptionError
 from kdkit.shards import contract, tario
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, loader_config
@@ -288,6 +289,83 @@ def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
     assert n == 23
 
 
+BOXES = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0), (0.33, 0.17, 0.6, 0.8, 1.0)]
+
+
+def replay_views(loader) -> dict:
+    """{(sample, view index): image} of one epoch of a replay loader (labels identify the samples)."""
+    out = {}
+    for b in loader:
+        for img, i, k in zip(b.images, b.labels.tolist(), loader.last_view_index.tolist()):
+            assert (i, k) not in out, f"sample {i} view {k} twice in one epoch"
+            out[(i, k)] = img
+    return out
+
+
+def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path / "all", with_views(samples, lambda i: BOXES))
+    loader = DaliLoader(tars, cfg("replay", batch_size=4, last_batch="partial", views_per_load=3, **RAW))
+    batch = next(iter(loader))
+    assert batch.images.shape == (12, 3, 32, 32) and batch.teacher_logits.shape == (12, 4)
+    assert batch.labels.tolist() == [i for i in batch.labels.tolist()[::3] for _ in range(3)]  # sample by sample
+    # each image's logits row is its view's: row k of sample i holds [i, k]
+    assert batch.teacher_logits[:, 0].tolist() == batch.labels.tolist()
+    assert batch.teacher_logits[:, 1].tolist() == loader.last_view_index.tolist()
+    got = replay_views(DaliLoader(tars, loader.cfg))
+    assert len(got) == 23 * 3
+    for k, box in enumerate(BOXES):  # the one-view route on a set storing only view k
+        single = DaliLoader(write_set(tmp_path / f"v{k}", with_views(samples, lambda i: [box])),
+                            cfg("replay", batch_size=4, last_batch="partial", **RAW))
+        for images, labels, _ in single:
+            for img, i in zip(images, labels.tolist()):
+                if (i, k) in got:
+                    assert torch.equal(img, got[(i, k)]), f"sample {i} view {k}"
+
+
+def test_views_per_load_draws_distinct_views_and_resumes_the_same_draw(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES))
+    c = cfg("replay", batch_size=4, views_per_load=4, image_size=8, seed=3)
+    loader = DaliLoader(tars, c, checkpointing=True)
+    first = []
+    for epoch in range(2):
+        per_sample = {}
+        for b in loader:
+            for i, k in zip(b.labels.tolist(), loader.last_view_index.tolist()):
+                per_sample.setdefault(i, []).append(k)
+            first.append(loader.last_view_index.tolist())
+            if epoch == 0 and len(first) == 2:
+                state = loader.state()
+        assert all(sorted(v) == [0, 1, 2, 3] for v in per_sample.values())  # N = K: every view once
+    resumed = DaliLoader(tars, c, restore=state)
+    again = [resumed.last_view_index.tolist() for _ in range(2) for _ in resumed]
+    assert again == first[2:]  # the same views, batch by batch, for the rest of the run
+    two = [b for b in DaliLoader(tars, cfg("replay", batch_size=4, views_per_load=2, image_size=8))]
+    rows = torch.stack([b.teacher_logits[:, 1] for b in two]).view(-1, 2)
+    assert (rows[:, 0] != rows[:, 1]).all()  # N < K: distinct views within a load
+
+
+def test_views_per_load_beyond_the_stored_views_is_refused(indexed, tmp_path):
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES[:2]))
+    with pytest.raises(OptionError, match=r"views_per_load=3: expected 1\.\.2: the shards store 2 views"):
+        DaliLoader(tars, cfg("replay", views_per_load=3))
+    with pytest.raises(OptionError, match="views_per_load=0: expected an integer >= 1"):
+        cfg("replay", views_per_load=0)
+
+
+def test_views_per_load_yields_each_views_topk_row(indexed, tmp_path):
+    _, samples = indexed
+    stored = [{**s, common.VIEWS_EXT: npy(np.asarray(BOXES[:3], np.float32)), **topk_members(int(s["cls"]), rows=3)}
+              for s in samples]
+    loader = DaliLoader(write_set(tmp_path, stored), cfg("replay", batch_size=4, views_per_load=2, image_size=16))
+    for images, labels, (values, idx) in loader:
+        assert images.shape[0] == values.shape[0] == idx.shape[0] == len(labels) == 8
+        assert values[:, 0].tolist() == labels.tolist() and idx[:, 1].eq(3).all()
+        assert values[:, 1].tolist() == loader.last_view_index.tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # teacher logits members
 
@@ -414,7 +492,7 @@ def test_split_folder_and_dataset_root_resolve_alike(tiny_shards):
 
 @pytest.mark.parametrize("role,extra", [("train", dict(color_jitter=0.4, auto_augment="randaugment")),
                                         ("eval", dict(views="tencrop")), ("teacher_views", {}),
-                                        ("replay", dict(hw_decoder_load=0.75))])
+                                        ("replay", dict(hw_decoder_load=0.75)), ("replay", dict(views_per_load=2))])
 def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     # defining the graph (not building it) checks every CPU/GPU placement: "mixed" decoders,
     # GPU operators, CPU-side arguments, outputs moved with .gpu()
@@ -444,6 +522,22 @@ def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()
     # the same chroma upsampling on both (jpeg_fancy_upsampling): what is left is the IDCT's rounding
     assert (on_cpu - on_gpu).abs().mean() < 1
+
+
+@gpu
+def test_gpu_views_per_load_matches_one_view_replay(indexed, tmp_path):
+    _, samples = indexed
+    c = dict(shuffle=False, last_batch="partial", batch_size=8, device="gpu", **RAW)
+    both = DaliLoader(write_set(tmp_path / "2", with_views(samples, lambda i: BOXES[1:3])),
+                      cfg("replay", views_per_load=2, **c))
+    got = {(i, k): img.cpu() for b in both for img, i, k in zip(b.images, b.labels.tolist(),
+                                                                 both.last_view_index.tolist())}
+    assert len(got) == 46
+    for k, box in enumerate(BOXES[1:3]):
+        one = DaliLoader(write_set(tmp_path / f"1{k}", with_views(samples, lambda i: [box])), cfg("replay", **c))
+        for images, labels, _ in one:
+            for img, i in zip(images.cpu(), labels.tolist()):  # whole decode + slice vs ROI decode on the GPU
+                assert (img - got[(i, k)]).abs().mean() < 1, f"sample {i} view {k}"
 
 
 # ---------------------------------------------------------------------------------------------

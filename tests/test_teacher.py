@@ -237,16 +237,21 @@ def test_multi_view_block_and_verify(multi):
 # ---------------------------------------------------------------------------------------------
 # top-k, ensembles, HDF5
 
-def test_topk_holds_the_largest_logits(tiny_shards, ckpts, single, tmp_path):
+def test_topk_holds_the_largest_logits_as_log_probabilities(tiny_shards, ckpts, single, tmp_path):
     add_teacher_logits(config(tiny_shards, ckpts["main"], out=tmp_path / "k", topk=2, splits=["val"]))
     full, topk = stored(single[0] / "val"), stored(tmp_path / "k" / "val")
     for key, arrays in topk.items():
         assert contract.LOGITS_EXT not in arrays
         values, idx = arrays[contract.TOPK_VALUES_EXT], arrays[contract.TOPK_INDICES_EXT]
-        logits = full[key][contract.LOGITS_EXT]
+        logits = full[key][contract.LOGITS_EXT].astype(np.float32)
         assert values.dtype == np.float16 and idx.dtype == np.int32 and idx.shape == (2,)
-        assert list(idx) == list(np.argsort(-logits.astype(np.float32), kind="stable")[:2])
-        assert np.array_equal(values, logits[idx])
+        assert list(idx) == list(np.argsort(-logits, kind="stable")[:2])
+        # log_softmax of the logits: the same distribution over the k classes, and the rest's mass kept
+        log_probs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+        assert np.allclose(values.astype(np.float32), log_probs[idx], atol=2e-3)
+        assert np.exp(values.astype(np.float32)).sum() <= 1 + 1e-3
+    man = json.loads((tmp_path / "k" / "val" / contract.MANIFEST).read_text())
+    assert man["teacher"]["topk"] == 2 and man["teacher"]["topk_values"] == "log_softmax"
     assert verify_set(tmp_path / "k" / "val", progress=False).ok
 
 

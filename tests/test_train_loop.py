@@ -77,9 +77,10 @@ def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: i
             logits = rng.normal(0, 1, (max(views, 1), width)).astype(np.float16)
             logits[:, label % width] += 3  # a confident, mostly right teacher
             logits = logits[0] if not views else logits
-            if topk:
+            if topk:  # log-probabilities, as the teacher pass stores top-k
                 idx = np.argsort(-logits.astype(np.float32), axis=-1, kind="stable")[..., :topk].astype(np.int32)
-                extra = {contract.TOPK_VALUES_EXT: npy(np.take_along_axis(logits, idx, -1)),
+                log_probs = torch.from_numpy(logits.astype(np.float32)).log_softmax(-1).numpy().astype(np.float16)
+                extra = {contract.TOPK_VALUES_EXT: npy(np.take_along_axis(log_probs, idx, -1)),
                          contract.TOPK_INDICES_EXT: npy(idx)}
             else:
                 extra = {contract.LOGITS_EXT: npy(logits)}
@@ -89,7 +90,8 @@ def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: i
                 extra[contract.VIEWS_EXT] = npy(boxes)
             samples.append({"__key__": key, **members, **extra})
         rec.update(tario.write_shard(tar, samples))
-    man["teacher"] = {"model": "hand-made", "num_classes": width, "views": views or 1, "dtype": "float16"}
+    man["teacher"] = {"model": "hand-made", "num_classes": width, "views": views or 1, "dtype": "float16",
+                      **({"topk": topk, "topk_values": "log_softmax"} if topk else {})}
     (folder / contract.MANIFEST).write_text(json.dumps(man))
     return dst
 
@@ -165,8 +167,8 @@ def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
     seen = []
     real = loop.stored_teacher_logits
 
-    def spy(batch, num_classes, dev):
-        dense = real(batch, num_classes, dev)
+    def spy(batch, num_classes, dev, topk_target):
+        dense = real(batch, num_classes, dev, topk_target)
         seen.append((isinstance(batch.teacher_logits, tuple), dense))
         return dense
     monkeypatch.setattr(loop, "stored_teacher_logits", spy)
@@ -175,6 +177,52 @@ def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
     for was_topk, dense in seen:
         assert was_topk and dense.shape[1] == 3
         assert (torch.isinf(dense).sum(1) == 1).all()  # 3 classes, 2 stored: one -inf per row
+
+
+def test_marginal_topk_target_spreads_the_rest_and_needs_log_probabilities(colour, tmp_path, monkeypatch):
+    data = add_teacher_outputs(colour, tmp_path / "d", topk=1)
+    seen = []
+    real = loop.teacher_probs
+
+    def spy(logits, temperature):
+        probs = real(logits, temperature)
+        seen.append(probs)
+        return probs
+    monkeypatch.setattr(loop, "teacher_probs", spy)
+    fit(cfg_for(data, tmp_path, epochs=1, name="m", kd="stored", topk_target="marginal", kd_temperature=1.0))
+    for probs in seen:  # 3 classes, 1 kept: the two others share what it leaves, equally, and nothing is 0
+        assert torch.allclose(probs.sum(1), torch.ones(len(probs))) and (probs > 0).all()
+        low = probs.sort(1).values
+        assert torch.allclose(low[:, 0], low[:, 1])
+    manifest = data / "train" / contract.MANIFEST
+    man = json.loads(manifest.read_text())
+    del man["teacher"]["topk_values"]  # top-k raw logits, as older sets hold them
+    manifest.write_text(json.dumps(man))
+    with pytest.raises(KdkitError, match="--topk-target marginal: .* stores top-k raw logits"):
+        fit(cfg_for(data, tmp_path, epochs=1, name="m2", kd="stored", topk_target="marginal"))
+
+
+def test_views_per_load_trains_on_b_x_n_views_and_mixes_within_them(colour, tmp_path, monkeypatch):
+    data = add_teacher_outputs(colour, tmp_path / "d", views=3)
+    mixed = []
+    real = loop.mix_batch
+
+    def spy(images, target, t_probs, *args):
+        out = real(images, target, t_probs, *args)
+        mixed.append((images.shape[0], target, t_probs, out))
+        return out
+    monkeypatch.setattr(loop, "mix_batch", spy)
+    history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd="replay", views_per_load=2, mixup=0.4))
+    assert history[0]["samples"] == 3 * 8 * 2 and history[0]["updates"] == 3  # 3 steps of 8 samples x 2 views
+    for n, target, t_probs, (_, target_mixed, t_mixed, p) in mixed:
+        assert n == target.shape[0] == t_probs.shape[0] == 16  # images, class and teacher targets: B x N rows
+        # image i is mixed with image 15 - i, a view of another sample; its teacher target with the same lambda
+        assert torch.allclose(t_mixed, p.lam * t_probs + (1 - p.lam) * t_probs.flip(0))
+        assert torch.allclose(target_mixed, p.lam * target + (1 - p.lam) * target.flip(0))
+    with pytest.raises(KdkitError, match=r"views_per_load=4: expected 1\.\.3: .* stores 3 views per sample"):
+        fit(cfg_for(data, tmp_path, epochs=1, name="s4", kd="replay", views_per_load=4))
+    with pytest.raises(KdkitError, match="views_per_load=2: several stored views per load need kd=replay"):
+        cfg_for(data, tmp_path, kd="stored", views_per_load=2)
 
 
 def test_online_teacher_and_grad_accumulation(colour, tmp_path):

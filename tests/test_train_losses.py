@@ -71,6 +71,34 @@ def test_topk_dense_target():
     assert views.shape == (2, 3, 5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_topk_targets_renormalized_or_marginal_each_sum_to_one(temperature):
+    logits = torch.randn(3, 2, 10) * 3  # (B, K views, C)
+    log_probs = logits.log_softmax(-1)
+    values, indices = log_probs.topk(4, dim=-1)  # top-k as add-teacher-logits stores it (fp16 below)
+    values = values.half()
+    kept = values.float().exp()
+    for target in ("renormalize", "marginal"):
+        probs = teacher_probs(dense_logits_from_topk(values, indices, 10, target), temperature)
+        assert probs.shape == (3, 2, 10) and torch.allclose(probs.sum(-1), torch.ones(3, 2), atol=1e-6)
+        outside = torch.ones_like(probs, dtype=torch.bool).scatter_(-1, indices, False)
+        at_kept = probs.gather(-1, indices)
+        if target == "renormalize":  # the k classes only, in the teacher's proportions
+            assert (probs[outside] == 0).all()
+            if temperature == 1.0:
+                assert torch.allclose(at_kept, kept / kept.sum(-1, keepdim=True), atol=1e-6)
+        else:  # every other class the same share of what the k classes leave
+            rest = probs.masked_fill(~outside, float("nan"))
+            assert (rest.nan_to_num(1.0) > 0).all()
+            assert torch.allclose(rest.nanmean(-1, keepdim=True).expand_as(probs)[outside], probs[outside])
+            if temperature == 1.0:  # FKD's marginal smoothing exactly: the teacher's own probabilities
+                assert torch.allclose(at_kept, kept, atol=1e-6)
+                share = (1 - kept.sum(-1, keepdim=True)) / 6
+                assert torch.allclose(probs[outside].view(3, 2, 6), share.expand(3, 2, 6), atol=1e-6)
+    with pytest.raises(ValueError, match="target='spread'"):
+        dense_logits_from_topk(values, indices, 10, "spread")
+
+
 def test_mixup_kd_target_mixes_teacher_probabilities_with_the_same_lambda():
     torch.manual_seed(0)
     np.random.seed(3)

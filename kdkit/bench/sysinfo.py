@@ -87,3 +87,12 @@ def machine() -> dict:
         "dali": dali_version,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def save_report(path, report: dict) -> None:
+    """A benchmark script's report as JSON (`--json PATH`), its folder made first."""
+    import json
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1))

@@ -112,8 +112,9 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
     idx_path = tar_path.with_suffix(".idx")
     count = 0
     with open(tmp, "wb") as f:
-        # mtime fixed and owner neutral: the same samples give byte-identical tars on every run
-        writer = wds.TarWriter(f, user="kdkit", group="kdkit", mode=0o444, mtime=0.0, encoder=False)
+        # mtime fixed and owner neutral: the same samples give byte-identical tars on every run. An int
+        # mtime: tarfile gives a float one (0.0) a PAX header of its own, 1 KB more for every member
+        writer = wds.TarWriter(f, user="kdkit", group="kdkit", mode=0o444, mtime=0, encoder=False)
         try:
             for sample in samples:
                 writer.write(sample)

@@ -164,13 +164,18 @@ class _Source:
                     "checkpoint_sha256": "+".join(t.record["checkpoint_sha256"] for t in self.teachers),
                     "teachers": [t.record for t in self.teachers], "combine": self.ensemble.combine,
                     "views": cfg.views, "transform": self.transform,
+                    **({"topk_values": mem.TOPK_VALUES} if cfg.topk else {}),
                     "members": mem.member_names(cfg.topk, cfg.views is not None),
                     "device": self.rt.dali_device, "amp": cfg.amp and self.rt.device.type == "cuda"}
         g, theirs = self.groups[split], self.h5.teacher_block(self.groups[split])
         views = g["views"].shape[1] if "views" in g else None
         topk = cfg.topk or (g["topk_logits"].shape[-1] if "logits" not in g else None)
-        return {**{k: v for k, v in theirs.items() if k not in ("storage", "fingerprint")}, **common,
-                "topk": topk, "views": views, "members": mem.member_names(topk, views is not None),
+        # top-k computed here from the file's full logits are log-probabilities; the file's own top-k are what
+        # its teacher block says they are
+        values = mem.TOPK_VALUES if cfg.topk and "logits" in g else theirs.get("topk_values")
+        return {**{k: v for k, v in theirs.items() if k not in ("storage", "fingerprint", "topk_values")}, **common,
+                **({"topk_values": values} if topk and values else {}), "topk": topk, "views": views,
+                "members": mem.member_names(topk, views is not None),
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 

@@ -2,8 +2,11 @@
 
 Full logits are fp16 (C,) or (K, C); top-k storage keeps the k largest as fp16 values plus int32
 class indices, (k,) or (K, k), which bounds the size for many-class teachers (1000 classes: 2 KB a
-view in full, 40 bytes at k=10). Views are float32 (K, 5). Everything is a plain .npy, so DALI
-decodes it in-graph and webdataset users read it with np.load.
+view in full, 40 bytes at k=10). Top-k values are log-probabilities, log_softmax of the logits
+(TOPK_VALUES): logits of the same distribution (a softmax over them is the softmax over the same k
+raw logits, at any temperature) that also keep the mass of the classes left out, 1 - sum(exp(values)),
+for FKD's marginal smoothing (kdkit.train.losses.dense_logits_from_topk). Views are float32 (K, 5).
+Everything is a plain .npy, so DALI decodes it in-graph and webdataset users read it with np.load.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from kdkit.shards import contract
 
+TOPK_VALUES = "log_softmax"  # the teacher block's `topk_values`: what top-k values are (absent: raw logits)
 TEACHER_EXTS = (contract.LOGITS_EXT, contract.TOPK_VALUES_EXT, contract.TOPK_INDICES_EXT, contract.VIEWS_EXT)
 
 
@@ -41,8 +45,8 @@ def encode(logits: np.ndarray, boxes: np.ndarray | None, topk: int | None) -> di
     """One sample's members from its float logits (C,) / (K, C) and boxes (K, 5) or None."""
     out: dict[str, bytes] = {}
     if topk:
-        t = torch.from_numpy(np.asarray(logits, np.float32))
-        # top-k of the fp32 logits, then rounded: the order never depends on fp16 ties
+        t = torch.from_numpy(np.asarray(logits, np.float32)).log_softmax(-1)  # TOPK_VALUES
+        # top-k of the fp32 log-probabilities, then rounded: the order never depends on fp16 ties
         values, idx = t.topk(min(topk, t.shape[-1]), dim=-1)
         out[contract.TOPK_VALUES_EXT] = npy_bytes(values.numpy().astype(np.float16))
         out[contract.TOPK_INDICES_EXT] = npy_bytes(idx.numpy().astype(np.int32))

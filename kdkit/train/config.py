@@ -19,6 +19,7 @@ from kdkit.errors import KdkitError, OptionError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 KD_MODES = ("none", "stored", "replay", "online")
+TOPK_TARGETS = ("renormalize", "marginal")  # how top-k teacher outputs become targets (losses.dense_logits_from_topk)
 
 
 def _f(default, help: str, group: str, **kw):
@@ -92,6 +93,16 @@ class TrainConfig:
     kd: str = _f("none", "teacher signal: none, stored (logits in the shards), replay (stored multi-view "
                           "logits, student sees the same view), online (run the teacher each step)", K,
                   choices=KD_MODES)
+    views_per_load: int = _f(1, "--kd replay: stored views cut from each decoded image (FKD's reuse of one decode); "
+                                "a step trains on batch-size x N images, each with its own view's logits. Views per "
+                                "load: a random offset o, then o..o+N-1 mod K, so distinct while N <= K (N > K is "
+                                "refused) and the same after --resume. --lr is the rate of that B x N step (scale it "
+                                "as for batch B x N); mixup/cutmix mix within the B x N images", K)
+    topk_target: str = _f("renormalize", "top-k teacher outputs: how the student's target is rebuilt. renormalize: "
+                          "the teacher's distribution over its k stored classes, 0 elsewhere; marginal: FKD's "
+                          "marginal smoothing, the k classes keep the teacher's probabilities and the mass left "
+                          "is spread evenly over the other classes (needs top-k written as log-probabilities, "
+                          "as add-teacher-logits --topk does). Full logits: unused", K, choices=TOPK_TARGETS)
     kd_temperature: float = _f(4.0, "KD temperature T", K)
     kd_alpha: float = _f(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", K)
     teacher_model: str | None = _f(None, "online KD: teacher model name (default: from the checkpoint)", K)
@@ -190,6 +201,7 @@ LIMITS = {
     "augmix_alpha": (0, None, True), "randaugment_n": (0, None, False),
     "randaugment_m": (0, 30, False), "am_margin": (0, None, False), "am_scale": (0, None, True),
     "freeze_epochs": (0, None, False), "kd_temperature": (0, None, True), "kd_alpha": (0, 1, False),
+    "views_per_load": (1, None, False),
     "label_smoothing": (0, 0.999, False), "mixup": (0, None, False), "cutmix": (0, None, False),
     "mix_prob": (0, 1, False), "mix_switch_prob": (0, 1, False), "mix_off_epoch": (0, None, False),
     "lr": (0, None, True), "opt_eps": (0, None, True), "drop_rate": (0, 1, False), "momentum": (0, 1, False), "weight_decay": (0, None, False), "sam_rho": (0, None, False),
@@ -257,6 +269,9 @@ def check_values(cfg: TrainConfig) -> None:
             raise OptionError(f"min_lr={cfg.min_lr}: sched={cfg.sched} decays from lr={cfg.lr} to min_lr, expected "
                               + ("0 < min_lr <= lr (an exponential never reaches 0)" if cfg.sched == "exp"
                                  else "min_lr <= lr"))
+    if cfg.views_per_load > 1 and cfg.kd != "replay":
+        raise OptionError(f"views_per_load={cfg.views_per_load}: several stored views per load need kd=replay "
+                          f"(the run has kd={cfg.kd}); leave it at 1")
     check_augment_combinations(cfg)
 
 

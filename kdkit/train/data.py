@@ -15,18 +15,15 @@ continues at the next epoch boundary with a fresh loader, and says so.
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, OptionError
 from kdkit.shards import contract
-from kdkit.shards.tario import read_dali_index
 from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
-from kdkit.pipelines.shardset import teacher_format
+from kdkit.pipelines.shardset import first_member, teacher_format
 from kdkit.runtime import Runtime
+from kdkit.teach.members import TOPK_VALUES
 from kdkit.train.config import TrainConfig
 
 
@@ -86,14 +83,6 @@ def check_classes(cfg: TrainConfig, train: ShardSet, val: ShardSet | None) -> tu
     return n, classes
 
 
-def _first_member(s: ShardSet, ext: str) -> np.ndarray:
-    """The first sample's .npy member, read through the DALI index (no tar walk)."""
-    offset, size = read_dali_index(s.indexes[0])[0][ext]
-    with open(s.tars[0], "rb") as f:
-        f.seek(offset)
-        return np.load(io.BytesIO(f.read(size)))
-
-
 def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -> None:
     """Stored / replay KD: every train sample holds the teacher outputs the mode reads, of the right width."""
     if cfg.kd not in ("stored", "replay"):
@@ -112,12 +101,19 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
     if cfg.kd == "replay" and scan.present[V] < total:
         raise KdkitError(f"--kd replay: {_set_name(train)} has no stored views (.{V}) for "
                          f"{total - scan.present[V]} samples; use --kd stored, or write multi-view logits")
-    shape = _first_member(train, L).shape
+    shape = first_member(train, L).shape
     if cfg.kd == "stored" and len(shape) != 1:
         raise KdkitError(f"{_set_name(train)}: logits of {shape[0]} stored views per sample; use --kd replay")
     if cfg.kd == "replay" and len(shape) != 2:
         raise KdkitError(f"--kd replay: {_set_name(train)} stores single-view logits; use --kd stored")
+    if cfg.kd == "replay" and cfg.views_per_load > shape[0]:
+        raise OptionError(f"views_per_load={cfg.views_per_load}: expected 1..{shape[0]}: {_set_name(train)} stores "
+                          f"{shape[0]} views per sample, more per load would repeat views")
     block = (train.manifest.teacher or {}) if train.manifest else {}
+    if L == contract.TOPK_VALUES_EXT and cfg.topk_target == "marginal" and block.get("topk_values") != TOPK_VALUES:
+        raise KdkitError(f"--topk-target marginal: {_set_name(train)} stores top-k raw logits, which do not say how "
+                         "much mass the other classes hold; write the top-k again with this kdkit's "
+                         "`kdkit add-teacher-logits --topk` (log-probabilities), or use --topk-target renormalize")
     # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
     width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
     if width != num_classes or block.get("num_classes", width) != width:
@@ -148,7 +144,8 @@ def train_loader_config(cfg: TrainConfig, rt: Runtime):
                auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
                augmix=cfg.augmix, augmix_severity=cfg.augmix_severity, augmix_width=cfg.augmix_width,
                augmix_depth=cfg.augmix_depth, augmix_alpha=cfg.augmix_alpha, augmix_jsd=cfg.augmix_jsd)
-    role = Replay(**aug) if cfg.kd == "replay" else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug)
+    role = (Replay(views_per_load=cfg.views_per_load, **aug) if cfg.kd == "replay"
+            else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug))
     return _loader_config(cfg, rt, role, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
                           teacher_logits=cfg.kd in ("stored", "replay"))
 

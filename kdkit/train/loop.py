@@ -48,7 +48,8 @@ def make_targets(p: Parts, batch, mixing: bool):
                               cfg.label_smoothing)
     t_probs = None
     if cfg.kd in ("stored", "replay"):
-        t_probs = teacher_probs(stored_teacher_logits(batch, p.data.num_classes, dev), cfg.kd_temperature)
+        t_probs = teacher_probs(stored_teacher_logits(batch, p.data.num_classes, dev, cfg.topk_target),
+                                cfg.kd_temperature)
     if mixing:
         images, target, t_probs, _ = mix_batch(images, target, t_probs, cfg.mixup, cfg.cutmix, cfg.mix_prob,
                                                cfg.mix_switch_prob)
@@ -58,12 +59,14 @@ def make_targets(p: Parts, batch, mixing: bool):
     return images, target, t_probs
 
 
-def stored_teacher_logits(batch, num_classes: int, dev: torch.device) -> torch.Tensor:
+def stored_teacher_logits(batch, num_classes: int, dev: torch.device, topk_target: str = "renormalize"
+                          ) -> torch.Tensor:
     """Dense teacher logits of a batch: as stored, or built from top-k (values, indices) when the
-    loader yields that pair (top-k storage)."""
+    loader yields that pair (top-k storage; `topk_target`: losses.dense_logits_from_topk)."""
     t = batch.teacher_logits
     if isinstance(t, (tuple, list)):
-        return dense_logits_from_topk(t[0].to(dev, non_blocking=True), t[1].to(dev, non_blocking=True), num_classes)
+        return dense_logits_from_topk(t[0].to(dev, non_blocking=True), t[1].to(dev, non_blocking=True), num_classes,
+                                      topk_target)
     return t.to(dev, non_blocking=True)
 
 
@@ -317,7 +320,8 @@ def opening_line(p: Parts) -> str:
         if p.start != (0, 0, None) else ""
     return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {p.train_loader.scan.num_samples} train{val} "
             f"samples of {d.num_classes} classes; {kd_words(p)}; {cfg.epochs} epochs of {len(p.train_loader)} steps, "
-            f"batch {cfg.batch_size}{f' x {p.rt.world} ranks' if p.rt.distributed else ''}; run folder "
+            f"batch {cfg.batch_size}{f' samples x {cfg.views_per_load} views' if cfg.views_per_load > 1 else ''}"
+            f"{f' x {p.rt.world} ranks' if p.rt.distributed else ''}; run folder "
             f"{p.run.path}{start}")
 
 

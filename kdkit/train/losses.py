@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 
+from kdkit.train.config import TOPK_TARGETS
+
 _SOFT_CE = SoftTargetCrossEntropy()
 
 
@@ -37,16 +39,34 @@ def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Ten
     return F.softmax(teacher_logits.float() / temperature, dim=-1)
 
 
-def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dense (..., C) teacher logits from stored top-k (values, indices); the other classes get -inf.
+def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int,
+                           target: str = "renormalize") -> torch.Tensor:
+    """Dense (..., C) teacher logits from stored top-k (values, indices): the student's target is
+    softmax(dense / T). Two readings of what top-k leaves out (`kdkit train --topk-target`):
 
-    With -inf elsewhere, softmax(t / T) is the teacher's distribution renormalized over its k best
-    classes: the classes it ranks below the k-th get no probability. That is the usual reading of
-    top-k soft labels (FKD, ReLabel); their share of the mass at temperature T is what top-k storage
-    gives up, small when k covers the teacher's confident classes.
+    renormalize  the other classes get -inf: the teacher's distribution renormalized over its k best
+                 classes, the classes it ranks below the k-th get no probability (ReLabel; FKD's
+                 "hardening"). What top-k gives up is their share of the mass at temperature T.
+    marginal     FKD's marginal smoothing: the k classes keep the teacher's own probabilities
+                 exp(values) and the mass left, 1 - sum(exp(values)), is spread evenly over the other
+                 C - k classes (each gets the logit log(rest / (C - k))). Needs values that are
+                 log-probabilities (top-k as `kdkit add-teacher-logits` writes it: log_softmax). At
+                 T = 1 it is exactly that distribution; at T > 1 that distribution softened like any
+                 logits (the kept classes keep their order, the others stay equal).
+
+    Either way softmax(dense / T) sums to 1 per row.
     """
-    dense = torch.full((*values.shape[:-1], num_classes), float("-inf"), dtype=torch.float32, device=values.device)
-    return dense.scatter_(-1, indices.long(), values.float())
+    if target not in TOPK_TARGETS:
+        raise ValueError(f"target={target!r}: expected one of {', '.join(TOPK_TARGETS)}")
+    v = values.float()
+    fill = torch.full((*values.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=values.device)
+    others = num_classes - values.shape[-1]
+    if target == "marginal" and others > 0:
+        # fp16 rounding can put the kept mass a hair over 1: then nothing is left (log 0 = -inf)
+        rest = (1.0 - v.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        fill = torch.log(rest / others)
+    dense = fill.expand(*values.shape[:-1], num_classes).clone()
+    return dense.scatter_(-1, indices.long(), v)
 
 
 def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
