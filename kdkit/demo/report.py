@@ -80,8 +80,12 @@ def verdict(summary: dict, seeds: int) -> list[str]:
             msg += f"; within the spread of {seeds} seeds, so not a clear difference"
         lines.append(msg + ".")
     stored = students["kd-stored"]
-    for way in (w for w in students if w.startswith("kd-replay")):
+    replays = [w for w in students if w.startswith("kd-replay")]
+    for way in replays:
         lines.append(_versus(students[way], stored, "single-view logits", seeds))
+    if replays and "kd-online" in students:  # how far stored views are from the consistent upper bound
+        lines.append(_versus(students["kd-online"], students[replays[-1]], f"replayed {replays[-1][9:]}-view logits",
+                             seeds))
     return lines
 
 
