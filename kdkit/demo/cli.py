@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                    help="DALI backend and model device (auto: gpu when CUDA is available)")
     p.add_argument("--train-size", type=integer(10), default=None, help="class-balanced MNIST train subset")
     p.add_argument("--test-size", type=integer(10), default=None, help="class-balanced MNIST test subset")
-    p.add_argument("--holdout", type=integer(10), default=None,
+    p.add_argument("--holdout", type=integer(10, 50000), default=None,
                    help="evaluate on this many training images held out (class-balanced) instead of the test set: "
                         "for choosing settings without reading the test set")
     p.add_argument("--random-area", type=FRACTION, nargs=2, default=None, metavar=("MIN", "MAX"),

@@ -23,7 +23,6 @@ from pathlib import Path
 from kdkit.errors import KdkitError
 
 
-
 @dataclass
 class DemoConfig:
     out: Path
