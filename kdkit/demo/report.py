@@ -96,7 +96,7 @@ def _versus(a: dict, b: dict, b_name: str, seeds: int) -> str:
     if seeds == 1:
         return head + "; one seed only, cannot tell."
     se = difference_se(a, b, seeds)
-    return head + (f" ({d / se:.1f} standard errors of the difference, {se:.1f}); " if se > 0 else "; ") + \
+    return head + (f" ({abs(d) / se:.1f} standard errors of the difference, {se:.1f}); " if se > 0 else "; ") + \
         ("a clear difference over the seeds." if clear_difference(a, b, seeds)
          else "not a clear difference over the seeds (within two standard errors).")
 
@@ -185,7 +185,7 @@ def plot_students(cfg, out: Path) -> bool:
     ax.set_title("MNIST students, same budget" + (f" (mean of {cfg.seeds} seeds, band min..max)"
                                                      if cfg.seeds > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")  # the top right is empty: errors fall with the epochs
     fig.tight_layout()
     fig.savefig(out / "students.png", dpi=90)
     plt.close(fig)
