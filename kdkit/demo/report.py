@@ -84,7 +84,8 @@ def verdict(summary: dict, seeds: int) -> list[str]:
     for way in replays:
         lines.append(_versus(students[way], stored, "single-view logits", seeds))
     if replays and "kd-online" in students:  # how far stored views are from the consistent upper bound
-        lines.append(_versus(students["kd-online"], students[replays[-1]], f"replayed {replays[-1][9:]}-view logits",
+        most = replays[-1]
+        lines.append(_versus(students["kd-online"], students[most], f"replayed {most[len('kd-replay'):]}-view logits",
                              seeds))
     return lines
 
