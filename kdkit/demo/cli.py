@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
                    help="random-resized-crop area range of the teacher, its stored views and every student "
                         "(default: 0.25 1)")
     p.add_argument("--kd-temperature", type=POSITIVE, default=None, help="KD temperature T (default: 4)")
-    p.add_argument("--kd-alpha", type=number(0, 1), default=None, help="weight of the KD term (default: 0.9)")
+    p.add_argument("--kd-alpha", type=number(0, 1), default=None, help="weight of the KD term (default: 0.5)")
     p.add_argument("--teacher-epochs", type=COUNT, default=None)
     p.add_argument("--student-epochs", type=COUNT, default=None)
     p.add_argument("--threads", type=COUNT, default=2, help="DALI threads")
