@@ -23,28 +23,37 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_the_flow_and_reports(demo):
     res = json.loads((demo / "results.json").read_text())
-    assert set(res["runs"]) == {"teacher", "no-kd-s0", "kd-stored-s0", "kd-replay-s0"}
+    ways = ["no-kd", "kd-stored", "kd-replay4", "kd-replay8", "kd-online"]
+    assert set(res["runs"]) == {"teacher", *(f"{w}-s0" for w in ways)}
     for name, row in res["runs"].items():  # every net judged on the same 100 test images
         assert row["samples"] == 100, name
         assert 0 <= row["errors"] <= 100
     s = res["summary"]["students"]
-    assert set(s) == {"no-kd", "kd-stored", "kd-replay"}
+    assert list(s) == ways  # the rows in the order a reader compares them
     md = (demo / "results.md").read_text()
     assert "| teacher |" in md and "gap" in md
+    for w in ways[1:]:  # every KD row says how much of the teacher-student gap it closed
+        assert s[w]["label"] in md and "gap_recovered" in s[w]
     assert (demo / "students.png").stat().st_size > 0
     # the shard sets it made are valid, and the teacher outputs are where the students read them
-    for rel in ("shards/train", "shards/test", "shards-kd1/train", "shards-kd4/train"):
+    for rel in ("shards/train", "shards/test", "shards-kd1/train", "shards-kd4/train", "shards-kd8/train"):
         assert main(["verify", str(demo / rel)]) == 0, rel
-    man = json.loads((demo / "shards-kd4/train/manifest.json").read_text())
-    assert man["teacher"]["views"] == 4
+    for k in (4, 8):
+        man = json.loads((demo / f"shards-kd{k}/train/manifest.json").read_text())
+        assert man["teacher"]["views"] == k
 
 
 def test_demo_prints_commands_a_user_can_repeat(demo):
     lines = (demo / "commands.sh").read_text().splitlines()
     verbs = [line.split()[1] if line.startswith("kdkit") else line.split()[2] for line in lines]
     assert verbs[:3] == ["kdkit.demo.mnist", "shard", "shard"]
-    assert verbs.count("train") == 4 and verbs.count("add-teacher-logits") == 2 and verbs.count("eval") == 4
+    assert verbs.count("train") == 6 and verbs.count("add-teacher-logits") == 3 and verbs.count("eval") == 6
     assert all(line.startswith(("kdkit ", "python -m kdkit.demo.mnist")) for line in lines)
+    # the same crops for every student, and the online teacher is the demo's own teacher
+    students = [line for line in lines if line.startswith("kdkit train student")]
+    assert all("--random-area 0.25 1.0 --no-flip" in line for line in students)
+    online = [line for line in students if "--kd online" in line]
+    assert len(online) == 1 and "runs/teacher/last.pth" in online[0]
 
 
 def test_demo_rerun_keeps_finished_steps(demo, capsys):
@@ -72,3 +81,29 @@ def test_hinton_mlp_is_a_timm_style_model():
     assert m.get_classifier() is m.fc
     with pytest.raises(Exception, match="--image-size 28, or build it for your size with --model-kwargs img_size=32"):
         m(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--random-area", "0.9", "0.3"], "--random-area: MIN 0.9 is above MAX 0.3"),
+    (["--random-area", "0", "1"], "--random-area"),
+    (["--kd-alpha", "1.5"], "--kd-alpha"),
+    (["--holdout", "5"], "--holdout"),
+])
+def test_demo_refuses_bad_options_in_one_line(flags, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "d"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and message in err, err
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+
+
+def test_holdout_is_a_balanced_split_of_train():
+    import numpy as np
+
+    from kdkit.demo.mnist import hold_out
+
+    y = np.repeat(np.arange(10), 50)
+    x = np.arange(len(y))  # the "image" is its index, to tell samples apart
+    (rx, ry), (hx, hy) = hold_out(x, y, 100)
+    assert np.bincount(hy).tolist() == [10] * 10  # 10 of each digit held out
+    assert len(rx) == 400 and not set(rx) & set(hx) and set(rx) | set(hx) == set(x)

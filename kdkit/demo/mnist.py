@@ -42,15 +42,26 @@ def load_mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
             "test": (to_u8(sx), sy.astype(np.int64))}
 
 
+def _balanced(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of n // 10 samples per digit, chosen in a seeded order, sorted."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:n // 10] for c in range(10)]))
+
+
 def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n samples, class-balanced (n // 10 per digit), in a seeded order; all when n is None."""
     if n is None or n >= len(y):
         return x, y
-    rng = np.random.default_rng(seed)
-    per = n // 10
-    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per] for c in range(10)])
-    idx.sort()
+    idx = _balanced(y, n, seed)
     return x[idx], y[idx]
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> tuple[tuple, tuple]:
+    """(rest, held out): n class-balanced samples set aside as a validation set for choosing
+    settings, so the test set is only read for the numbers reported."""
+    held = np.zeros(len(y), dtype=bool)
+    held[_balanced(y, n, seed)] = True
+    return (x[~held], y[~held]), (x[held], y[held])
 
 
 def write_h5(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
@@ -66,12 +77,17 @@ def write_h5(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
-def prepare(out: Path, train_size: int | None = None, test_size: int | None = None, seed: int = 0) -> dict[str, Path]:
-    """Write mnist-train.h5 / mnist-test.h5 under out (kept if already there)."""
+def prepare(out: Path, train_size: int | None = None, test_size: int | None = None, seed: int = 0,
+            holdout: int | None = None) -> dict[str, Path]:
+    """Write mnist-train.h5 / mnist-test.h5 under out (kept if already there). With holdout, the
+    "test" file holds that many training images instead and train the rest: the official test set
+    is not read."""
     paths = {"train": out / "mnist-train.h5", "test": out / "mnist-test.h5"}
     if all(p.exists() for p in paths.values()):
         return paths
     data = load_mnist()
+    if holdout:
+        data["train"], data["test"] = hold_out(*data["train"], holdout, seed)
     for split, n in (("train", train_size), ("test", test_size)):
         x, y = subset(*data[split], n, seed)
         write_h5(paths[split], x, y)
@@ -79,16 +95,18 @@ def prepare(out: Path, train_size: int | None = None, test_size: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kdkit.demo.mnist OUT [--train-size N] [--test-size N]`: the demo's first step."""
+    """`python -m kdkit.demo.mnist OUT [--train-size N] [--test-size N] [--holdout N]`: the demo's first step."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m kdkit.demo.mnist", description=main.__doc__)
     p.add_argument("out", type=Path)
     p.add_argument("--train-size", type=int, default=None, help="class-balanced subset (default: all 60,000)")
     p.add_argument("--test-size", type=int, default=None, help="class-balanced subset (default: all 10,000)")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="test split = this many training images held out (validation for tuning; default: the test set)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    for split, path in prepare(a.out, a.train_size, a.test_size, a.seed).items():
+    for split, path in prepare(a.out, a.train_size, a.test_size, a.seed, a.holdout).items():
         print(f"{split}: {path}")
     return 0
 

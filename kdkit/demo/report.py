@@ -5,22 +5,33 @@ import json
 import statistics
 from pathlib import Path
 
-LABELS = {
-    "no-kd": "student, labels only (no KD)",
-    "kd-stored": "student, KD from stored single-view logits",
-    "kd-replay": "student, KD from replayed multi-view logits",
-}
+def label(way: str) -> str:
+    """The table's name of a row: no-kd, kd-stored, kd-replay<K>, kd-online."""
+    if way.startswith("kd-replay"):
+        return f"student, KD from replayed {way[len('kd-replay'):]}-view logits"
+    return {"no-kd": "student, labels only (no KD)",
+            "kd-stored": "student, KD from stored single-view (centre) logits",
+            "kd-online": "student, KD from an online teacher on its crop (consistent upper bound)"}[way]
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def difference_se(a: dict, b: dict, seeds: int) -> float:
+    """Standard error of the difference of two ways' mean errors, sqrt(sd_a^2 + sd_b^2) / sqrt(seeds)."""
+    return (a["errors_sd"] ** 2 + b["errors_sd"] ** 2) ** 0.5 / seeds ** 0.5
+
+
 def clear_difference(a: dict, b: dict, seeds: int) -> bool:
-    """Do two ways' mean errors differ by more than twice the standard error of the larger seed
-    spread? (With one seed there is no spread to compare with: never.)"""
-    spread = max(a["errors_sd"], b["errors_sd"])
-    return seeds > 1 and abs(a["errors_mean"] - b["errors_mean"]) > 2 * spread / seeds ** 0.5
+    """Do two ways' mean errors differ by more than two standard errors of the difference? (With
+    one seed there is no spread to compare with: never.)"""
+    return seeds > 1 and abs(a["errors_mean"] - b["errors_mean"]) > 2 * difference_se(a, b, seeds)
+
+
+def _ways(rows: dict) -> list[str]:
+    """The student rows in run order, from run names `<way>-s<seed>`."""
+    return list(dict.fromkeys(name.rsplit("-s", 1)[0] for name in rows if name != "teacher"))
 
 
 def summarize(rows: dict, seeds: int) -> dict:
@@ -29,31 +40,33 @@ def summarize(rows: dict, seeds: int) -> dict:
     teacher = rows["teacher"]
     out = {"teacher": {"errors": teacher["errors"], "top1": teacher["top1"], "samples": teacher["samples"]},
            "students": {}}
-    for way in LABELS:
+    for way in _ways(rows):
         errs = [rows[f"{way}-s{s}"]["errors"] for s in range(seeds)]
         m, sd = _stats(errs)
-        out["students"][way] = {"errors_per_seed": errs, "errors_mean": m, "errors_sd": sd,
+        out["students"][way] = {"label": label(way), "errors_per_seed": errs, "errors_mean": m, "errors_sd": sd,
                                 "error_pct_mean": 100.0 * m / teacher["samples"]}
     base = out["students"]["no-kd"]["errors_mean"]
     gap = base - teacher["errors"]
-    for way in ("kd-stored", "kd-replay"):
-        s = out["students"][way]
-        s["gap_recovered"] = (base - s["errors_mean"]) / gap if gap > 0 else None
-        s["clear_difference"] = clear_difference(out["students"]["no-kd"], s, seeds)
+    for way, s in out["students"].items():
+        if way != "no-kd":
+            s["gap_recovered"] = (base - s["errors_mean"]) / gap if gap > 0 else None
+            s["clear_difference"] = clear_difference(out["students"]["no-kd"], s, seeds)
     return out
 
 
 def verdict(summary: dict, seeds: int) -> list[str]:
     """Plain sentences on what the numbers show, including when KD does not help."""
     lines = []
-    base = summary["students"]["no-kd"]
+    students = summary["students"]
+    base = students["no-kd"]
     gap = base["errors_mean"] - summary["teacher"]["errors"]
     if gap <= 0:
         lines.append("The student alone is as good as the teacher here, so there is no gap for KD to close.")
-    for way in ("kd-stored", "kd-replay"):
-        s = summary["students"][way]
+    for way, s in students.items():
+        if way == "no-kd":
+            continue
         d = base["errors_mean"] - s["errors_mean"]
-        what = LABELS[way].replace("student, ", "")
+        what = s["label"].replace("student, ", "")
         if d > 0:
             share = f"{100 * s['gap_recovered']:.0f} % of the teacher-student gap" if s["gap_recovered"] else "errors"
             msg = f"{what}: {d:.1f} fewer errors than without KD ({share} recovered)"
@@ -66,14 +79,27 @@ def verdict(summary: dict, seeds: int) -> list[str]:
         elif not s["clear_difference"]:
             msg += f"; within the spread of {seeds} seeds, so not a clear difference"
         lines.append(msg + ".")
-    stored, replay = summary["students"]["kd-stored"], summary["students"]["kd-replay"]
-    d = stored["errors_mean"] - replay["errors_mean"]
-    clear = clear_difference(stored, replay, seeds)
-    lines.append(f"Replayed multi-view vs stored single-view logits: {abs(d):.1f} {'fewer' if d >= 0 else 'more'} "
-                 f"errors with replay; " + ("a clear difference over the seeds." if clear else
-                                            "not a clear difference over the seeds (within their spread)."
-                                            if seeds > 1 else "one seed only, cannot tell."))
+    stored = students["kd-stored"]
+    replays = [w for w in students if w.startswith("kd-replay")]
+    for way in replays:
+        lines.append(_versus(students[way], stored, "single-view logits", seeds))
+    if replays and "kd-online" in students:  # how far stored views are from the consistent upper bound
+        most = replays[-1]
+        lines.append(_versus(students["kd-online"], students[most], f"replayed {most[len('kd-replay'):]}-view logits",
+                             seeds))
     return lines
+
+
+def _versus(a: dict, b: dict, b_name: str, seeds: int) -> str:
+    """`a` against `b`: the difference of the means, its standard error and whether it is clear."""
+    d = b["errors_mean"] - a["errors_mean"]
+    head = f"{a['label'].split('KD from ')[-1].capitalize()} vs {b_name}: {abs(d):.1f} {'fewer' if d >= 0 else 'more'} errors"
+    if seeds == 1:
+        return head + "; one seed only, cannot tell."
+    se = difference_se(a, b, seeds)
+    return head + (f" ({abs(d) / se:.1f} standard errors of the difference, {se:.1f}); " if se > 0 else "; ") + \
+        ("a clear difference over the seeds." if clear_difference(a, b, seeds)
+         else "not a clear difference over the seeds (within two standard errors).")
 
 
 def write_report(cfg, rows: dict, out: Path) -> list[Path]:
@@ -81,23 +107,25 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
     summary = summarize(rows, cfg.seeds)
     n = summary["teacher"]["samples"]
     md = [f"# kdkit demo: MNIST{' (quick subset)' if cfg.quick else ''}", "",
-          f"Test set: {n} images; train set: {cfg.train_size or 60000} images. Teacher `{cfg.teacher_model}` "
-          f"({cfg.teacher_epochs} epochs); student `{cfg.student_model}` ({cfg.student_epochs} epochs, the same "
-          f"budget, seeds 0..{cfg.seeds - 1}, and augmentation for all three ways); KD T={cfg.kd_temperature}, "
-          f"alpha={cfg.kd_alpha}; multi-view: {cfg.views} stored views per image; {cfg.image_size} px; "
-          f"device {cfg.device}.", "",
-          "| net | test errors | error % | per seed |", "| --- | ---: | ---: | --- |",
-          f"| teacher | {summary['teacher']['errors']} | {100 * summary['teacher']['errors'] / n:.2f} | |"]
-    for way, label in LABELS.items():
-        s = summary["students"][way]
+          (f"Validation set: {n} images held out of the training set (the test set is not read); "
+           if cfg.holdout else f"Test set: {n} images; ")
+          + f"train set: {cfg.train_size or 60000 - (cfg.holdout or 0)} images. Teacher `{cfg.teacher_model}` "
+          f"({cfg.teacher_epochs} epochs); student `{cfg.student_model}` ({cfg.student_epochs} epochs, SGD "
+          f"{cfg.student_lr} + cosine; the same budget, seeds 0..{cfg.seeds - 1} and augmentation for every row: "
+          f"random-resized crops of {cfg.random_area[0]:g}-{cfg.random_area[1]:g} of the area, no flip); KD "
+          f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}; replayed rows: K stored views per image"
+          + (f", {cfg.views_per_load} views per decoded sample" if cfg.views_per_load > 1 else "")
+          + f"; {cfg.image_size} px; device {cfg.device}.", "",
+          f"| net | {'validation' if cfg.holdout else 'test'} errors | error % | gap recovered | per seed |", "| --- | ---: | ---: | ---: | --- |",
+          f"| teacher | {summary['teacher']['errors']} | {100 * summary['teacher']['errors'] / n:.2f} | | |"]
+    for s in summary["students"].values():
         sd = f" ± {s['errors_sd']:.1f}" if cfg.seeds > 1 else ""
-        md.append(f"| {label} | {s['errors_mean']:.1f}{sd} | {s['error_pct_mean']:.2f} | "
-                  f"{', '.join(map(str, s['errors_per_seed']))} |")
-    md += ["", "Share of the teacher-student gap recovered by KD, (E_noKD - E_KD) / (E_noKD - E_teacher): "
-           + ", ".join(f"{LABELS[w].split(', ')[1]} "
-                       + (f"{100 * summary['students'][w]['gap_recovered']:.0f} %"
-                          if summary["students"][w]["gap_recovered"] is not None else "n/a")
-                       for w in ("kd-stored", "kd-replay")) + ".", ""]
+        share = s.get("gap_recovered")
+        md.append(f"| {s['label']} | {s['errors_mean']:.1f}{sd} | {s['error_pct_mean']:.2f} | "
+                  + (f"{100 * share:.0f} %" if share is not None else "") + " | "
+                  + f"{', '.join(map(str, s['errors_per_seed']))} |")
+    md += ["", "Gap recovered: the share of the teacher-student gap KD closes, (E_noKD - E_KD) / (E_noKD - E_teacher); "
+           "errors are mean ± standard deviation over the seeds.", ""]
     md += ["- " + line for line in verdict(summary, cfg.seeds)]
     md += ["", "For reference, Hinton et al. (2015) report 67 errors (teacher, 2x1200 + dropout + jitter), "
            "146 (2x800 student alone) and 74 (the student distilled at T=20) on the full 10,000 test images.",
@@ -128,13 +156,13 @@ def plot_students(cfg, out: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    for way, label in LABELS.items():
+    for way in cfg.student_ways():
         curves = [curve(f"{way}-s{s}") for s in range(cfg.seeds)]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
         if not epochs:
             continue
         ys = [[c[e] for c in curves] for e in epochs]
-        ax.plot(epochs, [statistics.fmean(y) for y in ys], marker="o", label=label)
+        ax.plot(epochs, [statistics.fmean(y) for y in ys], marker="o", label=label(way).replace("student, ", ""))
         if cfg.seeds > 1:
             ax.fill_between(epochs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         drawn = True
@@ -145,7 +173,7 @@ def plot_students(cfg, out: Path) -> bool:
         plt.close(fig)
         return False
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test error (%, log scale)")
+    ax.set_ylabel(f"{'validation' if cfg.holdout else 'test'} error (%, log scale)")
     ax.set_yscale("log")  # the last epochs, where the ways differ, sit near the bottom
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
@@ -158,7 +186,7 @@ def plot_students(cfg, out: Path) -> bool:
     ax.set_title("MNIST students, same budget" + (f" (mean of {cfg.seeds} seeds, band min..max)"
                                                      if cfg.seeds > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")  # the top right is empty: errors fall with the epochs
     fig.tight_layout()
     fig.savefig(out / "students.png", dpi=90)
     plt.close(fig)
