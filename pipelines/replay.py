@@ -9,8 +9,8 @@ k of the stored logits. Cropping before resizing on the same pixel grid makes th
 equal to the teacher's up to nothing but the decoder (tested against a full decode cut in numpy).
 
 Several views per decoded image (`views_per_load=N`, FKD's trick: decoding is the costly step, so
-one decode feeds N training images): each sample is decoded once, whole, and N of its stored views
-are cut from it (fn.slice of the stored pixel box, then the same resize, flip and normalize as one
+one decode feeds N training images): each sample is decoded once (the bounding box of the N views
+it uses) and N of its stored views are cut from it (fn.slice of the stored pixel box, then the same resize, flip and normalize as one
 view), each with its logits row; a batch of B samples yields B x N training images, sample by
 sample (rows s*N .. s*N+N-1 are sample s's views). Which views: per sample and load, an offset o
 drawn uniformly from 0..K-1 and the views o, o+1, ..., o+N-1 (mod K). So the N views of one load
@@ -87,15 +87,19 @@ def mirror_of(box):
 
 
 def cut_views(jpegs, boxes: list, backend: Backend) -> list:
-    """Decode each image once, whole, and cut every box of `boxes` from it: uint8 HWC crops at the
-    source resolution, the same pixels decode_view gives for each box alone."""
+    """Decode each image once, just the region its boxes cover (their bounding box, ROI decode), and
+    cut every box of `boxes` from it: uint8 HWC crops at the source resolution, the same pixels
+    decode_view gives for each box alone (an ROI decode returns the whole decode's pixels in its
+    region; tested bit for bit)."""
     shape = fn.peek_image_shape(jpegs)  # the decoder's output shape, EXIF orientation applied
-    image = fn.decoders.image(jpegs, device=backend.decoder, output_type=types.RGB, **backend.decoder_args())
-    crops = []
-    for box in boxes:
-        anchor, size = pixel_box(box, shape)
-        crops.append(fn.slice(image, anchor, size, axis_names="WH", out_of_bounds_policy="error"))
-    return crops
+    pixel = [pixel_box(box, shape) for box in boxes]
+    low, high = pixel[0][0], pixel[0][0] + pixel[0][1]
+    for anchor, size in pixel[1:]:
+        low, high = dmath.min(low, anchor), dmath.max(high, anchor + size)
+    region = fn.decoders.image_slice(jpegs, low, high - low, device=backend.decoder, output_type=types.RGB,
+                                     **backend.decoder_args())  # (x, y) order: "WH"
+    return [fn.slice(region, anchor - low, size, axis_names="WH", out_of_bounds_policy="error")
+            for anchor, size in pixel]
 
 
 @dataclass(frozen=True)
