@@ -10,17 +10,17 @@ equal to the teacher's up to nothing but the decoder (tested against a full deco
 
 Several views per decoded image (`views_per_load=N`, FKD's trick: decoding is the costly step, so
 one decode feeds N training images): each sample is decoded once (the bounding box of the N views
-it uses) and N of its stored views are cut from it (fn.slice of the stored pixel box, then the same resize, flip and normalize as one
-view), each with its logits row; a batch of B samples yields B x N training images, sample by
+it uses) and N of its stored views are cut from it (fn.slice of the stored pixel box, then the same
+resize, flip and normalize as one view), each with its logits row; a batch of B samples yields B x N training images, sample by
 sample (rows s*N .. s*N+N-1 are sample s's views). Which views: per sample and load, an offset o
 drawn uniformly from 0..K-1 and the views o, o+1, ..., o+N-1 (mod K). So the N views of one load
 are distinct whenever N <= K, every stored view is equally likely (probability N/K per epoch), and
 the draw comes from DALI's random generator, which the loader's checkpoint saves: a resumed run
 draws the same views. N > K is refused (DaliLoader, kdkit train), as it would repeat views in a load.
-Cutting from the whole decoded image gives the pixels of the one-view route (which decodes just the
+Cutting from the decoded bounding box gives the pixels of the one-view route (which decodes just the
 box) as long as the decoder's output of a region equals that region of its full output (tested);
 on the CPU backend the crops go through kdkit's operator one view at a time (N operator calls on
-the same decoded image: pipelines.resize), on the GPU through fn.resize, as for one view.
+the same decoded region: pipelines.resize), on the GPU through fn.resize, as for one view.
 
 Colour jitter / auto-augment from the config are applied on top when set; they change pixels the
 teacher never saw, so they are off by default for this role.

@@ -207,32 +207,38 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     except (OSError, ValueError):
         seen = {}
 
-    def stamp(tar: Path) -> list:
-        st = tar.stat()
-        return [st.st_size, st.st_mtime_ns]
-
-    todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != [*stamp(t), want]}
+    stats = {t: t.stat() for t in todo}
+    stamps = {t: [st.st_size, st.st_mtime_ns, todo[t]] for t, st in stats.items()}
+    todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != stamps[t]}
     if not todo:
         return
     from tqdm import tqdm
 
-    total = sum(t.stat().st_size for t in todo)
-    # hashlib releases the GIL while it hashes, so threads hash several shards at once
-    with tqdm(total=total, unit="B", unit_scale=True, desc="checking shard checksums (once per change)",
-              disable=not progress or total < 1 << 30, file=sys.stderr) as bar, \
-            ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for (tar, want), got in zip(todo.items(), pool.map(sha256_file, todo)):
-            if got != want:
-                raise ShardError(f"{tar}: its bytes differ from the checksum in its manifest (changed or damaged "
-                                 f"since it was written); `kdkit verify --decode {tar.parent}` names the damaged "
-                                 "samples: rewrite that shard (or set KDKIT_CHECKSUMS=0 to read it as it is)")
-            seen[str(tar.resolve())] = [*stamp(tar), want]
-            bar.update(tar.stat().st_size)
+    # hashlib releases the GIL while it hashes, so threads hash several shards at once; the shards that
+    # match are recorded even when another differs, so a rerun hashes only what is left
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache_file, seen)
-    except OSError:  # an unwritable cache only costs the same check next time
-        pass
+        with tqdm(total=sum(stats[t].st_size for t in todo), unit="B", unit_scale=True, file=sys.stderr,
+                  desc="checking shard checksums (once per change)",
+                  disable=not progress or sum(stats[t].st_size for t in todo) < 1 << 30) as bar, \
+                ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            differ = []
+            for (tar, want), got in zip(todo.items(), pool.map(sha256_file, todo)):
+                if got == want:
+                    seen[str(tar.resolve())] = stamps[tar]
+                else:
+                    differ.append(tar)
+                bar.update(stats[tar].st_size)
+        if differ:
+            more = f" (and {len(differ) - 1} more shards)" if len(differ) > 1 else ""
+            raise ShardError(f"{differ[0]}{more}: its bytes differ from the checksum in its manifest (changed or "
+                             f"damaged since it was written); `kdkit verify --decode {differ[0].parent}` names the "
+                             "damaged samples: rewrite that shard (or set KDKIT_CHECKSUMS=0 to read it as it is)")
+    finally:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache_file, seen)
+        except OSError:  # an unwritable cache only costs the same check next time
+            pass
 
 
 # ---------------------------------------------------------------------------------------------

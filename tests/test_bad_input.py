@@ -390,6 +390,13 @@ def test_checksums_are_hashed_once_and_a_later_change_is_still_caught(tiny_shard
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
     with pytest.raises(ShardError, match=f"{tar.name}: its bytes differ"):
         DaliLoader(root, cfg, split="val")
+    # a fresh cache and a damaged first shard: the others are recorded all the same, a rerun hashes only it
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache2"))
+    hashed.clear()
+    for _ in range(2):
+        with pytest.raises(ShardError, match=f"{tar.name}: its bytes differ"):
+            DaliLoader(root, cfg, split="val")
+    assert len(hashed) == first + 1 and hashed[-1] == tar
 
 
 @pytest.mark.timeout(240)
