@@ -29,7 +29,6 @@ from kdkit.errors import KdkitError
 from kdkit.evaluate.ensemble import denormalize_uint8, normalize_uint8
 from kdkit.evaluate.export import check_parity, parity_inputs, time_runners
 from kdkit.models.checkpoint import ModelInfo, load_model
-from kdkit.shards.tario import sha256_file
 
 SPEC, REPORT, IR, IR_INT8 = "input.json", "report.json", "model.xml", "model_int8.xml"
 RT_KEY = ["kdkit", "spec"]  # where the input spec lives in an IR's rt_info
@@ -80,7 +79,7 @@ def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: P
             "model": info.to_json(), "classes": [{"index": i, "id": c, "name": n} for i, (c, n)
                                                  in enumerate(zip(info.class_ids(), info.class_names()))],
             "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None}
+            "checkpoint_sha256": info.sha256() if checkpoint else None}
 
 
 def conversion_failure(e: Exception) -> str:
@@ -196,12 +195,14 @@ class EvalViews:
     """(normalised views, labels) batches of a split through kdkit's DALI eval pipeline; iterable again
     and again (NNCF's accuracy control validates several times)."""
 
-    def __init__(self, data, split: str, info: ModelInfo, crop_ratio: float, batch_size: int, limit: int | None = None):
+    def __init__(self, data, split: str, info: ModelInfo, crop_ratio: float, batch_size: int, limit: int | None = None,
+                 threads: int = 2):
         from kdkit.evaluate.eval import open_eval_set
 
         self.shards = open_eval_set(data, split, [info])
         check_image_size(self.shards, info, data)
-        self.info, self.crop_ratio, self.batch_size, self.limit = info, crop_ratio, batch_size, limit
+        self.info, self.crop_ratio, self.batch_size = info, crop_ratio, batch_size
+        self.limit, self.threads = limit, threads
         self.source = f"{self.shards.folder or data}"
 
     def __iter__(self):
@@ -209,7 +210,7 @@ class EvalViews:
 
         lcfg = loader_config("eval", crop_ratio=self.crop_ratio, image_size=self.info.image_size, mean=self.info.mean,
                              std=self.info.std, batch_size=self.batch_size, last_batch="partial", shard_id=0,
-                             num_shards=1, num_threads=2)
+                             num_shards=1, num_threads=self.threads)
         seen = 0
         for b in DaliLoader(self.shards, lcfg):
             take = len(b.labels) if self.limit is None else min(len(b.labels), self.limit - seen)
@@ -290,8 +291,10 @@ def export_openvino(cfg) -> dict:
     check_output_folder(out, spec["checkpoint_sha256"])
     sets = None
     if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
-        sets = (EvalViews(cfg.data, cfg.calibration_split, info, cfg.crop_ratio, 32, cfg.calibration_samples),
-                EvalViews(cfg.data, cfg.split, info, cfg.crop_ratio, 32))
+        dali_threads = cfg.threads or 2  # DALI's CPU threads, as `kdkit eval`'s default
+        sets = (EvalViews(cfg.data, cfg.calibration_split, info, cfg.crop_ratio, 32, cfg.calibration_samples,
+                          dali_threads),
+                EvalViews(cfg.data, cfg.split, info, cfg.crop_ratio, 32, threads=dali_threads))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = cfg.threads or torch.get_num_threads()
