@@ -349,6 +349,8 @@ def gunzip_copy(path: Path, scratch: Path | None) -> Path:
         return plain
     plain.parent.mkdir(parents=True, exist_ok=True)
     tmp = plain.with_name(f"{plain.name}.{os.getpid()}{tario.TMP_SUFFIX}")  # --part machines may share OUT
+    print(f"kdkit: {path}: GZIP-compressed, decompressing it once into {plain} ({st.st_size / 2**20:.0f} MB "
+          "compressed; a resumed run reuses the copy)", file=sys.stderr, flush=True)
     try:
         with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 22)
