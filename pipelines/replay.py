@@ -1,26 +1,30 @@
 """Replay pipeline: the student's training input is one of the K views the teacher saw, cut from
 the same crop box and flipped the same way, with that view's stored logits.
 
-Per sample, in-graph: read the stored (K, 5) view boxes, draw k uniformly from 0..K-1, turn row
-k's relative box back into the integer pixel box the teacher used (round(x * width), with the
-width from fn.peek_image_shape, EXIF orientation applied as the decoder applies it), decode only
-that region (fn.decoders.image_slice: ROI decode), resize, mirror by the row's flag, and pick row
-k of the stored logits. Cropping before resizing on the same pixel grid makes the student's view
-equal to the teacher's up to nothing but the decoder (tested against a full decode cut in numpy).
+Per sample, in-graph: read the stored (K, 5) view boxes, draw which N of them this load uses (N =
+`views_per_load`, 1 by default), turn their relative boxes back into the integer pixel boxes the
+teacher used (round(x * width), with the width from fn.peek_image_shape, EXIF orientation applied as
+the decoder applies it), decode only the region they cover (fn.decoders.image_slice: ROI decode; for
+one view, that view's box), cut, resize, mirror by each row's flag, and pick the same rows of the
+stored logits. Cropping before resizing on the same pixel grid makes the student's view equal to the
+teacher's up to nothing but the decoder (tested against a full decode cut in numpy).
 
 Several views per decoded image (`views_per_load=N`, FKD's trick: decoding is the costly step, so
-one decode feeds N training images): each sample is decoded once (the bounding box of the N views
-it uses) and N of its stored views are cut from it (fn.slice of the stored pixel box, then the same
-resize, flip and normalize as one view), each with its logits row; a batch of B samples yields B x N training images, sample by
-sample (rows s*N .. s*N+N-1 are sample s's views). Which views: per sample and load, an offset o
-drawn uniformly from 0..K-1 and the views o, o+1, ..., o+N-1 (mod K). So the N views of one load
-are distinct whenever N <= K, every stored view is equally likely (probability N/K per epoch), and
-the draw comes from DALI's random generator, which the loader's checkpoint saves: a resumed run
-draws the same views. N > K is refused (DaliLoader, kdkit train), as it would repeat views in a load.
-Cutting from the decoded bounding box gives the pixels of the one-view route (which decodes just the
-box) as long as the decoder's output of a region equals that region of its full output (tested);
-on the CPU backend the crops go through kdkit's operator one view at a time (N operator calls on
-the same decoded region: pipelines.resize), on the GPU through fn.resize, as for one view.
+one decode feeds N training images): each sample is decoded once (the bounding box of its N views)
+and the N views are cut from that region, each with its logits row; a batch of B samples yields
+B x N training images, sample by sample (rows s*N .. s*N+N-1 are sample s's views). Which views: per
+sample and load, an offset o drawn uniformly from 0..K-1 and the views o, o+1, ..., o+N-1 (mod K).
+So the N views of one load are distinct whenever N <= K, every stored view is equally likely
+(probability N/K per epoch), and the draw comes from DALI's random generator, which the loader's
+checkpoint saves: a resumed run draws the same views. N > K is refused (DaliLoader, kdkit train), as
+it would repeat views in a load. Cutting from the decoded bounding box gives the pixels of decoding
+each box alone as long as the decoder's output of a region equals that region of its full output
+(tested). On the CPU backend one call of kdkit's operator resizes all N boxes of the region (its
+`boxes` argument: each box resized as if cut out first, bit for bit, without copying it out; one
+work item per view on DALI's threads); on the GPU, and wherever the operator is not used, each box is
+cut with fn.slice and resized with fn.resize. The box arithmetic works on the (N, 5) rows as whole
+tensors: a dozen DALI operators per batch whatever N is (one operator per scalar made the graph's
+bookkeeping cost more than the decode it saved).
 
 Colour jitter / auto-augment from the config are applied on top when set; they change pixels the
 teacher never saw, so they are off by default for this role.
@@ -31,75 +35,84 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nvidia.dali.math as dmath
+import numpy as np
 from nvidia.dali import fn, types
 
 from kdkit.pipelines import common
 from kdkit.pipelines.config import Role, check, positive_int
+from kdkit.pipelines.resize import resized_view
 from kdkit.pipelines.shardset import first_member
 from kdkit.pipelines.train import Augment, train_views
 
 if TYPE_CHECKING:
-    from kdkit.pipelines.config import Backend
+    from kdkit.pipelines.config import Backend, Output
 
 
-def choose_view(views):
-    """A uniformly drawn view index k in 0..K-1 per sample (INT32 scalar), K from the stored rows."""
+def view_rows(views, n: int):
+    """n stored view indices per sample, INT32 (n,): a uniform offset o in 0..K-1, then o, o+1, ...,
+    o+n-1 mod K, distinct while n <= K (the module doc); K from the stored rows."""
     count = fn.cast(views.shape()[0], dtype=types.INT32)
     u = fn.random.uniform(range=[0.0, 1.0])
-    k = fn.cast(u * fn.cast(count, dtype=types.FLOAT), dtype=types.INT32)
-    return dmath.min(k, count - 1)  # guards the one float rounding case u * K == K
+    first = dmath.min(fn.cast(u * fn.cast(count, dtype=types.FLOAT), dtype=types.INT32), count - 1)  # u * K == K
+    rows = first + types.Constant(np.arange(n, dtype=np.int32))
+    return rows - (rows // count) * count
 
 
-def view_rows(views, n: int) -> list:
-    """n stored view indices per sample (INT32 scalars): a uniform offset o in 0..K-1, then o, o+1, ...,
-    o+n-1 mod K, distinct while n <= K (the module doc)."""
-    count = fn.cast(views.shape()[0], dtype=types.INT32)
-    first = choose_view(views)
-    return [first if j == 0 else (first + j) - ((first + j) // count) * count for j in range(n)]
+def take_rows(stored, rows, n: int):
+    """Rows `rows` (from view_rows: consecutive mod K) of a stored (K, ...) array, as (n, ...): one
+    slice of the array written twice, instead of n element picks and a stack."""
+    return fn.slice(fn.cat(stored, stored, axis=0), start=rows[0:1], shape=[n], axes=[0])
 
 
-def _to_pixels(rel, extent):
-    return fn.cast(dmath.floor(rel * extent + 0.5), dtype=types.INT32)
-
-
-def pixel_box(box, shape):
-    """Row (x, y, w, h, flip) relative -> integer (x, y) anchor and (w, h) size inside the image."""
-    height = fn.cast(shape[0], dtype=types.FLOAT)
-    width = fn.cast(shape[1], dtype=types.FLOAT)
+def pixel_boxes(views, shape):
+    """Rows (x, y, w, h, flip) relative -> integer (x, y) anchors and (w, h) sizes, INT32 (n, 2) each,
+    inside the image: round(x * width) as the teacher pass stored them (pipelines.teacher_views)."""
     h_max, w_max = fn.cast(shape[0], dtype=types.INT32), fn.cast(shape[1], dtype=types.INT32)
-    x = dmath.clamp(_to_pixels(box[0], width), 0, w_max - 1)
-    y = dmath.clamp(_to_pixels(box[1], height), 0, h_max - 1)
-    w = dmath.max(dmath.min(_to_pixels(box[2], width), w_max - x), 1)
-    h = dmath.max(dmath.min(_to_pixels(box[3], height), h_max - y), 1)
-    return fn.stack(x, y), fn.stack(w, h)
+    limit = fn.stack(w_max, h_max)
+    extent = fn.cast(fn.stack(w_max, h_max, w_max, h_max), dtype=types.FLOAT)
+    px = fn.cast(dmath.floor(views[:, 0:4] * extent + 0.5), dtype=types.INT32)
+    anchor = dmath.clamp(px[:, 0:2], 0, limit - 1)
+    return anchor, dmath.max(dmath.min(px[:, 2:4], limit - anchor), 1)
 
 
-def decode_view(jpegs, box, backend: Backend):
-    """Decode exactly the stored crop of each image: uint8 HWC at the source resolution."""
-    anchor, size = pixel_box(box, fn.peek_image_shape(jpegs))
-    return fn.decoders.image_slice(jpegs, anchor, size, device=backend.decoder, output_type=types.RGB,
-                                   **backend.decoder_args())  # (x, y) order: "WH"
-
-
-def mirror_of(box):
-    """The stored flip of a view row, as the 0/1 mirror flag of the resize."""
-    return fn.cast(box[4] > 0.5, dtype=types.INT32)
-
-
-def cut_views(jpegs, boxes: list, backend: Backend) -> list:
-    """Decode each image once, just the region its boxes cover (their bounding box, ROI decode), and
-    cut every box of `boxes` from it: uint8 HWC crops at the source resolution, the same pixels
-    decode_view gives for each box alone (an ROI decode returns the whole decode's pixels in its
-    region; tested bit for bit)."""
-    shape = fn.peek_image_shape(jpegs)  # the decoder's output shape, EXIF orientation applied
-    pixel = [pixel_box(box, shape) for box in boxes]
-    low, high = pixel[0][0], pixel[0][0] + pixel[0][1]
-    for anchor, size in pixel[1:]:
-        low, high = dmath.min(low, anchor), dmath.max(high, anchor + size)
+def cut_views(jpegs, views, backend: Backend):
+    """Decode each image once, just the region its stored views (n, 5) cover (their bounding box, ROI
+    decode; the box itself for one view): (uint8 HWC region, the views' pixel boxes in it (n, 4) x, y,
+    w, h, INT32). Cutting a box from the region gives the pixels of decoding that box alone (an ROI
+    decode returns the whole decode's pixels in its region; tested bit for bit)."""
+    anchor, size = pixel_boxes(views, fn.peek_image_shape(jpegs))  # EXIF orientation applied, as decoded
+    low = fn.reductions.min(anchor, axes=0)
+    high = fn.reductions.max(anchor + size, axes=0)
     region = fn.decoders.image_slice(jpegs, low, high - low, device=backend.decoder, output_type=types.RGB,
                                      **backend.decoder_args())  # (x, y) order: "WH"
-    return [fn.slice(region, anchor - low, size, axis_names="WH", out_of_bounds_policy="error")
-            for anchor, size in pixel]
+    return region, fn.cat(anchor - low, size, axis=1)
+
+
+def view_colors(augment: Augment, n: int):
+    """Independent colour-jitter factors for each of n views, (n, 4) brightness, contrast, saturation,
+    hue in degrees (jitter_factors' distributions)."""
+    s, hue = augment.color_jitter, augment.hue
+    ranges = [[max(0.0, 1.0 - s), 1.0 + s]] * 3 + [[-360.0 * hue, 360.0 * hue]]
+    return fn.stack(*(fn.random.uniform(range=r, shape=[n]) for r in ranges), axis=1)
+
+
+def replay_views(jpegs, views, augment: Augment, output: Output, backend: Backend):
+    """The stored views (n, 5) of each sample as training inputs (n, ...) in Output's layout: one ROI
+    decode (cut_views), then on the CPU backend one call of kdkit's operator for the n boxes (each box
+    resized as if cut out first: the same pixels as fn.slice + the operator, tested), elsewhere (GPU,
+    no operator, an augment policy) fn.slice + train_views per view."""
+    n = augment.views_per_load
+    region, boxes = cut_views(jpegs, views, backend)
+    flips = views[:, 4:5]
+    if augment.resizer(backend) == "kdkit_resize_normalize":
+        columns = [fn.cast(boxes, dtype=types.FLOAT), flips]
+        if augment.color_jitter or augment.hue:
+            columns.append(view_colors(augment, n))
+        return resized_view(region, output, True, boxes=fn.cat(*columns, axis=1))
+    mirrors = fn.cast(flips > 0.5, dtype=types.INT32)
+    crops = [fn.slice(region, boxes[j, 0:2], boxes[j, 2:4], axis_names="WH", out_of_bounds_policy="error")
+             for j in range(n)]
+    return fn.stack(*(train_views(crop, augment, output, False, mirror=mirrors[j, 0]) for j, crop in enumerate(crops)))
 
 
 @dataclass(frozen=True)
@@ -136,30 +149,19 @@ class Replay(Augment, Role):
 
     def graph(self, members, teacher, output, backend):
         jpegs, cls, stored = members
+        n = self.views_per_load
         views = common.decode_npy(stored)
-        native_op = self.resizer(backend) == "kdkit_resize_normalize"
+        rows = view_rows(views, n)
+        images = replay_views(jpegs, take_rows(views, rows, n), self, output, backend)
+        logits = [take_rows(common.decode_npy(m), rows, n) for m in teacher]
         labels = backend.to_output(common.parse_label(cls))
-        if self.views_per_load == 1:  # decode just the box (ROI decode)
-            k = choose_view(views)
-            box = views[k]
-            images = train_views(decode_view(jpegs, box, backend), self, output, native_op, mirror=mirror_of(box))
-            return (images, labels, *common.teacher_outputs(teacher, backend, row=k), backend.to_output(k))
-        rows = view_rows(views, self.views_per_load)
-        boxes = [views[k] for k in rows]
-        images = [train_views(crop, self, output, native_op, mirror=mirror_of(box))
-                  for crop, box in zip(cut_views(jpegs, boxes, backend), boxes)]
-        logits = [fn.stack(*(t[k] for k in rows)) for t in (common.decode_npy(m) for m in teacher)]
-        return (fn.stack(*images), labels, *(backend.to_output(t) for t in logits),
-                backend.to_output(fn.stack(*rows)))
+        return (images, labels, *(backend.to_output(t) for t in logits), backend.to_output(rows))
 
     def batch(self, outputs, teacher_kind, channels_last):
         """B samples of N views each -> B x N training images, sample by sample; labels repeated."""
-        n = self.views_per_load
-        if n == 1:
-            return Role.batch(self, outputs, teacher_kind, channels_last)
         flat = {name: t.flatten(0, 1) for name, t in outputs.items() if name.startswith("teacher")}
         flat["images"] = outputs["images"].flatten(0, 1)
-        flat["labels"] = outputs["labels"].repeat_interleave(n, dim=0)
+        flat["labels"] = outputs["labels"].repeat_interleave(self.views_per_load, dim=0)
         return Role.batch(self, flat, teacher_kind, channels_last)
 
     def output_names(self, teacher):

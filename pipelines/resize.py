@@ -29,13 +29,15 @@ def native_available(backend: Backend) -> bool:
     return not backend.gpu and backend.native_resize and native.available()
 
 
-def resized_view(crops, output: Output, native_op: bool, mirror=0, roi=None, color=None):
+def resized_view(crops, output: Output, native_op: bool, mirror=0, roi=None, color=None, boxes=None):
     """uint8 HWC crops of any size -> normalized size x size views (Output's layout and dtype),
     mirrored where `mirror` is 1; equal to common.normalize(common.resize_square(crops)).
     `native_op`: through kdkit's CPU operator (else DALI's fn.resize + crop_mirror_normalize).
     `roi`: ((y, x) start, (y, x) end) of the window of each crop to resize, in pixels (native
     operator only: pipelines.eval uses it). `color`: per-sample (brightness, contrast, saturation, hue
     in degrees) applied as fn.color_twist applies them, after resizing (native operator only).
+    `boxes`: per sample (N, 5 or 9) windows in whole pixels x, y, w, h, flip[, colour factors]: N views
+    of each crop, output (N, ...), each the view of that window cut out first (native operator only).
 
     fn.resize differs from the native operator only at the image borders, where it repeats the
     edge pixel while Pillow (and the native operator) cut and renormalize the filter window, and by
@@ -43,13 +45,17 @@ def resized_view(crops, output: Output, native_op: bool, mirror=0, roi=None, col
     (tested).
     """
     if not native_op:
-        if roi is not None or color is not None:
-            raise ValueError("resized_view(roi=..., color=...) needs the native operator (see native_available)")
+        if roi is not None or color is not None or boxes is not None:
+            raise ValueError("resized_view(roi=, color=, boxes=) needs the native operator (see native_available)")
         return common.normalize(common.resize_square(crops, output.image_size, output.antialias), output,
                                 mirror=mirror)
     extra = {} if roi is None else dict(roi_start=roi[0], roi_end=roi[1])
+    if boxes is not None:  # their flip column mirrors
+        extra["boxes"] = boxes
+    else:
+        extra["mirror"] = mirror
     if color is not None:
         extra.update(brightness=color[0], contrast=color[1], saturation=color[2], hue=color[3])
     return fn.kdkit_resize_normalize(
-        crops, size=output.image_size, mean=output.mean255, std=output.std255, mirror=mirror,
+        crops, size=output.image_size, mean=output.mean255, std=output.std255,
         antialias=output.antialias, planar=output.planar, half=output.dtype == "float16", **extra)

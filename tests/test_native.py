@@ -235,3 +235,57 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     if not native.compiler():
         pytest.skip("no C++ compiler")
     assert done.returncode == 0 and "rebuilt" in done.stdout, done.stderr[-2000:]
+
+
+def run_boxes(images, boxes, **kw):
+    """The operator's N-views-per-image call next to its one-view call on each box cut out by fn.slice."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    n, columns = boxes[0].shape
+
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        b = fn.external_source(source=lambda: boxes, batch=True)
+        singles = []
+        for r in range(n):
+            cut = fn.slice(x, fn.cast(b[r, 0:2], dtype=types.INT32), fn.cast(b[r, 2:4], dtype=types.INT32),
+                           axis_names="WH")
+            colour = {} if columns == 5 else dict(brightness=b[r, 5], contrast=b[r, 6], saturation=b[r, 7],
+                                                       hue=b[r, 8])
+            singles.append(fn.kdkit_resize_normalize(cut, size=SIZE, mirror=fn.cast(b[r, 4] > 0.5, dtype=types.INT32),
+                                                     **colour, **kw))
+        return (fn.kdkit_resize_normalize(x, size=SIZE, boxes=b, **kw), *singles)
+
+    p = pipe()
+    p.build()
+    out = p.run()
+    return out[0], [[np.asarray(o.at(i)) for o in out[1:]] for i in range(len(images))]
+
+
+@pytest.mark.parametrize("kw", [dict(planar=True), dict(planar=False, half=True, mean=[10.0, 100.0, 200.0])])
+@pytest.mark.parametrize("columns", [5, 9])
+def test_boxes_give_n_views_each_as_if_cut_out_first(plugin, kw, columns):
+    # what replay's views per load rely on: one call for N windows of a decoded region, bit for bit
+    # the pixels of cutting each window out and resizing it alone (the one-view route)
+    rng = np.random.default_rng(4)
+    images = [smooth_and_sharp(rng, 47, 63), smooth_and_sharp(rng, 130, 90)]
+    rows = [[0, 0, 63, 47, 0], [5, 7, 20, 31, 1], [62, 46, 1, 1, 0]], [[0, 0, 90, 130, 1], [30, 3, 60, 9, 0],
+                                                                      [11, 100, 70, 30, 1]]
+    colour = [[1.0, 1.0, 1.0, 0.0], [1.3, 0.7, 1.5, 30.0], [0.8, 1.2, 0.5, -90.0]]
+    boxes = [np.asarray([r + colour[j] if columns == 9 else r for j, r in enumerate(b)], np.float32) for b in rows]
+    many, singles = run_boxes(images, boxes, **kw)
+    assert many.layout() == ("FCHW" if kw["planar"] else "FHWC")
+    for i, one_by_one in enumerate(singles):
+        got = np.asarray(many.at(i))
+        assert got.shape[0] == 3 and got.dtype == (np.float16 if kw.get("half") else np.float32)
+        for j, single in enumerate(one_by_one):
+            assert np.array_equal(got[j], single), f"image {i} box {j}"
+        assert not np.array_equal(got[0], got[1])
+
+
+def test_a_box_outside_the_image_is_refused_by_name(plugin):
+    images = [np.zeros((20, 30, 3), np.uint8)]
+    for bad in ([25, 0, 6, 5, 0], [0, 0, 10.5, 5, 0], [0, 0, 0, 5, 0]):
+        with pytest.raises(RuntimeError, match=r"sample 0 box 1: .* is not a window of whole pixels inside the 30 x 20"):
+            run_boxes(images, [np.asarray([[0, 0, 30, 20, 0], bad], np.float32)])

@@ -302,10 +302,12 @@ def replay_views(loader) -> dict:
     return out
 
 
-def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp_path):
+@pytest.mark.parametrize("native_resize", [True, False])  # one operator call for N boxes | fn.slice + resize each
+def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp_path, native_resize):
     _, samples = indexed
     tars = write_set(tmp_path / "all", with_views(samples, lambda i: BOXES))
-    loader = DaliLoader(tars, cfg("replay", batch_size=4, last_batch="partial", views_per_load=3, **RAW))
+    loader = DaliLoader(tars, cfg("replay", batch_size=4, last_batch="partial", views_per_load=3,
+                                  native_resize=native_resize, **RAW))
     batch = next(iter(loader))
     assert batch.images.shape == (12, 3, 32, 32) and batch.teacher_logits.shape == (12, 4)
     assert batch.labels.tolist() == [i for i in batch.labels.tolist()[::3] for _ in range(3)]  # sample by sample
@@ -316,11 +318,27 @@ def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp
     assert len(got) == 23 * 3
     for k, box in enumerate(BOXES):  # the one-view route on a set storing only view k
         single = DaliLoader(write_set(tmp_path / f"v{k}", with_views(samples, lambda i: [box])),
-                            cfg("replay", batch_size=4, last_batch="partial", **RAW))
+                            cfg("replay", batch_size=4, last_batch="partial", native_resize=native_resize, **RAW))
         for images, labels, _ in single:
             for img, i in zip(images, labels.tolist()):
                 if (i, k) in got:
                     assert torch.equal(img, got[(i, k)]), f"sample {i} view {k}"
+
+
+@pytest.mark.parametrize("native_resize", [True, False])
+def test_views_per_load_jitters_each_view_on_its_own(indexed, tmp_path, native_resize):
+    # two stored views with the same box and flip: without jitter the two views of a load are equal,
+    # with colour jitter each draws its own factors (on both routes)
+    _, samples = indexed
+    tars = write_set(tmp_path, with_views(samples, lambda i: [BOXES[1], BOXES[1]]))
+
+    def pairs(**kw):
+        c = cfg("replay", batch_size=4, views_per_load=2, image_size=16, native_resize=native_resize, **kw)
+        return next(iter(DaliLoader(tars, c))).images.unflatten(0, (4, 2))
+
+    plain, jittered = pairs(), pairs(color_jitter=0.4, hue=0.1)
+    assert torch.equal(plain[:, 0], plain[:, 1])
+    assert all((v[0] - v[1]).abs().mean() > 0.05 for v in jittered)
 
 
 def test_views_per_load_draws_distinct_views_and_resumes_the_same_draw(indexed, tmp_path):

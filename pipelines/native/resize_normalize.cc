@@ -168,35 +168,37 @@ void Window::Init(int in_size, int out_size, bool antialias, double roi_start, d
 // The loops below are templates inlined into each version that KDKIT_VERSIONS makes of them, so
 // that each version compiles its own copy of the loop for its instruction set.
 
-// out (out_h, row_len) = vertical resampling of in (in_h, row_len); contiguous rows, vectorizable.
+// out (out_h, row_len) = vertical resampling of in (in_h rows of row_len values, `stride` values
+// apart: a window of a wider image); contiguous rows, vectorizable.
 template <typename In>
-KDKIT_INLINE void ResampleRowsImpl(const In *in, int64_t row_len, float *out, const Window &win) {
+KDKIT_INLINE void ResampleRowsImpl(const In *in, int64_t row_len, int64_t stride, float *out, const Window &win) {
   const int out_h = static_cast<int>(win.start.size());
   for (int y = 0; y < out_h; y++) {
     float *o = out + y * row_len;
     const float *k = &win.coeffs[static_cast<size_t>(y) * win.ksize];
-    const In *r = in + win.start[y] * row_len;
+    const In *r = in + win.start[y] * stride;
     const float w0 = k[0];
     for (int64_t i = 0; i < row_len; i++) o[i] = w0 * static_cast<float>(r[i]);
     for (int t = 1; t < win.count[y]; t++) {
-      r += row_len;
+      r += stride;
       const float w = k[t];
       for (int64_t i = 0; i < row_len; i++) o[i] += w * static_cast<float>(r[i]);
     }
   }
 }
 
-KDKIT_VERSIONS(ResampleRows, (const uint8_t *in, int64_t row_len, float *out, const Window &win),
-               (in, row_len, out, win))
-KDKIT_VERSIONS(ResampleRows, (const float *in, int64_t row_len, float *out, const Window &win),
-               (in, row_len, out, win))
+KDKIT_VERSIONS(ResampleRows, (const uint8_t *in, int64_t row_len, int64_t stride, float *out, const Window &win),
+               (in, row_len, stride, out, win))
+KDKIT_VERSIONS(ResampleRows, (const float *in, int64_t row_len, int64_t stride, float *out, const Window &win),
+               (in, row_len, stride, out, win))
 
-// out (rows, out_w, 3) = horizontal resampling of in (rows, in_w, 3); each tap run is contiguous.
+// out (rows, out_w, 3) = horizontal resampling of in (rows of in_w x 3 values, `stride` values apart);
+// each tap run is contiguous.
 template <typename In>
-KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int in_w, float *out, const Window &win) {
+KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int64_t stride, float *out, const Window &win) {
   const int out_w = static_cast<int>(win.start.size());
   for (int y = 0; y < rows; y++) {
-    const In *r = in + static_cast<int64_t>(y) * in_w * 3;
+    const In *r = in + static_cast<int64_t>(y) * stride;
     float *o = out + static_cast<int64_t>(y) * out_w * 3;
     for (int x = 0; x < out_w; x++) {
       const float *k = &win.coeffs[static_cast<size_t>(x) * win.ksize];
@@ -215,10 +217,10 @@ KDKIT_INLINE void ResampleColsImpl(const In *in, int rows, int in_w, float *out,
   }
 }
 
-KDKIT_VERSIONS(ResampleCols, (const uint8_t *in, int rows, int in_w, float *out, const Window &win),
-               (in, rows, in_w, out, win))
-KDKIT_VERSIONS(ResampleCols, (const float *in, int rows, int in_w, float *out, const Window &win),
-               (in, rows, in_w, out, win))
+KDKIT_VERSIONS(ResampleCols, (const uint8_t *in, int rows, int64_t stride, float *out, const Window &win),
+               (in, rows, stride, out, win))
+KDKIT_VERSIONS(ResampleCols, (const float *in, int rows, int64_t stride, float *out, const Window &win),
+               (in, rows, stride, out, win))
 
 // out = (px - mean) * inv_std, size x size x 3 interleaved in, CHW (planar) or HWC out, mirrored
 KDKIT_INLINE void NormalizeImpl(const float *px, int size, bool planar, bool mirror, const float *mean,
@@ -355,15 +357,23 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
     const auto &shape = input.shape();
     DALI_ENFORCE(shape.sample_dim() == 3, "expected HWC images");
     const int n = shape.num_samples();
-    ::dali::TensorListShape<3> out_shape(n);
+    const bool boxes = spec_.HasTensorArgument("boxes");
+    if (boxes) {
+      for (const char *name : {"roi_start", "roi_end", "mirror", "brightness", "contrast", "saturation", "hue"})
+        DALI_ENFORCE(!spec_.ArgumentDefined(name),
+                     ::dali::make_string(name, " with boxes: give it in the boxes' columns (flip, colour) or not at all"));
+      const auto &arg = ws.ArgumentInput("boxes");
+      DALI_ENFORCE(arg.type() == DALI_FLOAT && arg.shape().sample_dim() == 2,
+                   "boxes must be float (N, 5) or (N, 9) per sample");
+    }
+    ::dali::TensorListShape<> out_shape(n, boxes ? 4 : 3);
     for (int i = 0; i < n; i++) {
       auto s = shape.tensor_shape_span(i);
       DALI_ENFORCE(s[2] == 3, ::dali::make_string("expected 3 channels, got ", s[2]));
       DALI_ENFORCE(s[0] > 0 && s[1] > 0, "empty image");
-      if (planar_)
-        out_shape.set_tensor_shape(i, ::dali::TensorShape<3>{3, size_, size_});
-      else
-        out_shape.set_tensor_shape(i, ::dali::TensorShape<3>{size_, size_, 3});
+      ::dali::TensorShape<> view = planar_ ? ::dali::TensorShape<>{3, size_, size_} : ::dali::TensorShape<>{size_, size_, 3};
+      if (boxes) view = ::dali::shape_cat(Boxes(ws, i, static_cast<int>(s[0]), static_cast<int>(s[1])).size(), view);
+      out_shape.set_tensor_shape(i, view);
     }
     output_desc.resize(1);
     output_desc[0] = {out_shape, half_ ? DALI_FLOAT16 : DALI_FLOAT};
@@ -373,14 +383,30 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
   void RunImpl(::dali::Workspace &ws) override {
     const auto &input = ws.Input<::dali::CPUBackend>(0);
     auto &output = ws.Output<::dali::CPUBackend>(0);
-    output.SetLayout(planar_ ? "CHW" : "HWC");
+    const bool boxes = spec_.HasTensorArgument("boxes");
+    output.SetLayout(::dali::TensorLayout(boxes ? "F" : "") + (planar_ ? "CHW" : "HWC"));
     auto &pool = ws.GetThreadPool();
     const auto &shape = input.shape();
+    const int64_t view_bytes = int64_t{3} * size_ * size_ * (half_ ? 2 : 4);
     const bool has_roi = spec_.ArgumentDefined("roi_start") || spec_.ArgumentDefined("roi_end");
     for (int i = 0; i < shape.num_samples(); i++) {
-      const bool mirror = spec_.GetArgument<int>("mirror", &ws, i) != 0;
       auto s = shape.tensor_shape_span(i);
       const int h = static_cast<int>(s[0]), w = static_cast<int>(s[1]);
+      const auto *in = static_cast<const uint8_t *>(input.raw_tensor(i));
+      auto *out = static_cast<uint8_t *>(output.raw_mutable_tensor(i));
+      if (boxes) {  // one work item per view: a batch of B samples keeps the threads busy with B x N views
+        int v = 0;
+        for (const Box &b : Boxes(ws, i, h, w)) {
+          const uint8_t *origin = in + (static_cast<int64_t>(b.y) * w + b.x) * 3;
+          Roi roi{0.0, 0.0, static_cast<double>(b.h), static_cast<double>(b.w)};
+          void *dst = out + v++ * view_bytes;
+          pool.AddWork([this, origin, b, w, roi, dst](int) {
+            Sample(origin, b.h, b.w, int64_t{w} * 3, roi, b.color, b.mirror, dst);
+          }, static_cast<int64_t>(b.h) * b.w);
+        }
+        continue;
+      }
+      const bool mirror = spec_.GetArgument<int>("mirror", &ws, i) != 0;
       Roi roi{0.0, 0.0, static_cast<double>(h), static_cast<double>(w)};
       if (has_roi) {
         auto lo = RoiArg(ws, "roi_start", i, {0.0f, 0.0f});
@@ -391,10 +417,9 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
       }
       const Color color(spec_.GetArgument<float>("brightness", &ws, i), spec_.GetArgument<float>("contrast", &ws, i),
                         spec_.GetArgument<float>("saturation", &ws, i), spec_.GetArgument<float>("hue", &ws, i));
-      const auto *in = static_cast<const uint8_t *>(input.raw_tensor(i));
-      void *out = output.raw_mutable_tensor(i);
-      pool.AddWork([this, in, out, h, w, roi, color, mirror](int) { Sample(in, h, w, roi, color, mirror, out); },
-                   static_cast<int64_t>(h) * w);
+      pool.AddWork([this, in, out, h, w, roi, color, mirror](int) {
+        Sample(in, h, w, int64_t{w} * 3, roi, color, mirror, out);
+      }, static_cast<int64_t>(h) * w);
     }
     pool.RunAll();
   }
@@ -403,6 +428,35 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
   struct Roi {
     double y0, x0, y1, x1;  // in input pixels
   };
+
+  // One view of `boxes`: an integer pixel window of the image, its flip and colour factors.
+  struct Box {
+    int x, y, w, h;
+    bool mirror;
+    Color color;
+  };
+
+  // Sample i's boxes: rows (x, y, w, h, flip[, brightness, contrast, saturation, hue]), each window
+  // whole pixels inside the h x w image.
+  std::vector<Box> Boxes(const ::dali::Workspace &ws, int i, int h, int w) const {
+    const auto &arg = ws.ArgumentInput("boxes");
+    auto s = arg.shape().tensor_shape_span(i);
+    const int64_t cols = s[1];
+    DALI_ENFORCE(cols == 5 || cols == 9, ::dali::make_string("sample ", i, ": boxes must have 5 or 9 columns, got ", cols));
+    const float *p = arg.tensor<float>(i);
+    std::vector<Box> out;
+    for (int64_t r = 0; r < s[0]; r++, p += cols) {
+      const int x = static_cast<int>(p[0]), y = static_cast<int>(p[1]), bw = static_cast<int>(p[2]),
+                bh = static_cast<int>(p[3]);
+      DALI_ENFORCE(x == p[0] && y == p[1] && bw == p[2] && bh == p[3] && x >= 0 && y >= 0 && bw >= 1 && bh >= 1 &&
+                   x + bw <= w && y + bh <= h,
+                   ::dali::make_string("sample ", i, " box ", r, ": (", p[0], ", ", p[1], ", ", p[2], ", ", p[3],
+                                       ") is not a window of whole pixels inside the ", w, " x ", h, " image"));
+      out.push_back({x, y, bw, bh, p[4] > 0.5f,
+                     cols == 9 ? Color(p[5], p[6], p[7], p[8]) : Color(1.0f, 1.0f, 1.0f, 0.0f)});
+    }
+    return out;
+  }
 
   // (y, x) of a per-sample or constant 2-element argument, or `fallback` when not given
   std::array<double, 2> RoiArg(const ::dali::Workspace &ws, const char *name, int sample,
@@ -423,7 +477,10 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
     return {v[0], v[1]};
   }
 
-  void Sample(const uint8_t *in, int h, int w, Roi roi, const Color &color, bool mirror, void *out) const {
+  // in: an h x w image whose rows are `stride` values apart (a box of a wider image starts at its
+  // top-left pixel: the same windows, taps and sums as the box cut out first, so the same pixels)
+  void Sample(const uint8_t *in, int h, int w, int64_t stride, Roi roi, const Color &color, bool mirror,
+              void *out) const {
     thread_local Window wy, wx;
     thread_local std::vector<float> tmp, px;
     wy.Init(h, size_, antialias_, roi.y0, roi.y1);
@@ -434,12 +491,12 @@ class ResizeNormalize : public ::dali::StatelessOperator<::dali::CPUBackend> {
     const int64_t cols_first = 4 * wx.Taps(h) * 3 + wy.Taps(int64_t{size_} * 3);  // horizontal first
     if (rows_first <= cols_first) {
       tmp.resize(static_cast<size_t>(size_) * w * 3);
-      ResampleRows(in, int64_t{w} * 3, tmp.data(), wy);
-      ResampleCols(tmp.data(), size_, w, px.data(), wx);
+      ResampleRows(in, int64_t{w} * 3, stride, tmp.data(), wy);
+      ResampleCols(tmp.data(), size_, int64_t{w} * 3, px.data(), wx);
     } else {
       tmp.resize(static_cast<size_t>(h) * size_ * 3);
-      ResampleCols(in, h, w, tmp.data(), wx);
-      ResampleRows(tmp.data(), int64_t{size_} * 3, px.data(), wy);
+      ResampleCols(in, h, stride, tmp.data(), wx);
+      ResampleRows(tmp.data(), int64_t{size_} * 3, int64_t{size_} * 3, px.data(), wy);
     }
     color.Apply(px.data(), static_cast<int64_t>(size_) * size_);
     if (!half_) {
@@ -483,4 +540,11 @@ shrinking unless antialias=False) and normalizes them: (x - mean) / std, mirrore
                     0.0f, true)
     .AddOptionalArg("antialias", "Widen the filter when shrinking, as Pillow and torchvision do.", true)
     .AddOptionalArg("planar", "CHW output; HWC when false.", true)
-    .AddOptionalArg("half", "float16 output instead of float32.", false);
+    .AddOptionalArg("half", "float16 output instead of float32.", false)
+    .AddOptionalArg<std::vector<float>>(
+        "boxes",
+        "Per sample, N rows (x, y, w, h, flip[, brightness, contrast, saturation, hue]): N views cut from the "
+        "image, each window in whole input pixels, resized as if cut out first, mirrored where flip > 0.5, "
+        "colour-jittered by its own factors; the output is then (N, ...) per sample. Replaces roi_start, "
+        "roi_end, mirror and the colour arguments.",
+        nullptr, true);
