@@ -107,3 +107,31 @@ def test_holdout_is_a_balanced_split_of_train():
     (rx, ry), (hx, hy) = hold_out(x, y, 100)
     assert np.bincount(hy).tolist() == [10] * 10  # 10 of each digit held out
     assert len(rx) == 400 and not set(rx) & set(hx) and set(rx) | set(hx) == set(x)
+
+
+@pytest.mark.parametrize("flags", [["--views-per-load", "3"], ["--views-per-load", "8", "--student-epochs", "8"]])
+def test_demo_refuses_views_per_load_that_would_change_the_budget(flags, capsys, tmp_path):
+    # 3 divides neither 10 epochs nor a batch of 128; 8 exceeds the 4 views of the K=4 row
+    assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--views-per-load {flags[1]}: expected at most 4" in err and "the same training images" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_replay_rows_with_views_per_load_train_on_the_same_images(tmp_path):
+    from kdkit.demo.run import Demo, DemoConfig
+
+    cfg = DemoConfig.preset(tmp_path, False, student_epochs=8, views_per_load=4)
+    demo, seen = Demo(cfg, echo=lambda text: None), {}
+    demo.kdkit = lambda *args: seen.__setitem__(args[args.index("--name") + 1], [str(a) for a in args])
+    for way, (data, kd) in cfg.student_ways().items():
+        demo._train("student", way, tmp_path / data, cfg.student_model, seed=0, kd=kd)
+
+    def budget(way):
+        a = seen[way]
+        return int(a[a.index("--epochs") + 1]), int(a[a.index("--batch-size") + 1]), "--views-per-load" in a
+
+    assert budget("no-kd") == budget("kd-stored") == budget("kd-online") == (8, 128, False)
+    for k in (4, 8):  # 2 epochs of 32 samples x 4 views: 8 x 128 images per sample set, as every row
+        a = seen[f"kd-replay{k}"]
+        assert budget(f"kd-replay{k}") == (2, 32, True) and a[a.index("--views-per-load") + 1] == "4"

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                                 test_size=a.test_size, teacher_epochs=a.teacher_epochs,
                                 student_epochs=a.student_epochs, threads=a.threads, holdout=a.holdout,
                                 random_area=a.random_area and tuple(a.random_area), kd_temperature=a.kd_temperature,
-                                kd_alpha=a.kd_alpha)
+                                kd_alpha=a.kd_alpha, views_per_load=a.views_per_load)
         Demo(cfg).run()
         return 0
 
@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
                         "(default: 0.25 1)")
     p.add_argument("--kd-temperature", type=POSITIVE, default=None, help="KD temperature T (default: 4)")
     p.add_argument("--kd-alpha", type=number(0, 1), default=None, help="weight of the KD term (default: 0.5)")
+    p.add_argument("--views-per-load", type=COUNT, default=None,
+                   help="replayed rows: N stored views per decoded image (kdkit train --views-per-load), trained "
+                        "for E/N epochs of B/N samples, the same training images as every other row (default: 1)")
     p.add_argument("--teacher-epochs", type=COUNT, default=None)
     p.add_argument("--student-epochs", type=COUNT, default=None)
     p.add_argument("--threads", type=COUNT, default=2, help="DALI threads")

@@ -114,7 +114,9 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
           f"{cfg.student_lr} + cosine; the same budget, seeds 0..{cfg.seeds - 1} and augmentation for every row: "
           f"random-resized crops of {cfg.random_area[0]:g}-{cfg.random_area[1]:g} of the area, no flip); KD "
           f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}; replayed rows: K stored views per image"
-          + (f", {cfg.views_per_load} views per decoded sample" if cfg.views_per_load > 1 else "")
+          + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_epochs // cfg.views_per_load} epochs "
+             f"of {cfg.batch_size // cfg.views_per_load} samples x {cfg.views_per_load} views: the same training "
+             "images)" if cfg.views_per_load > 1 else "")
           + f"; {cfg.image_size} px; device {cfg.device}.", "",
           f"| net | {'validation' if cfg.holdout else 'test'} errors | error % | gap recovered | per seed |", "| --- | ---: | ---: | ---: | --- |",
           f"| teacher | {summary['teacher']['errors']} | {100 * summary['teacher']['errors'] / n:.2f} | | |"]

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kdkit.errors import KdkitError
+from kdkit.errors import KdkitError, OptionError
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DemoConfig:
     image_size: int = 28
     random_area: tuple[float, float] = (0.25, 1.0)  # crops for teacher, stored views and every student
     replay_views: tuple[int, ...] = (4, 8)  # K of each replayed-logits row
-    views_per_load: int = 1  # replay rows: stored views yielded per decoded sample (1: one view, the plain replay)
+    views_per_load: int = 1  # replay rows: N stored views per decoded sample, E/N epochs of B/N samples (same images)
     batch_size: int = 128
     student_lr: float = 0.02
     kd_temperature: float = 4.0
@@ -52,6 +52,21 @@ class DemoConfig:
                 else dict(seeds=3))
         base.update({k: v for k, v in over.items() if v is not None})
         return cls(out=Path(out), quick=quick, **base)
+
+    def __post_init__(self):
+        n = self.views_per_load
+        if n > 1 and (n > min(self.replay_views) or self.student_epochs % n or self.batch_size % n):
+            raise OptionError(
+                f"--views-per-load {n}: expected at most {min(self.replay_views)} (the fewest stored views) and a "
+                f"divisor of --student-epochs {self.student_epochs} and of the batch {self.batch_size}: the replay "
+                f"rows train E/N epochs of B/N samples x N views, the same training images as the other rows")
+
+    def student_budget(self, kd: str) -> tuple[int, int]:
+        """(epochs, samples per batch) of a student row. Every row trains on the same number of images,
+        batch by batch: with N views per load a replay row reads B/N samples per step (B x N / N = B
+        images) and runs E/N epochs, each of which shows every sample N times (N distinct stored views)."""
+        n = self.views_per_load if kd == "replay" else 1
+        return self.student_epochs // n, self.batch_size // n
 
     def student_ways(self) -> dict[str, tuple[str, str]]:
         """The rows of the comparison, name -> (shard set the student reads, --kd)."""
@@ -97,7 +112,7 @@ class Demo:
             if not (shards / split / "manifest.json").exists():
                 self.kdkit("shard", "hdf5", self.out / "data" / h5, shards, "--split", split,
                            "--samples-per-shard", 10000, "--class-names", "class_names", "--quiet")
-        self._train("teacher", "teacher", shards, cfg.teacher_model, cfg.teacher_epochs, seed=0, kd="none")
+        self._train("teacher", "teacher", shards, cfg.teacher_model, seed=0, kd="none")
         teacher = self.out / "runs" / "teacher" / "last.pth"
         view = ["--crop-ratio", 1.0, "--image-size", cfg.image_size, "--threads", cfg.threads,
                 "--device", cfg.device, "--batch-size", 256, "--quiet"]
@@ -110,8 +125,7 @@ class Demo:
                            "--out", self.out / f"shards-kd{k}", "--views", k, *self._aug(), *view)
         for seed in range(cfg.seeds):
             for way, (data, kd) in cfg.student_ways().items():
-                self._train("student", f"{way}-s{seed}", self.out / data, cfg.student_model, cfg.student_epochs,
-                            seed=seed, kd=kd)
+                self._train("student", f"{way}-s{seed}", self.out / data, cfg.student_model, seed=seed, kd=kd)
         results = self._evaluate()
         self._report(results)
         return results
@@ -156,14 +170,15 @@ class Demo:
         the top of a 7), where the teacher's view of that crop and of the whole digit disagree."""
         return ["--random-area", *self.cfg.random_area, "--no-flip"]
 
-    def _train(self, mode: str, name: str, data: Path, model: str, epochs: int, seed: int, kd: str) -> None:
+    def _train(self, mode: str, name: str, data: Path, model: str, seed: int, kd: str) -> None:
         cfg = self.cfg
+        epochs, batch = cfg.student_budget(kd) if mode == "student" else (cfg.teacher_epochs, cfg.batch_size)
         run = self.out / "runs" / name
         if _finished(run, epochs):
             return
         args = [mode, data, "--name", name, "--output", self.out / "runs", "--model", model,
                 "--val-split", "test", "--image-size", cfg.image_size, "--eval-crop-ratio", 1.0,
-                "--epochs", epochs, "--batch-size", cfg.batch_size, "--seed", seed,
+                "--epochs", epochs, "--batch-size", batch, "--seed", seed,
                 "--opt", "sgd", "--lr", 0.1 if mode == "teacher" else cfg.student_lr, "--momentum", 0.9,
                 "--weight-decay", 5e-4 if mode == "teacher" else 0.0, "--warmup-epochs", 1 if epochs > 2 else 0,
                 "--sched", "cosine", "--loader-threads", cfg.threads, "--no-progress",
