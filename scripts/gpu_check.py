@@ -13,6 +13,9 @@ table (and writes gpu_check.json):
                 images/s and the loader-wait share (target: < 2 %)
   5. ddp        `torchrun --nproc_per_node 1` through the trainer (NCCL)
   6. pixels     replayed views decoded on the GPU against the same views on the CPU
+  7. views      scripts/bench_views.py on the GPU: `--kd replay --views-per-load 4` (and 1) against
+                `--kd none`, training images/s of the loader alone and with a ResNet-50 step
+                (target: replay with 4 views per load >= 1x of no KD)
 
 It installs nothing: kdkit and its dependencies must import (a venv, or PYTHONPATH of unpacked
 wheels). It runs from a scratch folder so a source checkout in the working directory cannot shadow
@@ -172,6 +175,18 @@ def pixels(work: Path, threads: int) -> dict:
             "max_abs_diff": round(float(d.max()), 1), "note": "grey levels (0..255), same view index per sample"}
 
 
+def views(work: Path, threads: int) -> dict:
+    """Stored KD with several views per decode against no KD, on the GPU (scripts/bench_views.py)."""
+    js = work / "views.json"
+    checked(sh([sys.executable, str(REPO / "scripts" / "bench_views.py"), "--device", "cuda", "--model", "resnet50",
+                "--image-size", 224, "--batch-size", 256, "--threads", threads, "--amp", "bf16", "--images", 1000,
+                "--steps", 10, "--repeats", 2, "--out", work / "views", "--json", js], work, 600))
+    rates = json.loads(js.read_text())["images_per_s"]
+    base = rates["none"]
+    return {name: {k: v for k, v in r.items()} | {f"{k}_vs_none": round(v / base[k], 2) for k, v in r.items()}
+            for name, r in rates.items()}
+
+
 def table(results: dict, machine: str) -> str:
     lines = [f"kdkit GPU check on {machine}", "", "| step | result |", "| --- | --- |"]
     for name, r in results.items():
@@ -190,7 +205,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--steps", type=int, default=300, help="training steps of the replay run (about)")
     ap.add_argument("--batches", type=int, default=40, help="measured batches per loader run")
-    ap.add_argument("--only", default=None, help="comma-separated steps to run (tests,loader,teacher,train,ddp,pixels)")
+    ap.add_argument("--only", default=None, help="comma-separated steps to run (tests,loader,teacher,train,ddp,pixels,views)")
     a = ap.parse_args()
     import torch
 
@@ -207,7 +222,8 @@ def main() -> int:
     shards = make_shards(a.work, a.images, threads)
     plan = [("tests", lambda: tests(a.work, 420)), ("loader", lambda: loader(a.work, shards, threads, a.batches)),
             ("teacher", lambda: teacher(a.work, threads)), ("train", lambda: train(a.work, shards, threads, a.steps)),
-            ("ddp", lambda: ddp(a.work, shards)), ("pixels", lambda: pixels(a.work, threads))]
+            ("ddp", lambda: ddp(a.work, shards)), ("pixels", lambda: pixels(a.work, threads)),
+            ("views", lambda: views(a.work, threads))]
     for name, fn in plan:
         if only is None or name in only:
             step(results, name, fn)

@@ -145,7 +145,9 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
 
 
 def plot_students(cfg, out: Path) -> bool:
-    """Test error (%) per epoch of each way (mean over seeds, band = min..max), teacher as a line."""
+    """Test error (%) of each way against the training images it has seen, in passes over the set (a
+    replay row's epoch with N views per load counts N: every row ends at the same x), mean over seeds,
+    band = min..max; the teacher as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,15 +160,17 @@ def plot_students(cfg, out: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    for way in cfg.student_ways():
+    for way, (_, kd) in cfg.student_ways().items():
         curves = [curve(f"{way}-s{s}") for s in range(cfg.seeds)]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
         if not epochs:
             continue
         ys = [[c[e] for c in curves] for e in epochs]
-        ax.plot(epochs, [statistics.fmean(y) for y in ys], marker="o", label=label(way).replace("student, ", ""))
+        per_epoch = cfg.student_epochs // cfg.student_budget(kd)[0]  # N for a replay row with N views per load
+        x = [e * per_epoch for e in epochs]
+        ax.plot(x, [statistics.fmean(y) for y in ys], marker="o", label=label(way).replace("student, ", ""))
         if cfg.seeds > 1:
-            ax.fill_between(epochs, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+            ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
         drawn = True
     t = curve("teacher")
     if t:
@@ -174,7 +178,7 @@ def plot_students(cfg, out: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("training images seen, in passes over the set (epochs of one view per image)")
     ax.set_ylabel(f"{'validation' if cfg.holdout else 'test'} error (%, log scale)")
     ax.set_yscale("log")  # the last epochs, where the ways differ, sit near the bottom
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
