@@ -36,8 +36,8 @@ from nvidia.dali import pipeline_def
 
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, Role
-from kdkit.pipelines.shardset import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards, scan_shards,
-                                      shard_range, teacher_format)
+from kdkit.pipelines.shardset import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
+                                      scan_shards, shard_range, teacher_format)
 from kdkit.runtime import rank_and_world
 
 
@@ -202,6 +202,6 @@ class DaliLoader:
             except StopIteration:
                 return
             d = out[0]
-            view_index = d.get("view_index")  # replay: (B,), or (B, N) with N views per load
+            view_index = d.get("view_index")  # replay: (B, N), N views per load
             self.last_view_index = None if view_index is None else view_index.reshape(-1)
             yield self.role.batch(d, self.with_logits, channels_last)

@@ -114,8 +114,8 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
           f"{cfg.student_lr} + cosine; the same budget, seeds 0..{cfg.seeds - 1} and augmentation for every row: "
           f"random-resized crops of {cfg.random_area[0]:g}-{cfg.random_area[1]:g} of the area, no flip); KD "
           f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}; replayed rows: K stored views per image"
-          + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_epochs // cfg.views_per_load} epochs "
-             f"of {cfg.batch_size // cfg.views_per_load} samples x {cfg.views_per_load} views: the same training "
+          + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_budget('replay')[0]} epochs "
+             f"of {cfg.student_budget('replay')[1]} samples x {cfg.views_per_load} views: the same training "
              "images)" if cfg.views_per_load > 1 else "")
           + f"; {cfg.image_size} px; device {cfg.device}.", "",
           f"| net | {'validation' if cfg.holdout else 'test'} errors | error % | gap recovered | per seed |", "| --- | ---: | ---: | ---: | --- |",
@@ -166,8 +166,7 @@ def plot_students(cfg, out: Path) -> bool:
         if not epochs:
             continue
         ys = [[c[e] for c in curves] for e in epochs]
-        per_epoch = cfg.student_epochs // cfg.student_budget(kd)[0]  # N for a replay row with N views per load
-        x = [e * per_epoch for e in epochs]
+        x = [e * cfg.row_views(kd) for e in epochs]  # an epoch of N views per load is N passes
         ax.plot(x, [statistics.fmean(y) for y in ys], marker="o", label=label(way).replace("student, ", ""))
         if cfg.seeds > 1:
             ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)

@@ -61,11 +61,15 @@ class DemoConfig:
                 f"divisor of --student-epochs {self.student_epochs} and of the batch {self.batch_size}: the replay "
                 f"rows train E/N epochs of B/N samples x N views, the same training images as the other rows")
 
+    def row_views(self, kd: str) -> int:
+        """Training images per decoded sample of a student row: views_per_load for a replay row, else 1."""
+        return self.views_per_load if kd == "replay" else 1
+
     def student_budget(self, kd: str) -> tuple[int, int]:
         """(epochs, samples per batch) of a student row. Every row trains on the same number of images,
         batch by batch: with N views per load a replay row reads B/N samples per step (B x N / N = B
         images) and runs E/N epochs, each of which shows every sample N times (N distinct stored views)."""
-        n = self.views_per_load if kd == "replay" else 1
+        n = self.row_views(kd)
         return self.student_epochs // n, self.batch_size // n
 
     def student_ways(self) -> dict[str, tuple[str, str]]:
@@ -189,8 +193,8 @@ class Demo:
                      "--kd-alpha", cfg.kd_alpha]
             if kd == "online":  # the teacher run on exactly the crop the student sees
                 args += ["--teacher-checkpoint", self.out / "runs" / "teacher" / "last.pth"]
-            if kd == "replay" and cfg.views_per_load > 1:
-                args += ["--views-per-load", cfg.views_per_load]
+            if cfg.row_views(kd) > 1:
+                args += ["--views-per-load", cfg.row_views(kd)]
         if (run / "last.pth").exists():
             args += ["--resume"]
         self.kdkit("train", *args)
