@@ -42,7 +42,7 @@ from kdkit.pipelines import common
 from kdkit.pipelines.config import Role, check, positive_int
 from kdkit.pipelines.resize import resized_view
 from kdkit.pipelines.shardset import first_member
-from kdkit.pipelines.train import Augment, train_views
+from kdkit.pipelines.train import Augment, jitter_ranges, train_views
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend, Output
@@ -90,9 +90,8 @@ def cut_views(jpegs, views, backend: Backend):
 
 def view_colors(augment: Augment, n: int):
     """Independent colour-jitter factors for each of n views, (n, 4) brightness, contrast, saturation,
-    hue in degrees (jitter_factors' distributions)."""
-    s, hue = augment.color_jitter, augment.hue
-    ranges = [[max(0.0, 1.0 - s), 1.0 + s]] * 3 + [[-360.0 * hue, 360.0 * hue]]
+    hue in degrees, drawn from the training role's jitter_ranges."""
+    ranges = jitter_ranges(augment.color_jitter, augment.hue)
     return fn.stack(*(fn.random.uniform(range=r, shape=[n]) for r in ranges), axis=1)
 
 
@@ -142,7 +141,8 @@ class Replay(Augment, Role):
         block = (shards.manifest.teacher or {}) if shards.manifest else {}
         k = block.get("views") or first_member(shards, common.VIEWS_EXT).shape[0]
         check(self.views_per_load <= k, "views_per_load", self.views_per_load,
-              f"1..{k}: the shards store {k} views per sample, more per load would repeat views")
+              f"1..{k}: {shards.folder or 'the shard set'} stores {k} views per sample, more per load would "
+              "repeat views")
 
     def members(self):
         return [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT]

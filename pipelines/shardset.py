@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
-from kdkit.shards.tario import atomic_write_json, parse_dali_index, sha256_file
+from kdkit.shards.tario import parse_dali_index, sha256_file
 from kdkit.shards.verify import find_sets, load_manifest
 
 
@@ -212,6 +212,7 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != stamps[t]}
     if not todo:
         return
+    checked = {str(t.resolve()) for t in todo}  # what this call adds to the cache
     from tqdm import tqdm
 
     # hashlib releases the GIL while it hashes, so threads hash several shards at once; the shards that
@@ -232,13 +233,29 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
             more = f" (and {len(differ) - 1} more shards)" if len(differ) > 1 else ""
             raise ShardError(f"{differ[0]}{more}: its bytes differ from the checksum in its manifest (changed or "
                              f"damaged since it was written); `kdkit verify --decode {differ[0].parent}` names the "
-                             "damaged samples: rewrite that shard (or set KDKIT_CHECKSUMS=0 to read it as it is)")
+                             "damaged samples; delete the shard and rerun the command that wrote it (the manifest's "
+                             "`command`: only missing shards are written again), or set KDKIT_CHECKSUMS=0 to read "
+                             "it as it is")
     finally:
+        _record_checked(cache_file, {t: v for t, v in seen.items() if t in checked})
+
+
+def _record_checked(cache_file: Path, new: dict) -> None:
+    """Add `new` to the cache of verified shards. The ranks of one job check their own shards at the same
+    moment: each merges into what is on disk just before writing, through a temp file of its own."""
+    if not new:
+        return
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_file, seen)
-        except OSError:  # an unwritable cache only costs the same check next time
-            pass
+            current = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            current = {}
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**current, **new}))
+        os.replace(tmp, cache_file)
+    except OSError:  # an unwritable cache only costs the same check next time
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

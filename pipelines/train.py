@@ -109,12 +109,18 @@ def decode_train(jpegs, crop: RandomCrop, backend: Backend):
         random_aspect_ratio=list(crop.random_aspect_ratio), **backend.decoder_args())
 
 
+def jitter_ranges(strength: float, hue: float = 0.0) -> list[list[float]]:
+    """The ranges colour jitter draws from, uniformly: brightness, contrast and saturation factors in
+    [1 - s, 1 + s] (torchvision's ColorJitter(s, s, s)), the hue in [-hue, hue] of a turn, in degrees."""
+    return [[max(0.0, 1.0 - strength), 1.0 + strength]] * 3 + [[-360.0 * hue, 360.0 * hue]]
+
+
 def jitter_factors(strength: float, hue: float = 0.0) -> tuple:
-    """Per-sample (brightness, contrast, saturation, hue in degrees): the factors uniform in [1 - s, 1 + s]
-    (torchvision's ColorJitter(s, s, s)), the hue uniform in [-hue, hue] of a turn; 1 or 0 where off."""
-    def factor():
-        return fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength]) if strength else 1.0
-    return factor(), factor(), factor(), (fn.random.uniform(range=[-360.0 * hue, 360.0 * hue]) if hue else 0.0)
+    """Per-sample (brightness, contrast, saturation, hue in degrees) drawn from jitter_ranges; 1 or 0
+    where off."""
+    ranges, off = jitter_ranges(strength, hue), (1.0, 1.0, 1.0, 0.0)
+    on = (strength,) * 3 + (hue,)
+    return tuple(fn.random.uniform(range=r) if v else o for r, v, o in zip(ranges, on, off))
 
 
 def color_jitter(images, strength: float, hue: float = 0.0):

@@ -408,3 +408,17 @@ def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards
         for attempt in range(2):
             said = _one_line(argv, tmp_path)
             assert any(f"sample {k}: image does not decode" in said for _, k in bad), said
+
+
+def test_ranks_checking_their_shards_at_once_keep_each_others_records(tmp_path):
+    # each rank reads the cache, hashes its own shards and writes: a write merges into what is on disk
+    # then, through a temp file of its own, so no rank's records are lost and the file stays valid JSON
+    import json
+
+    from kdkit.pipelines.shardset import _record_checked
+
+    cache = tmp_path / "checked" / "set.json"
+    _record_checked(cache, {"/set/train-000000.tar": [1, 2, "a"]})  # rank 0
+    _record_checked(cache, {"/set/train-000001.tar": [3, 4, "b"]})  # rank 1, read the cache before rank 0 wrote
+    assert json.loads(cache.read_text()) == {"/set/train-000000.tar": [1, 2, "a"], "/set/train-000001.tar": [3, 4, "b"]}
+    assert [p.name for p in cache.parent.iterdir()] == ["set.json"]

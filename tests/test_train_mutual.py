@@ -173,3 +173,13 @@ def test_gpu_mutual_learning_with_fp16_loss_scaling(colour, tmp_path):
                           peer_am_softmax=True, kd_alpha=0.5, channels_last=True, clip_grad=1.0))
     for key in ("train_loss", "peer_train_loss", "val_top1", "peer_val_top1"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in history), key
+
+
+def test_resuming_a_single_student_run_as_mutual_names_the_command(colour, tmp_path, capsys):
+    common = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "8", "--loader-threads", "1",
+              "--shuffle-buffer", "32", "--no-progress", "--output", str(tmp_path)]
+    assert main(["train", "teacher", str(colour), "--name", "one", "--epochs", "1"] + common) == 0
+    capsys.readouterr()
+    assert main(["train", "mutual", str(colour), "--name", "one", "--epochs", "2", "--resume"] + common) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was not trained with `kdkit train mutual`" in err and "--mutual" not in err

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     from kdkit.bench import AUGS  # light: the benchmark itself (torch, DALI) is imported when it runs
 
     def run(a: argparse.Namespace) -> int:
-        from kdkit.bench.loader_bench import BenchConfig, format_table, run_bench, write_json
+        from kdkit.bench.loader_bench import BenchConfig, format_table, run_bench
+        from kdkit.bench.sysinfo import save_report
 
         cfg = BenchConfig(shards=a.shards, split=a.split, batch_size=a.batch_size, threads=a.threads,
                           size=a.size, aug=a.aug, device=a.device, batches=a.batches, warmup=a.warmup,
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
         report = run_bench(cfg)
         print(format_table(report))
         if a.json:
-            write_json(report, a.json)
+            save_report(a.json, report)
         return 0
 
     p = sub.add_parser("bench-loader", help="images/s of a DALI pipeline vs a DataLoader + Pillow baseline",

@@ -14,7 +14,6 @@ or the model limits training.
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,9 +311,3 @@ def format_table(report: dict) -> str:
                      f"bottleneck (loader alone {g['loader_only_images_per_s']:.0f} img/s, model step alone "
                      f"{g['model_only']['images_per_s']:.0f} img/s)")
     return "\n".join(lines)
-
-
-def write_json(report: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")

@@ -95,4 +95,4 @@ def save_report(path, report: dict) -> None:
     from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=1))
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")

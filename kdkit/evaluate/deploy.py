@@ -200,7 +200,6 @@ class EvalViews:
         from kdkit.evaluate.eval import open_eval_set
 
         self.shards = open_eval_set(data, split, [info])
-        check_image_size(self.shards, info, data)
         self.info, self.crop_ratio, self.batch_size = info, crop_ratio, batch_size
         self.limit, self.threads = limit, threads
         self.source = f"{self.shards.folder or data}"
@@ -218,15 +217,6 @@ class EvalViews:
             seen += take
             if self.limit is not None and seen >= self.limit:
                 return
-
-
-def check_image_size(shards, info: ModelInfo, data) -> None:
-    """Shards stored smaller than the model's crop would be upscaled: statistics of other images."""
-    opts = shards.manifest.options if shards.manifest is not None else {}
-    if opts.get("max_size") and opts.get("resize_side", "shorter") == "shorter" and opts["max_size"] < info.image_size:
-        raise KdkitError(f"{shards.folder or data}: stores images of at most {opts['max_size']} px (shorter side) "
-                         f"but the model takes {info.image_size} px crops; use a shard set written for this size "
-                         f"(kdkit shard --max-size >= {info.image_size})")
 
 
 def calibration_views(views: EvalViews) -> tuple[list[torch.Tensor], str]:

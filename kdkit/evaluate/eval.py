@@ -61,14 +61,25 @@ def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = N
 
 
 def open_eval_set(data, split: str, infos: list[ModelInfo]):
-    """The ShardSet, after checking its classes against the model's (by id and order)."""
+    """The ShardSet, after checking its classes against the model's (by id and order) and that its
+    images are stored at least as large as the model's crops."""
     from kdkit.pipelines.shardset import resolve_shards
 
     shards = resolve_shards(data, split)
     if shards.manifest is not None:
         for info in infos:
             check_classes(info, shards.manifest.classes, str(shards.folder or data))
+            check_image_size(shards, info, data)
     return shards
+
+
+def check_image_size(shards, info: ModelInfo, data) -> None:
+    """Shards stored smaller than the model's crop would be upscaled: statistics of other images."""
+    opts = shards.manifest.options if shards.manifest is not None else {}
+    if opts.get("max_size") and opts.get("resize_side", "shorter") == "shorter" and opts["max_size"] < info.image_size:
+        raise KdkitError(f"{shards.folder or data}: stores images of at most {opts['max_size']} px (shorter side) "
+                         f"but the model takes {info.image_size} px crops; use a shard set written for this size "
+                         f"(kdkit shard --max-size >= {info.image_size})")
 
 
 def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,

@@ -133,6 +133,9 @@ def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig 
     saved = yaml.safe_load(path.read_text()) or {}
     if "model_kwargs" in given:
         given["model_kwargs"] = dict(given["model_kwargs"])
+    if given.get("mutual") and not saved.get("mutual"):  # no --mutual flag to name: say which command
+        raise KdkitError(f"{path.parent}: this run was not trained with `kdkit train mutual`; resume it with the "
+                         "command that started it (`kdkit train student|teacher ... --resume`)")
     changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {shlex.quote(str(given[k]))} (the run has {saved.get(k)!r})"

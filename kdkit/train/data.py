@@ -18,10 +18,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdkit.errors import KdkitError, OptionError
+from kdkit.errors import KdkitError
 from kdkit.shards import contract
 from kdkit.pipelines import DaliLoader, Eval, Replay, ShardSet, Train, loader_config, resolve_shards, scan_shards
 from kdkit.pipelines.shardset import first_member, teacher_format
+from kdkit.pipelines.train import Augment
 from kdkit.runtime import Runtime
 from kdkit.teach.members import TOPK_VALUES
 from kdkit.train.config import TrainConfig
@@ -106,9 +107,6 @@ def check_teacher_outputs(cfg: TrainConfig, train: ShardSet, num_classes: int) -
         raise KdkitError(f"{_set_name(train)}: logits of {shape[0]} stored views per sample; use --kd replay")
     if cfg.kd == "replay" and len(shape) != 2:
         raise KdkitError(f"--kd replay: {_set_name(train)} stores single-view logits; use --kd stored")
-    if cfg.kd == "replay" and cfg.views_per_load > shape[0]:
-        raise OptionError(f"views_per_load={cfg.views_per_load}: expected 1..{shape[0]}: {_set_name(train)} stores "
-                          f"{shape[0]} views per sample, more per load would repeat views")
     block = (train.manifest.teacher or {}) if train.manifest else {}
     if L == contract.TOPK_VALUES_EXT and cfg.topk_target == "marginal" and block.get("topk_values") != TOPK_VALUES:
         raise KdkitError(f"--topk-target marginal: {_set_name(train)} stores top-k raw logits, which do not say how "
@@ -140,10 +138,7 @@ def _loader_config(cfg: TrainConfig, rt: Runtime, role, **reading):
 def train_loader_config(cfg: TrainConfig, rt: Runtime):
     """The train loader's LoaderConfig. The last partial batch is dropped (the roles' default) so every
     rank runs the same number of equal-sized steps."""
-    aug = dict(color_jitter=cfg.color_jitter, hue=cfg.hue, rotate=cfg.rotate, rotate_fill=cfg.rotate_fill,
-               auto_augment=cfg.auto_augment, randaugment_n=cfg.randaugment_n, randaugment_m=cfg.randaugment_m,
-               augmix=cfg.augmix, augmix_severity=cfg.augmix_severity, augmix_width=cfg.augmix_width,
-               augmix_depth=cfg.augmix_depth, augmix_alpha=cfg.augmix_alpha, augmix_jsd=cfg.augmix_jsd)
+    aug = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Augment)}  # the same names in TrainConfig
     role = (Replay(views_per_load=cfg.views_per_load, **aug) if cfg.kd == "replay"
             else Train(random_area=tuple(cfg.random_area), flip=cfg.flip, **aug))
     return _loader_config(cfg, rt, role, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
