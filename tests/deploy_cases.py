@@ -152,6 +152,11 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
         assert not out.exists() and not (tmp_path / "ir.tmp").exists()
     assert run_cli(["export", str(trained), "-o", str(out), *base, "--int8"]) == 2
     one_line_error(capsys, "--data")
+    # a calibration split the set does not have: the flag that chose it is named
+    assert run_cli(["export", str(trained), "-o", str(out), *base, "--int8", "--data", str(colour),
+                    "--calibration-split", "nosuch"]) == 2
+    one_line_error(capsys, "no shard set for split 'nosuch'", "--calibration-split nosuch")
+    assert not out.exists()
     assert run_cli(["export", str(trained), "-o", str(out), *base, "--max-drop", "1"]) == 2
     one_line_error(capsys, "--int8")
     assert run_cli(["export", str(trained), "-o", str(out), "--int8", "--no-benchmark"]) == 2  # ONNX

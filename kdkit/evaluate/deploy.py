@@ -282,9 +282,16 @@ def export_openvino(cfg) -> dict:
     sets = None
     if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
         dali_threads = cfg.threads or 2  # DALI's CPU threads, as `kdkit eval`'s default
-        sets = (EvalViews(cfg.data, cfg.calibration_split, info, cfg.crop_ratio, 32, cfg.calibration_samples,
-                          dali_threads),
-                EvalViews(cfg.data, cfg.split, info, cfg.crop_ratio, 32, threads=dali_threads))
+        from kdkit.pipelines.shardset import ShardError
+
+        sets = []
+        for flag, split, limit in (("--calibration-split", cfg.calibration_split, cfg.calibration_samples),
+                                   ("--split", cfg.split, None)):
+            try:
+                sets.append(EvalViews(cfg.data, split, info, cfg.crop_ratio, 32, limit, dali_threads))
+            except ShardError as e:  # the split was a default the user may not know they chose
+                raise KdkitError(f"{e}; --int8 reads {flag} {split} of --data: give {flag} with a split the "
+                                 "set has") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = cfg.threads or torch.get_num_threads()
