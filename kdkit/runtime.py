@@ -1,9 +1,10 @@
-"""Where a command runs: the torch device, this process's place in a torchrun job, and the process
-group, decided once for every command that runs models or DALI pipelines (train, lr-find, the
-teacher pass, eval, predict, bench-loader, demo).
+"""Where a command runs: the torch device, DALI's backend, this process's place in a torchrun job,
+and the process group, decided here once for every command that runs models or DALI pipelines
+(train, lr-find, the teacher pass, eval, predict, export, bench-loader, demo). No other module
+chooses a device.
 
     with runtime.start("auto", announce="kdkit train") as rt:   # under torchrun: joins the group
-        model.to(rt.device); DALI on rt.dali_device, GPU rt.device_id; rank rt.rank of rt.world
+        model.to(rt.device); DALI on rt.dali_backend("auto"); rank rt.rank of rt.world
         total = rt.reduce_sum([loss_sum, count])
 
 Under torchrun (WORLD_SIZE > 1) `start` joins the process group (NCCL on CUDA, gloo on the CPU)
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from timm.utils import reduce_tensor
 
 from kdkit.errors import KdkitError
 
@@ -52,6 +52,14 @@ class Runtime:
         """DALI's device_id: this process's GPU, or None for DALI's CPU-only mode."""
         return self.device.index if self.device.type == "cuda" else None
 
+    def dali_backend(self, requested: str = "auto") -> tuple[str, int | None]:
+        """(DALI device, device_id) for a loader: "auto" follows the torch device; "gpu" decodes on this
+        process's GPU even where the model runs on the CPU; "cpu" is DALI's CPU backend."""
+        device = self.dali_device if requested == "auto" else requested
+        if device != "gpu":
+            return "cpu", None
+        return "gpu", self.device.index if self.device.type == "cuda" else gpu_index(self.local_rank)
+
     def describe(self) -> str:
         if self.device.type == "cuda":
             where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
@@ -65,7 +73,8 @@ class Runtime:
         """Element-wise sum over ranks, in float64 so sample counts and sums stay exact."""
         t = torch.as_tensor(values, dtype=torch.float64)
         if self.distributed:
-            t = reduce_tensor(t.to(self.device) if self.device.type == "cuda" else t, 1)
+            t = t.to(self.device) if self.device.type == "cuda" else t
+            dist.all_reduce(t)
         return t.cpu().tolist()
 
     def any(self, flag: bool) -> bool:
@@ -112,18 +121,27 @@ def driver_without_gpu() -> str | None:
 _warned: set[str] = set()
 
 
+def gpu_index(local_rank: int | None = None) -> int:
+    """This process's GPU: CUDA device LOCAL_RANK (torchrun's), checked against the visible devices."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    if not torch.cuda.is_available():
+        why = driver_without_gpu()
+        raise KdkitError("a GPU was asked for but no CUDA device is visible to torch" + (f" ({why})" if why else
+                                                                                       "; use --device cpu"))
+    if local_rank >= torch.cuda.device_count():
+        raise KdkitError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} CUDA devices are visible")
+    return local_rank
+
+
 def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
     """The torch device for `requested` ("auto", "cpu", "gpu"/"cuda"); CUDA device LOCAL_RANK.
     "auto" falls back to the CPU, loudly where a driver exists but torch sees no GPU."""
     if requested not in DEVICES:
         raise KdkitError(f"--device {requested}: expected one of {', '.join(DEVICES)}")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     if requested == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise KdkitError(f"LOCAL_RANK {local_rank}, but only {torch.cuda.device_count()} CUDA devices are visible")
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", gpu_index(local_rank))
     why = driver_without_gpu()
     if requested != "auto":
         raise KdkitError(f"--device {requested}: no CUDA device is visible to torch"
@@ -142,11 +160,13 @@ def rank_and_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def start(requested: str = "auto", announce: str | None = None, distributed: bool = True):
+def start(requested: str = "auto", announce: str | None = None, distributed: bool = True,
+          deterministic: bool = False):
     """The Runtime of this process (see the module doc); joins torchrun's process group for the block.
     `announce`: print "<announce>: running on ..." once (rank 0), so every long job says where it runs.
     distributed=False: a command that works alone (eval, predict, the benchmark) stays one process
-    of its own even under torchrun, on GPU LOCAL_RANK."""
+    of its own even under torchrun, on GPU LOCAL_RANK. deterministic: torch's deterministic algorithms
+    and no cuDNN autotuning (exact reproduction on the GPU, slower)."""
     world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(requested, local_rank)
@@ -159,8 +179,10 @@ def start(requested: str = "auto", announce: str | None = None, distributed: boo
             joined = True
     rank, world = rank_and_world() if distributed else (0, 1)
     rt = Runtime(device, rank, world, local_rank)
-    if device.type == "cuda":  # fixed-size batches everywhere: let cuDNN pick its fastest kernels once
-        torch.backends.cudnn.benchmark = True
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    # fixed-size batches everywhere: let cuDNN pick its fastest kernels once (not where runs must repeat exactly)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
     if announce and rt.is_main:
         print(f"{announce}: {rt.describe()}", file=sys.stderr, flush=True)
     try:

@@ -13,28 +13,41 @@ tensors, the Reading of the shards and the Backend (pipelines.config); DaliLoade
 iterator of torch batches. The graph functions (decode_train, eval_views, ...) compose into
 custom pipelines. Installed as kdkit.pipelines.
 """
-try:
-    import nvidia.dali  # noqa: F401
-except ImportError:  # kdkit installed without the extra for the machine's CUDA
-    from kdkit.errors import KdkitError
+import importlib
 
-    raise KdkitError("NVIDIA DALI is not installed: install kdkit with the extra for your CUDA driver, "
-                     "`pip install -e '.[cu13]'` (driver R580+, or no GPU) or `'.[cu12]'` (R525-R575), or run "
-                     "`bash scripts/setup.sh [--cuda 12]` (README: Which CUDA)") from None
+# what `from kdkit.pipelines import X` finds, and the module holding it: imported on first use, so that
+# kdkit.pipelines.options (the loader's options, no DALI) imports where DALI is not installed
+_EXPORTS = {
+    "IMAGE_EXT": "common", "LABEL_EXT": "common", "LOGITS_EXT": "common", "VIEWS_EXT": "common",
+    "VIEW_FIELDS": "common", "Backend": "options", "Output": "options", "Reading": "options",
+    "Batch": "config", "ViewsBatch": "config", "LoaderConfig": "config", "loader_config": "config",
+    "roles": "config", "eval_loader": "loader", "Role": "config", "Eval": "eval", "DaliLoader": "loader",
+    "build_pipeline": "loader", "Replay": "replay", "TeacherViews": "teacher_views", "Train": "train",
+    "ShardError": "kdkit.shards.reader", "ShardSet": "kdkit.shards.reader", "reading_order": "kdkit.shards.reader",
+    "resolve_shards": "kdkit.shards.reader", "scan_shards": "kdkit.shards.reader",
+}
+__all__ = list(_EXPORTS)
 
-from kdkit.pipelines.common import IMAGE_EXT, LABEL_EXT, LOGITS_EXT, VIEW_FIELDS, VIEWS_EXT
-from kdkit.pipelines.config import (Backend, Batch, LoaderConfig, Output, Reading, Role, ViewsBatch, loader_config,
-                                    roles)
-from kdkit.pipelines.eval import Eval
-from kdkit.pipelines.loader import DaliLoader, build_pipeline
-from kdkit.pipelines.replay import Replay
-from kdkit.pipelines.shardset import ShardError, ShardSet, reading_order, resolve_shards, scan_shards
-from kdkit.pipelines.teacher_views import TeacherViews
-from kdkit.pipelines.train import Train
 
-__all__ = [
-    "IMAGE_EXT", "LABEL_EXT", "LOGITS_EXT", "VIEWS_EXT", "VIEW_FIELDS", "Batch", "ViewsBatch", "DaliLoader",
-    "LoaderConfig", "loader_config", "roles", "Role", "Train", "Eval", "Replay", "TeacherViews", "Output",
-    "Reading", "Backend", "build_pipeline", "ShardError", "ShardSet", "reading_order", "resolve_shards",
-    "scan_shards",
-]
+def require_dali() -> None:
+    """A KdkitError saying how to install DALI, where it is missing."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:  # kdkit installed without the extra for the machine's CUDA
+        from kdkit.errors import KdkitError
+
+        raise KdkitError("NVIDIA DALI is not installed: install kdkit with the extra for your CUDA driver, "
+                         "`pip install -e '.[cu13]'` (driver R580+, or no GPU) or `'.[cu12]'` (R525-R575), or run "
+                         "`bash scripts/setup.sh [--cuda 12]` (docs/gpu.md: Which CUDA)") from None
+
+
+def __getattr__(name: str):
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module 'kdkit.pipelines' has no attribute {name!r}")
+    if where not in ("options",) and not where.startswith("kdkit."):
+        require_dali()
+    module = importlib.import_module(where if where.startswith("kdkit.") else f"kdkit.pipelines.{where}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

@@ -16,7 +16,7 @@ from kdkit.shards import contract
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend, Output, Reading
-    from kdkit.pipelines.shardset import ShardSet
+    from kdkit.shards.reader import ShardSet
 
 # --- sample members the pipelines read: the shard contract's names, re-exported -------------------
 IMAGE_EXT = contract.IMAGE_EXT

@@ -20,146 +20,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kdkit.errors import OptionError
 from kdkit.pipelines import common
+from kdkit.pipelines.options import Backend, Output, Reading
 
-LAYOUTS = ("CHW", "HWC", "channels_last")  # channels_last: HWC in DALI, an NCHW view in torch
-DTYPES = ("float32", "float16")
-LAST_BATCH = ("partial", "drop", "fill")
-MISSING = ("error", "skip")
-
-
-def check(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise OptionError(f"{name}={value!r}: expected {expected}")
-
-
-def positive_int(name: str, value) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, value, "an integer >= 1")
-
-
-def range_pair(name: str, value, low: float, high: float | None) -> None:
-    """A (min, max) pair with low < min <= max (<= high)."""
-    ok = (isinstance(value, (tuple, list)) and len(value) == 2
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-          and low < value[0] <= value[1] and (high is None or value[1] <= high))
-    check(ok, name, value, f"(min, max) with {low} < min <= max" + (f" <= {high}" if high is not None else ""))
-
-
-@dataclass(frozen=True)
-class Output:
-    """The image tensors a loader hands over (and the resize filter that makes them)."""
-
-    image_size: int = 224  # square
-    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # of 0..1 pixel values, per channel
-    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
-    layout: str = "CHW"  # "CHW", "HWC", or "channels_last" (NCHW tensors in channels-last memory)
-    dtype: str = "float32"  # or "float16"
-    antialias: bool = True  # resize like Pillow/torchvision; teacher views and replay must agree on it
-
-    def __post_init__(self):
-        positive_int("image_size", self.image_size)
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            check(isinstance(v, (tuple, list)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
-                  name, v, "three numbers (R, G, B)")
-            object.__setattr__(self, name, tuple(float(x) for x in v))
-        check(all(s > 0 for s in self.std), "std", self.std, "positive numbers")
-        check(self.layout in LAYOUTS, "layout", self.layout, " or ".join(LAYOUTS))
-        check(self.dtype in DTYPES, "dtype", self.dtype, " or ".join(DTYPES))
-
-    @property
-    def planar(self) -> bool:
-        """DALI's layout: CHW, or HWC (which torch sees as channels-last with `layout="channels_last"`)."""
-        return self.layout == "CHW"
-
-    @property
-    def mean255(self) -> list[float]:
-        return [m * 255 for m in self.mean]
-
-    @property
-    def std255(self) -> list[float]:
-        return [s * 255 for s in self.std]
-
-
-@dataclass(frozen=True)
-class Reading:
-    """How fn.readers.webdataset reads the shards, and which members it hands on."""
-
-    batch_size: int = 64  # per rank
-    shuffle: bool = True  # roles that shuffle (training) only; eval and teacher views read in stored order
-    shuffle_buffer: int = 4096  # samples in the shuffle buffer (DALI initial_fill)
-    seed: int = 0  # augmentation seed is seed + shard_id; the tar order seed is shared by all ranks
-    shard_id: int | None = None  # default: torch.distributed rank (0 when not initialized)
-    num_shards: int | None = None  # default: torch.distributed world size (1)
-    last_batch: str | None = None  # "partial" | "drop" | "fill"; default per role (pipelines.loader)
-    teacher_logits: bool | None = None  # None: yield them when every sample has them
-    missing: str = "error"  # a sample lacking a requested member: "error", or "skip" and count it
-    reader_queue_depth: int = 1  # batches the reader loads ahead of decoding (DALI's default)
-
-    def __post_init__(self):
-        positive_int("batch_size", self.batch_size)
-        positive_int("shuffle_buffer", self.shuffle_buffer)
-        positive_int("reader_queue_depth", self.reader_queue_depth)
-        check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        check(self.last_batch is None or self.last_batch in LAST_BATCH, "last_batch", self.last_batch,
-              " or ".join(LAST_BATCH))
-        check(self.missing in MISSING, "missing", self.missing, " or ".join(MISSING))
-        if self.num_shards is not None:
-            positive_int("num_shards", self.num_shards)
-        if self.shard_id is not None:
-            n = self.num_shards or 1
-            check(isinstance(self.shard_id, int) and 0 <= self.shard_id < n, "shard_id", self.shard_id,
-                  f"0..{n - 1} (num_shards={n})")
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where the graph runs and how it decodes."""
-
-    device: str = "cpu"  # "gpu": "mixed" decode and GPU operators, CUDA tensors out; "cpu": device_id=None
-    device_id: int | None = None  # GPU: default LOCAL_RANK
-    num_threads: int = 4  # DALI CPU worker threads
-    prefetch_queue_depth: int = 2  # batches DALI prepares ahead
-    fast_idct: bool = False  # libjpeg-turbo's fast IDCT (JDCT_IFAST): cheaper CPU decode, not Pillow's exact one
-    hw_decoder_load: float | None = None  # GPU: share of JPEGs for the hardware decoder (DALI default)
-    native_resize: bool = True  # CPU: kdkit's resize + normalize operator (pipelines.resize); False: fn.resize
-
-    def __post_init__(self):
-        check(self.device in ("cpu", "gpu"), "device", self.device, "'cpu' or 'gpu'")
-        positive_int("num_threads", self.num_threads)
-        positive_int("prefetch_queue_depth", self.prefetch_queue_depth)
-        check(self.device_id is None or (isinstance(self.device_id, int) and self.device_id >= 0),
-              "device_id", self.device_id, "None or a GPU index >= 0")
-        check(self.hw_decoder_load is None or 0 <= self.hw_decoder_load <= 1, "hw_decoder_load",
-              self.hw_decoder_load, "None or 0..1")
-
-    @property
-    def gpu(self) -> bool:
-        return self.device == "gpu"
-
-    @property
-    def decoder(self) -> str:
-        """Decoders take encoded bytes on the CPU; "mixed" means their output lands on the GPU."""
-        return "mixed" if self.gpu else "cpu"
-
-    def decoder_args(self) -> dict:
-        """Decoder options beyond DALI's defaults: libjpeg-turbo's fast integer IDCT (the CPU decoder, and
-        the mixed one's CPU fallback) and the GPU decoder's hardware share. On the GPU, chroma is
-        upsampled as libjpeg-turbo does it (jpeg_fancy_upsampling): nvJPEG's default differs, so a teacher
-        pass on the CPU and a replay on the GPU (or GPU eval and `kdkit predict`) would see other pixels."""
-        args = {"use_fast_idct": True} if self.fast_idct else {}
-        if self.gpu:
-            args["jpeg_fancy_upsampling"] = True
-            if self.hw_decoder_load is not None:
-                args["hw_decoder_load"] = self.hw_decoder_load
-        return args
-
-    def to_output(self, node):
-        """Small CPU-side outputs (labels, logits, boxes) follow the images onto the GPU."""
-        return node.gpu() if self.gpu else node
+__all__ = ["Backend", "Batch", "LoaderConfig", "Output", "Reading", "Role", "ViewsBatch", "loader_config", "roles"]
 
 
 class Batch(NamedTuple):
@@ -184,7 +50,7 @@ class Role:
     """One kind of loader: what it reads, the graph it builds, what it outputs and how its batches
     look. Subclasses are frozen dataclasses holding the role's own options (pipelines.train.Train,
     pipelines.eval.Eval, pipelines.replay.Replay, pipelines.teacher_views.TeacherViews); the
-    defaults here are the common case: images and labels in, Batch(images, labels, teacher) out."""
+    defaults here are the common case: images and labels in, Batch(images, labels, teacher_logits) out."""
 
     name: ClassVar[str]
     shuffles: ClassVar[bool] = False  # reads in random order when Reading.shuffle (training roles)
@@ -199,7 +65,7 @@ class Role:
     def check_shards(self, shards) -> None:
         """Refuse a shard set this role's options cannot read (an OptionError naming the option)."""
 
-    def graph(self, members: list, teacher: list, output: Output, backend: Backend) -> tuple:
+    def graph(self, members: list, teacher_members: list, output: Output, backend: Backend) -> tuple:
         """The role's DALI outputs from the reader's members (inside a pipeline definition)."""
         raise NotImplementedError
 

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 
+from kdkit.options import check_options, option
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, check
+from kdkit.pipelines.config import Role
+from kdkit.pipelines.options import CenterCrop
 from kdkit.pipelines.resize import resized_view
 
 if TYPE_CHECKING:
@@ -32,11 +34,6 @@ EVAL_VIEWS = {"center": 1, "flip": 2, "tencrop": 10}
 # top-left, top-right, bottom-left, bottom-right, centre; views 5..9 are these five mirrored.
 TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
 CENTER = (0.5, 0.5)
-
-
-def check_crop_ratio(crop_ratio) -> None:
-    check(isinstance(crop_ratio, (int, float)) and 0 < crop_ratio <= 1, "crop_ratio", crop_ratio,
-          "0 < ratio <= 1 (image size / resized shorter side, e.g. 0.875)")
 
 
 def resize_size(image_size: int, crop_ratio: float) -> int:
@@ -100,24 +97,22 @@ def center_view(images, crop_ratio: float, output: Output, native_op: bool):
 
 
 @dataclass(frozen=True)
-class Eval(Role):
+class Eval(CenterCrop, Role):
     """(images, labels[, teacher logits as stored]) in stored order, no randomness: the centre view,
     or a stack of test-time views (flip, tencrop) per sample."""
 
-    views: str = "center"  # "center" | "flip" | "tencrop"
-    crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
+    views: str = option("center", "test-time views: center, flip (centre + mirror) or tencrop", choices=tuple(EVAL_VIEWS))
 
     name = "eval"
 
     def __post_init__(self):
-        check(self.views in EVAL_VIEWS, "views", self.views, " or ".join(EVAL_VIEWS))
-        check_crop_ratio(self.crop_ratio)
+        check_options(self)
 
-    def graph(self, members, teacher, output, backend):
+    def graph(self, members, teacher_members, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         images = eval_views(decode_eval(jpegs, backend), view_list(self.views), self.crop_ratio, output, native_op)
-        return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher, backend))
+        return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher_members, backend))
 
     def resizer(self, backend):
         """Ten-crop keeps one fn.resize and ten crops of it: faster than ten windows through the

@@ -35,41 +35,42 @@ import torch
 from nvidia.dali import pipeline_def
 
 from kdkit.pipelines import common
-from kdkit.pipelines.config import LoaderConfig, Role
-from kdkit.pipelines.shardset import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
+from kdkit.pipelines.config import LoaderConfig, Role, loader_config
+from kdkit.pipelines.eval import Eval
+from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
                                       scan_shards, shard_range, teacher_format)
 from kdkit.runtime import rank_and_world
 
 
 @pipeline_def
-def role_pipeline(shards, cfg: LoaderConfig, shard_id: int, num_shards: int, teacher):
+def role_pipeline(shards, cfg: LoaderConfig, shard_id: int, num_shards: int, teacher_kind):
     """The role's graph over the shard reader: cfg.role.graph(members, teacher members, ...)."""
     role = cfg.role
     own = role.members()
-    members = common.read_shards(shards, own + common.teacher_exts(teacher), cfg.reading, shard_id, num_shards,
+    members = common.read_shards(shards, own + common.teacher_exts(teacher_kind), cfg.reading, shard_id, num_shards,
                                  shuffle=role.shuffles and cfg.reading.shuffle)
     return role.graph(members[:len(own)], members[len(own):], cfg.output, cfg.backend)
 
 
 def device_id(cfg: LoaderConfig) -> int | None:
     """DALI's device_id: None on the CPU backend; on the GPU the configured one, else this process's
-    GPU (kdkit.runtime: LOCAL_RANK)."""
+    GPU (kdkit.runtime decides: LOCAL_RANK)."""
     if not cfg.backend.gpu:
         return None
     if cfg.backend.device_id is not None:
         return cfg.backend.device_id
-    from kdkit.runtime import pick_device
+    from kdkit.runtime import gpu_index
 
-    return pick_device("gpu").index
+    return gpu_index()
 
 
-def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int = 1, teacher=False,
+def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int = 1, teacher_kind=False,
                    checkpointing: bool = False, restore=None):
     """The (unbuilt) DALI pipeline of cfg.role over a ShardSet; its outputs are the role's.
     checkpointing / restore: DALI's pipeline checkpointing (see DaliLoader)."""
     b = cfg.backend
     extra = dict(enable_checkpointing=True, checkpoint=restore) if checkpointing else {}
-    return role_pipeline(shards, cfg, shard_id, num_shards, teacher, batch_size=cfg.reading.batch_size,
+    return role_pipeline(shards, cfg, shard_id, num_shards, teacher_kind, batch_size=cfg.reading.batch_size,
                          num_threads=b.num_threads, device_id=device_id(cfg),
                          prefetch_queue_depth=b.prefetch_queue_depth, seed=cfg.role.seed(cfg.reading, shard_id),
                          enable_conditionals=cfg.role.conditionals(), **extra)
@@ -119,7 +120,7 @@ class DaliLoader:
         self.num_shards = world if cfg.reading.num_shards is None else cfg.reading.num_shards
         if not 0 <= self.shard_id < self.num_shards:
             raise ValueError(f"shard_id={self.shard_id} outside 0..{self.num_shards - 1}")
-        self.scan, self.with_logits = _scan(self.role, cfg, self.shards)
+        self.scan, self.teacher_kind = _scan(self.role, cfg, self.shards)
         self.role.check_shards(self.shards)
         check_checksums(self.shards, [t for t, _ in reading_order(self.shards, self.scan, self.shard_id,
                                                                    self.num_shards)], progress=self.shard_id == 0)
@@ -138,13 +139,13 @@ class DaliLoader:
         # DALI's auto_aug calls DALI's own deprecated operator aliases, and DALI forces such warnings to
         # show (a filter cannot silence them): record them, drop those, pass any other warning on
         with warnings.catch_warnings(record=True) as caught:
-            self.pipeline = build_pipeline(self.cfg, self.shards, self.shard_id, self.num_shards, self.with_logits,
+            self.pipeline = build_pipeline(self.cfg, self.shards, self.shard_id, self.num_shards, self.teacher_kind,
                                            self.checkpointing, restore)
             self.pipeline.build()
         for w in caught:
             if not issubclass(w.category, DeprecationWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self.output_names = self.role.output_names(self.with_logits)
+        self.output_names = self.role.output_names(self.teacher_kind)
         # prepare_first_batch=False: with True, a loader restored at the end of an epoch would consume the
         # rest of that epoch while being built, and its first loop would be the next epoch
         self._it = DALIGenericIterator([self.pipeline], self.output_names, reader_name=common.READER_NAME,
@@ -204,4 +205,27 @@ class DaliLoader:
             d = out[0]
             view_index = d.get("view_index")  # replay: (B, N), N views per load
             self.last_view_index = None if view_index is None else view_index.reshape(-1)
-            yield self.role.batch(d, self.with_logits, channels_last)
+            yield self.role.batch(d, self.teacher_kind, channels_last)
+
+
+def eval_loader(shards, transform, batch_size: int, num_threads: int, rt=None, views: str = "center",
+                per_rank: bool = False, split: str = "val", **options) -> DaliLoader:
+    """The loader of a model's evaluation views over a shard set, the one way every stage builds it
+    (eval, export, OpenVINO, corrupted sets, the teacher pass's centre view, training's val set).
+
+    The eval role at the model's `transform` (image size, crop ratio, mean / std: a checkpoint's
+    ModelInfo, or a kdkit.pipelines.options.Transform), every sample exactly once in stored order
+    (partial last batch, no teacher outputs), read by this process alone, or split between the ranks
+    of a torchrun job with `per_rank`. The runtime `rt` (kdkit.runtime.Runtime; default: the CPU)
+    decides the device: DALI on its GPU with channels-last tensors, or DALI's CPU backend. Any other
+    loader option (layout, antialias, ...) goes in `options`."""
+    if rt is None:
+        from kdkit.runtime import Runtime
+
+        rt = Runtime()
+    settings = dict(image_size=transform.image_size, mean=tuple(transform.mean), std=tuple(transform.std),
+                    layout="channels_last" if rt.device.type == "cuda" else "CHW", batch_size=batch_size,
+                    num_threads=num_threads, last_batch="partial", teacher_logits=False, device=rt.dali_device,
+                    device_id=rt.device_id, **({} if per_rank else dict(shard_id=0, num_shards=1)))
+    cfg = loader_config(Eval(views=views, crop_ratio=transform.crop_ratio), **{**settings, **options})
+    return DaliLoader(shards, cfg, split=split)

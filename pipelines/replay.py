@@ -38,11 +38,14 @@ import nvidia.dali.math as dmath
 import numpy as np
 from nvidia.dali import fn, types
 
+from kdkit.errors import OptionError
+from kdkit.options import check_options
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, check, positive_int
+from kdkit.pipelines.config import Role
+from kdkit.pipelines.options import Augment, StoredViews
 from kdkit.pipelines.resize import resized_view
-from kdkit.pipelines.shardset import first_member
-from kdkit.pipelines.train import Augment, jitter_ranges, train_views
+from kdkit.shards.reader import first_member
+from kdkit.pipelines.train import jitter_ranges, train_views
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend, Output
@@ -115,7 +118,7 @@ def replay_views(jpegs, views, augment: Augment, output: Output, backend: Backen
 
 
 @dataclass(frozen=True)
-class Replay(Augment, Role):
+class Replay(Augment, StoredViews, Role):
     """(images, labels[, logits of the chosen view], chosen view index) for student training. Augment
     options (colour jitter, auto-augment) apply on top of the stored view: they change pixels the
     teacher never saw, so they are off by default. views_per_load=N: N stored views of each decoded
@@ -125,14 +128,12 @@ class Replay(Augment, Role):
     shuffles = True
     last_batch = "drop"
     logits = True  # the stored views' logits are the point of this role
-    views_per_load: int = 1  # stored views cut from each decoded image (N <= K)
 
     def __post_init__(self):
-        self.check_augment()
-        # the stored views hold crop box and flip, not an angle: a rotated view is not what the teacher saw
-        check(not self.rotate, "rotate", self.rotate, "0 with replay (stored views record no rotation angle)")
-        check(not self.augmix_jsd, "augmix_jsd", self.augmix_jsd, "False with replay (one view per sample)")
-        positive_int("views_per_load", self.views_per_load)
+        check_options(self)
+
+    def refusals(self):
+        return Augment.refusals(self) + self.replay_refusals()
 
     def check_shards(self, shards) -> None:
         """N <= K, the stored views per sample (the manifest's teacher block, else the first sample)."""
@@ -140,20 +141,20 @@ class Replay(Augment, Role):
             return
         block = (shards.manifest.teacher or {}) if shards.manifest else {}
         k = block.get("views") or first_member(shards, common.VIEWS_EXT).shape[0]
-        check(self.views_per_load <= k, "views_per_load", self.views_per_load,
-              f"1..{k}: {shards.folder or 'the shard set'} stores {k} views per sample, more per load would "
-              "repeat views")
+        if self.views_per_load > k:
+            raise OptionError(f"views_per_load={self.views_per_load}: expected 1..{k}: {shards.folder or 'the shard set'} "
+                              f"stores {k} views per sample, more per load would repeat views")
 
     def members(self):
         return [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT]
 
-    def graph(self, members, teacher, output, backend):
+    def graph(self, members, teacher_members, output, backend):
         jpegs, cls, stored = members
         n = self.views_per_load
         views = common.decode_npy(stored)
         rows = view_rows(views, n)
         images = replay_views(jpegs, take_rows(views, rows, n), self, output, backend)
-        logits = [take_rows(common.decode_npy(m), rows, n) for m in teacher]
+        logits = [take_rows(common.decode_npy(m), rows, n) for m in teacher_members]
         labels = backend.to_output(common.parse_label(cls))
         return (images, labels, *(backend.to_output(t) for t in logits), backend.to_output(rows))
 
@@ -164,5 +165,5 @@ class Replay(Augment, Role):
         flat["labels"] = outputs["labels"].repeat_interleave(self.views_per_load, dim=0)
         return Role.batch(self, flat, teacher_kind, channels_last)
 
-    def output_names(self, teacher):
-        return [*Role.output_names(self, teacher), "view_index"]
+    def output_names(self, teacher_kind):
+        return [*Role.output_names(self, teacher_kind), "view_index"]

@@ -2,7 +2,7 @@
 
 On the GPU backend this is fn.resize + fn.crop_mirror_normalize, both fast there. On the CPU
 backend DALI's fn.resize is the costliest step of the train pipeline (45% of all CPU time on the
-2-core profile in the README, twice Pillow's time for the same resize), so the CPU backend uses
+2-core profile in docs/loader.md, twice Pillow's time for the same resize), so the CPU backend uses
 kdkit's own DALI operator, fn.kdkit_resize_normalize (kdkit.pipelines.native): the same bilinear
 filter, antialiased when shrinking as Pillow and torchvision do it, resize + mirror + normalize
 in one pass per image on DALI's threads. Where that operator cannot be built (no C++ compiler),

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 from nvidia.dali import fn, types
 
+from kdkit.options import check_options, option
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, ViewsBatch, as_nchw, positive_int
-from kdkit.pipelines.eval import center_view, check_crop_ratio, decode_eval
+from kdkit.pipelines.config import Role, ViewsBatch, as_nchw
+from kdkit.pipelines.eval import center_view, decode_eval
+from kdkit.pipelines.options import CenterCrop, RandomCrop
 from kdkit.pipelines.resize import resized_view
-from kdkit.pipelines.train import RandomCrop
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Output
@@ -46,22 +47,19 @@ def random_view(full, shape, crop: RandomCrop, output: Output, native_op: bool):
 
 
 @dataclass(frozen=True)
-class TeacherViews(RandomCrop, Role):
+class TeacherViews(RandomCrop, CenterCrop, Role):
     """(centre view, views (K, C, H, W), boxes (K, 5), labels) in stored order, from one full decode
     per image: the centre crop (crop_ratio, as the eval role cuts it) and K seeded random views."""
 
-    num_views: int = 4  # K
-    crop_ratio: float = 0.875  # of the centre view
+    num_views: int = option(4, "K random views per image", low=1)
 
     name = "teacher_views"
     logits = False  # the teacher pass computes them
 
     def __post_init__(self):
-        self.check_crop()
-        positive_int("num_views", self.num_views)
-        check_crop_ratio(self.crop_ratio)
+        check_options(self)
 
-    def graph(self, members, teacher, output, backend):
+    def graph(self, members, teacher_members, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         shape = fn.peek_image_shape(jpegs)
@@ -71,7 +69,7 @@ class TeacherViews(RandomCrop, Role):
         labels = common.parse_label(cls)
         return center, fn.stack(*views), backend.to_output(fn.stack(*boxes)), backend.to_output(labels)
 
-    def output_names(self, teacher):
+    def output_names(self, teacher_kind):
         return ["center", "views", "boxes", "labels"]
 
     def batch(self, d, teacher_kind, channels_last):

@@ -17,88 +17,17 @@ from typing import TYPE_CHECKING
 import torch
 from nvidia.dali import fn, types
 
+from kdkit.options import check_options
 from kdkit.pipelines import common
-from kdkit.pipelines.config import Role, as_nchw, check, positive_int, range_pair
-from kdkit.pipelines.resize import native_available, resized_view
+from kdkit.pipelines.options import AUTO_AUGMENTS, Augment, RandomCrop
+from kdkit.pipelines.config import Role, as_nchw
+from kdkit.pipelines.resize import resized_view
 
 if TYPE_CHECKING:
     from kdkit.pipelines.config import Backend, Output
 
 JSD_VIEWS = ("images_augmix1", "images_augmix2")  # iterator outputs of the two AugMix views
-AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
-
-
-@dataclass(frozen=True)
-class RandomCrop:
-    """Random-resized-crop windows and flips (training crops, the teacher's random views)."""
-
-    random_area: tuple[float, float] = (0.08, 1.0)  # share of the image area
-    random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height
-    flip: bool = True  # mirror half of them
-
-    def check_crop(self) -> None:
-        range_pair("random_area", self.random_area, 0.0, 1.0)
-        range_pair("random_aspect_ratio", self.random_aspect_ratio, 0.0, None)
-        object.__setattr__(self, "random_area", tuple(float(v) for v in self.random_area))
-        object.__setattr__(self, "random_aspect_ratio", tuple(float(v) for v in self.random_aspect_ratio))
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Photometric, geometric and policy augmentation of training crops."""
-
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
-    hue: float = 0.0  # hue jitter: uniform in [-hue, hue] of a full turn (0..0.5, torchvision's and Keras'), 0 = off
-    rotate: float = 0.0  # random rotation: uniform in [-rotate, rotate] degrees (0..180), 0 = off
-    rotate_fill: float | None = None  # grey level 0..255 of the corners a rotation uncovers; None = the mean colour
-    auto_augment: str | None = None  # "autoaugment" | "randaugment" | "trivialaugment"
-    randaugment_n: int = 2
-    randaugment_m: int = 9
-    augmix: bool = False  # AugMix (pipelines.augmix)
-    augmix_severity: int = 3  # magnitude of its operations, 1..10 (timm's m)
-    augmix_width: int = 3  # augmentation chains mixed
-    augmix_depth: int = -1  # operations per chain, 1..3, or -1: drawn from 1..3 per chain
-    augmix_alpha: float = 1.0  # Dirichlet and Beta parameter of the mixing weights
-    augmix_jsd: bool = False  # three views per sample (clean + 2 AugMix) for the Jensen-Shannon consistency loss
-
-    def resizer(self, backend: Backend) -> str:
-        """Training crops (train, replay) go through kdkit's CPU operator where it is available, except
-        with an auto-augment policy or AugMix: those need the resized uint8 pixels, so they keep fn.resize."""
-        native = native_available(backend) and not self.auto_augment and not self.augmix
-        return "kdkit_resize_normalize" if native else "fn.resize"
-
-    def conditionals(self) -> bool:
-        """DALI's auto_aug policies (and AugMix, built from their operations) need conditionals in the graph."""
-        return bool(self.auto_augment) or self.augmix
-
-    def check_augment(self) -> None:
-        check(isinstance(self.color_jitter, (int, float)) and self.color_jitter >= 0, "color_jitter",
-              self.color_jitter, "a strength >= 0 (0 = off)")
-        check(isinstance(self.hue, (int, float)) and 0 <= self.hue <= 0.5, "hue", self.hue,
-              "0 <= hue <= 0.5 (a fraction of the hue circle; 0 = off)")
-        check(isinstance(self.rotate, (int, float)) and 0 <= self.rotate <= 180, "rotate", self.rotate,
-              "0 <= degrees <= 180 (0 = off)")
-        check(self.rotate_fill is None or (isinstance(self.rotate_fill, (int, float)) and 0 <= self.rotate_fill <= 255),
-              "rotate_fill", self.rotate_fill, "None (the mean colour) or a grey level 0..255")
-        check(self.auto_augment is None or self.auto_augment in AUTO_AUGMENTS, "auto_augment", self.auto_augment,
-              f"None or one of {', '.join(AUTO_AUGMENTS)}")
-        check(isinstance(self.randaugment_n, int) and self.randaugment_n >= 0, "randaugment_n", self.randaugment_n,
-              "an integer >= 0")
-        check(isinstance(self.randaugment_m, int) and 0 <= self.randaugment_m <= 30, "randaugment_m",
-              self.randaugment_m, "0..30 (DALI's magnitude bins)")
-        check_augmix(self)
-
-
-def check_augmix(a: Augment) -> None:
-    check(isinstance(a.augmix_severity, int) and 1 <= a.augmix_severity <= 10, "augmix_severity",
-          a.augmix_severity, "an integer 1..10")
-    positive_int("augmix_width", a.augmix_width)
-    check(a.augmix_depth in (-1, 1, 2, 3), "augmix_depth", a.augmix_depth, "1, 2, 3, or -1 (drawn from 1..3)")
-    check(isinstance(a.augmix_alpha, (int, float)) and a.augmix_alpha > 0, "augmix_alpha", a.augmix_alpha,
-          "a number > 0")
-    check(not (a.augmix and a.auto_augment), "augmix", a.augmix,
-          f"no second policy: AugMix and auto_augment={a.auto_augment!r} exclude each other")
-    check(not a.augmix_jsd or a.augmix, "augmix_jsd", a.augmix_jsd, "augmix=True with it (the views it compares)")
+__all__ = ["AUTO_AUGMENTS", "Augment", "RandomCrop", "Train"]
 
 
 def decode_train(jpegs, crop: RandomCrop, backend: Backend):
@@ -232,13 +161,12 @@ class Train(Augment, RandomCrop, Role):
     last_batch = "drop"  # a shuffled set drops different samples each epoch; DDP steps stay equal-sized
 
     def __post_init__(self):
-        self.check_crop()
-        self.check_augment()
+        check_options(self)
 
-    def graph(self, members, teacher, output, backend):
+    def graph(self, members, teacher_members, output, backend):
         jpegs, cls = members
         crops, mirror = decode_train(jpegs, self, backend), common.random_flip(self.flip)
-        labels, logits = backend.to_output(common.parse_label(cls)), common.teacher_outputs(teacher, backend)
+        labels, logits = backend.to_output(common.parse_label(cls)), common.teacher_outputs(teacher_members, backend)
         if self.augmix_jsd:
             clean, *augmixed = jsd_views(crops, self, output, mirror)
             return (clean, labels, *logits, *augmixed)

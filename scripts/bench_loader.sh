@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproducible loader benchmark behind the README's table: DALI vs DataLoader + Pillow.
+# Reproducible loader benchmark behind the table in docs/loader.md: DALI vs DataLoader + Pillow.
 #
 #   scripts/bench_loader.sh [OUT_DIR]        (default bench-out/loader; git-ignored)
 #

@@ -53,7 +53,7 @@ def synthetic_shards(out: Path, images: int, max_size: int | None) -> Path:
 def batches_forever(p):
     """The trainer's loader, epoch after epoch (one loader per run, as in training)."""
     while True:
-        yield from p.train_loader
+        yield from p.loaders.train
 
 
 def sync(p) -> None:
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
                            channels_last=a.channels_last, shuffle_buffer=256, sched="none", opt="sgd", lr=0.01,
                            progress=False, kd=a.kd))
     p = build(cfg, Runtime(device=pick_device(cfg.device)), start_run=False)
-    p.model.train()
+    p.student.model.train()
     feed = batches_forever(p)
     held = next(feed)  # one real batch, moved to the device once: the "synthetic tensors"
     held = type(held)(held.images.to(p.rt.device), held.labels.to(p.rt.device), held.teacher_logits)

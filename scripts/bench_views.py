@@ -88,9 +88,9 @@ def main(argv=None) -> dict:
                                     shuffle_buffer=256, sched="none", opt="sgd", lr=0.01, progress=False), **extra))
         p = build(cfg, Runtime(device=device), start_run=False)
         if model_state is None:
-            model_state = {k: v.clone() for k, v in p.model.state_dict().items()}
-        p.model.load_state_dict(model_state)  # the same model, the same weights
-        p.model.train()
+            model_state = {k: v.clone() for k, v in p.student.model.state_dict().items()}
+        p.student.model.load_state_dict(model_state)  # the same model, the same weights
+        p.student.model.train()
         parts[name], feeds[name] = p, batches_forever(p)
 
     def loader_only(name):

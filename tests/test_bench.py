@@ -20,6 +20,7 @@ TINY = ["--batch-size", "4", "--batches", "2", "--warmup", "1", "--size", "32"]
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_json_with_both_loaders(tiny_shards, tmp_path, capsys):
     out = tmp_path / "bench" / "result.json"
     assert cli.main(["bench-loader", str(tiny_shards), *TINY, "--repeats", "2", "--json", str(out)]) == 0
@@ -37,6 +38,7 @@ def test_cli_prints_table_and_writes_json_with_both_loaders(tiny_shards, tmp_pat
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_report_names_the_resize_operator_and_the_switch_changes_it(tiny_shards):
     from kdkit.pipelines import native
 
@@ -71,10 +73,14 @@ def test_gpu_feed_times_a_model_step(tiny_shards):
 
 
 def test_bad_options_are_user_errors(tiny_shards):
-    with pytest.raises(KdkitError, match="--aug"):
-        run_bench(BenchConfig(tiny_shards, aug="mixup"))
-    with pytest.raises(KdkitError, match="--batches"):
-        run_bench(BenchConfig(tiny_shards, batches=0))
+    with pytest.raises(KdkitError, match="aug='mixup': expected one of rrc-flip"):
+        BenchConfig(tiny_shards, aug="mixup")
+    with pytest.raises(KdkitError, match="batches=0: expected an integer >= 1"):
+        BenchConfig(tiny_shards, batches=0)
+    with pytest.raises(KdkitError, match="rotate: a training augmentation"):
+        BenchConfig(tiny_shards, aug="eval", rotate=10)
+    with pytest.raises(KdkitError, match="AugMix and auto_augment='randaugment' exclude each other"):
+        BenchConfig(tiny_shards, aug="randaugment", augmix=True)
     if not torch.cuda.is_available():
         with pytest.raises(KdkitError, match="no CUDA"):
             run_bench(BenchConfig(tiny_shards, device="gpu"))
@@ -82,6 +88,7 @@ def test_bad_options_are_user_errors(tiny_shards):
         cli.build_parser().parse_args(["bench-loader", str(tiny_shards), "--aug", "mixup"])
 
 
+@pytest.mark.slow
 def test_cpu_use_counts_live_worker_processes():
     # DataLoader workers are alive while measured; getrusage(CHILDREN) alone would miss them
     before = cpu_seconds()
@@ -102,6 +109,7 @@ def test_cpu_use_counts_live_worker_processes():
         child.wait()
 
 
+@pytest.mark.slow
 def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
     """scripts/gpu_check.sh exits at once, status 0, where torch sees no CUDA device."""
     import torch
@@ -118,7 +126,7 @@ def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu(tmp_path):
 def test_baseline_uses_the_equivalent_torchvision_transforms(tmp_path):
     from torchvision import transforms as T
 
-    from kdkit.bench.loader_bench import baseline_transform, train_augment
+    from kdkit.bench.loader_bench import baseline_transform
 
     cfg = BenchConfig(tmp_path, aug="augmix", rotate=15.0, rotate_fill=20.0, hue=0.1, augmix_severity=5,
                       augmix_width=2, augmix_depth=1, augmix_alpha=0.5)
@@ -128,14 +136,15 @@ def test_baseline_uses_the_equivalent_torchvision_transforms(tmp_path):
     a = steps[T.AugMix]
     assert (a.severity, a.mixture_width, a.chain_depth, a.alpha) == (5, 2, 1, 0.5)
     # and DALI gets the same options (the Train role checks them)
-    dali = train_augment(cfg)
-    got = (dali["augmix"], dali["rotate"], dali["rotate_fill"], dali["hue"], dali["augmix_width"])
+    dali = cfg.augment()
+    got = (dali.augmix, dali.rotate, dali.rotate_fill, dali.hue, dali.augmix_width)
     assert got == (True, 15.0, 20.0, 0.1, 2)
     order = [type(t) for t in baseline_transform(cfg).transforms]
     assert order.index(T.AugMix) < order.index(T.RandomRotation) < order.index(T.ToTensor)  # rotation after resize
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_cli_accepts_the_augmentation_options(tiny_shards, capsys):
     assert cli.main(["bench-loader", str(tiny_shards), *TINY, "--threads", "1", "--rotate", "20", "--hue", "0.1",
                      "--aug", "rrc-flip-jitter"]) == 0

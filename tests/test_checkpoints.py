@@ -79,6 +79,7 @@ def outputs(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("consumer", CONSUMERS)
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_every_checkpoint_through_every_consumer(files, data, image, tmp_path, kind, consumer):
     path, name = files[kind]
     # one rule everywhere: a checkpoint's EMA weights where it has them
@@ -90,7 +91,7 @@ def test_every_checkpoint_through_every_consumer(files, data, image, tmp_path, k
         assert torch.allclose(outputs(teacher.model), outputs(reference(path, ema=True)), atol=1e-5)
         assert teacher.info.weights == ("ema" if kind == "ema" else "model") and teacher.record["model"] == MODEL and ("head" in teacher.record) == (kind == "am_softmax")
     elif consumer == "online KD":  # kdkit train student --kd online
-        from kdkit.train.model import build_teacher
+        from kdkit.train.kd import build_teacher
 
         cfg = cfg_for(data["three"], tmp_path, kd="online", teacher_checkpoint=str(path), teacher_model=name)
         classes = json.loads((data["three"] / "train" / "manifest.json").read_text())["classes"]

@@ -21,6 +21,7 @@ def demo(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_demo_runs_the_flow_and_reports(demo):
     res = json.loads((demo / "results.json").read_text())
     ways = ["no-kd", "kd-stored", "kd-replay4", "kd-replay8", "kd-online"]
@@ -43,6 +44,7 @@ def test_demo_runs_the_flow_and_reports(demo):
         assert man["teacher"]["views"] == k
 
 
+@pytest.mark.slow
 def test_demo_prints_commands_a_user_can_repeat(demo):
     lines = (demo / "commands.sh").read_text().splitlines()
     verbs = [line.split()[1] if line.startswith("kdkit") else line.split()[2] for line in lines]
@@ -56,6 +58,7 @@ def test_demo_prints_commands_a_user_can_repeat(demo):
     assert len(online) == 1 and "runs/teacher/last.pth" in online[0]
 
 
+@pytest.mark.slow
 def test_demo_rerun_keeps_finished_steps(demo, capsys):
     before = {p: p.stat().st_mtime_ns for p in demo.glob("runs/*/last.pth")}
     lines = len((demo / "commands.sh").read_text().splitlines())
@@ -65,6 +68,7 @@ def test_demo_rerun_keeps_finished_steps(demo, capsys):
     assert "| teacher |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_folder_of_another_demo(demo, capsys):
     assert main(["demo", "--out", str(demo), *TINY[:-4], "--student-epochs", "2", "--device", "cpu"]) == 2
     assert "other settings" in capsys.readouterr().err

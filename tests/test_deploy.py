@@ -19,6 +19,7 @@ pytest.importorskip("nncf")
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow
 def test_openvino_export_cases_in_their_own_process():
     here = Path(__file__).resolve().parent
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "deploy_cases.py")],

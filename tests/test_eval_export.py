@@ -21,6 +21,7 @@ def exported(ckpt, tiny_shards, tmp_path_factory):
     return export(cfg)
 
 
+@pytest.mark.slow
 def test_onnx_parity_on_real_inputs_with_a_dynamic_batch(exported, ckpt):
     p = exported["parity"]
     assert exported["exporter"] == "dynamo" and exported["fallback_reason"] is None

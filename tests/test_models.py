@@ -64,6 +64,7 @@ def test_variants_are_registered_with_timm():
 
 
 @pytest.mark.parametrize("name", sorted(set(KD_VARIANTS) - DEEP))
+@pytest.mark.slow
 def test_every_variant_builds_and_classifies(built, name):
     model = built[name].eval()
     with torch.no_grad():
@@ -169,6 +170,7 @@ def test_channel_attention_in_every_block(attn, cls):
 
 @pytest.mark.parametrize("norm,cls", [("evonorm_b0", EvoNorm2dB0), ("evonorm_s0", EvoNorm2dS0),
                                       ("batchnorm", nn.BatchNorm2d)])
+@pytest.mark.slow
 def test_norm_option_and_the_model_still_trains(norm, cls):
     torch.manual_seed(0)
     model = create_model(TINY, num_classes=7, norm=norm, big_little=True, deep_stem=True, drop_block_rate=0)
@@ -236,6 +238,7 @@ def _stage_blocks(stage: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("depth", [101, 152])
+@pytest.mark.slow
 def test_deeper_variants_have_resnet_depths_and_the_same_tricks(depth):
     with torch.device("meta"):  # layout only: no memory, no init arithmetic
         plain = create_model(f"assemble_resnet{depth}", num_classes=1000)
@@ -263,6 +266,7 @@ def test_assemble_resnet152_bl_is_the_seeds_evaluation_network():
     assert isinstance(model.maxpool, BigLittleStem)
 
 
+@pytest.mark.slow
 def test_deep_big_little_trains_and_costs_less():
     model = create_model("assemble_resnet101_bl", num_classes=5).train()
     out = model(torch.randn(2, 3, 32, 32))
@@ -282,6 +286,7 @@ def test_bad_options_are_user_errors(kwargs):
         create_model(TINY, num_classes=7, **kwargs)
 
 
+@pytest.mark.slow
 def test_listing_rows_and_resnet50_gmacs():
     rows = {r.name: r for r in list_variants(ListingConfig(pattern="*resnet50"))}
     assert set(rows) == {"assemble_resnet50", "resnet50", "seresnet50"}

@@ -37,6 +37,7 @@ def train_step(model: nn.Module, size: int, classes: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIC_VARIANTS))
+@pytest.mark.slow
 def test_classic_backbone_trains_swaps_its_head_and_names_its_minimum_size(name):
     model = create_model(name, num_classes=7)
     assert train_step(model, max(32, MIN_SIZE[name]), 7).shape == (2, 7)
@@ -93,10 +94,12 @@ def test_inception_v2_is_the_keras_seeds():
 
 
 @pytest.mark.parametrize("name", sorted(SEED_BASELINES))
+@pytest.mark.slow
 def test_seed_timm_names_build_and_train_at_small_sizes(name):
     assert train_step(create_model(name, num_classes=3), 32, 3).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_a_seed_model_trains_an_epoch_and_evaluates_through_the_cli(tiny_shards, tmp_path, capsys):
     from kdkit.cli import main
 

@@ -224,6 +224,7 @@ def test_the_vector_loops_are_dispatched_at_run_time(plugin):
         assert name in binary, f"no {name.decode()} in the plugin"
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_build_is_rebuilt(tmp_path):
     # in a fresh interpreter: the plugin registers its operator once per process
     script = ("from kdkit.pipelines import native; p = native.library_path(); p.parent.mkdir(parents=True); "

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_the_wheel_holds_kdkit_alone_with_the_pipelines_inside(tmp_path):
     import setuptools
 

@@ -19,7 +19,7 @@ from kdkit.shards import contract, tario
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, loader_config
 from kdkit.pipelines.loader import DaliLoader, build_pipeline
-from kdkit.pipelines.shardset import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
+from kdkit.shards.reader import ShardError, explain_failure, reading_order, resolve_shards, scan_shards
 
 H, W = 48, 64  # image size of the hand-written shards below
 RAW = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # normalize to plain 0..255 pixel values
@@ -102,6 +102,7 @@ def test_train_shuffles_but_covers_the_set(tiny_shards):
 
 @pytest.mark.parametrize("aug", [dict(color_jitter=0.4), dict(auto_augment="randaugment"),
                                  dict(auto_augment="autoaugment"), dict(auto_augment="trivialaugment")])
+@pytest.mark.slow
 def test_train_augmentations_run_on_cpu(tiny_shards, aug):
     images, labels, _ = next(iter(DaliLoader(tiny_shards, cfg(**aug))))
     assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
@@ -445,7 +446,7 @@ def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_
     # straight into DALI (no pre-check): its "underful sample" error is translated to the key
     shards = resolve_shards(tars)
     with pytest.raises(RuntimeError) as err:
-        build_pipeline(cfg("eval"), shards, teacher="full").build()
+        build_pipeline(cfg("eval"), shards, teacher_kind="full").build()
     assert "s-000000.tar: sample s000" in str(explain_failure(err.value, shards, None, "jpg", 0, 1))
 
 
@@ -511,12 +512,13 @@ def test_split_folder_and_dataset_root_resolve_alike(tiny_shards):
 @pytest.mark.parametrize("role,extra", [("train", dict(color_jitter=0.4, auto_augment="randaugment")),
                                         ("eval", dict(views="tencrop")), ("teacher_views", {}),
                                         ("replay", dict(hw_decoder_load=0.75)), ("replay", dict(views_per_load=2))])
+@pytest.mark.slow
 def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     # defining the graph (not building it) checks every CPU/GPU placement: "mixed" decoders,
     # GPU operators, CPU-side arguments, outputs moved with .gpu()
     with warnings.catch_warnings(record=True):  # DALI's auto_aug: deprecated aliases, forced to show
         pipe = build_pipeline(cfg(role, device="gpu", device_id=0, **extra), resolve_shards(tiny_shards),
-                              teacher="full" if role == "replay" else False)
+                              teacher_kind="full" if role == "replay" else False)
     assert pipe.device_id == 0
 
 
@@ -582,7 +584,7 @@ def test_a_loader_config_says_what_it_is_and_routes_each_option(indexed):
     c = loader_config("eval", views="flip", crop_ratio=0.8, image_size=40, batch_size=3, device="cpu", num_threads=1)
     assert (c.role.views, c.role.crop_ratio, c.output.image_size, c.reading.batch_size, c.backend.num_threads) == \
         ("flip", 0.8, 40, 3, 1)
-    assert "Eval(views='flip', crop_ratio=0.8)" in repr(c)  # a pipeline is data you can print
+    assert "Eval(crop_ratio=0.8, views='flip')" in repr(c)  # a pipeline is data you can print
     # the roles say how their batches look
     tars, _ = indexed
     assert next(iter(DaliLoader(tars, c))).images.shape == (3, 2, 3, 40, 40)

@@ -38,10 +38,11 @@ from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
 from kdkit.runtime import Runtime
 from kdkit.shards import resume
 from kdkit.teach import add_logits, members
-from kdkit.teach.compute import loader_config
+from kdkit.teach.compute import views_config
 from kdkit.teach.teachers import load_teacher
 from kdkit.pipelines import DaliLoader, LoaderConfig, Replay, ShardSet, loader_config as make_loader_config, \
     reading_order, resolve_shards
+from kdkit.pipelines.options import Transform
 
 SIZE, RATIO = 32, 0.875
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -198,7 +199,7 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
     seen, pixel_err, logit_err, other_views = 0, [], [], []
     for index, tar in enumerate(shards.tars):
         one = ShardSet(tars=[tar])
-        same_as_the_pass = loader_config(cfg, Runtime(), SIZE, RATIO, MEAN, STD, index)
+        same_as_the_pass = views_config(cfg, Runtime(), Transform(SIZE, RATIO, MEAN, STD), index)
         teacher_views = [b for b in DaliLoader(one, same_as_the_pass)]
         views, boxes = torch.cat([b.views for b in teacher_views]), torch.cat([b.boxes for b in teacher_views])
         samples = [m for _, m in tario.iter_tar_samples(tar)]
@@ -459,6 +460,7 @@ def test_cli_runs_a_bare_state_dict_teacher(tiny_shards, ckpts, single, tmp_path
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_torchrun_ranks_split_the_shards_and_write_the_single_process_set(tiny_shards, ckpts, single, tmp_path):
     """`torchrun --nproc_per_node 2 -m kdkit add-teacher-logits ... --device cpu`: two gloo ranks in one
     process group, each shard computed by exactly one of them, one manifest, the same bytes as one

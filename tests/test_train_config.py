@@ -47,7 +47,7 @@ def test_flags_override_the_recipe_which_overrides_defaults(tmp_path):
     assert cfg.lr == 0.3 and cfg.bias_decay is True  # flags
     assert cfg.warmup_epochs == 5 and cfg.mixup == 0.2  # recipe
     assert cfg.batch_size == 64 and cfg.kd == "none" and cfg.ema is False  # defaults
-    assert cfg.model_kwargs == {"drop_rate": 0.2, "zero_init_last": False} and cfg.random_area == [0.2, 1.0]
+    assert cfg.model_kwargs == {"drop_rate": 0.2, "zero_init_last": False} and cfg.random_area == (0.2, 1.0)
     assert cfg.data == "data/x" and cfg.recipe == "bag-of-tricks"
     # the resolved config round-trips as a recipe
     save_config(cfg, tmp_path / "config.yaml")

@@ -61,7 +61,7 @@ def worker(rank: int, port: int, data: str, out: str) -> None:
     def step(p, batch, *a, **k):
         seen.setdefault(state["epoch"], []).extend(batch.labels.view(-1).tolist())
         out_ = real_step(p, batch, *a, **k)
-        state["params"] = float(sum(q.detach().double().sum() for q in p.model.parameters()))
+        state["params"] = float(sum(q.detach().double().sum() for q in p.student.model.parameters()))
         return out_
 
     loop.train_one_epoch, loop.train_step = epoch, step
@@ -77,6 +77,7 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_ddp_two_cpu_ranks(tmp_path):
     data = one_per_class_shards(tmp_path / "d")
     out = tmp_path / "runs"

@@ -113,6 +113,7 @@ def rows(run: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # learning and the run folder
 
+@pytest.mark.slow
 def test_teacher_training_learns_and_writes_the_run_folder(colour, tmp_path):
     history = fit(cfg_for(colour, tmp_path, epochs=4, name="t", ema=True, ema_decay=0.5, sched="cosine", model=RESNET))
     run = tmp_path / "t"
@@ -138,12 +139,14 @@ def test_teacher_training_learns_and_writes_the_run_folder(colour, tmp_path):
     ("stored", dict(mixup=0.4, cutmix=1.0, label_smoothing=0.1)),
     ("replay", dict(sam_rho=0.05, grad_accum=1)),
 ])
+@pytest.mark.slow
 def test_student_from_stored_teacher_outputs(colour, tmp_path, kd, extra):
     data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0)
     history = fit(cfg_for(data, tmp_path, epochs=2, name="s", kd=kd, kd_temperature=2.0, **extra))
     assert len(history) == 2 and all(np.isfinite(r["train_loss"]) for r in history)
 
 
+@pytest.mark.slow
 def test_augmix_jsd_trains_a_teacher_through_the_cli(colour, tmp_path, capsys):
     from kdkit.cli import main
 
@@ -158,20 +161,21 @@ def test_augmix_jsd_trains_a_teacher_through_the_cli(colour, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kd", ["stored", "replay"])
+@pytest.mark.slow
 def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
     """Top-k storage: the loader yields (values, indices) and the loss sees the dense logits with
-    -inf outside the stored classes (losses.dense_logits_from_topk)."""
-    import kdkit.train.loop as loop
+    -inf outside the stored classes (kd.dense_logits_from_topk)."""
+    import kdkit.train.kd as kd_mod
 
     data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0, topk=2)
     seen = []
-    real = loop.stored_teacher_logits
+    real = kd_mod.dense_teacher_logits
 
-    def spy(batch, num_classes, dev, topk_target):
-        dense = real(batch, num_classes, dev, topk_target)
-        seen.append((isinstance(batch.teacher_logits, tuple), dense))
+    def spy(stored, num_classes, dev, topk_target):
+        dense = real(stored, num_classes, dev, topk_target)
+        seen.append((isinstance(stored, tuple), dense))
         return dense
-    monkeypatch.setattr(loop, "stored_teacher_logits", spy)
+    monkeypatch.setattr(kd_mod, "dense_teacher_logits", spy)
     history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd=kd, kd_temperature=2.0))
     assert np.isfinite(history[-1]["train_loss"]) and seen
     for was_topk, dense in seen:
@@ -180,15 +184,17 @@ def test_student_from_topk_teacher_outputs(colour, tmp_path, kd, monkeypatch):
 
 
 def test_marginal_topk_target_spreads_the_rest_and_needs_log_probabilities(colour, tmp_path, monkeypatch):
+    import kdkit.train.kd as kd_mod
+
     data = add_teacher_outputs(colour, tmp_path / "d", topk=1)
     seen = []
-    real = loop.teacher_probs
+    real = kd_mod.TeacherTargets.probs
 
-    def spy(logits, temperature):
-        probs = real(logits, temperature)
+    def spy(self, temperature):
+        probs = real(self, temperature)
         seen.append(probs)
         return probs
-    monkeypatch.setattr(loop, "teacher_probs", spy)
+    monkeypatch.setattr(kd_mod.TeacherTargets, "probs", spy)
     fit(cfg_for(data, tmp_path, epochs=1, name="m", kd="stored", topk_target="marginal", kd_temperature=1.0))
     for probs in seen:  # 3 classes, 1 kept: the two others share what it leaves, equally, and nothing is 0
         assert torch.allclose(probs.sum(1), torch.ones(len(probs))) and (probs > 0).all()
@@ -203,28 +209,32 @@ def test_marginal_topk_target_spreads_the_rest_and_needs_log_probabilities(colou
 
 
 def test_views_per_load_trains_on_b_x_n_views_and_mixes_within_them(colour, tmp_path, monkeypatch):
+    import kdkit.train.kd as kd_mod
+
     data = add_teacher_outputs(colour, tmp_path / "d", views=3)
     mixed = []
-    real = loop.mix_batch
+    real = kd_mod.KD_MODES["replay"].targets
 
-    def spy(images, target, t_probs, *args):
-        out = real(images, target, t_probs, *args)
-        mixed.append((images.shape[0], target, t_probs, out))
-        return out
-    monkeypatch.setattr(loop, "mix_batch", spy)
-    history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd="replay", views_per_load=2, mixup=0.4))
+    def spy(self, batch, images, mix):
+        teacher = real(self, batch, images, mix)
+        t_probs = kd_mod.TeacherTargets(teacher.logits).probs(2.0)  # unmixed
+        mixed.append((images.shape[0], batch.labels, t_probs, teacher.probs(2.0), mix))
+        return teacher
+    monkeypatch.setattr(kd_mod.KD_MODES["replay"], "targets", spy)
+    history = fit(cfg_for(data, tmp_path, epochs=1, name="s", kd="replay", views_per_load=2, mixup=0.4,
+                          kd_temperature=2.0))
     assert history[0]["samples"] == 3 * 8 * 2 and history[0]["updates"] == 3  # 3 steps of 8 samples x 2 views
-    for n, target, t_probs, (_, target_mixed, t_mixed, p) in mixed:
-        assert n == target.shape[0] == t_probs.shape[0] == 16  # images, class and teacher targets: B x N rows
+    for n, labels, t_probs, t_mixed, p in mixed:
+        assert n == labels.shape[0] == t_probs.shape[0] == 16  # images, class and teacher targets: B x N rows
         # image i is mixed with image 15 - i, a view of another sample; its teacher target with the same lambda
-        assert torch.allclose(t_mixed, p.lam * t_probs + (1 - p.lam) * t_probs.flip(0))
-        assert torch.allclose(target_mixed, p.lam * target + (1 - p.lam) * target.flip(0))
+        assert p.kind == "mixup" and torch.allclose(t_mixed, p.lam * t_probs + (1 - p.lam) * t_probs.flip(0))
     with pytest.raises(KdkitError, match=r"views_per_load=4: expected 1\.\.3: .* stores 3 views per sample"):
         fit(cfg_for(data, tmp_path, epochs=1, name="s4", kd="replay", views_per_load=4))
     with pytest.raises(KdkitError, match="views_per_load=2: several stored views per load need kd=replay"):
         cfg_for(data, tmp_path, kd="stored", views_per_load=2)
 
 
+@pytest.mark.slow
 def test_online_teacher_and_grad_accumulation(colour, tmp_path):
     fit(cfg_for(colour, tmp_path, epochs=1, name="teacher"))
     history = fit(cfg_for(colour, tmp_path, epochs=1, name="student", kd="online",
@@ -266,6 +276,7 @@ def same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(colour_kd, tmp_path, monkeypatch):
     fit(resume_cfg(colour_kd, tmp_path, "whole"))
     whole = read_checkpoint(tmp_path / "whole" / "last.pth")
@@ -287,6 +298,7 @@ def test_resume_equals_uninterrupted(colour_kd, tmp_path, monkeypatch):
             assert [r[key] for r in got] == [r[key] for r in want], key
 
 
+@pytest.mark.slow
 def test_resume_restores_the_loader_state_and_falls_back_where_it_cannot(colour_kd, tmp_path, monkeypatch):
     """The data position is DALI's checkpoint of the one train loader: threads may change, it still
     resumes exactly; other loader options cannot continue that stream: said, and the run finishes
@@ -370,6 +382,7 @@ def test_class_count_mismatches_are_errors_before_training(colour, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # fine-tuning with a new head
 
+@pytest.mark.slow
 def test_finetune_loads_the_backbone_and_reinitialises_the_head(colour, tiny_shards, tmp_path):
     five = write_colour_shards(tmp_path / "five", num_classes=5, per_class=(2, 1))
     fit(cfg_for(five, tmp_path, epochs=1, name="src"))

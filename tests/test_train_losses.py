@@ -8,6 +8,7 @@ import pytest
 import torch
 from timm.loss import JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from kdkit.train.kd import TeacherTargets
 from kdkit.train.losses import (AugMixJsdLoss, DistillationLoss, dense_logits_from_topk, kd_kl, kd_loss,
                                 one_hot_smoothed, soft_target_ce, teacher_probs)
 from kdkit.train.mix import MixParams, draw_mix, mix_batch, mix_images
@@ -104,8 +105,10 @@ def test_mixup_kd_target_mixes_teacher_probabilities_with_the_same_lambda():
     np.random.seed(3)
     images = torch.randn(4, 3, 8, 8)
     target = one_hot_smoothed(torch.tensor([0, 1, 2, 1]), 3, 0.1)
-    t_probs = teacher_probs(torch.randn(4, 3), 4.0)
-    mixed, y, t, p = mix_batch(images, target, t_probs, mixup_alpha=0.4, cutmix_alpha=0.0)
+    logits = torch.randn(4, 3)
+    t_probs = teacher_probs(logits, 4.0)
+    mixed, y, p = mix_batch(images, target, mixup_alpha=0.4, cutmix_alpha=0.0)
+    t = TeacherTargets(logits, p).probs(4.0)  # the teacher's targets get the images' draw
     lam = p.lam
     assert p.kind == "mixup" and 0 < lam < 1
     assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0))
@@ -122,7 +125,8 @@ def test_cutmix_uses_the_area_corrected_lambda():
     images = torch.arange(2 * 1 * 10 * 10, dtype=torch.float32).reshape(2, 1, 10, 10)
     target = one_hot_smoothed(torch.tensor([0, 1]), 2)
     t_probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    mixed, y, t, p = mix_batch(images, target, t_probs, mixup_alpha=0.0, cutmix_alpha=1.0)
+    mixed, y, p = mix_batch(images, target, mixup_alpha=0.0, cutmix_alpha=1.0)
+    t = TeacherTargets(t_probs.log(), p).probs(1.0)
     yl, yh, xl, xh = p.box
     area = (yh - yl) * (xh - xl)
     assert p.kind == "cutmix" and 0 < area < 100

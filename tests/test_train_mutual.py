@@ -11,6 +11,7 @@ import torch
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import read_checkpoint
+from kdkit.train.kd import TeacherTargets
 from kdkit.train.losses import DistillationLoss
 from kdkit.train.loop import fit
 from kdkit.train.mutual import mutual_losses
@@ -47,7 +48,7 @@ def test_each_students_loss_is_the_hand_computed_one():
     labels = torch.tensor([0, 2, 1, 2])
     target = torch.nn.functional.one_hot(labels, 3).float()
     alpha, T, s, m = 0.4, 3.0, 5.0, 0.35
-    losses = mutual_losses(a, b, target, DistillationLoss(T, alpha), DistillationLoss(T, alpha, s, m), T)
+    losses = mutual_losses([a, b], target, [DistillationLoss(T, alpha), DistillationLoss(T, alpha, s, m)])
     with torch.no_grad():
         want_a = hand_loss(a.double(), b.double(), labels, alpha, T)
         want_b = hand_loss(b.double(), a.double(), labels, alpha, T, am=(s, m))
@@ -58,8 +59,8 @@ def test_each_students_loss_is_the_hand_computed_one():
         assert g_own.abs().sum() > 0 and not g_peer.any()
     # a stored teacher on top: the mean of its and the peer's distributions is the KL's target
     t = torch.randn(4, 3, dtype=torch.float64) * 2
-    losses = mutual_losses(a, b, target, DistillationLoss(T, alpha), DistillationLoss(T, alpha, s, m), T,
-                           t_probs=torch.softmax(t / T, dim=1))
+    losses = mutual_losses([a, b], target, [DistillationLoss(T, alpha), DistillationLoss(T, alpha, s, m)],
+                           teacher=TeacherTargets(t))
     with torch.no_grad():
         want_a = hand_loss(a, b, labels, alpha, T, teacher=t)
         want_b = hand_loss(b, a, labels, alpha, T, am=(s, m), teacher=t)
@@ -73,6 +74,7 @@ def mutual_cfg(data, out, name, **kw):
                    opt="sgd", lr=0.05, **kw)
 
 
+@pytest.mark.slow
 def test_mutual_learning_writes_both_students_and_resumes_exactly(colour, tmp_path, monkeypatch):
     history = fit(mutual_cfg(colour, tmp_path, "whole"))
     run = tmp_path / "whole"
@@ -105,6 +107,7 @@ def test_mutual_learning_writes_both_students_and_resumes_exactly(colour, tmp_pa
         assert [r[key] for r in got] == [r[key] for r in want], key
 
 
+@pytest.mark.slow
 def test_cli_trains_two_students_and_eval_takes_the_peer(colour, tmp_path, capsys):
     common = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "8", "--loader-threads", "1",
               "--shuffle-buffer", "32", "--no-progress", "--output", str(tmp_path), "--opt", "adamw", "--lr", "3e-3"]
@@ -145,7 +148,7 @@ def test_mutual_learning_with_stored_teacher_logits_on_top(colour, tmp_path, cap
               "--shuffle-buffer", "32", "--no-progress", "--output", str(tmp_path), "--epochs", "1"]
     assert main(["train", "mutual", str(data), "--name", "dml-kd", "--kd", "replay", "--val-data", str(colour)]
                 + common) == 0
-    assert "mutual learning with test_efficientnet and KD replay" in capsys.readouterr().out
+    assert "mutual learning with test_efficientnet and KD from replayed stored views" in capsys.readouterr().out
     assert all(k in rows(tmp_path / "dml-kd")[0] for k in ("train_loss", "peer_train_loss", "peer_val_top1"))
     assert main(["train", "mutual", str(colour), "--name", "x", "--kd", "stored"] + common) == 2
     assert "has no teacher logits" in capsys.readouterr().err  # the same checks as `kdkit train student`
@@ -159,8 +162,8 @@ def test_kd_and_peer_options_stay_with_their_subcommands(colour, tmp_path, capsy
     with pytest.raises(SystemExit) as e:  # no --peer-* flag outside `kdkit train mutual`
         main(["train", "teacher", str(colour), "--peer-model", "test_resnet"])
     assert e.value.code == 2
-    with pytest.raises(KdkitError, match="--peer-model / --peer-am-softmax describe the second student"):
-        fit(cfg_for(colour, tmp_path, epochs=1, peer_model="test_resnet"))
+    with pytest.raises(KdkitError, match="peer_model='test_resnet', .* describe the second student"):
+        cfg_for(colour, tmp_path, epochs=1, peer_model="test_resnet")  # refused with the options, before any run
 
 
 from conftest import cuda_only as gpu  # noqa: E402

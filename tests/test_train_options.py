@@ -28,6 +28,7 @@ def colour(tmp_path_factory):
     dict(opt="lamb", lr=5e-3, sched="multistep", decay_milestones=[1], warmup_epochs=1, label_smoothing=0.1,
          cutmix=1.0, ema=True, ema_warmup=True, clip_grad=0.05, clip_mode="agc"),
 ], ids=["lookahead-radam-plateau-bf16", "lamb-multistep-ema"])
+@pytest.mark.slow
 def test_option_combinations_resume_exactly(colour, tmp_path, monkeypatch, opts):
     opts = dict(opts, model="test_efficientnet", epochs=2)  # 0.1M parameters: the fastest timm test model
     whole = fit(cfg_for(colour, tmp_path, name="whole", **opts))

@@ -21,39 +21,10 @@ from pathlib import Path
 import torch
 
 from kdkit import runtime
-from kdkit.bench import AUGS
+from kdkit.bench import BenchConfig
 from kdkit.bench.sysinfo import Stopwatch, machine
 from kdkit.errors import KdkitError
-
-JITTER = 0.4  # colour jitter strength of "rrc-flip-jitter" (timm's default color_jitter)
-
-
-@dataclass
-class BenchConfig:
-    shards: Path  # a shard-set folder, or a dataset root holding `split`
-    split: str = "train"
-    batch_size: int = 64
-    threads: int = 2  # DALI num_threads = DataLoader num_workers
-    size: int = 224
-    aug: str = "rrc-flip"
-    device: str = "auto"  # "gpu": DALI "mixed" decode + GPU ops, baseline batches copied to the GPU; auto: gpu if any
-    batches: int = 50  # measured batches per loader
-    warmup: int = 5
-    repeats: int = 1  # measurements per loader, alternating DALI / baseline; the median is reported
-    baseline: bool = True
-    gpu_feed: str | None = None  # timm model name, e.g. resnet50
-    shuffle_buffer: int = 1024
-    dtype: str = "float32"
-    antialias: bool = True  # DALI resize antialiasing; Pillow always antialiases, so off is not equivalent
-    fast_idct: bool = False  # DALI decode with libjpeg-turbo's fast IDCT; Pillow uses the exact one
-    native_resize: bool = True  # CPU: kdkit's resize + normalize DALI operator; False: DALI's fn.resize
-    rotate: float = 0.0  # train augs: random rotation in [-rotate, rotate] degrees on top of `aug`
-    rotate_fill: float | None = None  # grey level of the uncovered corners; None = the mean colour
-    hue: float = 0.0  # train augs: hue jitter in [-hue, hue] of a turn on top of `aug`
-    augmix_severity: int = 3  # aug "augmix": timm's / torchvision's AugMix parameters
-    augmix_width: int = 3
-    augmix_depth: int = -1
-    augmix_alpha: float = 1.0
+from kdkit.options import as_dict, changed_flags
 
 
 @dataclass
@@ -80,7 +51,7 @@ def dali_loader(cfg: BenchConfig, rt):
 
     # last_batch="partial": like the baseline, the end of an epoch yields a short batch (images are
     # counted, not batches) instead of a full one computed and dropped
-    role = "eval" if cfg.aug == "eval" else Train(**train_augment(cfg))
+    role = "eval" if cfg.aug == "eval" else Train(**cfg.crop_options(), **as_dict(cfg.augment()))
     lc = loader_config(role, image_size=cfg.size, dtype=cfg.dtype, antialias=cfg.antialias,
                        layout="channels_last" if cfg.gpu_feed else "CHW", batch_size=cfg.batch_size,
                        shuffle_buffer=cfg.shuffle_buffer, teacher_logits=False, last_batch="partial",
@@ -89,35 +60,27 @@ def dali_loader(cfg: BenchConfig, rt):
     return DaliLoader(cfg.shards, lc, split=cfg.split)
 
 
-def train_augment(cfg: BenchConfig) -> dict:
-    """The Train role's augmentation options for `cfg.aug` and the extra ones."""
-    policy = cfg.aug if cfg.aug in ("randaugment", "autoaugment", "trivialaugment") else None
-    return dict(auto_augment=policy, color_jitter=JITTER if cfg.aug == "rrc-flip-jitter" else 0.0, hue=cfg.hue,
-                rotate=cfg.rotate, rotate_fill=cfg.rotate_fill, augmix=cfg.aug == "augmix",
-                augmix_severity=cfg.augmix_severity, augmix_width=cfg.augmix_width, augmix_depth=cfg.augmix_depth,
-                augmix_alpha=cfg.augmix_alpha)
-
-
 def baseline_transform(cfg: BenchConfig):
-    """torchvision's counterpart of the DALI augmentation `cfg.aug`."""
+    """torchvision's counterpart of the DALI augmentation (BenchConfig.augment: --aug and the options)."""
     from torchvision import transforms as T
 
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from kdkit.pipelines.options import IMAGENET_MEAN, IMAGENET_STD
 
-    finish = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if cfg.aug == "eval":
         return T.Compose([T.Resize(round(cfg.size / 0.875)), T.CenterCrop(cfg.size)] + finish)
-    geometric = [T.RandomResizedCrop(cfg.size), T.RandomHorizontalFlip()]
-    jitter = JITTER if cfg.aug == "rrc-flip-jitter" else 0.0
-    colour = [T.ColorJitter(jitter, jitter, jitter, cfg.hue)] if jitter or cfg.hue else []
-    policy = {"rrc-flip": [], "rrc-flip-jitter": [], "randaugment": [T.RandAugment(2, 9)],
-              "autoaugment": [T.AutoAugment()], "trivialaugment": [T.TrivialAugmentWide()],
-              "augmix": [T.AugMix(cfg.augmix_severity, cfg.augmix_width, cfg.augmix_depth, cfg.augmix_alpha)]}[cfg.aug]
+    a = cfg.augment()
+    geometric = [T.RandomResizedCrop(cfg.size, scale=cfg.random_area, ratio=cfg.random_aspect_ratio)]
+    geometric += [T.RandomHorizontalFlip()] if cfg.flip else []
+    colour = [T.ColorJitter(a.color_jitter, a.color_jitter, a.color_jitter, a.hue)] if a.color_jitter or a.hue else []
+    policy = {None: [], "randaugment": [T.RandAugment(a.randaugment_n, a.randaugment_m)],
+              "autoaugment": [T.AutoAugment()], "trivialaugment": [T.TrivialAugmentWide()]}[a.auto_augment]
+    if a.augmix:
+        policy = [T.AugMix(a.augmix_severity, a.augmix_width, a.augmix_depth, a.augmix_alpha)]
     rotation = []
-    if cfg.rotate:  # after the resize, as DALI's graph does it (pipelines.train.rotate_views)
-        fill = ([round(cfg.rotate_fill)] * 3 if cfg.rotate_fill is not None
-                else [round(m * 255) for m in IMAGENET_DEFAULT_MEAN])
-        rotation = [T.RandomRotation(cfg.rotate, interpolation=T.InterpolationMode.BILINEAR, fill=fill)]
+    if a.rotate:  # after the resize, as DALI's graph does it (pipelines.train.rotate_views)
+        fill = ([round(a.rotate_fill)] * 3 if a.rotate_fill is not None else [round(m * 255) for m in IMAGENET_MEAN])
+        rotation = [T.RandomRotation(a.rotate, interpolation=T.InterpolationMode.BILINEAR, fill=fill)]
     return T.Compose(geometric + colour + policy + rotation + finish)
 
 
@@ -217,12 +180,6 @@ def gpu_feed(cfg: BenchConfig, loader, num_classes: int, loader_only: RunResult,
 
 def run_bench(cfg: BenchConfig, command: str | None = None) -> dict:
     """Measure DALI (and the baseline); returns the report `format_table` prints and --json writes."""
-    if cfg.aug not in AUGS:
-        raise KdkitError(f"--aug {cfg.aug}: expected one of {', '.join(AUGS)}")
-    if cfg.aug == "eval" and (cfg.rotate or cfg.hue):
-        raise KdkitError("--rotate and --hue are training augmentations: use a train --aug with them")
-    if min(cfg.batches, cfg.batch_size, cfg.threads, cfg.repeats) < 1 or cfg.warmup < 0:
-        raise KdkitError("--batches, --batch-size, --threads and --repeats must be >= 1, --warmup >= 0")
     with runtime.start(cfg.device, announce="kdkit bench-loader", distributed=False) as rt:
         return _measure(cfg, rt, command)
 
@@ -243,7 +200,7 @@ def _measure(cfg: BenchConfig, rt: runtime.Runtime, command: str | None) -> dict
             runs["dataloader+pillow"].append(RunResult.from_watch("dataloader+pillow", where, n, sw))
     base_batches = None  # lets the DataLoader's workers stop before the GPU-feed part
     results = [_median(r) for r in runs.values() if r]
-    report = {"config": {**asdict(cfg), "shards": str(cfg.shards), "device": where}, "machine": machine(),
+    report = {"config": {**as_dict(cfg), "shards": str(cfg.shards), "device": where}, "machine": machine(),
               "command": command if command is not None else command_line(cfg),
               "shard_folder": str(loader.shards.folder or loader.shards.tars[0].parent),
               "samples": loader.scan.num_samples, "resize": loader.role.resizer(loader.cfg.backend),
@@ -259,23 +216,8 @@ def _measure(cfg: BenchConfig, rt: runtime.Runtime, command: str | None) -> dict
 
 
 def command_line(cfg: BenchConfig) -> str:
-    """The `kdkit bench-loader` command that reruns this configuration (for README tables)."""
-    args = ["kdkit", "bench-loader", str(cfg.shards), "--split", cfg.split, "--batch-size", cfg.batch_size,
-            "--threads", cfg.threads, "--size", cfg.size, "--aug", cfg.aug, "--device", cfg.device,
-            "--dtype", cfg.dtype, "--batches", cfg.batches, "--warmup", cfg.warmup, "--repeats", cfg.repeats,
-            "--shuffle-buffer", cfg.shuffle_buffer, "--baseline" if cfg.baseline else "--no-baseline",
-            "--antialias" if cfg.antialias else "--no-antialias", "--fast-idct" if cfg.fast_idct else "--no-fast-idct",
-            "--native-resize" if cfg.native_resize else "--no-native-resize"]
-    if cfg.rotate:
-        args += ["--rotate", cfg.rotate] + (["--rotate-fill", cfg.rotate_fill] if cfg.rotate_fill is not None else [])
-    if cfg.hue:
-        args += ["--hue", cfg.hue]
-    if cfg.aug == "augmix":
-        args += ["--augmix-severity", cfg.augmix_severity, "--augmix-width", cfg.augmix_width, "--augmix-depth",
-                 cfg.augmix_depth, "--augmix-alpha", cfg.augmix_alpha]
-    if cfg.gpu_feed:
-        args += ["--gpu-feed", cfg.gpu_feed]
-    return shlex.join(str(a) for a in args)
+    """The `kdkit bench-loader` command that reruns this configuration (for the tables in docs/loader.md)."""
+    return shlex.join(["kdkit", "bench-loader", str(cfg.shards), *changed_flags(cfg)])
 
 
 def extra_augs(c: dict) -> str:

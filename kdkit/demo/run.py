@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kdkit.errors import KdkitError, OptionError
+from kdkit.train.kd import kd_mode
 
 
 @dataclass
@@ -43,7 +44,7 @@ class DemoConfig:
     batch_size: int = 128
     student_lr: float = 0.02
     kd_temperature: float = 4.0
-    kd_alpha: float = 0.5  # chosen on held-out training images (README section 6): 0.9 lost to it there
+    kd_alpha: float = 0.5  # chosen on held-out training images (docs/demo.md): 0.9 lost to it there
     threads: int = 2
 
     @classmethod
@@ -63,7 +64,7 @@ class DemoConfig:
 
     def row_views(self, kd: str) -> int:
         """Training images per decoded sample of a student row: views_per_load for a replay row, else 1."""
-        return self.views_per_load if kd == "replay" else 1
+        return self.views_per_load if kd_mode(kd).stored_views else 1
 
     def student_budget(self, kd: str) -> tuple[int, int]:
         """(epochs, samples per batch) of a student row. Every row trains on the same number of images,
@@ -191,7 +192,7 @@ class Demo:
         if mode == "student":  # every student is evaluated on the same plain test set
             args += ["--val-data", self.out / "shards", "--kd", kd, "--kd-temperature", cfg.kd_temperature,
                      "--kd-alpha", cfg.kd_alpha]
-            if kd == "online":  # the teacher run on exactly the crop the student sees
+            if kd_mode(kd).runs_teacher:  # the teacher run on exactly the crop the student sees
                 args += ["--teacher-checkpoint", self.out / "runs" / "teacher" / "last.pth"]
             if cfg.row_views(kd) > 1:
                 args += ["--views-per-load", cfg.row_views(kd)]

@@ -38,13 +38,11 @@ def set_name(corruption: str, severity: int) -> str:
 def raw_view_loader(shards, image_size: int, crop_ratio: float, batch_size: int, num_threads: int, rt=None):
     """A DALI eval loader yielding the centre view as pixel values (float 0..255, HWC, exact integers),
     on the DALI backend of `rt` (kdkit.runtime; the CPU without one)."""
-    from kdkit.pipelines import DaliLoader, loader_config
+    from kdkit.pipelines import eval_loader
+    from kdkit.pipelines.options import Transform
 
-    cfg = loader_config("eval", crop_ratio=crop_ratio, image_size=image_size, layout="HWC", mean=(0.0, 0.0, 0.0),
-                        std=(1 / 255,) * 3, batch_size=batch_size, last_batch="partial", shard_id=0, num_shards=1,
-                        num_threads=num_threads, device=rt.dali_device if rt else "cpu",
-                        device_id=rt.device_id if rt else None)
-    return DaliLoader(shards, cfg)
+    raw = Transform(image_size, crop_ratio, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)  # (x - 0) / (1/255) / 255
+    return eval_loader(shards, raw, batch_size, num_threads, rt, layout="HWC")
 
 
 def as_uint8(images) -> np.ndarray:
@@ -100,7 +98,7 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
     other options is refused. The source is decoded once; the views of one source shard are held in
     memory while its corrupted copies are written (about image_size^2 * 3 bytes per sample).
     """
-    from kdkit.pipelines.shardset import ShardSet, resolve_shards
+    from kdkit.shards.reader import ShardSet, resolve_shards
 
     src = resolve_shards(data, split)
     if src.manifest is None:
@@ -181,7 +179,7 @@ def _write(shards, names: list[str], jobs: dict, corruptions, severities, image_
 def corrupted_set(root: Path, corruption: str, severity: int, image_size: int):
     """The written-once set for one pair, checked to have been written for this image size."""
     from kdkit.shards.verify import load_manifest
-    from kdkit.pipelines.shardset import resolve_shards
+    from kdkit.shards.reader import resolve_shards
 
     folder = Path(root) / set_name(corruption, severity)
     if not (folder / contract.MANIFEST).exists():

@@ -1,4 +1,6 @@
-"""Ensembles: the checks that let several models be averaged, and the average itself.
+"""What an evaluation reads: its models (an ensemble: the checks that let several be averaged, and
+the average itself) and its shard set (checked against the models), for eval, robustness, export
+and the OpenVINO export alike.
 
 Models come from kdkit.models.checkpoint.load_model (one way from a file to a model for every stage).
 """
@@ -7,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import ModelInfo, preview
+from kdkit.models.checkpoint import ModelInfo, check_classes, load_model, preview
 
 
 def check_same_classes(infos: list[ModelInfo]) -> None:
@@ -65,3 +67,37 @@ def denormalize_uint8(images: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     mean = torch.tensor(info.mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(info.std, device=images.device).view(1, 3, 1, 1)
     return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = None,
+                device: torch.device | str = "cpu", trust: bool = False) -> tuple[list[torch.nn.Module], list[ModelInfo]]:
+    """Load every checkpoint of an ensemble and check they can be averaged."""
+    if not checkpoints:
+        raise KdkitError("no checkpoint given")
+    loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name, trust=trust) for c in checkpoints]
+    models, infos = [m.to(device) for m, _ in loaded], [i for _, i in loaded]
+    check_same_classes(infos)
+    check_same_transform(infos)
+    return models, infos
+
+
+def open_eval_set(data, split: str, infos: list[ModelInfo]):
+    """The ShardSet, after checking its classes against the model's (by id and order) and that its
+    images are stored at least as large as the model's crops."""
+    from kdkit.shards.reader import resolve_shards
+
+    shards = resolve_shards(data, split)
+    if shards.manifest is not None:
+        for info in infos:
+            check_classes(info, shards.manifest.classes, str(shards.folder or data))
+            check_image_size(shards, info, data)
+    return shards
+
+
+def check_image_size(shards, info: ModelInfo, data) -> None:
+    """Shards stored smaller than the model's crop would be upscaled: statistics of other images."""
+    opts = shards.manifest.options if shards.manifest is not None else {}
+    if opts.get("max_size") and opts.get("resize_side", "shorter") == "shorter" and opts["max_size"] < info.image_size:
+        raise KdkitError(f"{shards.folder or data}: stores images of at most {opts['max_size']} px (shorter side) "
+                         f"but the model takes {info.image_size} px crops; use a shard set written for this size "
+                         f"(kdkit shard --max-size >= {info.image_size})")

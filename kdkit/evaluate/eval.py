@@ -22,8 +22,8 @@ import torch
 from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
 from kdkit.evaluate import metrics
-from kdkit.evaluate.ensemble import check_same_classes, check_same_transform, ensemble_probs
-from kdkit.models.checkpoint import ModelInfo, check_classes, load_model
+from kdkit.evaluate.ensemble import ensemble_probs, load_models, open_eval_set
+from kdkit.models.checkpoint import ModelInfo
 
 if TYPE_CHECKING:
     from kdkit.evaluate.robustness import RobustnessConfig  # imported when used: it pulls in scipy
@@ -48,53 +48,15 @@ class EvalConfig:
     extra: dict = field(default_factory=dict)  # recorded in the report as given (e.g. the command line)
 
 
-def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = None,
-                device: torch.device | str = "cpu", trust: bool = False) -> tuple[list[torch.nn.Module], list[ModelInfo]]:
-    """Load every checkpoint of an ensemble and check they can be averaged."""
-    if not checkpoints:
-        raise KdkitError("no checkpoint given")
-    loaded = [load_model(c, prefer_ema=prefer_ema, model_name=model_name, trust=trust) for c in checkpoints]
-    models, infos = [m.to(device) for m, _ in loaded], [i for _, i in loaded]
-    check_same_classes(infos)
-    check_same_transform(infos)
-    return models, infos
-
-
-def open_eval_set(data, split: str, infos: list[ModelInfo]):
-    """The ShardSet, after checking its classes against the model's (by id and order) and that its
-    images are stored at least as large as the model's crops."""
-    from kdkit.pipelines.shardset import resolve_shards
-
-    shards = resolve_shards(data, split)
-    if shards.manifest is not None:
-        for info in infos:
-            check_classes(info, shards.manifest.classes, str(shards.folder or data))
-            check_image_size(shards, info, data)
-    return shards
-
-
-def check_image_size(shards, info: ModelInfo, data) -> None:
-    """Shards stored smaller than the model's crop would be upscaled: statistics of other images."""
-    opts = shards.manifest.options if shards.manifest is not None else {}
-    if opts.get("max_size") and opts.get("resize_side", "shorter") == "shorter" and opts["max_size"] < info.image_size:
-        raise KdkitError(f"{shards.folder or data}: stores images of at most {opts['max_size']} px (shorter side) "
-                         f"but the model takes {info.image_size} px crops; use a shard set written for this size "
-                         f"(kdkit shard --max-size >= {info.image_size})")
-
-
 def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
                   rt: runtime.Runtime | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probs (N, K), labels (N,)) over the whole set, in stored order."""
-    from kdkit.pipelines import DaliLoader, loader_config
+    from kdkit.pipelines import eval_loader
 
     rt = rt or runtime.Runtime()
-    info = infos[0]
     gpu = rt.device.type == "cuda"
-    lcfg = loader_config("eval", views=cfg.views, crop_ratio=cfg.crop_ratio, image_size=info.image_size,
-                         mean=info.mean, std=info.std, layout="channels_last" if gpu else "CHW",
-                         batch_size=cfg.batch_size, last_batch="partial", shard_id=0, num_shards=1,
-                         num_threads=cfg.num_threads, device=rt.dali_device, device_id=rt.device_id)
-    loader = DaliLoader(shards, lcfg)
+    loader = eval_loader(shards, infos[0].transform(cfg.crop_ratio), cfg.batch_size, cfg.num_threads, rt,
+                         views=cfg.views)
     if gpu:
         models = [m.to(memory_format=torch.channels_last) for m in models]
     probs, labels = [], []

@@ -119,7 +119,7 @@ class Predictions(list):
 
 def predict(cfg: PredictConfig) -> Predictions:
     """One Prediction per image, in input order; undecodable images carry `error` instead of `top`."""
-    from kdkit.evaluate.deploy import is_ir, load_ir
+    from kdkit.evaluate.openvino import is_ir, load_ir
     from kdkit.runtime import pick_device
 
     if is_ir(cfg.checkpoint):  # an OpenVINO IR from `kdkit export --format openvino`: runs on the CPU

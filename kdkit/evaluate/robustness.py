@@ -179,7 +179,7 @@ def _from_shards(judges, shards, cfg, rcfg: RobustnessConfig, image_size: int, r
 def evaluate_robustness(models, infos: list[ModelInfo], shards, cfg, rcfg: RobustnessConfig, rt) -> dict:
     """Corruption errors of the model (or ensemble), its reference's, and the mCE summary; the models
     run where `rt` (kdkit.runtime) says."""
-    from kdkit.evaluate.eval import load_models, open_eval_set
+    from kdkit.evaluate.ensemble import load_models, open_eval_set
 
     if not rcfg.corruptions:
         raise KdkitError("no corruptions selected")

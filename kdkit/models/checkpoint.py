@@ -163,6 +163,14 @@ class ModelInfo:
     def sha256(self) -> str:
         return sha256_file(self.source)
 
+    def transform(self, crop_ratio: float | None = None):
+        """Its input transform (kdkit.pipelines.options.Transform: what the eval loaders read), with the
+        centre crop `crop_ratio` where one is given, else its own (0.875 where it names none)."""
+        from kdkit.pipelines.options import Transform
+
+        ratio = crop_ratio if crop_ratio is not None else self.crop_ratio if self.crop_ratio is not None else 0.875
+        return Transform(self.image_size, ratio, tuple(self.mean), tuple(self.std))
+
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("classes")

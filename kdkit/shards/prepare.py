@@ -9,7 +9,25 @@ import signal
 
 from kdkit.errors import BadImage
 from kdkit.shards.images import ImageOptions, prepare_image
-from kdkit.shards.sources.base import SourceSample, read_ref
+from kdkit.shards.sources.base import SourceSample
+
+
+def read_ref(ref: tuple):
+    """Encoded image bytes, or a uint8 numpy pixel array (HDF5 arrays), for one sample ref (the converters'
+    sources list refs; reading them here keeps the sources free of each other)."""
+    kind = ref[0]
+    if kind == "file":
+        with open(ref[1], "rb") as f:
+            return f.read()
+    if kind == "tfrecord":
+        from kdkit.shards.sources import tfrecord  # only where a set comes from TFRecords / HDF5
+
+        return tfrecord.read_image(ref)
+    if kind == "hdf5":
+        from kdkit.shards.sources import hdf5
+
+        return hdf5.read_image(ref)
+    raise ValueError(f"unknown sample ref kind {kind!r}")
 
 
 def init_worker() -> None:

@@ -106,7 +106,7 @@ class _Source:
             self.identity = {"teachers": records, "transform": self.transform, "topk": cfg.topk, "dtype": "float16",
                              "device": rt.dali_device, "amp": cfg.amp and rt.device.type == "cuda"}
             return
-        from kdkit.pipelines import ShardSet, scan_shards
+        from kdkit.shards.reader import ShardSet, scan_shards
 
         from kdkit.teach.h5 import H5Outputs
 
@@ -130,11 +130,13 @@ class _Source:
             return
         from kdkit.teach.compute import run_shards
 
+        from kdkit.pipelines.options import Transform
+
         t = self.teachers[0].info
         tars = {index: src / rec.tar for index, rec in shards}
-        for index, res in run_shards(list(tars.items()), self.ensemble, self.cfg, self.rt, self.size, self.ratio,
-                                     t.mean, t.std, on_images=bar.update,
-                                     checksums={src / rec.tar: rec.sha256 for _, rec in shards}):
+        view = Transform(self.size, self.ratio, tuple(t.mean), tuple(t.std))  # the first teacher's normalisation
+        for index, res in run_shards(list(tars.items()), self.ensemble, self.cfg, self.rt, view,
+                                     on_images=bar.update, checksums={src / rec.tar: rec.sha256 for _, rec in shards}):
             tar = tars[index]
             samples = list(tario.iter_tar_samples(tar))
             keys = [k for k, _ in samples]

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_list, integer
+from kdkit.options import COUNT, FRACTION, SEED, HelpFormatter, add_options, command_line, csv_list, integer
+from kdkit.pipelines.options import RandomCrop
 
 
 DESCRIPTION = """\
@@ -51,11 +52,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=integer(8), default=None, help="view size (default: from the checkpoint / timm)")
     g.add_argument("--crop-ratio", type=FRACTION, default=None,
                    help="centre crop: image size / resized shorter side (default: timm's crop_pct, else 0.875)")
-    g.add_argument("--random-area", type=FRACTION, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="random views: share of the image area")
-    g.add_argument("--random-aspect-ratio", type=POSITIVE, nargs=2, default=(3 / 4, 4 / 3), metavar=("MIN", "MAX"),
-                   help="random views: width / height range (default: 3/4 4/3)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random views: mirror half")
+    add_options(p, RandomCrop, group=g)  # the random views' crop and flip: the training role's options
     g.add_argument("--seed", type=SEED, default=0, help="seed of the random views (each shard derives its own)")
     g = p.add_argument_group("Storage")
     g.add_argument("--topk", type=COUNT, default=None, metavar="k",

@@ -55,25 +55,33 @@ def cpu_threads(cfg: TeacherPassConfig, rt: Runtime):
         torch.set_num_threads(before)
 
 
-def loader_config(cfg: TeacherPassConfig, rt: Runtime, image_size: int, crop_ratio: float, mean, std,
-                  shard_index: int):
-    """The loader of one shard's views: the eval role's centre crop, or the teacher_views role's K views."""
-    from kdkit.pipelines import TeacherViews, loader_config as make
+def views_config(cfg: TeacherPassConfig, rt: Runtime, transform, shard_index: int):
+    """The LoaderConfig of one shard's K random views (the teacher_views role), seeded by the shard."""
+    from kdkit.pipelines import TeacherViews, loader_config
 
-    role = "eval" if cfg.views is None else TeacherViews(
-        num_views=cfg.views, crop_ratio=crop_ratio, random_area=tuple(cfg.random_area),
-        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip)
-    extra = {"crop_ratio": crop_ratio} if cfg.views is None else {}
-    return make(role, **extra, image_size=image_size, mean=tuple(mean), std=tuple(std), antialias=cfg.antialias,
-                layout="channels_last" if rt.device.type == "cuda" else "CHW", batch_size=cfg.batch_size,
-                shuffle=False, seed=shard_seed(cfg.seed, shard_index), last_batch="partial", teacher_logits=False,
-                shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard, not by DALI
-                num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id)
+    role = TeacherViews(num_views=cfg.views, crop_ratio=transform.crop_ratio, random_area=tuple(cfg.random_area),
+                        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip)
+    return loader_config(role, image_size=transform.image_size, mean=tuple(transform.mean), std=tuple(transform.std),
+                         antialias=cfg.antialias, layout="channels_last" if rt.device.type == "cuda" else "CHW",
+                         batch_size=cfg.batch_size, shuffle=False, seed=shard_seed(cfg.seed, shard_index),
+                         last_batch="partial", teacher_logits=False,
+                         shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard
+                         num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id)
+
+
+def shard_loader(cfg: TeacherPassConfig, rt: Runtime, shards, transform, shard_index: int):
+    """The loader of the views the teacher sees: the eval centre crop (kdkit.pipelines.eval_loader), or
+    the K random views of views_config."""
+    from kdkit.pipelines import DaliLoader, eval_loader
+
+    if cfg.views is None:
+        return eval_loader(shards, transform, cfg.batch_size, cfg.threads, rt, antialias=cfg.antialias)
+    return DaliLoader(shards, views_config(cfg, rt, transform, shard_index))
 
 
 def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: TeacherPassConfig, rt: Runtime,
-               image_size: int, crop_ratio: float, mean, std, on_images=None,
-               checksums: dict[Path, str] | None = None) -> Iterator[tuple[int, ShardOutputs]]:
+               transform, on_images=None, checksums: dict[Path, str] | None = None
+               ) -> Iterator[tuple[int, ShardOutputs]]:
     """(shard index, its outputs in tar order) for each (index, tar) of `shards`, as each one completes;
     a tar named in `checksums` (its manifest's sha256) must still have those bytes (check_checksums).
 
@@ -83,13 +91,13 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
     (shard_seed): DALI cannot re-seed a built pipeline, and a shard's boxes must not depend on which
     shards ran before it on this rank (resume, another world size), so that a rerun stores the same.
     """
-    from kdkit.pipelines import DaliLoader, ShardSet, reading_order
+    from kdkit.shards.reader import ShardSet, reading_order
 
     groups = [shards] if cfg.views is None else [[s] for s in shards]
     amp = cfg.amp and rt.device.type == "cuda"
     for group in groups:
-        lcfg = loader_config(cfg, rt, image_size, crop_ratio, mean, std, group[0][0])
-        loader = DaliLoader(ShardSet(tars=[Path(t) for _, t in group], checksums=checksums or {}), lcfg)
+        loader = shard_loader(cfg, rt, ShardSet(tars=[Path(t) for _, t in group], checksums=checksums or {}),
+                              transform, group[0][0])
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]
         starts = [0, *itertools.accumulate(counts)]

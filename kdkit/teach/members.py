@@ -5,7 +5,7 @@ class indices, (k,) or (K, k), which bounds the size for many-class teachers (10
 view in full, 40 bytes at k=10). Top-k values are log-probabilities, log_softmax of the logits
 (TOPK_VALUES): logits of the same distribution (a softmax over them is the softmax over the same k
 raw logits, at any temperature) that also keep the mass of the classes left out, 1 - sum(exp(values)),
-for FKD's marginal smoothing (kdkit.train.losses.dense_logits_from_topk). Views are float32 (K, 5).
+for FKD's marginal smoothing (kdkit.train.kd.dense_logits_from_topk). Views are float32 (K, 5).
 Everything is a plain .npy, so DALI decodes it in-graph and webdataset users read it with np.load.
 """
 from __future__ import annotations

@@ -3,10 +3,12 @@
     from kdkit.train import TrainConfig, fit, make_config
     fit(make_config({"data": "shards/food", "model": "resnet50", "kd": "stored"}, recipe="bag-of-tricks"))
 
-Modules: config (options, recipes), data (shard checks, DALI loaders per epoch), model (build,
-fine-tune, AM-softmax head, teacher), losses, mix, optim (timm factories + SAM), build (all parts
-of a run), loop (the training step and epoch), state (checkpoint / resume), runs (run folder),
-lr_find, cli; devices and DDP under torchrun come from kdkit.runtime.
+Modules: config (every option, recipes), kd (the KD modes: how a batch gets its teacher targets),
+data (shard checks, the run's DALI loaders: one train loader per run), model (build, fine-tune,
+AM-softmax head, freezing), losses (the criterion), mix, mutual (two students), optim (timm
+factories + SAM), build (the Trainer: students, KD mode, loaders, position), loop (the training
+step and epoch), state (checkpoint / resume), runs (run folder), lr_find, cli; devices and DDP
+under torchrun come from kdkit.runtime.
 Heavy imports (torch, DALI, timm) happen in the modules, not here.
 """
 from kdkit.train.config import TrainConfig, list_recipes, load_recipe, make_config

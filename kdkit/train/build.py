@@ -1,9 +1,19 @@
 """Everything a training run holds, built from a TrainConfig and checked before the first step.
 
-`build(cfg, dist)` does, in order: data checks (shards, classes, teacher outputs), the resume
-checkpoint (architecture, train_state), the model (fine-tuning weights, AM-softmax head), the
-online teacher, optimizer / SAM / scheduler / scaler / EMA, the run folder, and the resumed state.
-Any bad input therefore fails here with a KdkitError, before anything is trained or written.
+`build(cfg, rt)` does, in order: the KD mode (kdkit.train.kd) and the data checks (shards, classes,
+teacher outputs), the resume checkpoint, the students (model, fine-tuning weights, head; mutual
+learning's second one), what the KD mode needs (the online teacher), the loaders, each student's
+optimizer / schedule / EMA, the run folder, and the resumed state. Any bad input therefore fails
+here with a KdkitError, before anything is trained or written. The result is a Trainer, in a few
+named parts:
+
+    students   the models trained: one, or mutual learning's two; each a Student (model, what the
+               step calls, optimizer, schedule, loss, EMA, best val top-1, its file and metric names)
+    kd         how a batch gets its teacher targets (kdkit.train.kd)
+    loaders    the train loader (one per run) and the val loader (kdkit.train.data)
+    at         where the run stands: optimizer updates, the epoch and step it continues from, history
+    scaler, sam, run, data, cfg, rt: the AMP grad scaler, SAM, the run folder, the shard sets, the
+               options and the runtime
 """
 from __future__ import annotations
 
@@ -17,101 +27,77 @@ from kdkit.errors import KdkitError
 from kdkit.runtime import Runtime
 from kdkit.train import data as data_mod
 from kdkit.train.config import TrainConfig
+from kdkit.train.kd import KD, kd_mode
 from kdkit.train.losses import AugMixJsdLoss, DistillationLoss
-from kdkit.train.model import build_model, build_teacher, load_finetune, set_backbone_frozen
-from kdkit.train.mutual import Peer, build_peer, check_mutual_options
+from kdkit.train.model import build_model, load_finetune, set_backbone_frozen
+from kdkit.train.mutual import peer_config
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
-from kdkit.train.runs import RunDir
+from kdkit.train.runs import BEST, LAST, PEER_BEST, PEER_LAST, RunDir
 from kdkit.train.state import loader_state, read_resume_checkpoint, restore, seed_everything
 
 
 @dataclass
-class Parts:
-    cfg: TrainConfig
-    rt: Runtime  # device, rank and world (kdkit.runtime)
-    data: data_mod.DataInfo
+class Student:
+    """One model being trained, and what trains it."""
+
+    cfg: TrainConfig  # the run's config, with this student's model and head (kdkit.train.mutual.peer_config)
     model: torch.nn.Module  # the plain model: what is saved and evaluated
     net: torch.nn.Module  # what the training step calls: the model, or DDP / torch.compile around it
     optimizer: torch.optim.Optimizer
     scheduler: object | None
-    scaler: torch.amp.GradScaler
     criterion: DistillationLoss | AugMixJsdLoss
-    run: RunDir
-    teacher: torch.nn.Module | None = None
-    peer: Peer | None = None  # mutual learning: the second student (kdkit.train.mutual)
-    sam: SAM | None = None
     ema: ModelEmaV3 | None = None
-    train_loader: object | None = None  # one per run (kdkit.train.data)
-    val_loader: object | None = None
-    updates: int = 0  # optimizer updates so far
     best: float | None = None  # best val top-1 so far
-    frozen: bool = False
+    prefix: str = ""  # of its metrics ("peer_" for mutual learning's second student)
+    files: tuple[str, str] = (LAST, BEST)  # its latest and best checkpoints in the run folder
+
+
+@dataclass
+class Loaders:
+    train: object  # kdkit.pipelines.DaliLoader: one per run (kdkit.train.data)
+    val: object | None
+
+
+@dataclass
+class Position:
+    """Where the run stands."""
+
+    updates: int = 0  # optimizer updates so far
+    epoch: int = 0  # the epoch to continue from ...
+    step: int = 0  # ... and its micro-batches already trained
+    sums: dict | None = None  # that epoch's partial train-loss sums
     skip_batches: int = 0  # a resume whose loader could not be restored: batches of its first epoch already trained
-    start: tuple[int, int, dict | None] = (0, 0, None)  # (epoch, step_in_epoch, epoch_sums) to continue from
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the metrics rows of the epochs done
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    rt: Runtime  # device, rank and world (kdkit.runtime)
+    data: data_mod.DataInfo
+    kd: KD
+    students: list[Student]
+    loaders: Loaders
+    run: RunDir
+    scaler: torch.amp.GradScaler
+    sam: SAM | None = None
+    at: Position = field(default_factory=Position)
+    frozen: bool = False
+
+    @property
+    def student(self) -> Student:
+        """The first student: the run's model (best.pth, last.pth)."""
+        return self.students[0]
 
     def autocast(self):
-        if self.cfg.amp == "none":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.rt.device.type, dtype=dtype)
+        return autocast(self.cfg, self.rt)
 
 
-def check_options(cfg: TrainConfig) -> None:
-    check_mutual_options(cfg)
-    if cfg.sam_rho > 0 and cfg.grad_accum > 1:
-        raise KdkitError("SAM perturbs the weights along the whole batch's gradient: use --grad-accum 1 with it")
-    if cfg.sam_rho > 0 and cfg.amp == "fp16":
-        raise KdkitError("SAM with fp16 loss scaling is not supported: use --amp bf16")
-    if cfg.kd == "online" and not cfg.teacher_checkpoint:
-        raise KdkitError("--kd online needs --teacher-checkpoint (kdkit never downloads weights)")
-    if cfg.freeze_epochs and not cfg.finetune:
-        raise KdkitError("--freeze-epochs freezes a loaded backbone: give --finetune CHECKPOINT")
-
-
-def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Parts:
-    """All parts of a run; start_run=False (the LR finder) neither writes a run folder nor resumes."""
-    check_options(cfg)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = rt.device.type == "cuda" and not cfg.deterministic
-    data = data_mod.prepare_data(cfg)
-    resume = read_resume_checkpoint(cfg) if start_run else None
-
-    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg, data.num_classes)
-    if cfg.finetune and not resume:
-        reset = load_finetune(model, cfg.finetune, cfg)
-        if rt.is_main:
-            print(f"kdkit train: backbone from {cfg.finetune}; new head ({', '.join(reset)})")
-    if cfg.sync_bn and rt.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-    teacher = build_teacher(cfg, data.num_classes, data.classes, rt.device) if cfg.kd == "online" else None
-
-    optimizer = build_optimizer(cfg, model)  # before any freezing: frozen parameters join later
-    loader = data_mod.train_loader(cfg, data, rt, loader_state(resume, cfg, data, rt))
-    updates_per_epoch = -(-len(loader) // cfg.grad_accum)
-    peer = build_peer(cfg, data.num_classes, rt, updates_per_epoch) if cfg.mutual else None
-    p = Parts(
-        cfg=cfg, rt=rt, data=data, model=model, net=model, optimizer=optimizer,
-        scheduler=build_scheduler(cfg, optimizer, updates_per_epoch),
-        scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
-        criterion=criterion(cfg),
-        run=RunDir(cfg, rt.is_main), teacher=teacher, peer=peer,
-        sam=SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None,
-        ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None,
-        train_loader=loader, val_loader=data_mod.eval_loader(cfg, data, rt))
-    if start_run:
-        p.run.start(cfg, resuming=resume is not None)
-    # each rank mixes and drops out differently; a resume replaces these with the saved states
-    seed_everything(cfg.seed + 1_000 * (rt.rank + 1))
-    if resume:
-        p.start = restore(p, *resume)
-        p.run.keep_metrics_until(p.start[0])
-        p.history = [r for r in p.run.read_metrics() if r["epoch"] <= p.start[0]]
-    set_frozen(p, p.start[0] < cfg.freeze_epochs)
-    return p
+def autocast(cfg: TrainConfig, rt: Runtime):
+    """The run's mixed precision (--amp) around a forward pass."""
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
 def criterion(cfg: TrainConfig) -> DistillationLoss | AugMixJsdLoss:
@@ -121,22 +107,68 @@ def criterion(cfg: TrainConfig) -> DistillationLoss | AugMixJsdLoss:
     return DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None, cfg.am_margin)
 
 
-def set_frozen(p: Parts, frozen: bool) -> None:
-    """Freeze or thaw the backbone and (re)wrap the model: DDP only syncs parameters that require
+def student_model(cfg: TrainConfig, data: data_mod.DataInfo, rt: Runtime, finetune: bool) -> torch.nn.Module:
+    """A student's model on the device: built by name, its backbone from --finetune (a new run only)."""
+    model = build_model(cfg, data.num_classes)
+    if finetune and cfg.finetune:
+        reset = load_finetune(model, cfg.finetune, cfg)
+        if rt.is_main:
+            print(f"kdkit train: backbone from {cfg.finetune}; new head ({', '.join(reset)})")
+    if cfg.sync_bn and rt.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(rt.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+
+
+def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Trainer:
+    """All parts of a run; start_run=False (the LR finder) neither writes a run folder nor resumes."""
+    if cfg.freeze_epochs and not cfg.finetune:
+        raise KdkitError("--freeze-epochs freezes a loaded backbone: give --finetune CHECKPOINT")
+    kd = kd_mode(cfg.kd)(cfg)
+    data = data_mod.prepare_data(cfg, kd)
+    resume = read_resume_checkpoint(cfg) if start_run else None
+
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    configs = [cfg, peer_config(cfg)] if cfg.mutual else [cfg]  # the peer: the same seeded generator, later draws
+    models = [student_model(c, data, rt, finetune=resume is None) for c in configs]
+    kd.prepare(data, rt, lambda: autocast(cfg, rt))
+    optimizers = [build_optimizer(c, m) for c, m in zip(configs, models)]  # before freezing: frozen parameters join later
+    train_loader = data_mod.train_loader(cfg, kd, data, rt, loader_state(resume, cfg, kd, data, rt))
+    updates_per_epoch = -(-len(train_loader) // cfg.grad_accum)
+    students = [Student(c, m, m, o, build_scheduler(c, o, updates_per_epoch), criterion(c),
+                        ema=ModelEmaV3(m, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema and i == 0 else None,
+                        prefix="peer_" if i else "", files=(PEER_LAST, PEER_BEST) if i else (LAST, BEST))
+                for i, (c, m, o) in enumerate(zip(configs, models, optimizers))]
+    t = Trainer(cfg=cfg, rt=rt, data=data, kd=kd, students=students,
+                loaders=Loaders(train_loader, data_mod.eval_loader(cfg, data, rt)), run=RunDir(cfg, rt.is_main),
+                scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
+                sam=SAM(optimizers[0], cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None)
+    if start_run:
+        t.run.start(cfg, resuming=resume is not None)
+    # each rank mixes and drops out differently; a resume replaces these with the saved states
+    seed_everything(cfg.seed + 1_000 * (rt.rank + 1))
+    if resume:
+        restore(t, *resume)
+        t.run.keep_metrics_until(t.at.epoch)
+        t.at.history = [r for r in t.run.read_metrics() if r["epoch"] <= t.at.epoch]
+    set_frozen(t, t.at.epoch < cfg.freeze_epochs)
+    return t
+
+
+def set_frozen(t: Trainer, frozen: bool) -> None:
+    """Freeze or thaw the backbone and (re)wrap the models: DDP only syncs parameters that require
     grad when it is built, so DDP is rebuilt around the model when the set changes."""
-    if frozen or p.frozen:
-        set_backbone_frozen(p.model, frozen)
-    p.frozen = frozen
-    p.net = wrap(p, p.model)
-    if p.peer is not None:
-        p.peer.net = wrap(p, p.peer.model)
+    if frozen or t.frozen:
+        set_backbone_frozen(t.student.model, frozen)
+    t.frozen = frozen
+    for s in t.students:
+        s.net = wrap(t, s.model)
 
 
-def wrap(p: Parts, model: torch.nn.Module) -> torch.nn.Module:
+def wrap(t: Trainer, model: torch.nn.Module) -> torch.nn.Module:
     """What the training step calls: the model, in DDP across ranks, compiled with --compile."""
     net = model
-    if p.rt.distributed:
+    if t.rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[p.rt.device.index] if p.rt.device.type == "cuda" else None)
-    return torch.compile(net) if p.cfg.compile else net
+        net = DistributedDataParallel(model, device_ids=[t.rt.device.index] if t.rt.device.type == "cuda" else None)
+    return torch.compile(net) if t.cfg.compile else net

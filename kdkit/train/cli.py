@@ -14,69 +14,42 @@ fills the rest. kdkit/cli.py wires these in with add_parser(sub) and add_lr_find
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import yaml
 
-from kdkit.errors import KdkitError
 from kdkit import options
-from kdkit.options import HelpFormatter
-from kdkit.train.config import FIELDS, TYPES, KD_MODES, TrainConfig, list_recipes, load_recipe, make_config
+from kdkit.errors import KdkitError
+from kdkit.options import KD, HelpFormatter, add_options, given_options, option_fields
+from kdkit.train.config import FIELDS, KD_MODES, TrainConfig, list_recipes, load_recipe, make_config
+
+# what each mode takes besides the options every training has: a teacher never distills, only mutual
+# learning has a peer; `mutual` itself is set by the mode
+MODE_OPTIONS = {
+    "teacher": (),
+    "lr-find": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
+                "views_per_load"),
+    "student": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
+                "views_per_load"),
+    "mutual": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
+               "views_per_load", "peer_model", "peer_am_softmax"),
+}
+NOT_FLAGS = ("data", "recipe", "mutual", "resume")  # the positional, -c, the mode, and --resume (below)
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    return k, yaml.safe_load(v)  # numbers, true/false, null, lists as YAML reads them
-
-
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null", "") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _add_field(group, f: dataclasses.Field, default) -> None:
-    meta, hint = f.metadata, str(TYPES[f.name])
-    flag = "--" + f.name.replace("_", "-")
-    help_text = f"{meta['help']} (default: {default})".replace("%", "%%")
-    kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
-    if hint == "<class 'bool'>":
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-    elif f.name == "model_kwargs":
-        group.add_argument(flag, nargs="*", type=_key_value, metavar="KEY=VALUE", **kw)
-    elif "nargs" in meta:
-        group.add_argument(flag, nargs=meta["nargs"], type=meta["item"], **kw)
-    else:
-        kind = int if "int" in hint else float if "float" in hint else str
-        kind = _optional(kind) if "None" in hint else kind
-        group.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=None if "choices" in meta
-                           else f.name.upper(), **kw)
-
-
-def add_train_arguments(p: argparse.ArgumentParser, kd_default: str | None, mutual: bool = False) -> None:
-    """-c/--config, the DATA positional and one flag per TrainConfig field, in timm's argument groups.
-    kd_default None: no --kd flag (teacher training never distills); the --peer-* flags only with mutual
-    (`kdkit train mutual` sets `mutual` itself)."""
+def add_train_arguments(p: argparse.ArgumentParser, mode: str, kd_default: str | None = None) -> None:
+    """-c/--config, the DATA positional and one flag per TrainConfig option this mode takes, in timm's
+    argument groups (kdkit.options.add_options). Flags have no argparse defaults (SUPPRESS): the
+    namespace holds what was typed, the recipe fills the rest."""
     p.add_argument("-c", "--config", default=None, metavar="RECIPE",
                    help=f"recipe name ({', '.join(list_recipes())}) or YAML file filling the defaults")
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
                    help="dataset root (holding train/ and val/ shard sets) or a train shard-set folder")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("data", "recipe", "mutual") or (f.name == "kd" and kd_default is None):
-            continue
-        if f.name.startswith("peer_") and not mutual:
-            continue
-        if f.name == "resume":
-            continue
-        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        default = kd_default if f.name == "kd" else (f.default if f.default is not dataclasses.MISSING
-                                                    else f.default_factory())
-        _add_field(g, f, default)
-    groups["Run parameters"].add_argument(
+    kd_only = {n for n, f in option_fields(TrainConfig).items() if f.metadata["group"] == KD}
+    exclude = set(NOT_FLAGS) | (kd_only - set(MODE_OPTIONS[mode]) - {"checkpoint_ema"})
+    groups: dict = {}
+    add_options(p, TrainConfig, exclude=exclude, suppress=True, groups=groups,
+                defaults={"kd": kd_default} if kd_default else None)
+    groups[options.RUN].add_argument(
         "--resume", nargs="?", const="last", default=argparse.SUPPRESS, metavar="CHECKPOINT",
         help="continue the run named by --name from its last.pth, or from CHECKPOINT")
 
@@ -92,16 +65,17 @@ def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
     """TrainConfig of a parsed command line: the recipe's values, then every flag that was given. With
     --resume, the run's saved config.yaml instead of the recipe: flags may change only what
     RESUME_MAY_CHANGE lists (each change is printed when the run starts)."""
-    given = {k: v for k, v in vars(a).items() if k in FIELDS}
+    given = given_options(a, TrainConfig)
     if "resume" in given:
         saved = _saved_config(a, given, mode)
         if saved is not None:
             return saved
-    if "model_kwargs" in given:
-        given["model_kwargs"] = dict(given["model_kwargs"])
     recipe = load_recipe(a.config) if a.config else {}
-    if mode == "teacher" and recipe.get("kd", "none") != "none":
-        raise KdkitError(f"recipe {a.config} distills (kd: {recipe['kd']}); use `kdkit train student`")
+    if mode == "teacher" and "kd" in recipe:
+        from kdkit.train.kd import kd_mode
+
+        if recipe["kd"] in KD_MODES and kd_mode(recipe["kd"]).distills:
+            raise KdkitError(f"recipe {a.config} distills (kd: {recipe['kd']}); use `kdkit train student`")
     if recipe.get("mutual") and mode != "mutual":
         raise KdkitError(f"recipe {a.config} trains two students (mutual: true); use `kdkit train mutual`")
     if mode == "mutual":
@@ -131,12 +105,10 @@ def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig 
     if not path.exists():
         return None
     saved = yaml.safe_load(path.read_text()) or {}
-    if "model_kwargs" in given:
-        given["model_kwargs"] = dict(given["model_kwargs"])
     if given.get("mutual") and not saved.get("mutual"):  # no --mutual flag to name: say which command
         raise KdkitError(f"{path.parent}: this run was not trained with `kdkit train mutual`; resume it with the "
                          "command that started it (`kdkit train student|teacher ... --resume`)")
-    changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+    changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != options.plain(v))
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {shlex.quote(str(given[k]))} (the run has {saved.get(k)!r})"
                           for k in changed)
@@ -179,7 +151,7 @@ def add_parser(sub) -> None:
                        formatter_class=HelpFormatter,
                        description="Train on a kdkit shard set through the DALI loader.\n\n"
                                    + __doc__.split("\n\n")[1])
-    s = p.add_subparsers(dest="train_mode", required=True, metavar="MODE")
+    s = p.add_subparsers(dest="train_mode", required=True, metavar="MODE", parser_class=options.Parser)
     for mode, kd_default, text in (
             ("teacher", None, "train a model on the labels alone (no distillation): the teacher for a later "
                               "teacher pass, or any plain classifier"),
@@ -194,7 +166,7 @@ def add_parser(sub) -> None:
                          description=text + ". Recipe values fill the defaults; every "
                          "flag overrides them; the resolved config is saved as runs/NAME/config.yaml.",
                          formatter_class=HelpFormatter)
-        add_train_arguments(q, kd_default, mutual=mode == "mutual")
+        add_train_arguments(q, mode, kd_default)
         q.set_defaults(func=_run(mode))
 
 
@@ -206,7 +178,7 @@ def add_lr_find_parser(sub) -> None:
                                    "--start-lr to --end-lr, one update per batch, with the same step and loss as "
                                    "`kdkit train`; stop when the smoothed loss diverges. Writes lr_find.png and "
                                    "lr_find.json into runs/NAME and prints the suggested LR.")
-    add_train_arguments(p, kd_default="none")
+    add_train_arguments(p, "lr-find")
     g = p.add_argument_group("LR finder")
     g.add_argument("--start-lr", type=options.POSITIVE, default=1e-7, help="first LR (default: 1e-7)")
     g.add_argument("--end-lr", type=options.POSITIVE, default=10.0, help="last LR (default: 10)")
@@ -225,4 +197,4 @@ def add_lr_find_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["add_parser", "add_lr_find_parser", "add_train_arguments", "config_from_args", "KD_MODES"]
+__all__ = ["add_parser", "add_lr_find_parser", "add_train_arguments", "config_from_args"]

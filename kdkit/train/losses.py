@@ -6,9 +6,11 @@ so one soft-target cross-entropy serves all cases; timm's mixup_target builds th
 
     loss = (1 - alpha) * CE(student, target) + alpha * T^2 * KL(softmax(t / T) || softmax(s / T))
 
-The T^2 factor (Hinton et al., 2015) keeps the KD gradients' scale independent of T. Teacher
-targets enter as probabilities, not logits, so that mixed targets (a mix of two samples'
-teacher distributions) and top-k targets (a distribution over k classes) are the same thing.
+The T^2 factor (Hinton et al., 2015) keeps the KD gradients' scale independent of T. The teacher
+comes as kdkit.train.kd.TeacherTargets (dense logits and the batch's mix), whose probs(T) is the
+distribution the KL term compares with: mixed targets (a mix of two samples' teacher
+distributions), top-k targets (a distribution over k classes) and mutual learning's peers
+(kdkit.train.mutual) are the same thing to the loss.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 
-from kdkit.train.config import TOPK_TARGETS
+from kdkit.train.kd import TeacherTargets, dense_logits_from_topk, teacher_probs
 
 _SOFT_CE = SoftTargetCrossEntropy()
 
@@ -32,41 +34,6 @@ def one_hot_smoothed(labels: torch.Tensor, num_classes: int, smoothing: float = 
 def soft_target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum(target * log_softmax(logits)): timm's SoftTargetCrossEntropy, in float32."""
     return _SOFT_CE(logits.float(), target)
-
-
-def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(t / T) in float32 (stored logits are float16); -inf logits get probability 0."""
-    return F.softmax(teacher_logits.float() / temperature, dim=-1)
-
-
-def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int,
-                           target: str = "renormalize") -> torch.Tensor:
-    """Dense (..., C) teacher logits from stored top-k (values, indices): the student's target is
-    softmax(dense / T). Two readings of what top-k leaves out (`kdkit train --topk-target`):
-
-    renormalize  the other classes get -inf: the teacher's distribution renormalized over its k best
-                 classes, the classes it ranks below the k-th get no probability (ReLabel; FKD's
-                 "hardening"). What top-k gives up is their share of the mass at temperature T.
-    marginal     FKD's marginal smoothing: the k classes keep the teacher's own probabilities
-                 exp(values) and the mass left, 1 - sum(exp(values)), is spread evenly over the other
-                 C - k classes (each gets the logit log(rest / (C - k))). Needs values that are
-                 log-probabilities (top-k as `kdkit add-teacher-logits` writes it: log_softmax). At
-                 T = 1 it is exactly that distribution; at T > 1 that distribution softened like any
-                 logits (the kept classes keep their order, the others stay equal).
-
-    Either way softmax(dense / T) sums to 1 per row.
-    """
-    if target not in TOPK_TARGETS:
-        raise ValueError(f"target={target!r}: expected one of {', '.join(TOPK_TARGETS)}")
-    v = values.float()
-    fill = torch.full((*values.shape[:-1], 1), float("-inf"), dtype=torch.float32, device=values.device)
-    others = num_classes - values.shape[-1]
-    if target == "marginal" and others > 0:
-        # fp16 rounding can put the kept mass a hair over 1: then nothing is left (log 0 = -inf)
-        rest = (1.0 - v.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-        fill = torch.log(rest / others)
-    dense = fill.expand(*values.shape[:-1], num_classes).clone()
-    return dense.scatter_(-1, indices.long(), v)
 
 
 def kd_kl(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,11 +57,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             temperature: float = 4.0, alpha: float = 0.9, smoothing: float = 0.0) -> torch.Tensor:
     """The plain KD loss for class-index labels and teacher logits (no mixing): see the module doc."""
     target = one_hot_smoothed(labels, student_logits.shape[-1], smoothing)
-    return DistillationLoss(temperature, alpha)(student_logits, target, teacher_probs(teacher_logits, temperature))
+    return DistillationLoss(temperature, alpha)(student_logits, target, TeacherTargets(teacher_logits.float()))
 
 
 class DistillationLoss(torch.nn.Module):
-    """(student logits, hard target probs, teacher probs at temperature T | None) -> loss.
+    """(student logits, hard target probs, teacher targets | None) -> loss.
 
     Without teacher probs (teacher training, kd=none) it is the hard-label loss alone. With an
     AM-softmax head the margin applies to the hard-label term; the KD term compares the head's
@@ -107,13 +74,14 @@ class DistillationLoss(torch.nn.Module):
         self.temperature, self.alpha = temperature, alpha
         self.am_scale, self.am_margin = am_scale, am_margin
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, t_probs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, teacher=None) -> torch.Tensor:
         hard_logits = logits if self.am_scale is None else am_softmax_margin(logits, target, self.am_scale,
                                                                            self.am_margin)
         hard = soft_target_ce(hard_logits, target)
-        if t_probs is None:
+        if teacher is None:
             return hard
-        return (1.0 - self.alpha) * hard + self.alpha * kd_kl(logits, t_probs, self.temperature)
+        return (1.0 - self.alpha) * hard + self.alpha * kd_kl(logits, teacher.probs(self.temperature),
+                                                              self.temperature)
 
 
 class AugMixJsdLoss(torch.nn.Module):
@@ -130,5 +98,5 @@ class AugMixJsdLoss(torch.nn.Module):
         super().__init__()
         self.jsd = JsdCrossEntropy(num_splits=3, alpha=alpha, smoothing=smoothing)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, t_probs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, teacher=None) -> torch.Tensor:
         return self.jsd(logits.float(), target.argmax(dim=-1).repeat(3))

@@ -72,22 +72,25 @@ def lr_find(cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float = 10.0, num_
     return result
 
 
-def _range_test(p, start_lr: float, end_lr: float, num_steps: int, smooth: float, diverge: float):
-    """(LRs, raw losses, smoothed losses) of one update per batch at exponentially growing LRs."""
-    p.model.train()
-    mixing = p.cfg.mixup > 0 or p.cfg.cutmix > 0
+def _range_test(t, start_lr: float, end_lr: float, num_steps: int, smooth: float, diverge: float):
+    """(LRs, raw losses, smoothed losses) of one update per batch at exponentially growing LRs
+    (t: kdkit.train.build.Trainer)."""
+    for s in t.students:
+        s.model.train()
+    mixing = t.cfg.mixup > 0 or t.cfg.cutmix > 0
     lrs, raw, smoothed, avg, best = [], [], [], 0.0, math.inf
-    batches = iter(p.train_loader)
-    bar = tqdm(total=num_steps, desc="lr-find", unit="step", disable=not p.cfg.progress, dynamic_ncols=True)
+    batches = iter(t.loaders.train)
+    bar = tqdm(total=num_steps, desc="lr-find", unit="step", disable=not t.cfg.progress, dynamic_ncols=True)
     for i, lr in enumerate(lr_schedule(start_lr, end_lr, num_steps)):
         bar.update(1)
         batch = next(batches, None)
         if batch is None:  # more steps than one epoch: the loader's next epoch, as training would
-            batches = iter(p.train_loader)
+            batches = iter(t.loaders.train)
             batch = next(batches)
-        for group in p.optimizer.param_groups:
-            group["lr"] = float(lr)
-        loss = train_step(p, batch, 0, 1, mixing)[0].item()
+        for s in t.students:
+            for group in s.optimizer.param_groups:
+                group["lr"] = float(lr)
+        loss = train_step(t, batch, 0, 1, mixing)[0][0].item()
         if not math.isfinite(loss):
             break
         avg = smooth * loss + (1 - smooth) * avg if i else loss

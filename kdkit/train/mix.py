@@ -8,7 +8,7 @@ box helper (`cutmix_bbox_and_lam`), whose area-corrected lambda is what the targ
 
     image  = lam * x_i + (1 - lam) * x_j              (mixup), or x_i with x_j pasted in a box (cutmix)
     target = lam * y_i + (1 - lam) * y_j              (timm's mixup_target, label smoothing included)
-    teacher= lam * p_i + (1 - lam) * p_j,  p = softmax(teacher_logits / T)
+    teacher= lam * p_i + (1 - lam) * p_j,  p = softmax(teacher_logits / T)   (kdkit.train.kd.TeacherTargets)
 
 For stored (or replayed) logits the teacher term is an approximation: the teacher never saw the
 mixed image, and its output on it is not in general the mix of its outputs on the two images.
@@ -28,6 +28,9 @@ class MixParams:
     kind: str = "none"  # "none" | "mixup" | "cutmix"
     lam: float = 1.0  # weight of the sample itself; for cutmix the area-corrected value
     box: tuple[int, int, int, int] | None = None  # cutmix (y_lo, y_hi, x_lo, x_hi) of the pasted region
+
+
+NO_MIX = MixParams()
 
 
 def draw_mix(image_shape, mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0,
@@ -64,11 +67,12 @@ def mix_targets(target: torch.Tensor | None, p: MixParams) -> torch.Tensor | Non
     return target * p.lam + target.flip(0) * (1.0 - p.lam)
 
 
-def mix_batch(images: torch.Tensor, target: torch.Tensor, t_probs: torch.Tensor | None, mixup_alpha: float,
-              cutmix_alpha: float, prob: float = 1.0, switch_prob: float = 0.5):
-    """(mixed images, mixed class targets, mixed teacher probs | None, MixParams) with one shared draw.
+def mix_batch(images: torch.Tensor, target: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
+              prob: float = 1.0, switch_prob: float = 0.5):
+    """(mixed images, mixed class targets, MixParams) from one draw; the teacher's targets are mixed
+    with the same MixParams (mix_targets, through kdkit.train.kd.TeacherTargets).
 
     `images` are (B, C, H, W); the cutmix box is drawn on their H x W (timm reads shape[-2:]).
     """
     p = draw_mix(images.shape, mixup_alpha, cutmix_alpha, prob, switch_prob)
-    return mix_images(images, p), mix_targets(target, p), mix_targets(t_probs, p), p
+    return mix_images(images, p), mix_targets(target, p), p

@@ -1,5 +1,6 @@
 """Models as the trainer needs them: built by name (kdkit.models.factory), optionally with an
-AM-softmax head, fine-tuned from a checkpoint with a new head, partly frozen, or loaded as a teacher.
+AM-softmax head, fine-tuned from a checkpoint with a new head, or partly frozen (the online teacher
+is the KD mode's: kdkit.train.kd).
 
 No architecture code lives here: zero-gamma, EvoNorm, the assembled ResNets are the registry's
 (`create_model(name, num_classes, **model_kwargs)`); heads are kdkit.models.heads'; every
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.models.checkpoint import check_classes, load_model, load_weights
+from kdkit.models.checkpoint import load_model, load_weights
 from kdkit.models.factory import create_model
 from kdkit.models.heads import am_softmax, classifier_name
 from kdkit.train.config import TrainConfig
@@ -90,17 +91,3 @@ def set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
             in_head = name == prefix or name.startswith(prefix + ".")
             if not in_head and any(True for _ in m.buffers(recurse=False)):
                 m.eval()
-
-
-def build_teacher(cfg: TrainConfig, num_classes: int, classes: list[dict], device: torch.device) -> torch.nn.Module:
-    """The online teacher: any checkpoint load_model reads (its model named by it, or --teacher-model
-    for a bare state dict), checked to know this run's classes (by id and order where it lists them),
-    in eval mode on `device`."""
-    if not cfg.teacher_checkpoint:
-        raise KdkitError("--kd online needs --teacher-checkpoint (kdkit never downloads weights)")
-    teacher, info = load_model(cfg.teacher_checkpoint, model_name=cfg.teacher_model, num_classes=num_classes,
-                               prefer_ema=cfg.checkpoint_ema, trust=cfg.trust_checkpoint)
-    if classes:  # the shards' class list (sets without a manifest have only a count)
-        check_classes(info, classes, cfg.data)
-    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
-    return teacher.to(device, memory_format=fmt).requires_grad_(False)

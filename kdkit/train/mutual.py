@@ -30,77 +30,42 @@ import torch
 
 from kdkit.errors import KdkitError
 from kdkit.train.config import TrainConfig
-from kdkit.train.losses import DistillationLoss, teacher_probs
-from kdkit.train.model import build_model
-from kdkit.train.optim import build_optimizer, build_scheduler, load_scheduler_state, scheduler_state
-
-
-@dataclass
-class Peer:
-    """The second student and what trains it; cfg is the run's config with the peer's model and head."""
-    cfg: TrainConfig
-    model: torch.nn.Module
-    net: torch.nn.Module  # what the step calls (DDP / compile around model, as Parts.net)
-    optimizer: torch.optim.Optimizer
-    scheduler: object | None
-    criterion: DistillationLoss
-    best: float | None = None
+from kdkit.train.kd import teacher_probs
+from kdkit.train.optim import load_scheduler_state, scheduler_state
 
 
 def peer_config(cfg: TrainConfig) -> TrainConfig:
+    """The second student's config: the run's, with --peer-model and --peer-am-softmax."""
     return dataclasses.replace(cfg, model=cfg.peer_model or cfg.model, am_softmax=cfg.peer_am_softmax)
 
 
-def check_mutual_options(cfg: TrainConfig) -> None:
-    """What mutual learning does not combine with, refused in one line each before anything runs."""
-    if not cfg.mutual:
-        if cfg.peer_model or cfg.peer_am_softmax:
-            raise KdkitError("--peer-model / --peer-am-softmax describe the second student of `kdkit train mutual`")
-        return
-    refused = [(cfg.sam_rho > 0, "--sam-rho: SAM's second pass is not supported for two students"),
-               (cfg.ema, "--ema: EMA weights of the two students are not supported"),
-               (bool(cfg.finetune), "--finetune: loading one backbone into two students is not supported")]
-    for bad, why in refused:
-        if bad:
-            raise KdkitError(f"kdkit train mutual: {why}")
+@dataclass
+class PeerTargets:
+    """A student's soft target in mutual learning: its peer's detached distribution at T, averaged with
+    the teacher's where the run has one. The loss reads it as it reads teacher targets (probs)."""
+
+    peer_logits: torch.Tensor
+    teacher: object | None = None  # kdkit.train.kd.TeacherTargets
+
+    def probs(self, temperature: float) -> torch.Tensor:
+        peer = teacher_probs(self.peer_logits.detach(), temperature)
+        return peer if self.teacher is None else (peer + self.teacher.probs(temperature)) / 2
 
 
-def build_peer(cfg: TrainConfig, num_classes: int, rt, updates_per_epoch: int) -> Peer:
-    """The peer, built after the first student from the same seeded generator: another initialisation."""
-    pcfg = peer_config(cfg)
-    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
-    model = build_model(pcfg, num_classes)
-    if cfg.sync_bn and rt.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(rt.device, memory_format=fmt)
-    optimizer = build_optimizer(pcfg, model)
-    return Peer(cfg=pcfg, model=model, net=model, optimizer=optimizer,
-                scheduler=build_scheduler(pcfg, optimizer, updates_per_epoch),
-                criterion=DistillationLoss(cfg.kd_temperature, cfg.kd_alpha,
-                                           cfg.am_scale if pcfg.am_softmax else None, cfg.am_margin))
-
-
-def mutual_losses(logits_1: torch.Tensor, logits_2: torch.Tensor, target: torch.Tensor,
-                  criterion_1: DistillationLoss, criterion_2: DistillationLoss, temperature: float,
-                  t_probs: torch.Tensor | None = None) -> torch.Tensor:
+def mutual_losses(logits: list[torch.Tensor], target: torch.Tensor, criteria: list, teacher=None) -> torch.Tensor:
     """(loss_1, loss_2) of the module doc: each student's KD loss against its detached peer (and the
-    teacher's probabilities at T, t_probs, where the run has a teacher)."""
-    def soft_target(peer_logits):
-        peer = teacher_probs(peer_logits.detach(), temperature)
-        return peer if t_probs is None else (peer + t_probs) / 2
-
-    loss_1 = criterion_1(logits_1, target, soft_target(logits_2))
-    loss_2 = criterion_2(logits_2, target, soft_target(logits_1))
-    return torch.stack([loss_1, loss_2])
+    teacher's targets, where the run has a teacher)."""
+    (a, b), (loss_a, loss_b) = logits, criteria
+    return torch.stack([loss_a(a, target, PeerTargets(b, teacher)), loss_b(b, target, PeerTargets(a, teacher))])
 
 
-def peer_state(peer: Peer) -> dict:
-    """The peer's part of last.pth's train_state."""
+def peer_state(peer) -> dict:
+    """The peer's part of last.pth's train_state (peer: kdkit.train.build.Student)."""
     return {"state_dict": peer.model.state_dict(), "optimizer": peer.optimizer.state_dict(),
             "scheduler": scheduler_state(peer.scheduler), "best": peer.best, "model": peer.cfg.model}
 
 
-def load_peer_state(peer: Peer, state: dict | None, path: str) -> None:
+def load_peer_state(peer, state: dict | None, path: str) -> None:
     from kdkit.models.checkpoint import load_weights
 
     if not state:

@@ -78,7 +78,7 @@ def _per_epoch_decay(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     trains at lr - (lr - min_lr) * i / (n - 1) (linear) or lr * (min_lr / lr) ** (i / (n - 1)) (exp):
     --lr in the first, --min-lr in the last. timm's poly (power 1) and step (every epoch) schedules,
     with the decay spanning n - 1 epochs so that the last epoch is at the end of it."""
-    decay = cfg.epochs - cfg.warmup_epochs  # >= 2, 0 < min_lr <= lr for exp: config.check_values
+    decay = cfg.epochs - cfg.warmup_epochs  # >= 2, 0 < min_lr <= lr for exp: TrainConfig.refusals
     rate = (cfg.min_lr / cfg.lr) ** (1 / (decay - 1)) if cfg.sched == "exp" else 1.0  # poly: the power
     sched, _ = create_scheduler_v2(
         optimizer, sched="poly" if cfg.sched == "linear" else "step", num_epochs=decay - 1, warmup_prefix=True,
@@ -148,6 +148,16 @@ class SAM:
         for p, e in self._moved:
             p.sub_(e)
         self._moved = []
+
+    def second_pass(self, loss_of, model: torch.nn.Module) -> None:
+        """The update's second half, after the first backward: move to w + e, replace the gradient by
+        that of loss_of() there (BatchNorm statistics left as the first pass set them), move back; the
+        base optimizer then steps with it."""
+        self.perturb()
+        self.optimizer.zero_grad(set_to_none=True)
+        with frozen_bn_stats(model):
+            loss_of().backward()
+        self.restore()
 
 
 class frozen_bn_stats:

@@ -15,7 +15,10 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     peer                    `kdkit train mutual`: the second student's weights, optimizer, scheduler
                             and best val top-1 (kdkit.train.mutual)
 
-The data position is (epoch, step_in_epoch) and the loader state at it.
+The data position is (epoch, step_in_epoch) and the loader state at it. Where the loader state
+cannot be restored (another number of ranks, other loader options), the resumed run builds a fresh
+loader and skips its first step_in_epoch batches of that epoch: the epoch is finished with as many
+steps as it had left, but on a fresh shuffle, so some samples of it are seen twice and others not.
 """
 from __future__ import annotations
 
@@ -59,33 +62,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def make_checkpoint(p, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
-    """The checkpoint dict of the current state. Collective under DDP (gathers every rank's RNG and
-    loader state)."""
-    rngs = p.rt.gather(rng_state())
-    loaders = p.rt.gather(p.train_loader.state())
-    ckpt = model_checkpoint(p.cfg, p.data, p.model, p.ema.module if p.ema is not None else None, epoch, metrics)
+def make_checkpoint(t, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums: dict | None) -> dict:
+    """The checkpoint dict of the trainer's current state (t: kdkit.train.build.Trainer). Collective
+    under DDP (gathers every rank's RNG and loader state)."""
+    rngs = t.rt.gather(rng_state())
+    loaders = t.rt.gather(t.loaders.train.state())
+    s = t.student
+    ckpt = model_checkpoint(t.cfg, t.data, s.model, s.ema.module if s.ema is not None else None, epoch, metrics)
     ckpt["train_state"] = {
-        "optimizer": p.optimizer.state_dict(), "scheduler": scheduler_state(p.scheduler),
-        "scaler": p.scaler.state_dict(), "updates": p.updates, "step_in_epoch": step_in_epoch,
-        "epoch_sums": epoch_sums, "best": p.best, "rng": rngs, "world": p.rt.world,
-        "loader": loaders, "loader_stream": stream_key(p.cfg, p.data, p.rt),
-        "config": p.cfg.to_dict(),
+        "optimizer": s.optimizer.state_dict(), "scheduler": scheduler_state(s.scheduler),
+        "scaler": t.scaler.state_dict(), "updates": t.at.updates, "step_in_epoch": step_in_epoch,
+        "epoch_sums": epoch_sums, "best": s.best, "rng": rngs, "world": t.rt.world,
+        "loader": loaders, "loader_stream": stream_key(t.cfg, t.kd, t.data, t.rt),
+        "config": t.cfg.to_dict(),
     }
-    if p.peer is not None:  # mutual learning: the second student (kdkit.train.mutual)
-        ckpt["train_state"]["peer"] = peer_state(p.peer)
+    for peer in t.students[1:]:  # mutual learning: the second student (kdkit.train.mutual)
+        ckpt["train_state"]["peer"] = peer_state(peer)
     return ckpt
 
 
 def model_checkpoint(cfg, data, model, ema_model, epoch: int, metrics: dict) -> dict:
-    """What a checkpoint says about one model (kdkit.models.checkpoint's format), without train_state."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
+    """What a checkpoint says about one model (kdkit.models.checkpoint's format), without train_state:
+    the input transform is the run's (data.transform), the one its loaders read."""
     ckpt = {
         "model": cfg.model, "model_kwargs": model_kwargs(cfg),
         "num_classes": data.num_classes, "classes": data.classes,
-        "image_size": cfg.image_size, "crop_ratio": cfg.eval_crop_ratio,
-        "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+        "image_size": data.transform.image_size, "crop_ratio": data.transform.crop_ratio,
+        "mean": list(data.transform.mean), "std": list(data.transform.std),
         "state_dict": model.state_dict(),
         "ema_state_dict": ema_model.state_dict() if ema_model is not None else None,
         "epoch": epoch, "metrics": metrics, "kdkit_version": __version__, "train_state": None,
@@ -114,9 +117,9 @@ def read_resume_checkpoint(cfg) -> tuple[str, dict] | None:
     return path, ckpt
 
 
-def loader_state(resume: tuple[str, dict] | None, cfg, data, rt):
+def loader_state(resume: tuple[str, dict] | None, cfg, kd, data, rt):
     """This rank's saved loader state, where the resumed run's loader can continue from it; else None
-    (with a warning: the run then continues at the next epoch boundary, see restore)."""
+    (with a warning: the run then skips the batches already trained with a fresh loader, see restore)."""
     if resume is None:
         return None
     path, ckpt = resume
@@ -126,7 +129,7 @@ def loader_state(resume: tuple[str, dict] | None, cfg, data, rt):
         why = "it holds no loader state"
     elif len(states) != rt.world:
         why = f"it was written by {len(states)} ranks, this run has {rt.world}"
-    elif ts.get("loader_stream") != stream_key(cfg, data, rt):
+    elif ts.get("loader_stream") != stream_key(cfg, kd, data, rt):
         why = "the loader's options or shards differ from the run's"
     if why:
         warnings.warn(f"{path}: the data position cannot be restored exactly ({why}); training continues "
@@ -135,28 +138,30 @@ def loader_state(resume: tuple[str, dict] | None, cfg, data, rt):
     return states[rt.rank]
 
 
-def restore(p, path: str, ckpt: dict) -> tuple[int, int, dict | None]:
-    """Load a resume checkpoint into the built parts; returns (epoch, step_in_epoch, epoch_sums)."""
-    if ckpt.get("num_classes") not in (None, p.data.num_classes):
-        raise KdkitError(f"{path}: {ckpt['num_classes']} classes, the shards have {p.data.num_classes}")
-    if ckpt.get("classes") and p.data.classes and [c["id"] for c in ckpt["classes"]] != [c["id"] for c in p.data.classes]:
-        raise KdkitError(f"{path}: trained on other classes than {p.cfg.data} holds (same count, other ids or "
+def restore(t, path: str, ckpt: dict) -> None:
+    """Load a resume checkpoint into the built trainer (kdkit.train.build.Trainer): weights, optimizer,
+    schedule, scaler, RNG, and where the run stands (t.at)."""
+    if ckpt.get("num_classes") not in (None, t.data.num_classes):
+        raise KdkitError(f"{path}: {ckpt['num_classes']} classes, the shards have {t.data.num_classes}")
+    if ckpt.get("classes") and t.data.classes and [c["id"] for c in ckpt["classes"]] != [c["id"] for c in t.data.classes]:
+        raise KdkitError(f"{path}: trained on other classes than {t.cfg.data} holds (same count, other ids or "
                          "order); resume on the shards the run started with")
-    load_weights(p.model, ckpt["state_dict"], path)
-    if p.ema is not None and ckpt.get("ema_state_dict"):
-        p.ema.module.load_state_dict(ckpt["ema_state_dict"])
+    s = t.student
+    load_weights(s.model, ckpt["state_dict"], path)
+    if s.ema is not None and ckpt.get("ema_state_dict"):
+        s.ema.module.load_state_dict(ckpt["ema_state_dict"])
     ts = ckpt["train_state"]
-    p.optimizer.load_state_dict(ts["optimizer"])
-    load_scheduler_state(p.scheduler, ts["scheduler"])
-    p.scaler.load_state_dict(ts["scaler"])
-    p.updates, p.best = ts["updates"], ts["best"]
-    if p.peer is not None:
-        load_peer_state(p.peer, ts.get("peer"), path)
+    s.optimizer.load_state_dict(ts["optimizer"])
+    load_scheduler_state(s.scheduler, ts["scheduler"])
+    t.scaler.load_state_dict(ts["scaler"])
+    t.at.updates, s.best = ts["updates"], ts["best"]
+    for peer in t.students[1:]:
+        load_peer_state(peer, ts.get("peer"), path)
     rngs = ts["rng"]
-    if ts.get("world", 1) != p.rt.world:
-        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {p.rt.world}: "
+    if ts.get("world", 1) != t.rt.world:
+        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {t.rt.world}: "
                       "training continues, but not bit-for-bit as the original would have")
-    set_rng_state(rngs[p.rt.rank % len(rngs)])
-    if not p.train_loader.restored:  # a fresh loader: its first epoch is a whole one, the first steps skipped
-        p.skip_batches = int(ts["step_in_epoch"])
-    return int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")
+    set_rng_state(rngs[t.rt.rank % len(rngs)])
+    if not t.loaders.train.restored:  # a fresh loader: its first epoch is a whole one, the first steps skipped
+        t.at.skip_batches = int(ts["step_in_epoch"])
+    t.at.epoch, t.at.step, t.at.sums = int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")

@@ -26,6 +26,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from kdkit import cache_root
+
 SOURCES = [Path(__file__).with_name("resize_normalize.cc")]
 # no -march: the binary runs on any CPU of this architecture; the source itself dispatches its
 # vector loops at run time (target_clones for x86-64-v3, an F16C check), see resize_normalize.cc
@@ -33,11 +35,6 @@ CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "path": Path
-
-
-def cache_root(sub: str = "native") -> Path:
-    """kdkit's cache folder for `sub` (this operator's builds; "checked": verified shard checksums)."""
-    return Path(os.environ.get("KDKIT_CACHE") or Path.home() / ".cache" / "kdkit") / sub
 
 
 def _include_dirs() -> list[str]:
@@ -79,7 +76,7 @@ def library_path() -> Path:
     for src in SOURCES:
         digest.update(src.read_bytes())
     digest.update(" ".join([dali.__version__, sys.platform, platform.machine(), *CXXFLAGS]).encode())
-    return cache_root() / digest.hexdigest()[:16] / "libkdkit_dali.so"
+    return cache_root("native") / digest.hexdigest()[:16] / "libkdkit_dali.so"
 
 
 def build(path: Path) -> Path:

@@ -2,14 +2,14 @@
 
 A converter only *lists* a dataset: classes, and per split the samples with a stable key, a class
 index and a `ref` saying how to read its image. Reading happens later, in worker processes, through
-`read_ref`, so refs are plain picklable tuples and the listing stays cheap for a million images.
+kdkit.shards.prepare.read_ref, so refs are plain picklable tuples and the listing stays cheap for a
+million images.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from kdkit.errors import KdkitError
 from kdkit.shards.contract import ClassInfo
@@ -62,20 +62,3 @@ def split_from_name(name: str) -> str | None:
     name = name.lower()
     return next((split for prefix, split in (("train", "train"), ("val", "val"), ("test", "test"))
                  if name.startswith(prefix)), None)
-
-
-def read_ref(ref: tuple) -> bytes | np.ndarray:
-    """Encoded image bytes, or a uint8 pixel array (HDF5 arrays), for one sample ref."""
-    kind = ref[0]
-    if kind == "file":
-        with open(ref[1], "rb") as f:
-            return f.read()
-    if kind == "tfrecord":
-        from kdkit.shards.sources import tfrecord
-
-        return tfrecord.read_image(ref)
-    if kind == "hdf5":
-        from kdkit.shards.sources import hdf5
-
-        return hdf5.read_image(ref)
-    raise ValueError(f"unknown sample ref kind {kind!r}")

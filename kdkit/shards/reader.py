@@ -1,5 +1,7 @@
-"""The Python side of reading a shard set: which files, checked before DALI sees them, and
-turning DALI's failures into errors that name the shard and the sample key.
+"""Opening a shard set, the one reader every stage shares (the trainer, the teacher pass, eval,
+verify, the writers): which files, checked before DALI sees them, and turning DALI's failures
+into errors that name the shard and the sample key. No DALI here: a shard set opens without it
+(DALI itself reads the tars, kdkit.pipelines).
 
 DALI's own errors for bad shards are correct but unhelpful ("Malformed index file ... line 8",
 "nvImageCodec failure: '#3'"), and a missing `.idx` makes it silently re-scan every tar at start.
@@ -198,7 +200,7 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     todo = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
     if not todo or os.environ.get("KDKIT_CHECKSUMS") == "0":
         return
-    from kdkit.pipelines.native import cache_root
+    from kdkit import cache_root
 
     folder = (shards.folder or next(iter(todo)).parent).resolve()
     cache_file = cache_root("checked") / (hashlib.sha256(str(folder).encode()).hexdigest()[:16] + ".json")

@@ -1,0 +1,179 @@
+"""Each option is declared once: its command-line flag, its recipe key, its config field and the DALI
+roles that read it take one range and give one refusal. Walks every option of `kdkit train`, of
+`kdkit bench-loader` and of the training roles."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kdkit.cli import build_parser
+from kdkit.errors import OptionError
+from kdkit.options import check_value, flag_of, kind_of, option_fields
+from kdkit.pipelines.options import Augment, RandomCrop, StoredViews
+
+
+def bad_values(cls, name) -> list:
+    """Values the declaration of `name` refuses: just outside its range, not a number, not a choice, NaN."""
+    meta = option_fields(cls)[name].metadata
+    kind, optional, item, size = kind_of(cls, name)
+    number = item if kind is tuple else kind
+    out = []
+    if number in (int, float):
+        low, high = meta.get("low"), meta.get("high")
+        if low is not None:
+            out.append(low if meta.get("above") else low - 1)
+        if high is not None:
+            out.append(high + 1)
+        if number is float:
+            out.append(math.nan)
+        if kind is tuple:
+            out = [(v,) * (size or 1) for v in out]
+    if kind is str and meta.get("choices"):
+        out.append("nonsense")
+    return out
+
+
+def train_flags() -> list[str]:
+    from kdkit.train.config import TrainConfig
+
+    return [n for n in option_fields(TrainConfig) if n not in ("data", "recipe", "mutual", "resume")]
+
+
+TRAIN_FLAGS = train_flags()
+
+
+def parse(argv):
+    return build_parser().parse_args(argv)
+
+
+def subparser(*command):
+    import argparse
+
+    parser = build_parser()
+    for word in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[word]
+    return parser
+
+
+def mode_flags(*command) -> set[str]:
+    """The flags a (sub)command of the kdkit parser takes."""
+    return {s for a in subparser(*command)._actions for s in a.option_strings}
+
+
+def test_every_train_option_is_a_flag_of_the_modes_that_take_it(capsys):
+    from kdkit.options import KD
+    from kdkit.train.cli import MODE_OPTIONS
+    from kdkit.train.config import TrainConfig
+
+    fields = option_fields(TrainConfig)
+    for mode in ("teacher", "student", "mutual"):
+        flags = mode_flags("train", mode)
+        for name in TRAIN_FLAGS:
+            kd_only = fields[name].metadata["group"] == KD and name != "checkpoint_ema"
+            assert (flag_of(TrainConfig, name) in flags) == (not kd_only or name in MODE_OPTIONS[mode]), (mode, name)
+        parser = subparser("train", mode)
+        formatter = parser._get_formatter()
+        for action in parser._actions:  # each flag says its default once (not "(default: X) (default: None)")
+            assert formatter._get_help_string(action).count("default:") <= 1, action.option_strings
+
+
+@pytest.mark.parametrize("name", TRAIN_FLAGS)
+@pytest.mark.slow
+def test_cli_recipe_and_config_refuse_the_same_values(name, tmp_path, capsys):
+    """A value outside an option's declared range is refused the same way wherever it comes from."""
+    import yaml
+
+    from kdkit.cli import main
+    from kdkit.train.config import TrainConfig, make_config
+
+    for bad in bad_values(TrainConfig, name):
+        with pytest.raises(OptionError, match=f"^{name}="):
+            TrainConfig(**{name: bad})
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({name: list(bad) if isinstance(bad, tuple) else bad}))
+        with pytest.raises(OptionError, match=f"recipe {recipe}: {name}="):
+            make_config({"data": "x"}, recipe=str(recipe))
+        mode = "mutual" if name.startswith("peer_") else "student"
+        values = [str(v) for v in bad] if isinstance(bad, tuple) else [str(bad)]
+        with pytest.raises(SystemExit) as e:
+            main(["train", mode, "d", flag_of(TrainConfig, name), *values])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag_of(TrainConfig, name)}" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("cls_name", ["Augment", "RandomCrop", "StoredViews"])
+def test_the_roles_and_the_configs_share_one_declaration(cls_name):
+    """TrainConfig and BenchConfig hold the roles' options by inheritance: the same field, default and range."""
+    from kdkit.bench import BenchConfig
+    from kdkit.train.config import TrainConfig
+
+    cls = {"Augment": Augment, "RandomCrop": RandomCrop, "StoredViews": StoredViews}[cls_name]
+    for config in (TrainConfig, BenchConfig):
+        if cls is StoredViews and config is BenchConfig:
+            continue
+        for name, f in option_fields(cls).items():
+            assert option_fields(config)[name] is f or option_fields(config)[name].metadata == f.metadata, name
+
+
+@pytest.mark.parametrize("name", list(option_fields(Augment)))
+def test_a_train_role_refuses_what_the_config_refuses(name):
+    from kdkit.pipelines import loader_config
+    from kdkit.train.config import TrainConfig
+
+    for bad in bad_values(Augment, name):
+        with pytest.raises(OptionError) as role:
+            loader_config("train", **{name: bad})
+        with pytest.raises(OptionError) as config:
+            TrainConfig(**{name: bad})
+        assert str(role.value) == str(config.value)
+
+
+def test_bench_flags_come_from_its_config(tiny_shards, capsys):
+    from kdkit.bench import BenchConfig
+
+    with pytest.raises(SystemExit):
+        parse(["bench-loader", "--help"])
+    text = capsys.readouterr().out
+    for name in option_fields(BenchConfig):
+        assert flag_of(BenchConfig, name) in text, name
+        for bad in bad_values(BenchConfig, name):
+            with pytest.raises(OptionError, match=f"^{name}="):
+                BenchConfig(tiny_shards, **{name: bad})
+    a = parse(["bench-loader", str(tiny_shards), "--hue", "0.2", "--random-area", "0.3", "1"])
+    from kdkit.options import given_options
+
+    cfg = BenchConfig(a.shards, **given_options(a, BenchConfig))
+    assert cfg.hue == 0.2 and cfg.random_area == (0.3, 1.0)
+
+
+def test_nonfinite_numbers_are_refused_everywhere():
+    from kdkit.train.config import TrainConfig
+
+    for name in ("lr", "momentum", "weight_decay", "kd_alpha", "kd_temperature"):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(OptionError, match=f"{name}=(nan|inf): expected a finite number"):
+                TrainConfig(**{name: bad})
+            with pytest.raises(SystemExit):
+                parse(["train", "student", "d", flag_of(TrainConfig, name), str(bad)])
+
+
+def test_names_the_trainer_implements_are_the_ones_it_offers():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from kdkit.pipelines.options import IMAGENET_MEAN, IMAGENET_STD
+    from kdkit.train.config import KD_MODES
+    from kdkit.train.kd import KD_MODES as IMPLEMENTED
+
+    assert set(KD_MODES) == set(IMPLEMENTED)
+    assert IMAGENET_MEAN == tuple(IMAGENET_DEFAULT_MEAN) and IMAGENET_STD == tuple(IMAGENET_DEFAULT_STD)
+
+
+def test_check_value_names_the_option():
+    from kdkit.train.config import TrainConfig
+
+    assert check_value(TrainConfig, "lr", 1) == 1.0 and isinstance(check_value(TrainConfig, "lr", 1), float)
+    assert check_value(TrainConfig, "random_area", [0.2, 0.9]) == (0.2, 0.9)
+    with pytest.raises(OptionError, match=r"random_area=\[0.9, 0.2\]: expected \(min, max\) with min <= max"):
+        check_value(TrainConfig, "random_area", [0.9, 0.2])
