@@ -374,6 +374,35 @@ def part(text: str) -> tuple[int, int]:
     return i, n
 
 
+# array-job schedulers that tell a task both its index and the number of tasks: (name, index, first,
+# step, count-or-last, count given as "last"). PBS (PBS_ARRAY_INDEX), LSF (LSB_JOBINDEX), Kubernetes
+# indexed Jobs (JOB_COMPLETION_INDEX) and AWS Batch (AWS_BATCH_JOB_ARRAY_INDEX) tell only the index: there,
+# pass --part $INDEX/N
+_ARRAY_JOBS = (("SLURM", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+                "SLURM_ARRAY_TASK_COUNT", False),
+               ("SGE", "SGE_TASK_ID", "SGE_TASK_FIRST", "SGE_TASK_STEPSIZE", "SGE_TASK_LAST", True))
+
+
+def scheduler_part(env=None) -> tuple[int, int, str] | None:
+    """(i, N, where from) when this process is task i of an N-task array job of SLURM or SGE/UGE (task ids
+    first, first+step, ...), so `--part` needs no arithmetic in the job script; None elsewhere. A sparse
+    array (ids that are not first + k * step) is refused: it cannot be a part of N."""
+    import os
+
+    env = os.environ if env is None else env
+    for name, index, first, step, count, is_last in _ARRAY_JOBS:
+        try:
+            i, lo, st, c = int(env[index]), int(env.get(first, 0)), int(env.get(step) or 1), int(env[count])
+        except (KeyError, ValueError):  # not this scheduler, or not an array job (SGE says "undefined")
+            continue
+        n = (c - lo) // st + 1 if is_last else c
+        if st < 1 or (i - lo) % st or not 0 <= (i - lo) // st < n:
+            raise OptionError(f"{index}={i} is not one of {n} evenly spaced tasks ({first}={lo}, {step}={st}, "
+                              f"{count}={c}); give --part i/N")
+        return (i - lo) // st, n, f"{name} array task {index}={i} of {n}"
+    return None
+
+
 def command_line() -> str:
     """This process's kdkit command, as typed."""
     return "kdkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])

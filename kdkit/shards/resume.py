@@ -16,18 +16,24 @@ every shard done (`complete`).
 
 Several processes may work on one job (torchrun ranks, `--part i/N` machines), each on its own
 shards: nothing here touches another process's shards or temp files.
+
+FOLDER may be a bucket prefix (kdkit.shards.location): then the plan and the records live in the bucket
+too (machines writing parts of one set share no filesystem), each shard is built in this machine's
+scratch and uploaded whole under its real name, and a shard counts as done only when the object has the
+recorded size and carries the recorded sha256 (set when it was uploaded), so a rerun keeps exactly the
+shards that were uploaded completely. "Renames" of staged shards are server-side copies.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
+from kdkit.shards.location import BucketPath, location, matches_checksum, replace
 
 
 def fingerprint(identity: dict) -> str:
@@ -37,12 +43,12 @@ def fingerprint(identity: dict) -> str:
 
 @dataclass
 class ShardJob:
-    folder: Path  # where the finished shards live
+    folder: Path | BucketPath  # where the finished shards live
     fingerprint: str  # what makes the bytes what they are; records of another fingerprint do not count
-    state: Path  # FOLDER/.kdkit-state[/JOB]
+    state: Path | BucketPath  # FOLDER/.kdkit-state[/JOB]
     staged: bool = False  # in place: write under `state`, then swap over the old shard
 
-    def record_path(self, tar_name: str) -> Path:
+    def record_path(self, tar_name: str) -> Path | BucketPath:
         return self.state / (Path(tar_name).stem + ".json")
 
     def done(self, tar_name: str) -> dict | None:
@@ -56,12 +62,13 @@ class ShardJob:
         if rec.get("pending"):
             for tmp, real in ((rec["tmp_tar"], rec["tar"]), (rec["tmp_idx"], rec["idx"])):
                 if (self.state / tmp).exists():
-                    os.replace(self.state / tmp, self.folder / real)
+                    replace(self.state / tmp, self.folder / real)
             for key in ("pending", "tmp_tar", "tmp_idx"):
                 rec.pop(key)
             tario.atomic_write_json(p, rec)
         tar = self.folder / rec["tar"]
-        if not tar.exists() or tar.stat().st_size != rec["bytes"] or not (self.folder / rec["idx"]).exists():
+        if not tar.exists() or tar.stat().st_size != rec["bytes"] or not (self.folder / rec["idx"]).exists() \
+                or not matches_checksum(tar, rec["sha256"]):
             return None
         return rec
 
@@ -92,11 +99,11 @@ class ShardJob:
         write: never a shard's real name, never another process's shard."""
         for name in tar_names:
             for base in {self.folder, self.state}:
-                (base / (name + tario.TMP_SUFFIX)).unlink(missing_ok=True)
-                (base / (str(Path(name).with_suffix(".idx")) + tario.TMP_SUFFIX)).unlink(missing_ok=True)
+                tario.local_temp(base / name).unlink(missing_ok=True)
+                tario.local_temp(base / str(Path(name).with_suffix(".idx"))).unlink(missing_ok=True)
 
 
-def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str | None = None,
+def open_job(folder: Path | BucketPath, fingerprint: str, command: str, what: str, job: str | None = None,
              staged: bool = False, finished: str | None = None, facts: dict | None = None,
              plan: Callable[[], dict] | None = None) -> tuple[ShardJob, dict]:
     """Open (or start) the job that writes `folder`; returns it with its plan.
@@ -111,7 +118,7 @@ def open_job(folder: Path, fingerprint: str, command: str, what: str, job: str |
     Refused, with nothing touched: a folder holding another job's unfinished shards, a finished result
     of other options (except in place), and a non-empty folder this job did not start.
     """
-    folder = Path(folder)
+    folder = location(folder)
     state = folder / contract.STATE_DIR / job if job else folder / contract.STATE_DIR
     plan_path = state / contract.PLAN_FILE
     current = json.loads(plan_path.read_text()) if plan_path.exists() else None

@@ -5,6 +5,9 @@ webdataset writes). What webdataset does not do, and this module adds: write to 
 and rename only when complete (a killed run never leaves a half tar under a real name), fixed
 member metadata (so a rerun reproduces the same bytes and checksums), and the DALI index beside
 the tar, computed from the finished file's member offsets (DALI's `wds2idx` format v1.2).
+
+A path here is a local one or a bucket URL (kdkit.shards.location): a shard for a bucket is built in
+local scratch and uploaded whole, index first, so an object under a shard's name is always complete.
 """
 from __future__ import annotations
 
@@ -16,12 +19,21 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kdkit.shards import contract
+from kdkit.shards.location import BucketPath, local_side, open_read
 
 TMP_SUFFIX = ".tmp"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+def local_temp(path: Path | BucketPath) -> Path:
+    """The local file `path` is written to before it takes its name: NAME.tmp beside it, or in this
+    machine's scratch for a bucket (kdkit.shards.location.local_side)."""
+    return local_side(path.parent) / (path.name + TMP_SUFFIX)
+
+
+def atomic_write_bytes(path: Path | BucketPath, data: bytes) -> None:
+    if isinstance(path, BucketPath):
+        return path.write_bytes(data)  # one PUT: the object appears whole or not at all
+    tmp = local_temp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -33,9 +45,9 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path | BucketPath, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_read(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -44,7 +56,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def dali_index_lines(tar_path: Path) -> list[str]:
     """Index lines for DALI's fn.readers.webdataset: per sample `ext offset size name ...`."""
     groups: dict[str, list[str]] = {}
-    with tarfile.open(tar_path, "r:") as tf:
+    with open_read(tar_path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for m in tf:
             if not m.isfile():
                 continue
@@ -68,7 +80,7 @@ def parse_dali_index(idx_path: Path) -> list[tuple[str, dict[str, tuple[int, int
     kdkit writes v1.2 lines (ext offset size member-name); lines without the member name, as DALI's
     wds2idx may write them, are read too, with "#<n>" standing in for the key.
     """
-    with open(idx_path, "r", encoding="ascii") as f:
+    with open_read(idx_path, "ascii") as f:
         header = f.readline().split()
         if len(header) != 2 or header[0] != contract.DALI_INDEX_VERSION:
             raise ValueError(f"{idx_path}: not a DALI {contract.DALI_INDEX_VERSION} index")
@@ -97,12 +109,12 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     after its index, so a present tar always has its index beside it; a failure (or Ctrl-C) leaves
     neither temp file behind.
     """
-    tmp = tar_path.with_name(tar_path.name + TMP_SUFFIX)
+    tmp = local_temp(tar_path)
     try:
         return _write_shard(tar_path, tmp, samples)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        tar_path.with_suffix(".idx").with_name(tar_path.with_suffix(".idx").name + TMP_SUFFIX).unlink(missing_ok=True)
+        local_temp(tar_path.with_suffix(".idx")).unlink(missing_ok=True)
         raise
 
 
@@ -111,6 +123,7 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
 
     idx_path = tar_path.with_suffix(".idx")
     count = 0
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
         # mtime fixed and owner neutral: the same samples give byte-identical tars on every run. An int
         # mtime: tarfile gives a float one (0.0) a PAX header of its own, 1 KB more for every member
@@ -130,14 +143,18 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
     write_dali_index(tmp, idx_path)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    os.replace(tmp, tar_path)
+    if isinstance(tar_path, BucketPath):
+        tar_path.upload(tmp, sha256=digest)  # whole or not at all, after its index
+        tmp.unlink()
+    else:
+        os.replace(tmp, tar_path)
     return {"num_samples": count, "bytes": size, "sha256": digest}
 
 
 def iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) in tar order; raises tarfile.ReadError / EOFError on a damaged tar."""
     key, members = None, {}
-    with tarfile.open(tar_path, "r:") as tf:
+    with open_read(tar_path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for m in tf:
             if not m.isfile():
                 continue

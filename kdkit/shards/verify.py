@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
+from kdkit.shards.location import location
 
 
 @dataclass
@@ -27,8 +28,8 @@ class VerifyReport:
 
 
 def find_sets(path: Path) -> list[Path]:
-    """A shard-set folder (has a manifest), or a dataset root holding one per split."""
-    path = Path(path)
+    """A shard-set folder (has a manifest), or a dataset root holding one per split (local or in a bucket)."""
+    path = location(path)
     if not path.exists():
         raise KdkitError(f"{path}: does not exist")
     if (path / contract.MANIFEST).exists():
@@ -43,7 +44,7 @@ def find_sets(path: Path) -> list[Path]:
 def unfinished_sets(path: Path) -> list[Path]:
     """Sub-folders of a dataset root holding shards (or a writer's state) but no manifest: a split whose
     writing did not finish, or whose manifest was lost. find_sets leaves them out; verify reports them."""
-    path = Path(path)
+    path = location(path)
     if (path / contract.MANIFEST).exists():
         return []
     return sorted(p for p in path.iterdir() if p.is_dir() and not (p / contract.MANIFEST).exists()
@@ -51,7 +52,7 @@ def unfinished_sets(path: Path) -> list[Path]:
 
 
 def load_manifest(folder: Path) -> contract.Manifest:
-    p = Path(folder) / contract.MANIFEST
+    p = location(folder) / contract.MANIFEST
     try:
         return contract.Manifest.from_json(json.loads(p.read_text()))
     except FileNotFoundError:
@@ -116,7 +117,7 @@ def _check_teacher(key: str, members: dict[str, bytes], teacher: dict, where: st
 
 
 def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> VerifyReport:
-    folder = Path(folder)
+    folder = location(folder)
     man = load_manifest(folder)
     rep = VerifyReport(folder)
     listed = {s.tar for s in man.shards}
@@ -165,11 +166,12 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
 
 
 def fix_indexes(folder: Path) -> int:
+    folder = location(folder)
     man = load_manifest(folder)
     n = 0
     for s in man.shards:
-        tar = Path(folder) / s.tar
+        tar = folder / s.tar
         if tar.exists():
-            tario.write_dali_index(tar, Path(folder) / s.idx)
+            tario.write_dali_index(tar, folder / s.idx)
             n += 1
     return n

@@ -11,6 +11,8 @@ The flow per split:
           shard-writing job shares);
   finish  once every shard of the plan is done (by this run or other parts), the manifest,
           skip report and timm `_info.json` are written.
+
+OUT is a local folder or a bucket prefix (kdkit.shards.location; resume.py says what changes there).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from kdkit import __version__
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
 from kdkit.shards.images import ImageOptions
+from kdkit.shards.location import BucketPath, location
 from kdkit.shards.resume import ShardJob, open_job
 from kdkit.shards.prepare import init_worker, process_sample
 from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
@@ -161,10 +164,9 @@ def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.M
               file=sys.stderr)
         return None
     skipped = [row for r in records for row in r["skipped"]]
-    with open(folder / contract.SKIP_REPORT, "w", encoding="utf-8") as f:
-        f.write("path\treason\n")
-        f.writelines(f"{p}\t{why}\n" for p, why in skipped)
-        f.writelines(f"{p}\tignored: {why}\n" for p, why in split.ignored)
+    report = "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in skipped) \
+        + "".join(f"{p}\tignored: {why}\n" for p, why in split.ignored)
+    tario.atomic_write_bytes(folder / contract.SKIP_REPORT, report.encode("utf-8"))
     manifest = contract.Manifest(
         split=split.name,
         classes=ds.classes,
@@ -187,7 +189,7 @@ def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.M
     return manifest
 
 
-def write_timm_info(root: Path) -> None:
+def write_timm_info(root: Path | BucketPath) -> None:
     """timm's `_info.json` for every complete split under root, so timm's train.py reads the set."""
     splits = {}
     for m in sorted(root.glob(f"*/{contract.MANIFEST}")):
@@ -204,8 +206,8 @@ def write_timm_info(root: Path) -> None:
         tario.atomic_write_json(root / contract.TIMM_INFO, info)
 
 
-def write_dataset(ds: SourceDataset, out: Path | str, cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
-    out = Path(out)
+def write_dataset(ds: SourceDataset, out: Path | BucketPath | str, cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
+    out = location(out)
     root = Path(ds.root)
     if root.is_dir() and (out.resolve() == root.resolve() or root.resolve() in out.resolve().parents):
         raise KdkitError(f"{out}: the output folder is inside the input {root} (a later run would read its own "
