@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shards.add_shard_parser(sub)
     shards.add_verify_parser(sub)
-    shards.add_cat_parser(sub)
     bench.add_parser(sub)
     models.add_parser(sub)
     teach.add_parser(sub)

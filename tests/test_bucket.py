@@ -37,3 +37,31 @@ def test_shard_into_a_bucket_is_byte_identical_to_local(tmp_path, bucket):
     assert sorted(remote) == sorted(local)
     for name in local:
         assert remote[name] == local[name], name
+
+
+def tiny_teacher(path):
+    """A random resnet18 checkpoint at 32 px for 3 classes (the teacher tests' kind, BN set on noise)."""
+    import torch
+
+    from test_teacher import kdkit_ckpt
+
+    return kdkit_ckpt(path, 0, torch.rand(8, 3, 32, 32) * 2 - 1)
+
+
+def test_teacher_pass_from_a_bucket_into_a_bucket_equals_the_local_pass(tmp_path, bucket):
+    from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
+
+    root = tmp_path / "raw"
+    make_class_tree(root, splits=("train", "val"))
+    ckpt = tiny_teacher(tmp_path / "t.pth")
+    write_dataset(list_folder(root), tmp_path / "set", shard_cfg())
+    write_dataset(list_folder(root), f"{bucket}/set", shard_cfg())
+    run = dict(teachers=[TeacherSpec(ckpt)], batch_size=8, threads=1, progress=False, device="cpu")
+    add_teacher_logits(TeacherPassConfig(shards=tmp_path / "set", out=tmp_path / "kd", **run))
+    reports = add_teacher_logits(TeacherPassConfig(shards=location(f"{bucket}/set"), out=location(f"{bucket}/kd"),
+                                                   **run))
+    assert [(r.split, r.complete) for r in reports] == [("train", True), ("val", True)]
+    local, remote = files(tmp_path / "kd"), objects(f"{bucket}/kd")
+    assert sorted(remote) == sorted(local) and all(remote[k] == local[k] for k in local)
+    man = json.loads(remote["train/manifest.json"])
+    assert list(man["teacher"]["members"].values()) == [contract.LOGITS_EXT] and man["num_samples"] == 18

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from kdkit.options import HelpFormatter, add_options, given_options
+from kdkit.shards.location import location_arg
 
 
 def add_parser(sub) -> None:
@@ -27,7 +28,8 @@ def add_parser(sub) -> None:
                                    "warm-up, then the same work through torch's DataLoader over stock webdataset "
                                    "with Pillow and torchvision (workers = DALI threads), and report the ratio and "
                                    "CPU use. --gpu-feed also times a model training step to show the bottleneck.")
-    p.add_argument("shards", type=Path, help="a shard-set folder, or a dataset root holding --split")
+    p.add_argument("shards", type=location_arg,
+                   help="a shard-set folder, or a dataset root holding --split; local or a bucket URL")
     add_options(p, BenchConfig)
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON (default: none)")
     p.set_defaults(func=run)

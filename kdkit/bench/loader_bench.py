@@ -92,7 +92,9 @@ def baseline_loader(cfg: BenchConfig, tars: list[Path], rt):
     """DataLoader over stock webdataset with Pillow decode; repeats the shards forever."""
     import webdataset as wds
 
-    ds = (wds.WebDataset([str(t) for t in tars], shardshuffle=False, repeat=True, empty_check=False)
+    from kdkit.shards.location import webdataset_url
+
+    ds = (wds.WebDataset([webdataset_url(t) for t in tars], shardshuffle=False, repeat=True, empty_check=False)
           .shuffle(cfg.shuffle_buffer).decode("pil").to_tuple("jpg", "cls")
           .map_tuple(baseline_transform(cfg), _label))
     # spawned workers: forking this process, which already runs DALI's threads (and CUDA), is unsafe

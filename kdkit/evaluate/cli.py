@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_paths, integer, number
+from kdkit.shards.location import location_arg
 
 EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
   TensorRT:  trtexec --onnx=model.onnx --fp16 --minShapes=images:1x3xSxS \\
@@ -112,8 +113,9 @@ def _add_eval(sub) -> None:
     p.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT",
                    help="kdkit checkpoint(s); several are averaged as an ensemble (default: none, only with "
                         "--write-corrupted)")
-    p.add_argument("--data", type=Path, required=True,
-                   help="a shard-set folder, or a dataset root holding --split (default: required)")
+    p.add_argument("--data", type=location_arg, required=True,
+                   help="a shard-set folder, or a dataset root holding --split; local or a bucket URL "
+                        "(default: required)")
     p.add_argument("--split", default="val", help="split to read from a dataset root")
     p.add_argument("--views", choices=["center", "flip", "tencrop"], default="center",
                    help="test-time views: centre crop, + its mirror image, or ten crops (corners + centre, mirrored)")
@@ -248,8 +250,8 @@ def _add_export(sub) -> None:
                    help="auto: torch.export-based (dynamo), falling back to the TorchScript-based one")
     p.add_argument("--opset", type=integer(7), default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
     g = p.add_argument_group("Parity check")
-    g.add_argument("--data", type=Path, default=None,
-                   help="shard set whose first eval views are the test inputs (default: --images)")
+    g.add_argument("--data", type=location_arg, default=None,
+                   help="shard set (folder or bucket URL) whose first eval views are the test inputs (default: --images)")
     g.add_argument("--images", type=csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
                    help="or these image files / folders, comma-separated (default: random inputs if neither)")
     g.add_argument("--split", default="val", help="split of --data to read")

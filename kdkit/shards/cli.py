@@ -229,17 +229,3 @@ def add_verify_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_verify)
 
-
-def add_cat_parser(sub) -> None:
-    def run(a: argparse.Namespace) -> int:
-        from kdkit.shards.location import cat
-
-        return cat(a.url)
-
-    p = sub.add_parser("cat", help="write one object of a bucket to stdout (for webdataset/timm pipe: URLs)",
-                       formatter_class=HelpFormatter,
-                       description="Write a file or bucket object (s3://, gs://) to stdout, with the credentials and "
-                                   "endpoint kdkit uses: the reader behind pipe: URLs, so stock webdataset and timm read "
-                                   "a kdkit set in a bucket, e.g. timm --data-dir 'pipe:kdkit cat s3://BUCKET/PREFIX'.")
-    p.add_argument("url", type=location_arg, help="s3://BUCKET/KEY, gs://BUCKET/KEY or a local file")
-    p.set_defaults(func=run)

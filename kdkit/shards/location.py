@@ -32,6 +32,7 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -383,7 +384,8 @@ def translate(err: Exception, where: BucketPath, doing: str = "read") -> Excepti
         return BucketError(f"{where}: {store} refused access ({text}); check the credentials (a wrong or expired "
                            f"key?) and that they may {doing} this bucket")
     if isinstance(err, FileNotFoundError):
-        if "bucket" in text.lower():
+        cause = f"{err} {err.__cause__ or ''} {err.__context__ or ''}"
+        if "NoSuchBucket" in cause or "bucket does not exist" in cause:
             return BucketError(f"{where}: no bucket {where._path.split('/', 1)[0]!r} at {store}; check the URL"
                                + (" and AWS_ENDPOINT_URL" if where.scheme == "s3" else ""))
         return FileNotFoundError(errno.ENOENT, "no such object", str(where))
@@ -428,11 +430,32 @@ class _Guarded(io.RawIOBase):
         super().close()
 
 
-def cat(url: str) -> int:
-    """Write one object to stdout: the reader behind `pipe:` URLs for stock webdataset and timm
-    (`kdkit cat s3://...`), with the same credentials and endpoint as kdkit itself."""
-    with location(url).open("rb") as f:
-        while block := f.read(1 << 22):
-            sys.stdout.buffer.write(block)
-    sys.stdout.buffer.flush()
+PIPE = f"pipe:{shlex.quote(sys.executable)} -m kdkit.shards.location"  # + " URL": how stock webdataset and timm read a bucket
+
+
+def webdataset_url(path) -> str:
+    """The URL stock webdataset opens `path` by: the path itself, or for an object a `pipe:` running this
+    module (webdataset has no s3:// opener; timm joins its --data-dir and the shard names the same way)."""
+    return f"{PIPE} {path}" if isinstance(path, BucketPath) else str(path)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m kdkit.shards.location URL`: the object (or file) on stdout, with kdkit's credentials,
+    endpoint and one-line errors: `pipe:python -m kdkit.shards.location s3://BUCKET/PREFIX/...` in
+    webdataset or timm. Light on purpose: it starts once per shard."""
+    if len(argv) != 1:
+        print("usage: python -m kdkit.shards.location URL  (writes the object to stdout)", file=sys.stderr)
+        return 2
+    try:
+        with open_read(location(argv[0])) as f:
+            while block := f.read(1 << 22):
+                sys.stdout.buffer.write(block)
+        sys.stdout.buffer.flush()
+    except (KdkitError, OSError) as e:
+        print(f"kdkit: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -8,7 +8,7 @@
     when every shard of a set is done: its manifest, with the teacher block, is written last.
 
 Where it writes and how it resumes is kdkit.shards.resume's job (the mechanism every shard writer
-shares): a new set (--out; the input is never touched), or each shard replaced in place, staged
+shares; input and output may be local folders or bucket prefixes): a new set (--out; the input is never touched), or each shard replaced in place, staged
 under DEST/.kdkit-state/teacher/ and swapped in atomically (--in-place). Under torchrun the ranks
 join one process group (kdkit.runtime): each rank computes its own shards, rank 0 writes the plan
 and, once every shard is done, the manifest; the set equals the one a single process writes.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
+from kdkit.shards.location import copy_file, location
 from kdkit.shards.resume import ShardJob, fingerprint, open_job
 from kdkit.shards.verify import find_sets, load_manifest
 from kdkit.teach import members as mem
@@ -58,7 +58,7 @@ class SplitReport:
 
 def select_sets(path: Path, splits: list[str] | None) -> tuple[list[tuple[str, Path]], bool]:
     """[(split, set folder)] to process, and whether `path` was a dataset root (vs a set folder)."""
-    path = Path(path)
+    path = location(path)
     folders = find_sets(path)
     is_root = folders != [path]
     found = [(load_manifest(f).split, f) for f in folders]
@@ -227,7 +227,7 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
     reports, done_sets = [], []
     for split, folder in sets:
         man = mans[split]
-        out = folder if cfg.in_place else (Path(cfg.out) / split if is_root else Path(cfg.out))
+        out = folder if cfg.in_place else (location(cfg.out) / split if is_root else location(cfg.out))
         if teacher_fingerprint(out) == fp:
             print(f"{split}: {out} already holds the outputs of this teacher pass; nothing to do", file=sys.stderr)
             reports.append(_report(split, out, load_manifest(out), 0, len(man.shards), None))
@@ -264,7 +264,7 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
                 if is_root and not cfg.in_place:
                     from kdkit.shards.writer import write_timm_info
 
-                    write_timm_info(Path(cfg.out))
+                    write_timm_info(location(cfg.out))
                 done_sets.append((split, out))
             else:
                 print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
@@ -309,7 +309,7 @@ def write_manifest(job: ShardJob, source: Path, man: contract.Manifest, records:
               for s, r in zip(man.shards, records)]
     new = dataclasses.replace(man, shards=shards, teacher=teacher)
     if not job.staged and (source / contract.SKIP_REPORT).exists():
-        shutil.copyfile(source / contract.SKIP_REPORT, job.folder / contract.SKIP_REPORT)
+        copy_file(source / contract.SKIP_REPORT, job.folder / contract.SKIP_REPORT)
     tario.atomic_write_json(job.folder / contract.MANIFEST, new.to_json())
     return new
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from kdkit.errors import KdkitError
 from kdkit.options import COUNT, FRACTION, SEED, HelpFormatter, add_options, command_line, csv_list, integer
 from kdkit.pipelines.options import RandomCrop
+from kdkit.shards.location import location_arg
 
 
 DESCRIPTION = """\
@@ -32,7 +33,8 @@ examples:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("add-teacher-logits", help="store a teacher's outputs (logits, views) in a shard set",
                        formatter_class=HelpFormatter, description=DESCRIPTION)
-    p.add_argument("shards", type=Path, help="a shard-set folder, or a dataset root holding one per split")
+    p.add_argument("shards", type=location_arg,
+                   help="a shard-set folder, or a dataset root holding one per split (local, or a bucket URL)")
     g = p.add_argument_group("Teacher (repeat --checkpoint for an ensemble: probabilities are averaged)")
     g.add_argument("--checkpoint", type=Path, action="append", default=[],
                    help="local checkpoint: written by `kdkit train`, or a timm/torchvision state dict (default: none)")
@@ -58,7 +60,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--topk", type=COUNT, default=None, metavar="k",
                    help="store the k largest logits and their class indices instead of all (default: all)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, default=None, help="write a new set (or dataset root) here (default: none)")
+    where.add_argument("--out", type=location_arg, default=None,
+                       help="write a new set (or dataset root) here: a folder or a bucket URL (default: none)")
     where.add_argument("--in-place", action="store_true", help="replace each shard of the input atomically")
     g.add_argument("--split", type=csv_list, default=None,
                    help="comma-separated splits of a dataset root (default: all)")

@@ -20,6 +20,7 @@ import torch
 
 from kdkit.errors import KdkitError
 from kdkit.runtime import Runtime
+from kdkit.shards.location import location
 from kdkit.teach.config import TeacherPassConfig
 from kdkit.teach.teachers import TeacherEnsemble
 
@@ -96,7 +97,7 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
     groups = [shards] if cfg.views is None else [[s] for s in shards]
     amp = cfg.amp and rt.device.type == "cuda"
     for group in groups:
-        loader = shard_loader(cfg, rt, ShardSet(tars=[Path(t) for _, t in group], checksums=checksums or {}),
+        loader = shard_loader(cfg, rt, ShardSet(tars=[location(t) for _, t in group], checksums=checksums or {}),
                               transform, group[0][0])
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.runtime import DEVICES
+from kdkit.shards.location import location
 
 
 @dataclass
@@ -28,10 +29,10 @@ class TeacherSpec:
 
 @dataclass
 class TeacherPassConfig:
-    shards: Path  # a shard-set folder, or a dataset root holding one per split
+    shards: Path  # a shard-set folder, or a dataset root holding one per split (or a bucket URL of either)
     teachers: list[TeacherSpec] = field(default_factory=list)  # several: probabilities are averaged
     splits: list[str] | None = None  # of a dataset root; None = every split found
-    out: Path | None = None  # a new dataset root (or set folder) beside the old one ...
+    out: Path | None = None  # a new dataset root (or set folder, local or a bucket URL) beside the old one ...
     in_place: bool = False  # ... or replace each shard of the input atomically
     views: int | None = None  # None: the centre crop only; K: K random-resized-crop views + boxes
     topk: int | None = None  # store the k largest logits (+ indices) instead of all of them
@@ -72,7 +73,7 @@ class TeacherPassConfig:
                              "or --export-h5 FILE to export logits the set already holds")
         if not writing and (self.out is not None or self.in_place):
             raise KdkitError("--out/--in-place need a teacher or --import-h5 to take outputs from")
-        if self.out is not None and Path(self.out).resolve() == Path(self.shards).resolve():
+        if self.out is not None and location(self.out).resolve() == location(self.shards).resolve():
             raise KdkitError(f"{self.out}: --out is the input itself; use --in-place to replace its shards")
         if self.views is not None and self.views < 1:
             raise KdkitError(f"--views {self.views}: expected K >= 1 random views (leave it out for the centre crop)")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.pipelines import DaliLoader, eval_loader as make_eval_loader, loader_config
 from kdkit.pipelines.options import Transform
 from kdkit.runtime import Runtime
 from kdkit.shards import contract
+from kdkit.shards.location import location
 from kdkit.shards.reader import ShardSet, resolve_shards
 from kdkit.train.config import TrainConfig
 
@@ -44,17 +44,17 @@ def _set_name(s: ShardSet) -> str:
 
 def resolve_data(cfg: TrainConfig) -> tuple[ShardSet, ShardSet | None]:
     """Train and val shard sets from a dataset root (root/<split>) or from a train shard-set folder
-    (then val is its sibling folder <parent>/<val_split>, when it exists)."""
+    (then val is its sibling folder <parent>/<val_split>, when it exists); local or bucket URLs."""
     if not cfg.data:
         raise KdkitError("no data: give a dataset root or a shard-set folder")
-    root = Path(cfg.data)
+    root = location(cfg.data)
     train = resolve_shards(root, cfg.train_split)
     if not cfg.val_split:
         return train, None
     if cfg.val_data:
-        if not Path(cfg.val_data).exists():
+        if not location(cfg.val_data).exists():
             raise KdkitError(f"--val-data {cfg.val_data}: no such folder (give a dataset root or a shard-set folder)")
-        return train, resolve_shards(Path(cfg.val_data), cfg.val_split)
+        return train, resolve_shards(location(cfg.val_data), cfg.val_split)
     if train.folder is not None and train.folder.resolve() == root.resolve():
         sibling = root.parent / cfg.val_split
         return train, (resolve_shards(sibling) if (sibling / contract.MANIFEST).exists() else None)
