@@ -143,3 +143,77 @@ def bucket(s3_server, monkeypatch, request):
     s3fs.S3FileSystem(use_listings_cache=False).mkdir(name)
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# a TCP relay in front of the test server, in a process of its own (DALI must reach it while it holds
+# the GIL): stopping it is the store going away (connections refused), starting it again on the same
+# port the store coming back, with everything it held
+RELAY = r"""
+import socket, sys, threading
+listen, target = int(sys.argv[1]), int(sys.argv[2])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", listen))
+srv.listen(64)
+print("ready", flush=True)
+
+def pump(a, b):
+    try:
+        while data := a.recv(1 << 16):
+            b.sendall(data)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+while True:
+    client, _ = srv.accept()
+    try:
+        upstream = socket.create_connection(("127.0.0.1", target))
+    except OSError:
+        client.close()
+        continue
+    threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+    threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+"""
+
+
+class Relay:
+    def __init__(self, target: str):
+        import socket
+
+        self.target = int(target.rsplit(":", 1)[1])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", RELAY, str(self.port), str(self.target)],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def relay(s3_server, bucket, monkeypatch):
+    """The store behind a relay this test can stop and start again; the test's environment talks to the
+    relay. Yields the Relay; `bucket` is the same bucket as seen through it."""
+    import s3fs
+
+    r = Relay(s3_server)
+    r.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", r.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield r
+    if r.proc.poll() is None:
+        r.stop()

@@ -65,3 +65,136 @@ def test_teacher_pass_from_a_bucket_into_a_bucket_equals_the_local_pass(tmp_path
     assert sorted(remote) == sorted(local) and all(remote[k] == local[k] for k in local)
     man = json.loads(remote["train/manifest.json"])
     assert list(man["teacher"]["members"].values()) == [contract.LOGITS_EXT] and man["num_samples"] == 18
+
+
+# ---------------------------------------------------------------------------------------------
+# faults: each one line naming the URL (never a credential), exit status 2, nothing lost
+
+def one_line(capsys) -> str:
+    """The one error line on stderr (a command may first say where it runs); no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("kdkit: error: ") and not any("Traceback" in e for e in err), err
+    assert not any(e.startswith(("kdkit: error", "Error", "  File")) for e in err[:-1]), err
+    return err[-1]
+
+
+def test_unknown_schemes_and_credentials_in_urls_are_refused(capsys, tmp_path):
+    from kdkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "hdfs://cluster/sets/food"])
+    assert e.value.code == 2
+    line = one_line(capsys)
+    assert "hdfs://cluster/sets/food" in line and "does not read hdfs://" in line
+    # a config's data reaches the same check (kdkit train takes DATA as text)
+    assert main(["train", "teacher", "azure://acct/sets/food", "--model", "test_efficientnet", "--output",
+                 str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert "azure://acct/sets/food: kdkit does not read azure:// URLs" in one_line(capsys)
+    with pytest.raises(SystemExit):
+        main(["verify", "s3://AKIAEXAMPLE:hunter2@bucket/sets/food?X-Amz-Security-Token=tok"])
+    line = one_line(capsys)
+    assert "s3://bucket/sets/food" in line and not any(s in line for s in ("hunter2", "AKIAEXAMPLE", "tok"))
+
+
+def test_missing_bucket_and_prefix_are_one_line(bucket, capsys):
+    from kdkit.cli import main
+
+    assert main(["verify", "s3://no-such-bucket-kdkit/sets/food"]) == 2
+    assert "s3://no-such-bucket-kdkit: no such bucket at http://127.0.0.1:" in one_line(capsys)
+    assert main(["verify", f"{bucket}/nothing-here"]) == 2
+    assert f"{bucket}/nothing-here: no such object" in one_line(capsys)  # as a local folder: No such file
+
+
+def set_in_bucket(tmp_path, url: str, **kw):
+    root = tmp_path / "raw"
+    make_class_tree(root, splits=("train", "val"), **kw)
+    write_dataset(list_folder(root), url, shard_cfg())
+    return location(url)
+
+
+TRAIN = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--loader-threads", "1",
+         "--device", "cpu", "--no-progress"]
+
+
+def test_missing_or_truncated_objects_stop_before_training_naming_them(tmp_path, bucket, capsys):
+    from kdkit.cli import main
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+    tar = data / "train" / "train-000001.tar"
+    whole = tar.read_bytes()
+    tar.unlink()
+    runs = ["--output", str(tmp_path / "runs"), "--epochs", "1"]
+    assert main(["train", "teacher", str(data), *TRAIN, *runs]) == 2
+    assert f"{tar}: shard missing" in one_line(capsys)
+    tar.write_bytes(whole[:len(whole) // 2])
+    assert main(["train", "teacher", str(data), *TRAIN, *runs]) == 2
+    line = one_line(capsys)
+    assert f"{tar}: sample" in line and "truncated shard?" in line
+    assert main(["verify", str(data)]) == 1  # and verify names it against the manifest
+    assert f"PROBLEM {tar}: {len(whole) // 2} bytes, manifest says {len(whole)}" in capsys.readouterr().out
+
+
+def test_wrong_or_missing_credentials_are_one_line_and_never_printed(tmp_path, bucket, s3_server, monkeypatch,
+                                                                     capsys):
+    import urllib.request
+
+    import s3fs
+
+    from kdkit.cli import main
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+
+    def auth(count: str):  # moto checks signatures against its IAM users after `count` more requests
+        urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset-auth", data=count.encode(),
+                                                      method="POST", headers={"Content-Type": "text/plain"}))
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    s3fs.S3FileSystem.clear_instance_cache()
+    auth("0")
+    try:
+        assert main(["verify", str(data)]) == 2
+    finally:
+        auth("inf")
+    line = one_line(capsys)
+    assert f"{data}/" in line and "http://127.0.0.1:" in line and "refused access" in line and "check the credentials" in line
+    assert "wrong-secret-value" not in line and "AKIAWRONGKEY" not in line
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert main(["verify", str(data)]) == 2
+    line = one_line(capsys)
+    assert f"{data}/" in line and "no credentials for s3://" in line and "AWS_PROFILE" in line
+
+
+def test_store_going_away_mid_upload_then_a_rerun_completes_the_same_set(tmp_path, bucket, relay, monkeypatch,
+                                                                         capsys):
+    from kdkit.cli import main
+    from kdkit.shards import resume
+
+    root = tmp_path / "raw"
+    make_class_tree(root)  # 18 images: 4 shards of 5
+    args = ["shard", "folder", str(root)]
+    opts = ["--samples-per-shard", "5", "--workers", "1", "--quiet"]
+    assert main([*args, str(tmp_path / "set"), *opts]) == 0
+    real, calls = resume.ShardJob.write, []
+
+    def write(self, name, samples, extra=None):
+        if len(calls) == 2:
+            relay.stop()  # the store goes away after two shards were uploaded and recorded
+        calls.append(name)
+        return real(self, name, samples, extra)
+
+    with monkeypatch.context() as m:
+        m.setattr(resume.ShardJob, "write", write)
+        assert main([*args, f"{bucket}/set", *opts]) == 2
+    line = one_line(capsys)
+    assert f"{bucket}/set/train/" in line and f"cannot reach {relay.url}" in line
+    assert "nothing written is lost" in line
+    relay.start()
+    assert not (location(bucket) / "set" / "train" / contract.MANIFEST).exists()
+    assert main([*args, f"{bucket}/set", *opts[:-1]]) == 0  # without --quiet: it says what it kept
+    assert "train: resuming, 2 of 4 shards already written and kept" in capsys.readouterr().err
+    local, remote = files(tmp_path / "set"), objects(f"{bucket}/set")
+    assert sorted(remote) == sorted(local) and all(remote[k] == local[k] for k in local)

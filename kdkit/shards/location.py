@@ -250,8 +250,15 @@ class BucketPath:
         return _store_errors(self, doing)
 
     def exists(self) -> bool:
+        """Whether the object or prefix exists; a missing bucket is an error (nothing can be read or
+        written there), said in one line instead of "does not exist" further on."""
         with self._errors("read"):
-            return self.fs.exists(self._path)
+            if self.fs.exists(self._path):
+                return True
+            bucket = self._path.split("/", 1)[0]
+            if bucket != self._path and not self.fs.exists(bucket):
+                raise FileNotFoundError(errno.ENOENT, "The specified bucket does not exist", bucket)
+        return False
 
     def is_dir(self) -> bool:
         with self._errors("read"):
@@ -386,7 +393,7 @@ def translate(err: Exception, where: BucketPath, doing: str = "read") -> Excepti
     if isinstance(err, FileNotFoundError):
         cause = f"{err} {err.__cause__ or ''} {err.__context__ or ''}"
         if "NoSuchBucket" in cause or "bucket does not exist" in cause:
-            return BucketError(f"{where}: no bucket {where._path.split('/', 1)[0]!r} at {store}; check the URL"
+            return BucketError(f"{where.scheme}://{where._path.split('/', 1)[0]}: no such bucket at {store}; check the URL"
                                + (" and AWS_ENDPOINT_URL" if where.scheme == "s3" else ""))
         return FileNotFoundError(errno.ENOENT, "no such object", str(where))
     if names & _CONNECTION or isinstance(err, OSError) and err.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
