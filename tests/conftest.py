@@ -96,6 +96,7 @@ def cuda_only(test):
 @pytest.fixture(scope="session")
 def s3_server():
     """The endpoint URL of a moto S3 server on 127.0.0.1 (an ephemeral port), for the whole session."""
+    import os
     import socket
     import subprocess
     import sys
@@ -104,8 +105,10 @@ def s3_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # parts of multipart uploads may be small here (S3 wants 5 MiB): the tests cut tiny shards into parts
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "S3_UPLOAD_PART_MIN_SIZE": "1024"})
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -28,6 +28,20 @@ def files(folder) -> dict[str, bytes]:
             if p.is_file() and contract.STATE_DIR not in p.parts}
 
 
+def assert_same_set(local_folder, url: str) -> None:
+    """Every file of the local set is an object of the bucket set with the same bytes; manifests may differ
+    only in the command line that made them (it names the output: the folder, or the URL)."""
+    local, remote = files(local_folder), objects(url)
+    assert sorted(remote) == sorted(local)
+    for name in local:
+        if name.endswith(contract.MANIFEST):
+            mine, theirs = json.loads(local[name]), json.loads(remote[name])
+            mine.pop("command"), theirs.pop("command")
+            assert mine == theirs, name
+        else:
+            assert remote[name] == local[name], name
+
+
 def test_shard_into_a_bucket_is_byte_identical_to_local(tmp_path, bucket):
     root = tmp_path / "raw"
     make_class_tree(root, splits=("train", "val"))
@@ -112,7 +126,9 @@ def set_in_bucket(tmp_path, url: str, **kw):
     return location(url)
 
 
-TRAIN = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--loader-threads", "1",
+# a shuffle buffer smaller than the set: DALI fills a larger one by reading the set round and round, one
+# request per member and sample from a bucket
+TRAIN = ["--model", "test_efficientnet", "--image-size", "32", "--batch-size", "4", "--loader-threads", "1", "--shuffle-buffer", "16",
          "--device", "cpu", "--no-progress"]
 
 
@@ -198,3 +214,87 @@ def test_store_going_away_mid_upload_then_a_rerun_completes_the_same_set(tmp_pat
     assert "train: resuming, 2 of 4 shards already written and kept" in capsys.readouterr().err
     local, remote = files(tmp_path / "set"), objects(f"{bucket}/set")
     assert sorted(remote) == sorted(local) and all(remote[k] == local[k] for k in local)
+
+
+@pytest.mark.slow
+def test_store_going_away_mid_training_stops_keeps_the_checkpoint_and_resumes(tmp_path, bucket, relay,
+                                                                               monkeypatch, capsys):
+    from kdkit.cli import main
+    from kdkit.train import loop
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set", per_class=12)  # 36 train images: 9 steps of 4
+    real = loop.train_one_epoch
+
+    def epoch(p, e, *a, **k):
+        if e == 1:
+            relay.stop()  # the store goes away after epoch 1 was trained and checkpointed
+        return real(p, e, *a, **k)
+
+    runs = tmp_path / "runs"
+    run = [*TRAIN, "--output", str(runs), "--name", "r", "--epochs", "2"]
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_one_epoch", epoch)
+        assert main(["train", "teacher", str(data), *run]) == 2
+    line = one_line(capsys)
+    assert f"{data}/" in line and f"reading from {relay.url} failed" in line and "--resume" in line
+    rows = [json.loads(r) for r in (runs / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1] and (runs / "r" / "last.pth").exists()
+    relay.start()
+    assert main(["train", "teacher", str(data), *run, "--resume"]) == 0
+    rows = [json.loads(r) for r in (runs / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
+# `kdkit shard` into a bucket, in a process that SIGKILLs itself in the middle of uploading its third shard:
+# uploads are cut into parts of 8 KB here, and the process dies as the tar's second part is sent (its first
+# part uploaded, the upload never completed): a kill -9 mid-upload at a known point, no timing involved
+KILLED_MID_UPLOAD = """
+import os, signal, sys
+import s3fs
+import s3fs.core
+
+s3fs.core.calculate_chunksize = lambda size, chunksize=None, **kw: 8192
+real = s3fs.S3FileSystem._call_s3
+
+async def call(self, method, *args, **kw):
+    if method == "upload_part" and kw.get("Key", "").endswith("train-000002.tar") and kw.get("PartNumber") == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await real(self, method, *args, **kw)
+
+s3fs.S3FileSystem._call_s3 = call
+from kdkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_upload_then_rerun_gives_the_local_set(tmp_path, bucket, s3_server):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import s3fs
+
+    from conftest import s3_env
+
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=8, size=(96, 96))  # 24 images, shards of 4: ~40 KB, 5 parts each
+    args, opts = ["shard", "folder", str(root)], ["--samples-per-shard", "4", "--workers", "1", "--quiet"]
+    env = {**os.environ, **s3_env(s3_server)}
+    run = dict(capture_output=True, text=True, env=env, timeout=240)
+    subprocess.run([sys.executable, "-m", "kdkit", *args, str(tmp_path / "set"), *opts], check=True, **run)
+    out = f"{bucket}/set"
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_UPLOAD, *args, out, *opts], **run)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    name = bucket.split("://")[1]
+    pending = fs.call_s3("list_multipart_uploads", Bucket=name).get("Uploads", [])
+    assert [u["Key"] for u in pending] == ["set/train/train-000002.tar"]  # killed mid-upload indeed
+    assert sorted(p.name for p in location(out).glob("train/*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    assert not (location(out) / "train" / contract.MANIFEST).exists()
+    again = subprocess.run([sys.executable, "-m", "kdkit", *args, out, *opts[:-1]], **run)
+    assert again.returncode == 0, again.stderr
+    assert "train: resuming, 2 of 6 shards already written and kept" in again.stderr
+    assert fs.call_s3("list_multipart_uploads", Bucket=name).get("Uploads", []) == []  # the dead upload aborted
+    assert_same_set(tmp_path / "set", out)

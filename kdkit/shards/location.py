@@ -139,6 +139,12 @@ def matches_checksum(path: Path | BucketPath, sha256: str) -> bool:
     return path.sha256() == sha256 if isinstance(path, BucketPath) else True
 
 
+def abort_uploads(folder: Path | BucketPath, names: list[str]) -> None:
+    """A killed run's unfinished uploads of these files, aborted (nothing to do in a local folder)."""
+    if isinstance(folder, BucketPath) and names:
+        folder.abort_uploads(names)
+
+
 def version(stat) -> object:
     """What changes whenever a file's bytes may have: the mtime of a local file, an object's ETag."""
     return getattr(stat, "etag", None) or stat.st_mtime_ns
@@ -334,6 +340,19 @@ class BucketPath:
             meta = self.fs.metadata(self._path) if hasattr(self.fs, "metadata") else \
                 (self.fs.info(self._path).get("metadata") or {})
         return (meta or {}).get("sha256")
+
+    def abort_uploads(self, names: list[str]) -> None:
+        """Abort the unfinished multipart uploads of these objects under this prefix: a killed upload's
+        parts are invisible but billed until aborted (gs:// has none to abort)."""
+        if self.scheme != "s3":
+            return
+        bucket, _, prefix = self._path.partition("/")
+        keys = {f"{prefix}/{n}" if prefix else n for n in names}
+        with self._errors("write to"):
+            listed = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+            for up in listed.get("Uploads", []):
+                if up["Key"] in keys:
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
 
     def copy_from(self, src: BucketPath) -> None:
         """Server-side copy (metadata included): the object appears whole."""

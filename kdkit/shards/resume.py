@@ -33,7 +33,7 @@ from typing import Callable
 
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
-from kdkit.shards.location import BucketPath, location, matches_checksum, replace
+from kdkit.shards.location import BucketPath, abort_uploads, location, matches_checksum, replace
 
 
 def fingerprint(identity: dict) -> str:
@@ -97,10 +97,11 @@ class ShardJob:
     def clear_temps(self, tar_names: list[str]) -> None:
         """Remove this process's leftover temp files (a killed run's), for the shards it is about to
         write: never a shard's real name, never another process's shard."""
-        for name in tar_names:
-            for base in {self.folder, self.state}:
+        names = [n for name in tar_names for n in (name, str(Path(name).with_suffix(".idx")))]
+        for base in {self.folder, self.state}:
+            for name in names:
                 tario.local_temp(base / name).unlink(missing_ok=True)
-                tario.local_temp(base / str(Path(name).with_suffix(".idx"))).unlink(missing_ok=True)
+            abort_uploads(base, names)
 
 
 def open_job(folder: Path | BucketPath, fingerprint: str, command: str, what: str, job: str | None = None,
