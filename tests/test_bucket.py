@@ -298,3 +298,99 @@ def test_kill_9_mid_upload_then_rerun_gives_the_local_set(tmp_path, bucket, s3_s
     assert "train: resuming, 2 of 6 shards already written and kept" in again.stderr
     assert fs.call_s3("list_multipart_uploads", Bucket=name).get("Uploads", []) == []  # the dead upload aborted
     assert_same_set(tmp_path / "set", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: shard into the bucket -> teacher pass bucket -> bucket -> torchrun --nproc_per_node 2 student
+# training from the bucket -> eval from the bucket; nothing on local disk but the raw images and the run
+
+RECORDING_RANK = """
+import json, os, sys
+from kdkit.train import loop
+
+seen, state = {}, {}
+real_epoch, real_step = loop.train_one_epoch, loop.train_step
+
+def epoch(p, e, *a, **k):
+    state["epoch"] = e
+    return real_epoch(p, e, *a, **k)
+
+def step(p, batch, *a, **k):
+    seen.setdefault(state["epoch"], []).extend(batch.labels.view(-1).tolist())
+    return real_step(p, batch, *a, **k)
+
+loop.train_one_epoch, loop.train_step = epoch, step
+from kdkit.cli import main
+code = main(sys.argv[1:])
+with open(os.path.join(os.environ["SEEN_DIR"], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump(seen, f)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bucket_end_to_end_shard_teacher_torchrun_student_eval(tmp_path, bucket, s3_server):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    from conftest import jpeg_bytes, s3_env
+    from test_teacher import kdkit_ckpt
+
+    classes = 16  # one image per class, so a label names its sample
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = tmp_path / "raw" / split / f"c{c:02d}"
+            d.mkdir(parents=True)
+            (d / "0.jpg").write_bytes(jpeg_bytes(rng, 40, 48))
+    env = {**os.environ, **s3_env(s3_server), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    kdkit = [sys.executable, "-m", "kdkit"]
+
+    def run(*cmd, **kw):
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**env, **kw}, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    data, kd = f"{bucket}/set", f"{bucket}/set-kd"
+    run(*kdkit, "shard", "folder", str(tmp_path / "raw"), data, "--samples-per-shard", "3", "--workers", "1",
+        "--quiet")
+    ckpt = kdkit_ckpt(tmp_path / "teacher.pth", 0, torch.rand(8, 3, 32, 32) * 2 - 1, num_classes=classes)
+    run(*kdkit, "add-teacher-logits", data, "--checkpoint", str(ckpt), "--out", kd, "--device", "cpu",
+        "--batch-size", "8", "--threads", "1", "--quiet")
+    assert run(*kdkit, "verify", kd).stdout.count(": OK:") == 2
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "rank.py"
+    script.write_text(RECORDING_RANK)
+    runs = tmp_path / "runs"
+    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        str(script), "train", "student", kd, "--kd", "stored", *TRAIN, "--epochs", "2", "--output", str(runs),
+        "--name", "s", SEEN_DIR=str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for e in ("0", "1"):  # each rank its half, together every sample exactly once per epoch
+        halves = [r[e] for r in ranks]
+        assert len(halves[0]) == len(halves[1]) == classes // 2
+        assert sorted(halves[0] + halves[1]) == list(range(classes)), e
+    rows = [json.loads(r) for r in (runs / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert f"data: {kd}" in (runs / "s" / "config.yaml").read_text()  # the URL, as given, in the run folder
+
+    # eval from the bucket = eval of the same images on local disk
+    run(*kdkit, "shard", "folder", str(tmp_path / "raw"), str(tmp_path / "local"), "--samples-per-shard", "3",
+        "--workers", "1", "--quiet")
+    reports = []
+    for where in (kd, str(tmp_path / "local")):
+        out = tmp_path / f"eval-{len(reports)}.json"
+        run(*kdkit, "eval", str(runs / "s" / "last.pth"), "--data", where, "--device", "cpu", "--json", str(out),
+            "--out", str(tmp_path / f"eval-{len(reports)}"), "--no-plots")
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["data"]["path"] == f"{kd}/val" and reports[0]["metrics"]["num_samples"] == classes
+    assert reports[0]["metrics"] == reports[1]["metrics"]
