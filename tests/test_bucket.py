@@ -81,6 +81,24 @@ def test_teacher_pass_from_a_bucket_into_a_bucket_equals_the_local_pass(tmp_path
     assert list(man["teacher"]["members"].values()) == [contract.LOGITS_EXT] and man["num_samples"] == 18
 
 
+def test_teacher_pass_in_place_in_a_bucket_swaps_each_shard_whole(tmp_path, bucket):
+    """--in-place on a bucket set: each new shard uploaded under the state prefix, then copied over the old one
+    (S3 has no rename); the set ends as the local --out pass writes it."""
+    from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+    write_dataset(list_folder(tmp_path / "raw"), tmp_path / "set", shard_cfg())
+    run = dict(teachers=[TeacherSpec(tiny_teacher(tmp_path / "t.pth"))], batch_size=8, threads=1, progress=False,
+               device="cpu", splits=["val"])
+    add_teacher_logits(TeacherPassConfig(shards=tmp_path / "set", out=tmp_path / "kd", **run))
+    add_teacher_logits(TeacherPassConfig(shards=data, in_place=True, **run))
+    remote = objects(str(data))
+    local = files(tmp_path / "kd")
+    assert {k: v for k, v in remote.items() if k.startswith("val/") and k.endswith((".tar", ".idx"))} == \
+        {k: v for k, v in local.items() if k.endswith((".tar", ".idx"))}
+    assert not list((data / "val" / contract.STATE_DIR / "teacher").glob("*.tar"))  # the staged copies moved
+
+
 # ---------------------------------------------------------------------------------------------
 # faults: each one line naming the URL (never a credential), exit status 2, nothing lost
 
@@ -148,6 +166,21 @@ def test_missing_or_truncated_objects_stop_before_training_naming_them(tmp_path,
     assert f"{tar}: sample" in line and "truncated shard?" in line
     assert main(["verify", str(data)]) == 1  # and verify names it against the manifest
     assert f"PROBLEM {tar}: {len(whole) // 2} bytes, manifest says {len(whole)}" in capsys.readouterr().out
+
+
+def test_a_shard_changed_in_the_bucket_is_refused_by_its_checksum(tmp_path, bucket, monkeypatch):
+    from kdkit.shards.reader import ShardError, check_checksums, resolve_shards
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+    shards = resolve_shards(data, "train")
+    check_checksums(shards, shards.tars, progress=False)  # every shard read once, remembered by its ETag
+    tar = shards.tars[1]
+    damaged = bytearray(tar.read_bytes())
+    damaged[700] ^= 0xFF  # inside the first image: same size, other bytes, a new upload
+    tar.write_bytes(bytes(damaged))
+    with pytest.raises(ShardError, match=f"{tar}: its bytes differ from the checksum in its manifest"):
+        check_checksums(shards, shards.tars, progress=False)
 
 
 def test_wrong_or_missing_credentials_are_one_line_and_never_printed(tmp_path, bucket, s3_server, monkeypatch,
@@ -394,3 +427,23 @@ def test_bucket_end_to_end_shard_teacher_torchrun_student_eval(tmp_path, bucket,
         reports.append(json.loads(out.read_text()))
     assert reports[0]["data"]["path"] == f"{kd}/val" and reports[0]["metrics"]["num_samples"] == classes
     assert reports[0]["metrics"] == reports[1]["metrics"]
+
+
+def test_stock_webdataset_and_timm_read_the_bucket_set_through_pipe_urls(tmp_path, bucket):
+    """What docs/scale.md tells webdataset and timm users: `pipe:python -m kdkit.shards.location URL`."""
+    import webdataset as wds
+    from timm.data import create_dataset
+
+    from conftest import read_with_webdataset
+    from kdkit.shards.location import PIPE, webdataset_url
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+    write_dataset(list_folder(tmp_path / "raw"), tmp_path / "set", shard_cfg())
+    want = read_with_webdataset(tmp_path / "set" / "train")
+    tars = [webdataset_url(t) for t in sorted((data / "train").glob("*.tar"))]
+    assert tars[0] == f"{PIPE} {data}/train/train-000000.tar"
+    got = {s["__key__"]: (s["jpg"], int(s["cls"])) for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False)}
+    assert got == want
+    ds = create_dataset("wds/", root=f"{PIPE} {data}", split="train")  # timm reads _info.json, then the shards
+    labels = sorted(int(target) for _, target in ds)
+    assert labels == sorted(label for _, label in want.values())

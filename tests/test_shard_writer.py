@@ -268,6 +268,37 @@ def test_parts_write_disjoint_shards_of_one_set(class_tree, tmp_path):
     assert shard_digests(out / "train") == shard_digests(ref / "train")
 
 
+def test_the_part_comes_from_the_array_job_where_the_scheduler_tells_it(class_tree, tmp_path, monkeypatch, capsys):
+    from kdkit.errors import OptionError
+    from kdkit.options import scheduler_part
+
+    assert scheduler_part({}) is None and scheduler_part({"SGE_TASK_ID": "undefined"}) is None
+    # SLURM: --array=4-6 (ids from SLURM_ARRAY_TASK_MIN); SGE: -t 1-5:2 (ids 1, 3, 5)
+    assert scheduler_part({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4",
+                           "SLURM_ARRAY_TASK_COUNT": "3"})[:2] == (1, 3)
+    assert scheduler_part({"SGE_TASK_ID": "3", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "5",
+                           "SGE_TASK_STEPSIZE": "2"})[:2] == (1, 3)
+    with pytest.raises(OptionError, match="SLURM_ARRAY_TASK_ID=7 is not one of 3 evenly spaced tasks.*--part"):
+        scheduler_part({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+
+    root, _ = class_tree
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    write_dataset(list_folder(root), ref, cfg(samples_per_shard=2))
+    args = ["shard", "folder", str(root), str(out), "--samples-per-shard", "2", "--workers", "1"]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert main(args) == 0
+    assert "--part 0/2, from the SLURM array task SLURM_ARRAY_TASK_ID=0 of 2" in capsys.readouterr().err
+    assert not (out / "train" / contract.MANIFEST).exists()  # half the shards: the other task's are missing
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert main(args) == 0
+    assert shard_digests(out / "train") == shard_digests(ref / "train")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")  # --part given wins over the scheduler's variables
+    assert main([*args[:3], str(tmp_path / "all"), *args[4:], "--part", "0/1"]) == 0
+    assert shard_digests(tmp_path / "all" / "train") == shard_digests(ref / "train")
+
+
 def test_shard_size_mb_sets_shard_count(tmp_path):
     root = tmp_path / "raw"
     make_class_tree(root, per_class=10, size=(64, 64))
