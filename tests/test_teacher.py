@@ -377,7 +377,7 @@ def test_interrupted_multi_view_run_resumes_to_the_same_set(tiny_shards, ckpts, 
 def test_in_place_survives_a_crash_between_tar_and_index(tiny_shards, ckpts, single, tmp_path, monkeypatch):
     shutil.copytree(tiny_shards / "val", tmp_path / "val")
     cfg = config(tmp_path / "val", ckpts["main"], in_place=True)
-    real, calls = resume.os.replace, []
+    real, calls = os.replace, []
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
 
@@ -389,7 +389,7 @@ def test_in_place_survives_a_crash_between_tar_and_index(tiny_shards, ckpts, sin
             raise OSError("simulated power cut")
         return real(src, dst)
 
-    monkeypatch.setattr(resume.os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", crash_on_second)
     with pytest.raises(OSError, match="power cut"):
         add_teacher_logits(cfg)
     monkeypatch.undo()

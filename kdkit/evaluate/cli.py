@@ -251,7 +251,8 @@ def _add_export(sub) -> None:
     p.add_argument("--opset", type=integer(7), default=18, help="ONNX opset (the TorchScript exporter uses at most 17)")
     g = p.add_argument_group("Parity check")
     g.add_argument("--data", type=location_arg, default=None,
-                   help="shard set (folder or bucket URL) whose first eval views are the test inputs (default: --images)")
+                   help="shard set (folder or bucket URL) whose first eval views are the test inputs "
+                        "(default: --images)")
     g.add_argument("--images", type=csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
                    help="or these image files / folders, comma-separated (default: random inputs if neither)")
     g.add_argument("--split", default="val", help="split of --data to read")

@@ -114,7 +114,8 @@ def add_shard_parser(sub) -> None:
                      description="ILSVRC2012: ROOT/train/<wnid>/*.JPEG and ROOT/val/ (class folders, or flat with "
                                  "a label file). Class index = position of the wnid in sorted order.")
     q.add_argument("root", type=Path, help="ImageNet root (holding train/ and val/, or the Kaggle ILSVRC/ tree)")
-    q.add_argument("out", type=location_arg, help="output folder or bucket URL s3://BUCKET/PREFIX (one sub-folder per split)")
+    q.add_argument("out", type=location_arg,
+                   help="output folder or bucket URL s3://BUCKET/PREFIX (one sub-folder per split)")
     q.add_argument("--splits", type=csv_list, default=None, help="comma-separated splits to write (default: all found)")
     q.add_argument("--val-labels", type=Path, default=None,
                    help="labels of a flat val/: the devkit's ILSVRC2012_validation_ground_truth.txt, a "

@@ -95,10 +95,6 @@ def location_arg(text: str) -> Path | BucketPath:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def is_bucket(x) -> bool:
-    return isinstance(x, BucketPath)
-
-
 def local_side(loc: Path | BucketPath) -> Path:
     """Where the local files that belong to `loc` go: `loc` itself for a folder, a scratch folder of
     this machine for a bucket prefix (temp tars before upload, decompressed inputs)."""
@@ -113,13 +109,18 @@ def open_read(path, encoding: str | None = None):
     return open(p, "r", encoding=encoding) if encoding else open(p, "rb")
 
 
-def replace(src: Path | BucketPath, dst: Path | BucketPath) -> None:
-    """Move src over dst, as os.replace (one rename locally; a server-side copy then delete in a bucket)."""
-    if isinstance(dst, BucketPath):
-        dst.copy_from(src)
-        src.unlink()
-    else:
+def replace(src: Path | BucketPath, dst: Path | BucketPath, sha256: str | None = None) -> None:
+    """Move src over dst as os.replace does: a rename locally; into a bucket, the upload of a finished
+    local file (its sha256, where given, kept as object metadata) or a server-side copy, then src removed.
+    Either way dst appears whole or not at all."""
+    if not isinstance(dst, BucketPath):
         os.replace(src, dst)
+        return
+    if isinstance(src, BucketPath):
+        dst.copy_from(src)
+    else:
+        dst.upload(src, sha256)
+    src.unlink()
 
 
 def copy_file(src, dst) -> None:
@@ -236,8 +237,11 @@ class BucketPath:
 
     @property
     def scratch(self) -> Path:
-        """This machine's scratch folder for the prefix: temp shards are built here, then uploaded."""
-        return scratch_dir() / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        """This machine's scratch folder for the prefix (made on first use): temp shards are built here,
+        then uploaded."""
+        folder = scratch_dir() / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     # -- the store ---------------------------------------------------------------------------
     @property
@@ -412,7 +416,8 @@ def translate(err: Exception, where: BucketPath, doing: str = "read") -> Excepti
     if isinstance(err, FileNotFoundError):
         cause = f"{err} {err.__cause__ or ''} {err.__context__ or ''}"
         if "NoSuchBucket" in cause or "bucket does not exist" in cause:
-            return BucketError(f"{where.scheme}://{where._path.split('/', 1)[0]}: no such bucket at {store}; check the URL"
+            return BucketError(f"{where.scheme}://{where._path.split('/', 1)[0]}: no such bucket at {store}; "
+                               "check the URL"
                                + (" and AWS_ENDPOINT_URL" if where.scheme == "s3" else ""))
         return FileNotFoundError(errno.ENOENT, "no such object", str(where))
     if names & _CONNECTION or isinstance(err, OSError) and err.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
@@ -456,7 +461,8 @@ class _Guarded(io.RawIOBase):
         super().close()
 
 
-PIPE = f"pipe:{shlex.quote(sys.executable)} -m kdkit.shards.location"  # + " URL": how stock webdataset and timm read a bucket
+# + " URL": how stock webdataset and timm read a bucket
+PIPE = f"pipe:{shlex.quote(sys.executable)} -m kdkit.shards.location"
 
 
 def webdataset_url(path) -> str:

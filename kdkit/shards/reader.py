@@ -198,7 +198,8 @@ def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -
     not reproduced with DALI 2.4 here), and no error handler runs after a segfault. A shard changed
     since kdkit wrote it is caught by its checksum, every time, whatever the damage. Cost: one read of
     each shard the first time; a verified shard's (size, mtime) is cached in $KDKIT_CACHE/checked/, so
-    later runs only stat it (a shard in a bucket: its size and ETag, which every new upload changes). KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
+    later runs only stat it (a shard in a bucket: its size and ETag, which every new upload changes).
+    KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
     """
     todo = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
     if not todo or os.environ.get("KDKIT_CHECKSUMS") == "0":

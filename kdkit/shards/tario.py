@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from kdkit.shards import contract
-from kdkit.shards.location import BucketPath, local_side, open_read
+from kdkit.shards.location import BucketPath, local_side, open_read, replace
 
 TMP_SUFFIX = ".tmp"
 
@@ -31,14 +31,12 @@ def local_temp(path: Path | BucketPath) -> Path:
 
 
 def atomic_write_bytes(path: Path | BucketPath, data: bytes) -> None:
-    if isinstance(path, BucketPath):
-        return path.write_bytes(data)  # one PUT: the object appears whole or not at all
     tmp = local_temp(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    replace(tmp, path)  # a rename, or one upload: the object appears whole or not at all
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -123,7 +121,6 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
 
     idx_path = tar_path.with_suffix(".idx")
     count = 0
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "wb") as f:
         # mtime fixed and owner neutral: the same samples give byte-identical tars on every run. An int
         # mtime: tarfile gives a float one (0.0) a PAX header of its own, 1 KB more for every member
@@ -143,11 +140,7 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
     write_dali_index(tmp, idx_path)
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
-    if isinstance(tar_path, BucketPath):
-        tar_path.upload(tmp, sha256=digest)  # whole or not at all, after its index
-        tmp.unlink()
-    else:
-        os.replace(tmp, tar_path)
+    replace(tmp, tar_path, sha256=digest)  # after its index; in a bucket: whole or not at all
     return {"num_samples": count, "bytes": size, "sha256": digest}
 
 

@@ -206,7 +206,8 @@ def write_timm_info(root: Path | BucketPath) -> None:
         tario.atomic_write_json(root / contract.TIMM_INFO, info)
 
 
-def write_dataset(ds: SourceDataset, out: Path | BucketPath | str, cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
+def write_dataset(ds: SourceDataset, out: Path | BucketPath | str,
+                  cfg: ShardConfig) -> dict[str, contract.Manifest | None]:
     out = location(out)
     root = Path(ds.root)
     if root.is_dir() and (out.resolve() == root.resolve() or root.resolve() in out.resolve().parents):

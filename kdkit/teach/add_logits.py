@@ -8,8 +8,9 @@
     when every shard of a set is done: its manifest, with the teacher block, is written last.
 
 Where it writes and how it resumes is kdkit.shards.resume's job (the mechanism every shard writer
-shares; input and output may be local folders or bucket prefixes): a new set (--out; the input is never touched), or each shard replaced in place, staged
-under DEST/.kdkit-state/teacher/ and swapped in atomically (--in-place). Under torchrun the ranks
+shares; input and output may be local folders or bucket prefixes): a new set (--out; the input is
+never touched), or each shard replaced in place, staged under DEST/.kdkit-state/teacher/ and swapped
+in atomically (--in-place). Under torchrun the ranks
 join one process group (kdkit.runtime): each rank computes its own shards, rank 0 writes the plan
 and, once every shard is done, the manifest; the set equals the one a single process writes.
 
