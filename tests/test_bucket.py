@@ -99,6 +99,21 @@ def test_teacher_pass_in_place_in_a_bucket_swaps_each_shard_whole(tmp_path, buck
     assert not list((data / "val" / contract.STATE_DIR / "teacher").glob("*.tar"))  # the staged copies moved
 
 
+@pytest.mark.slow
+def test_bench_loader_and_lr_find_read_a_bucket(tmp_path, bucket, capsys):
+    from kdkit.cli import main
+
+    data = set_in_bucket(tmp_path, f"{bucket}/set")
+    assert main(["bench-loader", str(data), "--batch-size", "4", "--threads", "1", "--size", "32", "--batches", "2",
+                 "--warmup", "1", "--shuffle-buffer", "8", "--device", "cpu", "--no-baseline",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["shard_folder"] == f"{data}/train" and report["results"][0]["images"] >= 8
+    assert main(["lr-find", str(data), *TRAIN, "--num-steps", "5", "--output", str(tmp_path / "runs")]) == 0
+    found = json.loads((tmp_path / "runs" / "lr-find-test_efficientnet" / "lr_find.json").read_text())
+    assert len(found["lrs"]) == 5
+
+
 # ---------------------------------------------------------------------------------------------
 # faults: each one line naming the URL (never a credential), exit status 2, nothing lost
 
