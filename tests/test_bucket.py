@@ -2,14 +2,13 @@
 server (moto, tests/conftest.py), byte-identical to the same set on local disk."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 
 from conftest import make_class_tree, shard_cfg
 from kdkit.shards import contract
-from kdkit.shards.location import BucketPath, location
+from kdkit.shards.location import location
 from kdkit.shards.sources.folder import list_folder
 from kdkit.shards.writer import write_dataset
 
