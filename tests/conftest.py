@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,9 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
+_BUCKETS = itertools.count()  # a new bucket name for every test of the session
+
+
 @pytest.fixture
 def bucket(s3_server, monkeypatch, request):
     """s3://<a new bucket> on the test server; this test's environment points at it, with dummy credentials."""
@@ -142,7 +146,7 @@ def bucket(s3_server, monkeypatch, request):
     for k, v in s3_env(s3_server).items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()  # credentials are read when an instance is made
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{id(request) % 10**6}"
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{next(_BUCKETS)}"
     s3fs.S3FileSystem(use_listings_cache=False).mkdir(name)
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
