@@ -137,13 +137,14 @@ _BUCKETS = itertools.count()  # a new bucket name for every test of the session
 
 
 @pytest.fixture
-def bucket(s3_server, monkeypatch, request):
-    """s3://<a new bucket> on the test server; this test's environment points at it, with dummy credentials."""
+def bucket(s3_relay, monkeypatch, request):
+    """s3://<a new bucket> on the test server; this test's environment points at it (through the relay,
+    see `relay`), with dummy credentials."""
     import re
 
     import s3fs
 
-    for k, v in s3_env(s3_server).items():
+    for k, v in s3_env(s3_relay.url).items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()  # credentials are read when an instance is made
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{next(_BUCKETS)}"
@@ -211,16 +212,20 @@ class Relay:
         self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def relay(s3_server, bucket, monkeypatch):
-    """The store behind a relay this test can stop and start again; the test's environment talks to the
-    relay. Yields the Relay; `bucket` is the same bucket as seen through it."""
-    import s3fs
-
+@pytest.fixture(scope="session")
+def s3_relay(s3_server):
+    """The relay every in-process bucket test talks through. One for the session: DALI keeps the S3 client
+    (and its endpoint) it made first for the rest of the process."""
     r = Relay(s3_server)
     r.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", r.url)
-    s3fs.S3FileSystem.clear_instance_cache()
     yield r
-    if r.proc.poll() is None:
-        r.stop()
+    r.stop()
+
+
+@pytest.fixture
+def relay(s3_relay, bucket):
+    """The relay in front of the store, for a test to stop (the store goes away) and start again (it comes
+    back with everything it held); started again after the test if the test left it stopped."""
+    yield s3_relay
+    if s3_relay.proc.poll() is not None:
+        s3_relay.start()
