@@ -345,6 +345,21 @@ def number(low: float | None = None, high: float | None = None, above: bool = Fa
     return _bounded("number", low, high, above)
 
 
+def env_integer(name: str, default: int, low: int | None = None, high: int | None = None) -> int:
+    """An integer environment variable kdkit reads (KDKIT_MAX_PIXELS, torchrun's LOCAL_RANK, ...), checked as
+    an integer flag is: unset or empty gives `default`, anything else not an integer in range (abc, nan,
+    0 where 1 is the least) is an OptionError naming the variable, not a traceback."""
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return integer(low, high)(text)
+    except argparse.ArgumentTypeError as e:
+        raise OptionError(f"environment variable {name}={text}: {e}; set it to a valid value or unset it") from None
+
+
 COUNT = integer(1)  # batch sizes, threads, workers, epochs, steps: at least one
 SEED = integer(0)
 FRACTION = number(0, 1, above=True)  # crop ratios, areas: 0 < x <= 1

@@ -28,6 +28,8 @@ import torch
 from kdkit.errors import KdkitError
 from kdkit.evaluate.ensemble import denormalize_uint8, normalize_uint8, open_eval_set
 from kdkit.evaluate.openvino import IR, IR_INT8, REPORT, RT_KEY, SPEC, OpenVINOModel, require
+from kdkit.evaluate.predict import CROP_SPEC
+from kdkit.shards.images import PIXELS_SPEC
 from kdkit.evaluate.parity import check_parity, parity_inputs, time_runners
 from kdkit.models.checkpoint import ModelInfo, load_model
 
@@ -40,6 +42,7 @@ def input_spec(info: ModelInfo, crop_ratio: float, embedded: bool, checkpoint: P
             "dtype": "uint8" if embedded else "float32", "layout": "NHWC" if embedded else "NCHW", "color": "RGB",
             "image_size": s, "crop_ratio": crop_ratio, "mean": list(info.mean), "std": list(info.std),
             "preprocessing_in_model": embedded,
+            "decode": PIXELS_SPEC, "crop": CROP_SPEC.format(S=s),
             "preprocessing": f"resize the shorter side to round({s} / crop_ratio), centre crop {s}, "
                              + ("RGB uint8 as is (normalisation is in the model)" if embedded
                                 else "x / 255, minus mean, divided by std, NCHW float32"),

@@ -59,6 +59,15 @@ def list_images(inputs: list[Path]) -> list[Path]:
     return out
 
 
+# The centre view in words, with every rounding, for input.json and the docs: another runtime that
+# follows it (and kdkit.shards.images.PIXELS_SPEC for the file) gets EvalTransform's pixels.
+CROP_SPEC = ("resize so the shorter side is round({S} / crop_ratio) and the longer side in proportion, "
+             "round(side * that / shorter) (at least {S}; Python's round, half to even), bilinear, antialiased "
+             "when shrinking (Pillow's resize); crop {S} x {S} with its top-left corner at "
+             "floor((H - {S}) / 2 + 0.5), floor((W - {S}) / 2 + 0.5) of the resized H x W (half up, as DALI's "
+             "crop_pos 0.5)")
+
+
 class EvalTransform:
     """The DALI eval centre view in Pillow + torch: resize the shorter side to
     round(image_size / crop_ratio) (the longer side rounded in proportion), cut image_size x
@@ -93,16 +102,20 @@ def eval_transform(info: ModelInfo, crop_ratio: float = 0.875) -> EvalTransform:
 
 
 def load_image(path: Path):
-    """An RGB Pillow image, or a KdkitError naming the file and why it does not decode."""
-    from PIL import Image
+    """The RGB Pillow image a viewer shows (kdkit.shards.images.to_rgb: EXIF orientation, high bit depths and
+    transparency as the shard writers store them, so training and prediction see the same pixels), or a
+    KdkitError naming the file and why it does not decode."""
+    from kdkit.errors import BadImage
+    from kdkit.shards.images import load_rgb
 
-    if not path.exists():
-        raise KdkitError(f"{path}: does not exist")
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert() loads the pixels: truncated files fail here
-    except Exception as e:  # Pillow raises many types for bad files; all mean "not a usable image"
-        raise KdkitError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise KdkitError(f"{path}: {'does not exist' if not Path(path).exists() else e.strerror or e}") from None
+    try:
+        return load_rgb(raw)[0]
+    except BadImage as e:
+        raise KdkitError(f"{path}: {e}") from None
 
 
 def top_classes(probs: torch.Tensor, info: ModelInfo, k: int) -> list[dict]:

@@ -64,7 +64,7 @@ def _run_shard(a: argparse.Namespace) -> int:
     if a.source == "folder":
         from kdkit.shards.sources.folder import list_folder
 
-        ds = list_folder(a.root, splits=a.splits, name=a.name)
+        ds = list_folder(a.root, splits=a.splits, name=a.name, layout=a.layout)
     elif a.source == "imagenet":
         from kdkit.shards.sources.imagenet import list_imagenet
 
@@ -128,11 +128,19 @@ def add_shard_parser(sub) -> None:
 
     q = s.add_parser("folder", formatter_class=HelpFormatter,
                      help="class folders (ROOT/<class>/*, optional split folders)",
-                     description="ROOT/<class>/<image>, or ROOT/{train,val,test}/<class>/<image>. Any format "
-                                 "Pillow reads; non-images are ignored with a note in the skip report.")
+                     description="ROOT/<class>/<image>, or ROOT/<split>/<class>/<image> with split folders "
+                                 "named in any case train/training, val/valid/validation, test/testing (also "
+                                 "as a word of the name: seg_train; also wrapped in a folder of the same name: "
+                                 "seg_train/seg_train/), or Food-101 as downloaded (images/<class>/ + "
+                                 "meta/train.txt, meta/test.txt). An ambiguous tree is refused, naming "
+                                 "--layout and --splits. Any format Pillow reads; non-images are ignored with a "
+                                 "note in the skip report.")
     q.add_argument("root", type=Path)
     q.add_argument("out", type=location_arg, help="output folder or bucket URL (one sub-folder per split)")
-    q.add_argument("--splits", type=csv_list, default=None, help="comma-separated split folders (default: all found)")
+    q.add_argument("--splits", type=csv_list, default=None,
+                   help="comma-separated split folders to write (default: every split folder found)")
+    q.add_argument("--layout", choices=["auto", "splits", "classes"], default="auto",
+                   help="what ROOT's folders are: split folders, or classes (default: auto, from their names)")
     q.add_argument("--name", default="train", help="split name when ROOT holds class folders directly")
     _add_shard_common(q)
 

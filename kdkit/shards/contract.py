@@ -86,8 +86,25 @@ def key_from_relpath(relpath: str) -> str:
     joined = "__".join(part for part in stem.split("/") if part)
     safe = _UNSAFE.sub("_", joined)
     if safe != joined:
-        safe += "-" + hashlib.sha1(rel.encode("utf-8")).hexdigest()[:8]
+        safe += "-" + _path_hash(rel)
     return safe
+
+
+def _path_hash(rel: str) -> str:
+    # surrogateescape: a file name that is not valid UTF-8 (Latin-1 'café' from an old archive) reaches
+    # Python as lone surrogates; its original bytes give the hash
+    return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def unique_keys(relpaths: list[str]) -> list[str]:
+    """key_from_relpath of each path, where paths that would share a key (photo.jpg beside photo.png: keys
+    drop the extension) each get the hash of their whole path appended, so both are kept, each under its
+    own stable key."""
+    keys = [key_from_relpath(r) for r in relpaths]
+    count: dict[str, int] = {}
+    for k in keys:
+        count[k] = count.get(k, 0) + 1
+    return [k + "-" + _path_hash(r.replace("\\", "/")) if count[k] > 1 else k for k, r in zip(keys, relpaths)]
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -133,6 +150,7 @@ class Manifest:
     kdkit_version: str
     skipped: int = 0
     ignored_files: int = 0
+    converted: dict = field(default_factory=dict)  # images changed to be stored as a viewer shows them, by change
     teacher: dict | None = None
     members: dict = field(default_factory=lambda: {"image": IMAGE_EXT, "label": LABEL_EXT})
     label_width: int = LABEL_WIDTH
@@ -154,6 +172,7 @@ class Manifest:
             "skipped": self.skipped,
             "skip_report": SKIP_REPORT,
             "ignored_files": self.ignored_files,
+            "converted": self.converted,
             "classes": [c.to_json() for c in self.classes],
             "shards": [s.to_json() for s in self.shards],
             "source": self.source,
@@ -187,6 +206,7 @@ class Manifest:
             kdkit_version=d.get("kdkit_version", ""),
             skipped=d.get("skipped", 0),
             ignored_files=d.get("ignored_files", 0),
+            converted=d.get("converted", {}),
             teacher=d.get("teacher"),
             members=d.get("members", {"image": IMAGE_EXT, "label": LABEL_EXT}),
             label_width=d.get("label_width", LABEL_WIDTH),

@@ -34,17 +34,18 @@ def init_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
 
 
-def process_sample(args: tuple[SourceSample, ImageOptions]) -> tuple[SourceSample, bytes | None, str | None]:
-    """(sample, jpeg bytes, None) or (sample, None, reason it was left out)."""
+def process_sample(args: tuple[SourceSample, ImageOptions]) -> tuple[SourceSample, bytes | None, str | None, list]:
+    """(sample, jpeg bytes, None, what was changed: images.to_rgb's words) or (sample, None, reason it was
+    left out, [])."""
     sample, opts = args
     try:
         raw = read_ref(sample.ref)
     except OSError as e:
-        return sample, None, f"unreadable: {e.strerror or e}"
+        return sample, None, f"unreadable: {e.strerror or e}", []
     except BadImage as e:
-        return sample, None, str(e)
+        return sample, None, str(e), []
     try:
-        jpg, _ = prepare_image(raw, opts)
+        jpg, changed = prepare_image(raw, opts)
     except BadImage as e:
-        return sample, None, str(e)
-    return sample, jpg, None
+        return sample, None, str(e), []
+    return sample, jpg, None, changed

@@ -82,7 +82,7 @@ def fingerprint(split: SourceSplit, cfg: ShardConfig) -> str:
 def _estimate_samples_per_shard(samples: list[SourceSample], cfg: ShardConfig) -> int:
     sizes = []
     for s in samples[:ESTIMATE_SAMPLES]:
-        _, jpg, err = process_sample((s, cfg.image))
+        _, jpg, err, _ = process_sample((s, cfg.image))
         if jpg is not None:
             sizes.append(len(jpg) + 1536)  # + tar headers and padding for the image and label
     mean = sum(sizes) / len(sizes) if sizes else 100_000
@@ -127,10 +127,13 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
         for i in todo:
             n_in = len(order[i * per:(i + 1) * per])
             skipped: list[list[str]] = []
+            converted: dict[str, int] = {}  # images.to_rgb's changes (EXIF orientation applied, ...), counted
 
             def samples_of_shard():
                 for _ in range(n_in):
-                    sample, jpg, err = next(results)
+                    sample, jpg, err, changed = next(results)
+                    for what in changed:
+                        converted[what] = converted.get(what, 0) + 1
                     bar.update(1)
                     if err is not None:
                         if cfg.strict:
@@ -141,7 +144,7 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
                     yield {"__key__": sample.key, contract.IMAGE_EXT: jpg,
                            contract.LABEL_EXT: contract.encode_label(sample.label)}
 
-            job.write(contract.tar_name(split.name, i), samples_of_shard(), {"skipped": skipped})
+            job.write(contract.tar_name(split.name, i), samples_of_shard(), {"skipped": skipped, "converted": converted})
     except KeyboardInterrupt:
         job.clear_temps([contract.tar_name(split.name, i) for i in todo])
         print(f"\n{split.name}: interrupted; finished shards in {folder} are kept, run the same command again "
@@ -164,9 +167,11 @@ def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.M
               file=sys.stderr)
         return None
     skipped = [row for r in records for row in r["skipped"]]
-    report = "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in skipped) \
-        + "".join(f"{p}\tignored: {why}\n" for p, why in split.ignored)
-    tario.atomic_write_bytes(folder / contract.SKIP_REPORT, report.encode("utf-8"))
+    write_skip_report(folder / contract.SKIP_REPORT, skipped, split.ignored)
+    if not any(r["num_samples"] for r in records):
+        raise KdkitError(f"{ds.root}: split '{split.name}': none of its {len(skipped)} images could be read (the "
+                         f"first: {skipped[0][0]}: {skipped[0][1]}; all in {folder / contract.SKIP_REPORT}); no "
+                         f"manifest written. Fix or remove those files, delete {folder}, and run again")
     manifest = contract.Manifest(
         split=split.name,
         classes=ds.classes,
@@ -178,15 +183,53 @@ def _finish(ds, split, job: ShardJob, plan, cfg, written, elapsed) -> contract.M
         kdkit_version=__version__,
         skipped=len(skipped),
         ignored_files=len(split.ignored),
+        converted=converted_counts(records),
     )
     tario.atomic_write_json(folder / contract.MANIFEST, manifest.to_json())
     write_timm_info(folder.parent)
     total = sum(r["bytes"] for r in records)
     rate = f", {written / elapsed:.0f} img/s" if written and elapsed > 0 else ""
-    print(f"{split.name}: {manifest.num_samples} samples in {len(records)} shards "
+    print(f"{split.name}: {manifest.num_samples} samples of {class_list(ds.classes)} in {len(records)} shards "
           f"({total / 1e6:.1f} MB){rate}; {len(skipped)} skipped, {len(split.ignored)} ignored"
-          + (f" (see {folder / contract.SKIP_REPORT})" if skipped or split.ignored else ""), file=sys.stderr)
+          + (f" (see {folder / contract.SKIP_REPORT})" if skipped or split.ignored else "")
+          + "".join(f"; {n} {CONVERSIONS.get(what, what)}" for what, n in manifest.converted.items()),
+          file=sys.stderr)
     return manifest
+
+
+CONVERSIONS = {"orientation": "turned upright (EXIF orientation)", "high_bit_depth": "scaled from high bit depth",
+               "alpha": "with transparency composited on white"}
+
+
+def class_list(classes: list[contract.ClassInfo], show: int = 8) -> str:
+    """"3 classes (a, b, c)": what a user checks first after converting a folder tree."""
+    names = [c.id for c in classes[:show]] + (["..."] if len(classes) > show else [])
+    return f"{len(classes)} class{'es' if len(classes) != 1 else ''} ({', '.join(names)})"
+
+
+def _tsv_field(text: str) -> str:
+    """A path or reason as one TSV field: tabs and line breaks (legal in file names) would split the row."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # undecodable bytes: \\xNN
+
+
+def write_skip_report(path: Path | BucketPath, skipped: list, ignored: list) -> None:
+    """skipped.tsv: a header, then one `path<TAB>reason` row per file left out; tabs, line breaks and
+    backslashes in a field are written as \\t, \\n, \\r, \\\\ (so every row has two fields), and a
+    file name that is not valid UTF-8 keeps its bytes as \\xNN (Python's backslashreplace)."""
+    report = "path\treason\n" + "".join(f"{_tsv_field(p)}\t{_tsv_field(why)}\n" for p, why in skipped) \
+        + "".join(f"{_tsv_field(p)}\tignored: {_tsv_field(why)}\n" for p, why in ignored)
+    tario.atomic_write_bytes(path, report.encode("utf-8"))
+
+
+def converted_counts(records: list[dict]) -> dict[str, int]:
+    """How many images of the set each of images.to_rgb's changes was made to (records of sets written
+    before they were counted have none)."""
+    total: dict[str, int] = {}
+    for r in records:
+        for what, n in r.get("converted", {}).items():
+            total[what] = total.get(what, 0) + n
+    return dict(sorted(total.items()))
 
 
 def write_timm_info(root: Path | BucketPath) -> None:
@@ -221,11 +264,12 @@ def write_dataset(ds: SourceDataset, out: Path | BucketPath | str,
     if not (n >= 1 and 0 <= i < n):
         raise KdkitError(f"--part {i}/{n}: expected i/N with 0 <= i < N")
     for split in ds.splits:
-        seen = set()
+        seen: dict[str, str] = {}
         for s in split.samples:
             if s.key in seen:
-                raise KdkitError(f"{s.origin}: duplicate sample key {s.key!r} in split {split.name}")
-            seen.add(s.key)
+                raise KdkitError(f"{s.origin}: same sample key {s.key!r} as {seen[s.key]} in split {split.name}; "
+                                 "rename one of the two")
+            seen[s.key] = s.origin
     out.mkdir(parents=True, exist_ok=True)
     return {split.name: write_split(ds, split, out, cfg) for split in ds.splits}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 from kdkit.errors import KdkitError
-from kdkit.shards.contract import ClassInfo, key_from_relpath
+from kdkit.shards.contract import ClassInfo, unique_keys
 from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit, read_lines, split_from_name
 from kdkit.shards.sources.folder import require_dir
 
@@ -131,11 +131,13 @@ def list_listfile(list_files: list[Path | str], root: Path | str, classes_file: 
 
     splits: dict[str, list[SourceSample]] = {}
     first: dict[str, _Entry] = {}  # sample key -> the entry that gave it
+    rels = list(dict.fromkeys(e.rel for e in entries))
+    key_of = dict(zip(rels, unique_keys(rels)))  # photo.jpg and photo.png: each its own key
     for e in entries:
         if e.where not in labels:
             continue  # its label was reported already
         path = root / e.rel
-        key = key_from_relpath(e.rel)
+        key = key_of[e.rel]
         if not path.is_file():
             problems.append((e.list_file, e.line, f"no such file {e.rel} under --root {root}"))
         elif key in first:
