@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kdkit.errors import KdkitError
+from kdkit.options import env_integer
 
 DEVICES = ("auto", "cpu", "gpu", "cuda")  # "gpu" and "cuda" mean the same: the CUDA device LOCAL_RANK
 
@@ -123,7 +124,7 @@ _warned: set[str] = set()
 
 def gpu_index(local_rank: int | None = None) -> int:
     """This process's GPU: CUDA device LOCAL_RANK (torchrun's), checked against the visible devices."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    local_rank = env_integer("LOCAL_RANK", 0, low=0) if local_rank is None else local_rank
     if not torch.cuda.is_available():
         why = driver_without_gpu()
         raise KdkitError("a GPU was asked for but no CUDA device is visible to torch" + (f" ({why})" if why else
@@ -167,8 +168,8 @@ def start(requested: str = "auto", announce: str | None = None, distributed: boo
     distributed=False: a command that works alone (eval, predict, the benchmark) stays one process
     of its own even under torchrun, on GPU LOCAL_RANK. deterministic: torch's deterministic algorithms
     and no cuDNN autotuning (exact reproduction on the GPU, slower)."""
-    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = env_integer("WORLD_SIZE", 1, low=1) if distributed else 1  # torchrun's; checked, not a traceback
+    local_rank = env_integer("LOCAL_RANK", 0, low=0)
     device = pick_device(requested, local_rank)
     joined = False
     if world > 1:

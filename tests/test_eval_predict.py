@@ -50,14 +50,14 @@ def test_undecodable_image_is_named_and_the_others_still_predicted(ckpt, images,
     truncated.write_bytes(images[0].read_bytes()[:300])
     results = predict(PredictConfig(ckpt, [images[0], bad, truncated, tmp_path / "missing.jpg", images[1]]))
     assert [r.error is None for r in results] == [True, False, False, False, True]
-    assert results[1].error.startswith(f"{bad}: cannot decode image (")
-    assert results[2].error.startswith(f"{truncated}: cannot decode image (")
+    assert results[1].error.startswith(f"{bad}: cannot decode: ")
+    assert results[2].error.startswith(f"{truncated}: cannot decode: ")
     assert results[3].error == f"{tmp_path / 'missing.jpg'}: does not exist"
     assert run_cli(["predict", str(ckpt), str(images[0]), str(bad), "--topk", "1"]) == 1
     out, err = capsys.readouterr()
     assert str(images[0]) in out and "%" in out
     lines = err.strip().splitlines()
-    assert lines[0].startswith(f"kdkit: error: {bad}: cannot decode image") and len(lines) == 2
+    assert lines[0].startswith(f"kdkit: error: {bad}: cannot decode: ") and len(lines) == 2
     assert "1 of 2 images failed" in lines[1]
     assert run_cli(["predict", str(ckpt), str(bad)]) == 1  # a single bad image: still a non-zero exit
 

@@ -177,3 +177,61 @@ def test_check_value_names_the_option():
     assert check_value(TrainConfig, "random_area", [0.2, 0.9]) == (0.2, 0.9)
     with pytest.raises(OptionError, match=r"random_area=\[0.9, 0.2\]: expected \(min, max\) with min <= max"):
         check_value(TrainConfig, "random_area", [0.9, 0.2])
+
+
+def every_parser():
+    """The kdkit parser and each of its sub-commands' parsers, with their command words."""
+    import argparse
+
+    todo = [((), build_parser())]
+    while todo:
+        words, parser = todo.pop()
+        yield words, parser
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [((*words, w), p) for w, p in a.choices.items()]
+
+
+def test_every_numeric_flag_of_every_command_refuses_nan_and_inf():
+    """Wherever a number is read from the command line: TrainConfig's flags, and the plain flags of eval,
+    shard, teach, demo, bench, lr-find (kdkit.options.integer / number)."""
+    import argparse
+
+    checked = 0
+    for words, parser in every_parser():
+        assert parser.allow_abbrev is False, words  # no prefix matching: `--kd` never means `--kd-alpha`
+        for a in parser._actions:
+            if a.type is None or not callable(a.type) or a.type in (str,) or getattr(a.type, "__name__", "") in (
+                    "Path", "csv_list", "csv_paths", "part", "_key_value", "str"):
+                continue
+            try:
+                a.type("1")
+            except (argparse.ArgumentTypeError, ValueError):
+                pass  # a range that excludes 1: still a numeric flag
+            for bad in ("nan", "inf", "-inf", "NaN"):
+                with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+                    a.type(bad)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "abc", "-1", "1.5"])
+def test_numeric_environment_variables_are_checked(value, monkeypatch):
+    from kdkit.options import env_integer
+
+    monkeypatch.setenv("KDKIT_TEST_VAR", value)
+    with pytest.raises(OptionError, match=f"^environment variable KDKIT_TEST_VAR={value}: expected an integer"):
+        env_integer("KDKIT_TEST_VAR", 5, low=0)
+    monkeypatch.setenv("KDKIT_TEST_VAR", " 7 ")
+    assert env_integer("KDKIT_TEST_VAR", 5, low=0) == 7
+    monkeypatch.delenv("KDKIT_TEST_VAR")
+    assert env_integer("KDKIT_TEST_VAR", 5, low=0) == 5
+
+
+def test_torchrun_variables_are_checked(monkeypatch):
+    from kdkit import runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "nan")
+    with pytest.raises(OptionError, match="WORLD_SIZE=nan"):
+        with runtime.start("cpu"):
+            pass

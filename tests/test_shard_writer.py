@@ -369,3 +369,66 @@ def test_a_small_member_takes_one_header_and_one_block_in_the_tar(tmp_path):
     assert members == 40 * 2 * 1024
     assert members + 1024 <= tar.stat().st_size < members + 1024 + 10240  # + end blocks, record padding
     assert [k for k, _ in tario.iter_tar_samples(tar)] == [s["__key__"] for s in samples]
+
+
+def test_non_utf8_file_name_is_kept_under_a_stable_key(tmp_path, capsys):
+    root = tmp_path / "raw"
+    made = make_class_tree(root, per_class=2, size=(16, 16))
+    latin1 = os.fsencode(root / "train" / "cat") + b"/caf\xe9.jpg"  # Latin-1 'café' from an old archive
+    data = made["train"]["cat/cat_0.jpg"][0]
+    with open(latin1, "wb") as f:
+        f.write(data)
+    assert main(["shard", "folder", str(root), str(tmp_path / "s"), "--quiet", "--workers", "1"]) == 0
+    got = read_with_webdataset(tmp_path / "s" / "train")
+    key = contract.key_from_relpath(os.fsdecode(b"cat/caf\xe9.jpg"))
+    assert key.startswith("cat__caf_-") and got[key] == (data, 0)
+
+
+def test_same_stem_files_are_both_kept(tmp_path):
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=2, size=(16, 16))
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(root / "train" / "cat" / "photo.jpg")
+    Image.new("RGB", (16, 16), (0, 0, 200)).save(root / "train" / "cat" / "photo.png")
+    write_dataset(list_folder(root), tmp_path / "s", cfg())
+    photos = {k: np.asarray(Image.open(io.BytesIO(v[0])))[0, 0] for k, v in
+              read_with_webdataset(tmp_path / "s" / "train").items() if k.startswith("cat__photo")}
+    assert len(photos) == 2 and sorted(int(np.argmax(p)) for p in photos.values()) == [0, 2]
+    assert set(photos) == set(contract.unique_keys(["cat/photo.jpg", "cat/photo.png"]))
+
+
+def test_skip_report_rows_survive_tabs_and_newlines_in_names(tmp_path):
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=2, size=(16, 16))
+    (root / "train" / "cat" / "bad\tname\n.jpg").write_bytes(b"not an image")
+    (root / "train" / "dog" / "notes\t1.txt").write_text("x")
+    write_dataset(list_folder(root), tmp_path / "s", cfg())
+    rows = (tmp_path / "s" / "train" / contract.SKIP_REPORT).read_text().splitlines()
+    assert len(rows) == 3 and all(r.count("\t") == 1 for r in rows)
+    assert "bad\\tname\\n.jpg\tcannot decode" in rows[1] and "notes\\t1.txt\tignored" in rows[2]
+
+
+def test_a_split_whose_every_image_is_bad_is_an_error(tmp_path, capsys):
+    for c in "ab":
+        (tmp_path / "raw" / "train" / c).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "raw" / "train" / c / f"{i}.jpg").write_text("a HEIC photo renamed by a phone export")
+    out = tmp_path / "s"
+    assert main(["shard", "folder", str(tmp_path / "raw"), str(out), "--quiet", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of its 4 images could be read" in err and "skipped.tsv" in err
+    assert not (out / "train" / contract.MANIFEST).exists()  # nothing a trainer would take for a set
+    assert main(["verify", str(out)]) != 0  # and `kdkit verify` does not call it OK
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value,why", [("abc", "expected an integer"), ("0", "expected an integer >= 1"),
+                                       ("nan", "expected an integer")])
+def test_bad_max_pixels_variable_is_a_one_line_error(value, why, tmp_path):
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=1, size=(16, 16))
+    r = subprocess.run([sys.executable, "-m", "kdkit.cli", "shard", "folder", str(root), str(tmp_path / "s"),
+                        "--quiet", "--workers", "1"], capture_output=True, text=True,
+                       env={**os.environ, "KDKIT_MAX_PIXELS": value})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"KDKIT_MAX_PIXELS={value}" in r.stderr and why in r.stderr
+    assert not (tmp_path / "s").exists()

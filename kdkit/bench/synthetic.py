@@ -47,12 +47,14 @@ def write_tree(root: Path, images: int = 800, classes: int = 10, seed: int = 0, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kdkit.options import COUNT, SEED, Parser, integer
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--images", type=int, default=800)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--images", type=COUNT, default=800)
+    p.add_argument("--classes", type=COUNT, default=10)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--quality", type=integer(1, 100), default=90)
     a = p.parse_args(argv)
     total = write_tree(a.out, a.images, a.classes, a.seed, a.quality)
     print(f"{a.out}: {a.images} JPEGs, {total / a.images / 1024:.0f} KB on average")

@@ -96,15 +96,15 @@ def prepare(out: Path, train_size: int | None = None, test_size: int | None = No
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m kdkit.demo.mnist OUT [--train-size N] [--test-size N] [--holdout N]`: the demo's first step."""
-    import argparse
+    from kdkit.options import COUNT, SEED, Parser
 
-    p = argparse.ArgumentParser(prog="python -m kdkit.demo.mnist", description=main.__doc__)
+    p = Parser(prog="python -m kdkit.demo.mnist", description=main.__doc__)
     p.add_argument("out", type=Path)
-    p.add_argument("--train-size", type=int, default=None, help="class-balanced subset (default: all 60,000)")
-    p.add_argument("--test-size", type=int, default=None, help="class-balanced subset (default: all 10,000)")
-    p.add_argument("--holdout", type=int, default=None,
+    p.add_argument("--train-size", type=COUNT, default=None, help="class-balanced subset (default: all 60,000)")
+    p.add_argument("--test-size", type=COUNT, default=None, help="class-balanced subset (default: all 10,000)")
+    p.add_argument("--holdout", type=COUNT, default=None,
                    help="test split = this many training images held out (validation for tuning; default: the test set)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     a = p.parse_args(argv)
     for split, path in prepare(a.out, a.train_size, a.test_size, a.seed, a.holdout).items():
         print(f"{split}: {path}")
