@@ -37,12 +37,14 @@ GROUPS = (DATA, MODEL, KD, AUGMENT, OPTIMIZER, SCHEDULE, EMA, DEVICE, RUN)
 
 
 def option(default, help: str, group: str | None = None, *, low=None, high=None, above: bool = False,
-           choices: tuple | None = None, ordered: bool = False, flag: str | None = None):
+           choices: tuple | None = None, ordered: bool = False, flag: str | None = None, none: bool | None = None):
     """A dataclass field declaring one option. `low`/`high` bound numbers (and each item of a tuple;
     `above`: low itself excluded); `choices` for strings; `ordered`: a (min, max) pair; `flag`: the
-    command-line name where it is not --field-name."""
+    command-line name where it is not --field-name. `none`: whether the text none / null / '' means None on
+    the command line (default: for optional numbers and optional strings with choices, never for other
+    strings: a run name or a path "none" is taken as written)."""
     meta = {"help": help, "group": group, "low": low, "high": high, "above": above, "choices": choices,
-            "ordered": ordered, "flag": flag}
+            "ordered": ordered, "flag": flag, "none": none}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -221,6 +223,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"kdkit: error: {message} (see `{self.prog} --help`)\n")
 
 
+def none_words(cls: type, name: str) -> bool:
+    """Whether option `name` reads none / null / '' as None (option()'s `none`)."""
+    meta = option_fields(cls)[name].metadata
+    kind, optional, _, _ = kind_of(cls, name)
+    if not optional:
+        return False
+    if meta.get("none") is not None:
+        return meta["none"]
+    return kind is not str or bool(meta.get("choices"))
+
+
 def _parse_text(text: str, kind: type, optional: bool):
     if optional and text.lower() in ("none", "null", ""):
         return None
@@ -239,7 +252,7 @@ def option_type(cls: type, name: str, kind: type | None = None):
 
     def parse(text: str):
         try:
-            value = _parse_text(text, kind, optional and kind is base)
+            value = _parse_text(text, kind, kind is base and none_words(cls, name))
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None

@@ -87,3 +87,56 @@ def test_help_lists_groups_and_defaults(capsys):
 
 def test_val_split_none():
     assert TrainConfig(val_split="none").val_split is None
+
+
+def test_run_name_is_taken_as_written_and_a_student_is_named_student():
+    cfg = config_from_args(parse(["train", "student", "d", "--kd", "none", "--name", "none"]), "student")
+    assert cfg.name == "none" and str(cfg.run_dir) == "runs/none"
+    assert config_from_args(parse(["train", "student", "d", "--kd", "none", "--model", "resnet18"]),
+                            "student").run_name == "student-resnet18"
+    assert config_from_args(parse(["train", "student", "d", "--model", "resnet18"]), "student").run_name == \
+        "student-resnet18"
+    assert config_from_args(parse(["train", "teacher", "d"]), "teacher").run_name == "teacher-resnet50"
+    assert config_from_args(parse(["train", "mutual", "d"]), "mutual").run_name == "mutual-resnet50"
+    for flag in ("--teacher-checkpoint", "--finetune", "--val-data"):  # paths: "none" is a file name
+        value = config_from_args(parse(["train", "student", "d", flag, "none"]), "student")
+        assert getattr(value, flag[2:].replace("-", "_")) == "none"
+    # where none means "no value" on purpose, it still does: documented, or one of the choices
+    cfg = config_from_args(parse(["train", "teacher", "d", "--val-split", "none", "--auto-augment", "none"]), "teacher")
+    assert cfg.val_split is None and cfg.auto_augment is None
+
+
+@pytest.mark.parametrize("mode,argv,said", [
+    ("teacher", ["--kd", "stored"], "`kdkit train teacher` takes no --kd: it trains without a teacher"),
+    ("teacher", ["--kd-alpha", "0.9"], "`kdkit train teacher` takes no --kd-alpha: it trains without a teacher"),
+    ("teacher", ["--teacher-checkpoint", "t.pth"], "takes no --teacher-checkpoint: it trains without a teacher"),
+    ("student", ["--peer-model", "resnet18"], "`kdkit train student` takes no --peer-model: only mutual learning"),
+])
+def test_a_flag_of_another_mode_is_refused_naming_the_mode(mode, argv, said, capsys):
+    from kdkit.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", mode, "d", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and said in err, err
+    assert "use `kdkit train " in err and "ambiguous" not in err
+
+
+def test_teacher_help_shows_only_its_own_options(capsys):
+    from kdkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "teacher", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--kd ", "--kd-alpha", "--kd-temperature", "--teacher-model", "--views-per-load", "--peer-model"):
+        assert flag not in out, flag
+    assert "--lr" in out and "--finetune" in out
+
+
+def test_a_recipe_setting_another_modes_option_is_refused(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("kd: none\nkd_alpha: 0.5\nlr: 0.2\n")
+    with pytest.raises(KdkitError, match=r"recipe .*mine\.yaml sets kd_alpha: 0\.5; `kdkit train teacher` takes no "
+                                         r"--kd-alpha: it trains without a teacher"):
+        config_from_args(parse(["train", "teacher", "d", "-c", str(recipe)]), "teacher")
+    assert config_from_args(parse(["train", "student", "d", "-c", str(recipe)]), "student").kd_alpha == 0.5

@@ -47,7 +47,7 @@ class BenchConfig(Augment, RandomCrop):
                                                          "the exact one: faster, not bit-equal)")
     native_resize: bool = same_as(Backend, "native_resize", group=DEVICE)
     gpu_feed: str | None = option(None, "also time a training step of this timm model (AMP on GPU), e.g. resnet50 "
-                                        "(default: none)", DEVICE)
+                                        "(default: none)", DEVICE, none=True)
 
     def __post_init__(self):
         check_options(self)

@@ -34,6 +34,39 @@ MODE_OPTIONS = {
                "views_per_load", "peer_model", "peer_am_softmax"),
 }
 NOT_FLAGS = ("data", "recipe", "mutual", "resume")  # the positional, -c, the mode, and --resume (below)
+PEER = ("peer_model", "peer_am_softmax")
+
+
+def command_of(mode: str) -> str:
+    return "kdkit lr-find" if mode == "lr-find" else f"kdkit train {mode}"
+
+
+def not_taken(mode: str) -> list[str]:
+    """The options of other modes that `mode` does not take (their flags are refused naming the mode)."""
+    kd_only = [n for n, f in option_fields(TrainConfig).items() if f.metadata["group"] == KD]
+    return [n for n in kd_only if n not in MODE_OPTIONS[mode] and n not in NOT_FLAGS and n != "checkpoint_ema"]
+
+
+def not_in_mode(mode: str, name: str) -> str:
+    """One line: which command takes option `name` instead of `mode`."""
+    flag = options.flag_of(TrainConfig, name)
+    if name in PEER:
+        why = "only mutual learning trains a peer; use `kdkit train mutual`"
+    else:
+        why = "it trains without a teacher; use `kdkit train student` to distill"
+    return f"`{command_of(mode)}` takes no {flag}: {why}"
+
+
+class _NotInMode(argparse.Action):
+    """A flag of another mode: refused in one line naming the mode and the command that takes it (argparse
+    would say "unrecognized arguments", or with prefix matching take --kd for --kd-alpha)."""
+
+    def __init__(self, *args, mode: str, **kwargs):
+        self.mode = mode
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(not_in_mode(self.mode, self.dest[len("not_taken_"):]))
 
 
 def add_train_arguments(p: argparse.ArgumentParser, mode: str, kd_default: str | None = None) -> None:
@@ -44,11 +77,12 @@ def add_train_arguments(p: argparse.ArgumentParser, mode: str, kd_default: str |
                    help=f"recipe name ({', '.join(list_recipes())}) or YAML file filling the defaults")
     p.add_argument("data", nargs="?", default=argparse.SUPPRESS,
                    help="dataset root (holding train/ and val/ shard sets) or a train shard-set folder")
-    kd_only = {n for n, f in option_fields(TrainConfig).items() if f.metadata["group"] == KD}
-    exclude = set(NOT_FLAGS) | (kd_only - set(MODE_OPTIONS[mode]) - {"checkpoint_ema"})
     groups: dict = {}
-    add_options(p, TrainConfig, exclude=exclude, suppress=True, groups=groups,
+    add_options(p, TrainConfig, exclude=set(NOT_FLAGS) | set(not_taken(mode)), suppress=True, groups=groups,
                 defaults={"kd": kd_default} if kd_default else None)
+    for name in not_taken(mode):  # not in the help; given, refused naming the mode that takes it
+        p.add_argument(options.flag_of(TrainConfig, name), nargs="*", dest="not_taken_" + name, action=_NotInMode,
+                       mode=mode, help=argparse.SUPPRESS)
     groups[options.RUN].add_argument(
         "--resume", nargs="?", const="last", default=argparse.SUPPRESS, metavar="CHECKPOINT",
         help="continue the run named by --name from its last.pth, or from CHECKPOINT")
@@ -78,6 +112,10 @@ def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
             raise KdkitError(f"recipe {a.config} distills (kd: {recipe['kd']}); use `kdkit train student`")
     if recipe.get("mutual") and mode != "mutual":
         raise KdkitError(f"recipe {a.config} trains two students (mutual: true); use `kdkit train mutual`")
+    for key, value in recipe.items():  # what the mode's flags refuse, a recipe may not set either
+        name = key.replace("-", "_")
+        if name in not_taken(mode) and name != "kd" and options.plain(value) != options.plain(FIELDS[name].default):
+            raise KdkitError(f"recipe {a.config} sets {key}: {value}; " + not_in_mode(mode, name))
     if mode == "mutual":
         given["mutual"] = True
     if mode == "student" and "kd" not in given and "kd" not in recipe:
@@ -85,9 +123,18 @@ def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:
     if "model_kwargs" in recipe and "model_kwargs" in given:  # flags add to / override the recipe's kwargs
         given["model_kwargs"] = {**recipe["model_kwargs"], **given["model_kwargs"]}
     try:
-        return make_config({**recipe, **given})
+        return make_config(named({**recipe, **given}, mode))
     except TypeError as e:
         raise KdkitError(f"bad option: {e}") from None
+
+
+def named(values: dict, mode: str) -> dict:
+    """The values with the run's default name where none is given: <mode>-<model>, after the `kdkit train`
+    mode the user chose (TrainConfig.run_name can only tell a student from its KD mode, and `kdkit train
+    student --kd none` is still a student)."""
+    if values.get("name") or mode not in ("teacher", "student", "mutual"):
+        return values
+    return {**values, "name": f"{mode}-{values.get('model', FIELDS['model'].default)}"}
 
 
 def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig | None:
@@ -98,9 +145,9 @@ def _saved_config(a: argparse.Namespace, given: dict, mode: str) -> TrainConfig 
 
     if mode == "mutual":
         given["mutual"] = True
-    name = given.get("name") or make_config({**(load_recipe(a.config) if a.config else {}), **given,
-                                              **({"kd": given.get("kd", "stored")} if mode == "student" else {})}
-                                             ).run_name
+    name = given.get("name") or make_config(named({**(load_recipe(a.config) if a.config else {}), **given,
+                                                    **({"kd": given.get("kd", "stored")} if mode == "student" else {})},
+                                                   mode)).run_name
     path = Path(given.get("output", FIELDS["output"].default)) / name / "config.yaml"
     if not path.exists():
         return None

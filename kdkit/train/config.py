@@ -33,7 +33,8 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
     # --- data (DALI loader over a kdkit shard set) ----------------------------------------
     data: str = option("", "dataset root (holding train/ and val/ shard sets) or a train shard-set folder", DATA)
     train_split: str = option("train", "split to train on", DATA)
-    val_split: str | None = option("val", "split to evaluate on each epoch ('' or none: no evaluation)", DATA)
+    val_split: str | None = option("val", "split to evaluate on each epoch ('' or none: no evaluation)", DATA,
+                                   none=True)
     val_data: str | None = option(None, "dataset root or shard-set folder to evaluate on (default: DATA's "
                                         "--val-split); e.g. the plain set, when only train has teacher logits", DATA)
     num_classes: int | None = option(None, "number of classes (default: from the shard manifest)", DATA, low=1)
@@ -137,7 +138,8 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
                                  DEVICE)
     # --- run ----------------------------------------------------------------------------------
     output: str = option("runs", "folder holding the run folders", RUN)
-    name: str | None = option(None, "run folder name (default: <teacher|student|mutual>-<model>)", RUN)
+    name: str | None = option(None, "run folder name, taken as written (default: <teacher|student|mutual>-<model>, "
+                                    "the `kdkit train` mode)", RUN)
     seed: int = option(0, "seed of model init, data order, augmentation and mixing", RUN, low=0)
     resume: str | None = option(None, "continue a run: 'last' (its last.pth) or a checkpoint path", RUN)
     trust_checkpoint: bool = option(False, "load --finetune / --teacher-checkpoint / --resume files that hold "
