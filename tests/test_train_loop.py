@@ -426,3 +426,44 @@ def test_lr_find_plots_and_suggests(colour, tmp_path):
     assert (tmp_path / "lrf" / "lr_find.png").exists() and (tmp_path / "lrf" / "lr_find.json").exists()
     assert 1e-5 <= r.suggested_lr <= 10 and len(r.lrs) == len(r.losses) >= 5
     assert r.lrs == sorted(r.lrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with other epochs or other data
+
+def trainable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if v.dtype.is_floating_point and "running" not in k}
+
+
+@pytest.mark.slow
+def test_resume_with_more_epochs_follows_the_longer_schedule(colour, tmp_path, capsys):
+    """A finished 1-epoch run continued to 3: the added epochs train (their LR is that of a run started
+    with 3 epochs at the same position, not the ended schedule's 0), and the weights move."""
+    base = dict(model=RESNET, opt="sgd", lr=0.05, sched="cosine")
+    fit(cfg_for(colour, tmp_path, name="three", epochs=3, **base))
+    fit(cfg_for(colour, tmp_path, name="ext", epochs=1, **base))
+    one = read_checkpoint(tmp_path / "ext" / "last.pth")["state_dict"]
+    capsys.readouterr()
+    fit(cfg_for(colour, tmp_path, name="ext", epochs=3, resume="last", **base))
+    assert "LR schedule is now that of a 3-epoch run (this run started with 1)" in capsys.readouterr().out
+    got, want = rows(tmp_path / "ext"), rows(tmp_path / "three")
+    assert [r["epoch"] for r in got] == [1, 2, 3]
+    assert got[1]["lr"] == pytest.approx(want[1]["lr"]) and got[1]["lr"] > 0.01  # was 0: the 1-epoch cosine ended
+    three = read_checkpoint(tmp_path / "ext" / "last.pth")["state_dict"]
+    moved = [k for k, v in trainable(one).items() if not torch.equal(v, three[k])]
+    assert len(moved) == len(trainable(one))
+
+
+@pytest.mark.slow
+def test_resume_on_another_train_set_is_refused(colour, tmp_path):
+    other = write_colour_shards(tmp_path / "other", per_class=(12, 4), seed=1)
+    fit(cfg_for(colour, tmp_path, name="r", epochs=1))
+    config = (tmp_path / "r" / "config.yaml").read_text()
+    with pytest.raises(KdkitError, match=r"this run trained on .*colour.*\(24 samples\); .*other.* holds other "
+                                         r"samples \(36\)\. Resume it on the set it started with.*--finetune"):
+        fit(cfg_for(other, tmp_path, name="r", epochs=2, resume="last"))
+    assert (tmp_path / "r" / "config.yaml").read_text() == config  # the run folder still says what it trained on
+    moved = tmp_path / "moved"
+    shutil.copytree(colour, moved)  # the same set elsewhere: resumes
+    fit(cfg_for(moved, tmp_path, name="r", epochs=2, resume="last"))
+    assert [r["epoch"] for r in rows(tmp_path / "r")] == [1, 2]

@@ -33,7 +33,8 @@ from kdkit.train.model import build_model, load_finetune, set_backbone_frozen
 from kdkit.train.mutual import peer_config
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 from kdkit.train.runs import BEST, LAST, PEER_BEST, PEER_LAST, RunDir
-from kdkit.train.state import loader_state, read_resume_checkpoint, restore, seed_everything
+from kdkit.train.state import (check_same_train_set, loader_state, read_resume_checkpoint, restore,
+                              seed_everything, train_identity)
 
 
 @dataclass
@@ -132,7 +133,9 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Trainer:
     models = [student_model(c, data, rt, finetune=resume is None) for c in configs]
     kd.prepare(data, rt, lambda: autocast(cfg, rt))
     optimizers = [build_optimizer(c, m) for c, m in zip(configs, models)]  # before freezing: frozen parameters join later
+    check_same_train_set(resume, data)
     train_loader = data_mod.train_loader(cfg, kd, data, rt, loader_state(resume, cfg, kd, data, rt))
+    data.train_identity = train_identity(data, train_loader.scan.keys)
     updates_per_epoch = -(-len(train_loader) // cfg.grad_accum)
     students = [Student(c, m, m, o, build_scheduler(c, o, updates_per_epoch), criterion(c),
                         ema=ModelEmaV3(m, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema and i == 0 else None,

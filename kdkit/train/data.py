@@ -36,6 +36,7 @@ class DataInfo:
     classes: list[dict]
     teacher_block: dict | None  # the train manifest's teacher block (what wrote its teacher outputs)
     transform: Transform  # the run's input transform: the loaders read it, the checkpoints record it
+    train_identity: dict | None = None  # kdkit.train.state.train_identity, once the train loader has scanned it
 
 
 def _set_name(s: ShardSet) -> str:

@@ -22,6 +22,7 @@ steps as it had left, but on a fresh shuffle, so some samples of it are seen twi
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 
@@ -74,7 +75,7 @@ def make_checkpoint(t, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums
         "scaler": t.scaler.state_dict(), "updates": t.at.updates, "step_in_epoch": step_in_epoch,
         "epoch_sums": epoch_sums, "best": s.best, "rng": rngs, "world": t.rt.world,
         "loader": loaders, "loader_stream": stream_key(t.cfg, t.kd, t.data, t.rt),
-        "config": t.cfg.to_dict(),
+        "config": t.cfg.to_dict(), "train_set": t.data.train_identity,
     }
     for peer in t.students[1:]:  # mutual learning: the second student (kdkit.train.mutual)
         ckpt["train_state"]["peer"] = peer_state(peer)
@@ -115,6 +116,37 @@ def read_resume_checkpoint(cfg) -> tuple[str, dict] | None:
         raise KdkitError(f"{path}: holds no train_state (best.pth and exported checkpoints do not); resume "
                          "from last.pth, or start a new run from these weights with --finetune")
     return path, ckpt
+
+
+def train_identity(data, keys: list[list[str]]) -> dict:
+    """What the run trains on: the train set's folder, sample count and a digest of its sample keys (per
+    shard, in shard order; kdkit.shards.reader.ShardScan.keys): a set moved elsewhere keeps it; another
+    set, or the same one written again from other files, does not."""
+    h = hashlib.sha256()
+    for shard in keys:
+        h.update("\n".join(shard).encode("utf-8", "surrogateescape") + b"\n\0")
+    return {"folder": str(data.train.folder or data.train.tars[0].parent), "samples": sum(map(len, keys)),
+            "keys_sha256": h.hexdigest()}
+
+
+def check_same_train_set(resume: tuple[str, dict] | None, data) -> None:
+    """A resumed run continues on the samples it started with: on another set it would keep the old epoch
+    length (the saved DALI loader state) and its folder would no longer say what its first epochs saw.
+    Checked from the indexes before the loader is built on the saved state, and before config.yaml is
+    rewritten."""
+    if resume is None:
+        return
+    path, ckpt = resume
+    was = ckpt["train_state"].get("train_set")
+    if not was:  # a checkpoint written before kdkit recorded its set: not known
+        return
+    from kdkit.shards.reader import scan_shards
+
+    now = train_identity(data, scan_shards(data.train, [], label_ext=None).keys)
+    if was["keys_sha256"] != now["keys_sha256"]:
+        raise KdkitError(f"{path}: this run trained on {was['folder']} ({was['samples']} samples); {now['folder']} "
+                         f"holds other samples ({now['samples']}). Resume it on the set it started with, or start "
+                         f"a new run from these weights on this set: --name NEW --finetune {path}")
 
 
 def loader_state(resume: tuple[str, dict] | None, cfg, kd, data, rt):
@@ -165,3 +197,26 @@ def restore(t, path: str, ckpt: dict) -> None:
     if not t.loaders.train.restored:  # a fresh loader: its first epoch is a whole one, the first steps skipped
         t.at.skip_batches = int(ts["step_in_epoch"])
     t.at.epoch, t.at.step, t.at.sums = int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")
+    started = (ts.get("config") or {}).get("epochs")
+    if started is not None and started != t.cfg.epochs and t.cfg.sched != "plateau":
+        reschedule(t, started)
+
+
+def reschedule(t, started: int) -> None:
+    """A resumed run given other --epochs: the LR schedule becomes that of a run started with them, at the
+    position reached (as timm's train.py does on --resume: its scheduler is built for --epochs and stepped
+    to the start epoch). The saved schedule ran out at its own end: a finished cosine run extended would
+    train every added epoch at LR 0. Plateau has no length: its saved counters are kept."""
+    from kdkit.train.optim import build_scheduler
+
+    updates_per_epoch = -(-len(t.loaders.train) // t.cfg.grad_accum)
+    for s in t.students:
+        if s.scheduler is None:
+            continue
+        s.scheduler = build_scheduler(s.cfg, s.optimizer, updates_per_epoch)
+        s.scheduler.step(t.at.epoch)  # an epoch-stepped schedule (step, multistep, linear, exp) at the epoch
+        s.scheduler.step_update(num_updates=t.at.updates)  # a per-update one (cosine, warmup) at the update
+    if t.rt.is_main:
+        lr = t.student.optimizer.param_groups[0]["lr"]
+        print(f"kdkit train: the LR schedule is now that of a {t.cfg.epochs}-epoch run (this run started with "
+              f"{started}); it goes on from epoch {t.at.epoch + 1} at LR {lr:.3g}")
