@@ -7,6 +7,7 @@ stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kdkit import __version__
@@ -41,6 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try and not at exit
+        return code
+    except BrokenPipeError:
+        # `kdkit verify ... | head`: the reader has what it wanted. Python's recipe (docs: "Note on SIGPIPE"):
+        # point stdout at devnull so the interpreter's final flush does not fail again, and exit as a
+        # process killed by SIGPIPE would (128 + 13), without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

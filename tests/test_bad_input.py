@@ -237,7 +237,7 @@ def test_an_interrupted_run_says_how_to_continue_and_that_command_resumes_it(tmp
     assert "--model resnet50 (the run has 'test_efficientnet')" in capsys.readouterr().err
     assert main(command.split()[1:]) == 0
     said = capsys.readouterr().out
-    assert f"kdkit train: test_efficientnet on {data}/train: 24 train, 12 val samples of 3 classes" in said
+    assert f"kdkit train: test_efficientnet on {data}/train: 24 train samples of 3 classes, 12 val samples;" in said
     assert "resuming at epoch 2" in said and "kdkit train: done, best val top-1" in said and "best.pth" in said
     import json
     rows = [json.loads(line) for line in (out / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -121,8 +121,9 @@ def test_teacher_training_learns_and_writes_the_run_folder(colour, tmp_path):
     losses = [r["train_loss"] for r in history]
     assert losses[-1] < 0.6 * losses[0], losses
     assert history[-1]["val_top1"] >= 75 and history == rows(run)
-    for key in ("train_loss", "val_top1", "val_top5", "ema_top1", "lr", "images_per_s", "loader_wait_share"):
+    for key in ("train_loss", "val_top1", "val_top3", "ema_top1", "lr", "images_per_s", "loader_wait_share"):
         assert key in history[-1], key
+    assert "val_top5" not in history[-1]  # 3 classes: top-3, as `kdkit eval` says it
     assert 0 <= history[-1]["loader_wait_share"] < 1 and history[-1]["samples"] == 24
     ckpt = read_checkpoint(run / "last.pth")
     assert ckpt["model"] == RESNET and ckpt["num_classes"] == 3 and [c["id"] for c in ckpt["classes"]] == ["c0", "c1", "c2"]
@@ -155,7 +156,8 @@ def test_augmix_jsd_trains_a_teacher_through_the_cli(colour, tmp_path, capsys):
                  "--image-size", "32", "--batch-size", "8", "--loader-threads", "1", "--epochs", "1",
                  "--no-progress", "--val-split", "none", "--augmix", "--augmix-jsd", "--augmix-width", "1",
                  "--augmix-depth", "1", "--rotate", "10", "--hue", "0.05"]) == 0
-    assert "done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "done" in out and "24 train samples of 3 classes, no val set (no evaluation);" in out
     row = json.loads((tmp_path / "jsd" / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(row["train_loss"]) and row["samples"] > 0  # samples, not 3 views each
 

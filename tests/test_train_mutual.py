@@ -79,7 +79,7 @@ def test_mutual_learning_writes_both_students_and_resumes_exactly(colour, tmp_pa
     history = fit(mutual_cfg(colour, tmp_path, "whole"))
     run = tmp_path / "whole"
     assert {"best.pth", "last.pth", "peer_best.pth", "peer_last.pth", "curves.png"} <= {p.name for p in run.iterdir()}
-    for key in ("train_loss", "peer_train_loss", "val_top1", "peer_val_top1", "peer_val_top5"):
+    for key in ("train_loss", "peer_train_loss", "val_top1", "peer_val_top1", "peer_val_top3"):
         assert key in history[-1], key
     whole = read_checkpoint(run / "last.pth")
     peer = read_checkpoint(run / "peer_last.pth")

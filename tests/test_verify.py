@@ -88,3 +88,21 @@ def test_extra_tar_reported(fresh_set, capsys):
         pass
     code, out = run_verify(capsys, fresh_set / "train")
     assert code == 1 and "stray.tar: tar not listed" in out
+
+
+@pytest.mark.slow
+def test_output_into_a_closed_pipe_is_no_traceback(tiny_shards):
+    """`kdkit verify SET | head -1`: the reader closes the pipe early; kdkit stops quietly, as a process
+    killed by SIGPIPE would."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # every write to stdout now fails with EPIPE, as after `head` has exited
+    try:
+        r = subprocess.run([sys.executable, "-m", "kdkit", "verify", str(tiny_shards), "--quiet"], stdout=write,
+                           stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == "", r.stderr

@@ -198,7 +198,8 @@ def epoch_losses(sums: dict, loss_sum: torch.Tensor) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, t: Trainer) -> dict:
-    """Loss, top-1 and top-k (%, k = min(5, classes)) over the val set; every sample counted once across the ranks."""
+    """Loss, top-1 and top-k (%, k = min(5, classes), named top{k}: top5, or top3 on a 3-class set, as `kdkit eval`
+    names it) over the val set; every sample counted once across the ranks."""
     model.eval()
     k = min(5, t.data.num_classes)
     loss = top1 = topk = n = 0.0
@@ -214,7 +215,7 @@ def evaluate(model: torch.nn.Module, loader, t: Trainer) -> dict:
         topk += hits.any(dim=1).sum().item()
         n += labels.shape[0]
     loss, top1, topk, n = t.rt.reduce_sum([loss, top1, topk, n])
-    return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), "top5": 100 * topk / max(n, 1), "count": int(n)}
+    return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), f"top{k}": 100 * topk / max(n, 1), "count": int(n)}
 
 
 def end_epoch(t: Trainer, epoch: int, train: dict) -> dict:
@@ -229,11 +230,10 @@ def end_epoch(t: Trainer, epoch: int, train: dict) -> dict:
     if t.loaders.val is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
         for s in t.students:
             val = evaluate(s.model, t.loaders.val, t)
-            row.update({f"{s.prefix}val_loss": val["loss"], f"{s.prefix}val_top1": val["top1"],
-                        f"{s.prefix}val_top5": val["top5"]})
+            row.update({f"{s.prefix}val_{m}": v for m, v in val.items() if m != "count"})
             if s.ema is not None:
                 ema = evaluate(s.ema.module, t.loaders.val, t)
-                row.update(ema_loss=ema["loss"], ema_top1=ema["top1"], ema_top5=ema["top5"])
+                row.update({f"ema_{m}": v for m, v in ema.items() if m != "count"})
     if cfg.sched != "plateau" or "val_top1" in row:  # plateau needs a metric
         for s in t.students:
             if s.scheduler is not None:
@@ -271,7 +271,7 @@ def format_row(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
     if "peer_train_loss" in row:
         parts.append(f"peer_train_loss {row['peer_train_loss']:.4f}")
-    for key in ("val_top1", "val_top5", "ema_top1", "peer_val_top1"):
+    for key in ("val_top1", *(k for k in row if k.startswith("val_top") and k != "val_top1"), "ema_top1", "peer_val_top1"):
         if key in row:
             parts.append(f"{key} {row[key]:.2f}")
     parts += [f"lr {row['lr']:.3g}", f"{row['images_per_s']:.0f} img/s",
@@ -281,11 +281,12 @@ def format_row(row: dict, epochs: int) -> str:
 
 def opening_line(t: Trainer) -> str:
     cfg, d, at = t.cfg, t.data, t.at
-    val = f", {t.loaders.val.num_samples * t.rt.world} val" if t.loaders.val is not None else ", no val set"
+    val = (f"{t.loaders.val.num_samples * t.rt.world} val samples" if t.loaders.val is not None else
+           "no val set (no evaluation)")
     start = (f"; resuming at epoch {at.epoch + 1}" + (f", step {at.step + 1}" if at.step else "")
              if (at.epoch, at.step) != (0, 0) else "")
-    return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {t.loaders.train.scan.num_samples} train{val} "
-            f"samples of {d.num_classes} classes; {what_trains(t)}; {cfg.epochs} epochs of {len(t.loaders.train)} "
+    return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {t.loaders.train.scan.num_samples} train "
+            f"samples of {d.num_classes} classes, {val}; {what_trains(t)}; {cfg.epochs} epochs of {len(t.loaders.train)} "
             f"steps, batch {cfg.batch_size}{f' samples x {cfg.views_per_load} views' if cfg.views_per_load > 1 else ''}"
             f"{f' x {t.rt.world} ranks' if t.rt.distributed else ''}; run folder {t.run.path}{start}")
 

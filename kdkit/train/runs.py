@@ -1,7 +1,8 @@
 """The run folder, `runs/<name>/`: what a training run leaves for people and later stages.
 
     config.yaml     the resolved config (defaults < recipe < flags); `-c runs/x/config.yaml` reruns it
-    metrics.jsonl   one JSON object per epoch: train loss, val top-1/top-5 (and EMA's), LR,
+    metrics.jsonl   one JSON object per epoch: train loss, val top-1/top-k (val_top5, or val_top3 on a 3-class
+                    set: k = min(5, classes), as `kdkit eval`; and EMA's), LR,
                     images/s, loader wait share (the share of the epoch spent waiting for the next
                     batch after the previous step finished on the device), epoch time
     last.pth        kdkit checkpoint after the latest epoch (or N updates), with train_state: resume
@@ -112,9 +113,9 @@ def plot_curves(rows: list[dict], out: Path) -> None:
         return ([e for e, _ in pts], [v for _, v in pts]) if pts else None
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    tops = sorted({k for r in rows for k in r if "_top" in k})  # top-k is top5, or top3 on 3 classes
     for ax, keys, title in ((axes[0], ("train_loss", "val_loss", "peer_train_loss", "peer_val_loss"), "loss"),
-                            (axes[1], ("val_top1", "val_top5", "ema_top1", "ema_top5", "peer_val_top1",
-                                       "peer_val_top5"), "accuracy (%)"),
+                            (axes[1], tops, "accuracy (%)"),
                             (axes[2], ("lr",), "learning rate (end of epoch)")):
         for key in keys:
             s = series(key)
