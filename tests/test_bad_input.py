@@ -433,3 +433,20 @@ def test_ranks_checking_their_shards_at_once_keep_each_others_records(tmp_path):
     _record_checked(cache, {"/set/train-000001.tar": [3, 4, "b"]})  # rank 1, read the cache before rank 0 wrote
     assert json.loads(cache.read_text()) == {"/set/train-000000.tar": [1, 2, "a"], "/set/train-000001.tar": [3, 4, "b"]}
     assert [p.name for p in cache.parent.iterdir()] == ["set.json"]
+
+
+def test_a_split_folder_without_its_manifest_is_named(tiny_shards, tmp_path, capsys):
+    """The train folder is there but its manifest is not (writing did not finish, or it was lost): say
+    that, not "looked for ROOT/train"."""
+    import shutil
+
+    from kdkit.cli import main
+    from kdkit.shards import contract
+
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    (root / "train" / contract.MANIFEST).unlink()
+    assert main(["train", "teacher", str(root), "--model", "test_efficientnet", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'train'}: holds shards but no manifest.json (its writing did not finish" in err
+    assert "looked for" not in err and len([line for line in err.splitlines() if "error" in line]) == 1

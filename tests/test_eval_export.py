@@ -61,3 +61,21 @@ def test_torchscript_exporter_and_cli(ckpt, tmp_path, capsys):
     assert "torchscript exporter" in text and "random inputs (synthetic" in text
     report = json.loads(out.with_suffix(".export.json").read_text())
     assert report["parity"]["ok"] and report["opset"] == 17 and "throughput" not in report
+
+
+def test_a_set_without_val_is_read_from_its_only_split(ckpt, tiny_shards, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "only-train"
+    shutil.copytree(tiny_shards / "train", root / "train")
+    out = tmp_path / "m.onnx"
+    assert run_cli(["export", str(ckpt), "-o", str(out), "--data", str(root), "--exporter", "torchscript",
+                    "--no-benchmark", "--parity-samples", "2", "--threads", "1"]) == 0
+    said = capsys.readouterr()
+    assert f"{root} holds no val split; reading its only split, train" in said.out + said.err
+    report = json.loads(out.with_suffix(".export.json").read_text())
+    assert f"eval views from {root / 'train'}" in report["parity"]["inputs"]
+    shutil.copytree(tiny_shards / "train", root / "test")  # two splits, neither val: which one is for the user
+    assert run_cli(["export", str(ckpt), "-o", str(out), "--data", str(root), "--no-benchmark"]) == 2
+    said = capsys.readouterr()
+    assert "holds no val split but test, train; name the one to read with --split" in said.out + said.err

@@ -255,7 +255,8 @@ def _add_export(sub) -> None:
                         "(default: --images)")
     g.add_argument("--images", type=csv_paths, default=None, metavar="A.jpg,B.jpg|DIR",
                    help="or these image files / folders, comma-separated (default: random inputs if neither)")
-    g.add_argument("--split", default="val", help="split of --data to read")
+    g.add_argument("--split", default=None,
+                   help="split of --data to read (default: val, or the only split --data holds)")
     g.add_argument("--parity-samples", type=COUNT, default=16, help="inputs compared (as one batch and one by one)")
     g.add_argument("--atol", type=POSITIVE, default=1e-3, help="largest allowed |ONNX Runtime - PyTorch| on the logits")
     g = p.add_argument_group("int8 (OpenVINO, NNCF post-training quantization)")

@@ -6,10 +6,13 @@ Models come from kdkit.models.checkpoint.load_model (one way from a file to a mo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import ModelInfo, check_classes, load_model, preview
+from kdkit.shards import contract
 
 
 def check_same_classes(infos: list[ModelInfo]) -> None:
@@ -79,6 +82,23 @@ def load_models(checkpoints, prefer_ema: bool = True, model_name: str | None = N
     check_same_classes(infos)
     check_same_transform(infos)
     return models, infos
+
+
+def default_split(data, what: str = "kdkit export") -> str:
+    """The split to read where none was named: val, or the only split a dataset root holds (said, so that a
+    number is never read off another split unawares)."""
+    import sys
+
+    from kdkit.shards.verify import find_sets
+
+    if data is None or (Path(data) / contract.MANIFEST).exists() or (Path(data) / "val").is_dir():
+        return "val"
+    found = [s.name for s in find_sets(Path(data))]
+    if len(found) != 1:
+        raise KdkitError(f"{data}: holds no val split but {', '.join(found)}; name the one to read with --split")
+    print(f"{what}: {data} holds no val split; reading its only split, {found[0]} (--split names another)",
+          file=sys.stderr)
+    return found[0]
 
 
 def open_eval_set(data, split: str, infos: list[ModelInfo]):

@@ -14,6 +14,7 @@ instead, optionally with an NNCF int8 model (kdkit.evaluate.deploy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -38,7 +39,7 @@ class ExportConfig:
     opset: int = 18
     data: Path | None = None  # parity inputs: the eval view of this shard set's first samples
     images: list[Path] = field(default_factory=list)  # ... or these image files (predict's transform)
-    split: str = "val"
+    split: str | None = None  # of `data`; None: val, or the only split it holds (ensemble.default_split)
     crop_ratio: float = 0.875
     parity_samples: int = 16
     atol: float = 1e-3  # max |ONNX Runtime - PyTorch| over the logits for the parity check to pass
@@ -133,6 +134,10 @@ def throughput(model: torch.nn.Module, session, sample: torch.Tensor, batch_size
 
 
 def export(cfg: ExportConfig) -> dict:
+    if cfg.split is None:
+        from kdkit.evaluate.ensemble import default_split
+
+        cfg = dataclasses.replace(cfg, split=default_split(cfg.data))
     if cfg.format == "openvino":
         from kdkit.evaluate.deploy import export_openvino
 

@@ -71,9 +71,17 @@ def resolve_shards(source, split: str = "train") -> ShardSet:
     if not path.exists():
         raise ShardError(f"{path}: does not exist")
     if not (path / contract.MANIFEST).exists() and not any(path.glob("*.tar")):
-        sets = [s for s in find_sets(path) if s.name == split]
+        sub = path / split
+        if sub.is_dir() and not (sub / contract.MANIFEST).exists():
+            if any(sub.glob("*.tar")) or (sub / contract.STATE_DIR).exists():
+                raise ShardError(f"{sub}: holds shards but no {contract.MANIFEST} (its writing did not finish, or the "
+                                 "manifest was lost): run the command that wrote it again to finish it")
+            raise ShardError(f"{sub}: holds no shard set (no {contract.MANIFEST}, no shards)")
+        found = find_sets(path)
+        sets = [s for s in found if s.name == split]
         if not sets:
-            raise ShardError(f"{path}: no shard set for split {split!r} (looked for {path / split})")
+            raise ShardError(f"{path}: no shard set for split {split!r}; it holds "
+                             f"{', '.join(s.name for s in found)}")
         path = sets[0]
     if (path / contract.MANIFEST).exists():
         man = load_manifest(path)
