@@ -139,3 +139,24 @@ def test_demo_replay_rows_with_views_per_load_train_on_the_same_images(tmp_path)
     for k in (4, 8):  # 2 epochs of 32 samples x 4 views: 8 x 128 images per sample set, as every row
         a = seen[f"kd-replay{k}"]
         assert budget(f"kd-replay{k}") == (2, 32, True) and a[a.index("--views-per-load") + 1] == "4"
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_report_writes_error_counts_as_counts(seeds, tmp_path):
+    """Errors are whole numbers ("180", not "180.0"); a mean over seeds may be a half; "mean ± standard
+    deviation" only where there are seeds to spread."""
+    from kdkit.demo.report import write_report
+    from kdkit.demo.run import DemoConfig
+
+    cfg = DemoConfig(out=tmp_path, seeds=seeds)
+    rows = {"teacher": {"samples": 10000, "top1": 99.0, "errors": 100}}
+    for s in range(seeds):
+        for i, way in enumerate(cfg.student_ways()):
+            rows[f"{way}-s{s}"] = {"samples": 10000, "top1": 98.0, "errors": 180 - 10 * i + s}
+    write_report(cfg, rows, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert ".0 |" not in md and ".0 fewer" not in md and ".0 more" not in md
+    if seeds == 1:
+        assert "| 180 | 1.80 |" in md and "±" not in md and "one seed" in md
+    else:
+        assert "| 180.5 ± 0.7 |" in md and "mean ± standard deviation over 2 seeds" in md

@@ -14,6 +14,15 @@ def label(way: str) -> str:
             "kd-online": "student, KD from an online teacher on its crop (consistent upper bound)"}[way]
 
 
+def count(x: float) -> str:
+    """A number of errors as a person writes it: 180, or 180.5 for a mean over seeds (never "180.0")."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def seed_words(seeds: int) -> str:
+    return "seed 0" if seeds == 1 else f"seeds 0..{seeds - 1}"
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -69,9 +78,9 @@ def verdict(summary: dict, seeds: int) -> list[str]:
         what = s["label"].replace("student, ", "")
         if d > 0:
             share = f"{100 * s['gap_recovered']:.0f} % of the teacher-student gap" if s["gap_recovered"] else "errors"
-            msg = f"{what}: {d:.1f} fewer errors than without KD ({share} recovered)"
+            msg = f"{what}: {count(d)} fewer errors than without KD ({share} recovered)"
         elif d < 0:
-            msg = f"{what}: {-d:.1f} more errors than without KD: KD did not help in this run"
+            msg = f"{what}: {count(-d)} more errors than without KD: KD did not help in this run"
         else:
             msg = f"{what}: the same errors as without KD"
         if seeds == 1:
@@ -93,7 +102,7 @@ def verdict(summary: dict, seeds: int) -> list[str]:
 def _versus(a: dict, b: dict, b_name: str, seeds: int) -> str:
     """`a` against `b`: the difference of the means, its standard error and whether it is clear."""
     d = b["errors_mean"] - a["errors_mean"]
-    head = f"{a['label'].split('KD from ')[-1].capitalize()} vs {b_name}: {abs(d):.1f} {'fewer' if d >= 0 else 'more'} errors"
+    head = f"{a['label'].split('KD from ')[-1].capitalize()} vs {b_name}: {count(abs(d))} {'fewer' if d >= 0 else 'more'} errors"
     if seeds == 1:
         return head + "; one seed only, cannot tell."
     se = difference_se(a, b, seeds)
@@ -111,7 +120,7 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
            if cfg.holdout else f"Test set: {n} images; ")
           + f"train set: {cfg.train_size or 60000 - (cfg.holdout or 0)} images. Teacher `{cfg.teacher_model}` "
           f"({cfg.teacher_epochs} epochs); student `{cfg.student_model}` ({cfg.student_epochs} epochs, SGD "
-          f"{cfg.student_lr} + cosine; the same budget, seeds 0..{cfg.seeds - 1} and augmentation for every row: "
+          f"{cfg.student_lr} + cosine; the same budget, {seed_words(cfg.seeds)} and augmentation for every row: "
           f"random-resized crops of {cfg.random_area[0]:g}-{cfg.random_area[1]:g} of the area, no flip); KD "
           f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}; replayed rows: K stored views per image"
           + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_budget('replay')[0]} epochs "
@@ -123,11 +132,12 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
     for s in summary["students"].values():
         sd = f" ± {s['errors_sd']:.1f}" if cfg.seeds > 1 else ""
         share = s.get("gap_recovered")
-        md.append(f"| {s['label']} | {s['errors_mean']:.1f}{sd} | {s['error_pct_mean']:.2f} | "
+        md.append(f"| {s['label']} | {count(s['errors_mean'])}{sd} | {s['error_pct_mean']:.2f} | "
                   + (f"{100 * share:.0f} %" if share is not None else "") + " | "
                   + f"{', '.join(map(str, s['errors_per_seed']))} |")
     md += ["", "Gap recovered: the share of the teacher-student gap KD closes, (E_noKD - E_KD) / (E_noKD - E_teacher); "
-           "errors are mean ± standard deviation over the seeds.", ""]
+           + (f"errors are mean ± standard deviation over {cfg.seeds} seeds." if cfg.seeds > 1 else
+              "errors of one seed (0), so no spread to show; --seeds N reports a mean and its spread."), ""]
     md += ["- " + line for line in verdict(summary, cfg.seeds)]
     md += ["", "For reference, Hinton et al. (2015) report 67 errors (teacher, 2x1200 + dropout + jitter), "
            "146 (2x800 student alone) and 74 (the student distilled at T=20) on the full 10,000 test images.",
