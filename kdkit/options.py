@@ -34,6 +34,9 @@ DATA, MODEL, KD, AUGMENT, OPTIMIZER, SCHEDULE, EMA, DEVICE, RUN = (
     "Optimizer parameters", "Learning rate schedule parameters", "Model EMA parameters",
     "Device and performance parameters", "Run parameters")
 GROUPS = (DATA, MODEL, KD, AUGMENT, OPTIMIZER, SCHEDULE, EMA, DEVICE, RUN)
+# --device of every command that runs a model ("gpu" and "cuda" mean the same: the CUDA device LOCAL_RANK;
+# kdkit.runtime chooses it); here, not in kdkit.runtime, so that parsers and configs need no torch import
+DEVICES = ("auto", "cpu", "gpu", "cuda")
 
 
 def option(default, help: str, group: str | None = None, *, low=None, high=None, above: bool = False,

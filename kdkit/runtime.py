@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 
 from kdkit.errors import KdkitError
-from kdkit.options import env_integer
+from kdkit.options import DEVICES, env_integer  # noqa: F401 (DEVICES: kdkit.runtime.DEVICES)
 
-DEVICES = ("auto", "cpu", "gpu", "cuda")  # "gpu" and "cuda" mean the same: the CUDA device LOCAL_RANK
 
 
 @dataclass(frozen=True)

@@ -331,3 +331,37 @@ def test_models_cli_json_and_no_match(capsys):
     assert doc["resolution"] == 224 and [m["name"] for m in doc["models"]] == [TINY]
     assert doc["models"][0]["gmacs"] > 0 and "GMACs" in doc["unit"]
     assert _models_cli(["--filter", "no_such_model"]) == 1
+
+
+def test_listing_counts_an_architecture_once(tmp_path, monkeypatch):
+    """`kdkit models` built every model and ran a counting forward on every call; the counts of an
+    architecture are remembered (per timm / torch version and kdkit's model code), so a second listing
+    builds nothing and gives the same rows."""
+    from kdkit.models import listing
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path))
+    cfg = ListingConfig(pattern="mlp_*", resolution=32)
+    first = list_variants(cfg)
+    assert len(first) == 2 and len(list((tmp_path / "models").glob("*.json"))) == 2
+
+    def no_build(*a, **k):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(listing, "_row", no_build)
+    assert list_variants(cfg) == first
+    (next((tmp_path / "models").glob("*.json"))).write_text("{broken")  # a damaged entry: counted again
+    monkeypatch.undo()
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path))
+    assert list_variants(cfg) == first
+
+
+@pytest.mark.slow
+def test_the_command_line_needs_no_torch_to_parse():
+    """Every command's parser is built for `kdkit --help` and before any command runs: torch (seconds to
+    import) loads only when a command needs it."""
+    import subprocess
+    import sys
+
+    code = "import sys; from kdkit.cli import build_parser; build_parser(); print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -9,8 +9,12 @@ so GMACs = FlopCounterMode FLOPs / 2 is the number to compare with them.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,11 +86,22 @@ def measure_gmacs(model: torch.nn.Module, resolution: int, in_chans: int = 3, de
     return counter.get_total_flops() / 2e9
 
 
-def _row(name: str, source: str, description: str, cfg: ListingConfig) -> VariantRow:
+def _build(name: str, cfg: ListingConfig, device: str) -> torch.nn.Module:
     from kdkit.models.mlp import MLP_VARIANTS
 
     extra = {"img_size": cfg.resolution} if name in MLP_VARIANTS else {}  # an MLP is built for one size
-    model = create_model(name, num_classes=cfg.num_classes, **extra)
+    with torch.device(device):
+        return create_model(name, num_classes=cfg.num_classes, **extra)
+
+
+def _row(name: str, source: str, description: str, cfg: ListingConfig) -> VariantRow:
+    # Built on the meta device: shapes only, no weight initialisation (half the time of a CPU build,
+    # and nothing of it is needed for counting); a model whose constructor computes on tensors falls
+    # back to the CPU.
+    try:
+        model = _build(name, cfg, "meta")
+    except Exception:
+        model = _build(name, cfg, "cpu")
     params = sum(p.numel() for p in model.parameters())
     min_size = ((getattr(model, "pretrained_cfg", None) or {}).get("min_input_size") or (0, 0, 0))[-1] or None
     if min_size and cfg.resolution < min_size:
@@ -95,15 +110,50 @@ def _row(name: str, source: str, description: str, cfg: ListingConfig) -> Varian
         gmacs = measure_gmacs(model, cfg.resolution)
     except Exception:  # an op without a meta kernel: count on a fresh CPU copy instead
         try:
-            gmacs = measure_gmacs(create_model(name, num_classes=cfg.num_classes, **extra), cfg.resolution,
-                                  device="cpu")
+            gmacs = measure_gmacs(_build(name, cfg, "cpu"), cfg.resolution, device="cpu")
         except Exception as e:
             raise KdkitError(f"{name} at {cfg.resolution}px: forward failed ({type(e).__name__}: {e})") from None
     return VariantRow(name, source, description, params, round(gmacs, 3), cfg.resolution, min_size)
 
 
+def _cached_row(name: str, source: str, description: str, cfg: ListingConfig) -> VariantRow:
+    """_row, remembered: an architecture's size and cost do not change between calls, and counting them
+    (building every model, a FlopCounterMode forward) is what made `kdkit models` take seconds per call.
+    Keyed by what defines the architectures (timm's and torch's versions, kdkit's model code); a broken
+    cache file is recomputed."""
+    import timm
+
+    from kdkit import cache_root
+
+    key = json.dumps([name, cfg.resolution, cfg.num_classes, _model_code(), timm.__version__, torch.__version__])
+    path = cache_root("models") / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        return VariantRow(**{**json.loads(path.read_text()), "description": description, "source": source})
+    except (OSError, ValueError, TypeError):
+        pass
+    row = _row(name, source, description, cfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(row)))
+        tmp.replace(path)
+    except OSError:  # a read-only home: counted again next time
+        pass
+    return row
+
+
+@functools.lru_cache(maxsize=1)
+def _model_code() -> str:
+    """A digest of kdkit's model code (kdkit/models/**.py): an edited architecture is counted again."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def list_variants(config: ListingConfig | None = None) -> list[VariantRow]:
-    """kdkit's variants (and the timm baselines), each built without weights and measured."""
+    """kdkit's variants (and the timm baselines), each built without weights and measured (once per
+    architecture and version: _cached_row)."""
     from kdkit.models.assembled import KD_VARIANTS
     from kdkit.models.classic import CLASSIC_VARIANTS
     cfg = config or ListingConfig()
@@ -114,7 +164,7 @@ def list_variants(config: ListingConfig | None = None) -> list[VariantRow]:
     wanted = [(n, "kdkit", d) for n, d in {**KD_VARIANTS, **CLASSIC_VARIANTS, **mlp_variants()}.items()]
     if cfg.baselines:
         wanted += [(n, "timm", d) for n, d in {**BASELINES, **SEED_BASELINES}.items()]
-    return [_row(n, src, d, cfg) for n, src, d in wanted if _matches(n, cfg.pattern)]
+    return [_cached_row(n, src, d, cfg) for n, src, d in wanted if _matches(n, cfg.pattern)]
 
 
 def format_table(rows: list[VariantRow], config: ListingConfig | None = None) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.runtime import DEVICES
+from kdkit.options import DEVICES
 from kdkit.shards.location import location
 
 
