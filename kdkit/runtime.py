@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kdkit.errors import KdkitError
-from kdkit.options import DEVICES, env_integer  # noqa: F401 (DEVICES: kdkit.runtime.DEVICES)
+from kdkit.options import DEVICES, env_integer
 
 
 

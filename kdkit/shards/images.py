@@ -144,6 +144,15 @@ def _why(e: Exception) -> str:
     return text.replace("\n", " ").strip()
 
 
+def check_decodes(raw: bytes) -> None:
+    """Decode encoded image bytes fully, or raise BadImage with a one-line reason (`kdkit verify --decode`,
+    and the reader's search for the sample DALI failed on)."""
+    if not raw:
+        raise BadImage("empty file")
+    with _decoding(), Image.open(io.BytesIO(raw)) as img:
+        img.load()
+
+
 def load_rgb(raw: bytes) -> tuple[Image.Image, list[str]]:
     """Encoded image bytes as the RGB pixels a viewer shows (to_rgb), or BadImage with a one-line reason."""
     if not raw:

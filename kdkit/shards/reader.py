@@ -308,7 +308,8 @@ def find_undecodable(shards: ShardSet, scan: ShardScan, image_ext: str, shard_id
     A decode failure happens within the first samples the reader reached, so scanning from the
     rank's first sample finds it early; the time budget keeps a huge set from looking like a hang.
     """
-    from PIL import Image
+    from kdkit.errors import BadImage
+    from kdkit.shards.images import check_decodes
 
     order = reading_order(shards, scan, shard_id, num_shards)
     offsets: dict[Path, dict[str, tuple[int, int]]] = {}
@@ -325,10 +326,9 @@ def find_undecodable(shards: ShardSet, scan: ShardScan, image_ext: str, shard_id
             f = handles[tar]
             f.seek(off)
             try:
-                with Image.open(io.BytesIO(f.read(n))) as im:
-                    im.load()
-            except Exception as e:  # any Pillow failure means the bytes are not an image we can use
-                return tar, key, f"{type(e).__name__}: {e}"
+                check_decodes(f.read(n))
+            except BadImage as e:
+                return tar, key, str(e)
     finally:
         for f in handles.values():
             f.close()

@@ -7,7 +7,6 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from kdkit.errors import KdkitError
@@ -79,11 +78,13 @@ def _check_members(key: str, members: dict[str, bytes], man: contract.Manifest, 
         except ValueError:
             problems.append(f"{where}: sample {key} label {raw[:20]!r} is not an integer")
     if decode and img_ext in members:
+        from kdkit.errors import BadImage
+        from kdkit.shards.images import check_decodes
+
         try:
-            with Image.open(io.BytesIO(members[img_ext])) as im:
-                im.load()
-        except Exception as e:
-            problems.append(f"{where}: sample {key} image does not decode ({type(e).__name__}: {e})")
+            check_decodes(members[img_ext])
+        except BadImage as e:
+            problems.append(f"{where}: sample {key} image does not decode ({e})")
 
 
 def _check_teacher(key: str, members: dict[str, bytes], teacher: dict, where: str, problems: list[str]) -> None:
