@@ -235,3 +235,12 @@ def test_torchrun_variables_are_checked(monkeypatch):
     with pytest.raises(OptionError, match="WORLD_SIZE=nan"):
         with runtime.start("cpu"):
             pass
+
+
+def test_every_flag_of_every_command_says_its_default_once():
+    """Not "(default: from the shard manifest) (default: None)"."""
+    for words, parser in every_parser():
+        formatter = parser._get_formatter()
+        for action in parser._actions:  # argparse's "(default: %(default)s)" only where the help names none
+            added = "%(default)" in (formatter._get_help_string(action) or "")
+            assert not (added and "default:" in (action.help or "")), (words, action.option_strings, action.help)
