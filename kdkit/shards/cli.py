@@ -129,7 +129,7 @@ def add_shard_parser(sub) -> None:
     q = s.add_parser("folder", formatter_class=HelpFormatter,
                      help="class folders (ROOT/<class>/*, optional split folders)",
                      description="ROOT/<class>/<image>, or ROOT/<split>/<class>/<image> with split folders "
-                                 "named in any case train/training, val/valid/validation, test/testing (also "
+                                 "named in any case train/training, val/valid/validation/eval, test/testing (also "
                                  "as a word of the name: seg_train; also wrapped in a folder of the same name: "
                                  "seg_train/seg_train/), or Food-101 as downloaded (images/<class>/ + "
                                  "meta/train.txt, meta/test.txt). An ambiguous tree is refused, naming "

@@ -6,10 +6,10 @@
                                                 (Intel scenes as unzipped)
     ROOT/images/<class>/ + ROOT/meta/train.txt, meta/test.txt    Food-101 as downloaded: its split lists
 
-Split folders are recognised by name in any case: train/training -> train, val/valid/validation -> val,
-test/testing -> test, pred/predict/prediction -> pred, also as one word of a longer name (seg_train,
-seg_test). A split folder of loose images without class folders (Intel's seg_pred) is unlabelled: left
-out, with a note. ROOT's folders are split folders when every one holding images has a split name;
+Split folders are recognised by name in any case: train/training -> train, val/valid/validation/eval/
+evaluation -> val, test/testing -> test, pred/predict/prediction -> pred, also as one word of a longer
+name (seg_train, seg_test). A split folder of loose images without class folders (Intel's seg_pred) is
+unlabelled: left out, with a note. ROOT's folders are split folders when every one holding images has a split name;
 when only some have, the tree is ambiguous (a class named "train"? a stray folder beside the splits?)
 and refused, naming the options: --layout classes or --splits. A ROOT whose only folder with images
 holds class folders (Food-101's images/ without its meta lists) is read from that folder.
@@ -35,8 +35,9 @@ from kdkit.shards.contract import ClassInfo, unique_keys
 from kdkit.shards.sources.base import IMAGE_SUFFIXES, SourceDataset, SourceSample, SourceSplit, read_lines
 
 # split folder names, lowercased -> the split written
-SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-          "test": "test", "testing": "test", "pred": "pred", "predict": "pred", "prediction": "pred"}
+SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val",
+          "evaluation": "val", "test": "test", "testing": "test", "pred": "pred", "predict": "pred",
+          "prediction": "pred"}  # timm's train.py knows train/training and val/valid/validation/eval/evaluation
 SPLIT_ORDER = ("train", "val", "test", "pred")
 LAYOUTS = ("auto", "splits", "classes")
 
