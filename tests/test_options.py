@@ -58,8 +58,11 @@ def subparser(*command):
 
 
 def mode_flags(*command) -> set[str]:
-    """The flags a (sub)command of the kdkit parser takes."""
-    return {s for a in subparser(*command)._actions for s in a.option_strings}
+    """The flags a (sub)command of the kdkit parser takes (not those it only refuses, naming the mode that
+    takes them: hidden from its help)."""
+    import argparse
+
+    return {s for a in subparser(*command)._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
 
 
 def test_every_train_option_is_a_flag_of_the_modes_that_take_it(capsys):
