@@ -77,14 +77,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     """A high-bit-depth greyscale image (HIGH_BIT_MODES) as 8-bit L, scaled as PIXELS_SPEC says. Pillow's
     own convert() clips at 255 instead, so a 16-bit scan comes out almost white."""
     x = np.asarray(img).astype(np.float64)
-    top = float(np.nanmax(x)) if x.size else 0.0
+    finite = x[np.isfinite(x)]
+    top = float(finite.max()) if finite.size else 0.0
     if img.mode == "F":
         ref = next((r for r in (1.0, 255.0, 65535.0) if top <= r), top)
     elif img.mode == "I" and top > 65535:
         ref = 2.0 ** 31 - 1
     else:
         ref = 65535.0
-    x = np.nan_to_num(np.clip(x, 0, ref), nan=0.0)
+    x = np.clip(np.nan_to_num(x, nan=0.0, posinf=ref, neginf=0.0), 0, ref)  # a float scan may hold NaN / inf
     return Image.fromarray(np.floor(x * 255 / ref + 0.5).astype(np.uint8), mode="L")
 
 
