@@ -140,3 +140,17 @@ def test_a_recipe_setting_another_modes_option_is_refused(tmp_path):
                                          r"--kd-alpha: it trains without a teacher"):
         config_from_args(parse(["train", "teacher", "d", "-c", str(recipe)]), "teacher")
     assert config_from_args(parse(["train", "student", "d", "-c", str(recipe)]), "student").kd_alpha == 0.5
+
+
+def test_a_short_run_draws_its_curves_once(tmp_path, monkeypatch):
+    """curves.png is redrawn at most every 30 s and after the last epoch: a run shorter than that draws
+    it once (a demo student drew it after its first epoch too)."""
+    from kdkit.train import runs
+
+    drawn = []
+    monkeypatch.setattr(runs, "plot_curves", lambda rows, out: drawn.append(len(rows)))
+    run = runs.RunDir(make_config({"data": "d", "output": str(tmp_path), "name": "r"}))
+    run.start(make_config({"data": "d", "output": str(tmp_path), "name": "r"}), resuming=False)
+    for epoch in (1, 2, 3):
+        run.log_epoch({"epoch": epoch, "train_loss": 1.0}, final=epoch == 3)
+    assert drawn == [3]

@@ -35,7 +35,9 @@ class RunDir:
         self.path = cfg.run_dir
         self.is_main = is_main
         self._tb = None
-        self._plotted = 0.0
+        # the clock starts with the run: a run shorter than 30 s draws its curves once, at the end, not also
+        # after its first epoch (a second drawing, matplotlib's ~1 s, for every short run)
+        self._plotted = time.monotonic()
 
     def start(self, cfg: TrainConfig, resuming: bool) -> None:
         """Create the folder and write config.yaml; refuse to overwrite a run that has checkpoints."""
