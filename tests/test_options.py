@@ -205,7 +205,7 @@ def test_every_numeric_flag_of_every_command_refuses_nan_and_inf():
         assert parser.allow_abbrev is False, words  # no prefix matching: `--kd` never means `--kd-alpha`
         for a in parser._actions:
             if a.type is None or not callable(a.type) or a.type in (str,) or getattr(a.type, "__name__", "") in (
-                    "Path", "csv_list", "csv_paths", "part", "_key_value", "str"):
+                    "Path", "csv_list", "csv_paths", "part", "_key_value", "str", "location_arg"):
                 continue
             try:
                 a.type("1")
