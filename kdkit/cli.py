@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from kdkit import __version__
+from kdkit import __version__, atomic
 from kdkit.errors import Interrupted, KdkitError
 from kdkit.options import HelpFormatter, Parser
 
@@ -66,6 +66,9 @@ def _main(argv: list[str] | None) -> int:
               "kdkit: interrupted; what was finished is kept, run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as e:
+        if e.errno in atomic.DISK_FULL:  # whatever was being written: one line, what to free, and that nothing was lost
+            print(f"kdkit: error: {atomic.disk_full_message(e)}", file=sys.stderr)
+            return 2
         if not e.filename:  # not about a file a user named: a bug, let the traceback say where
             raise
         print(f"kdkit: error: {e.filename}: {e.strerror or e} (check that the folder exists and is writable; "

@@ -40,6 +40,7 @@ from kdkit.pipelines.eval import Eval
 from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
                                       scan_shards, shard_range, teacher_format)
 from kdkit.runtime import rank_and_world
+from kdkit.shards.headers import check_headers
 
 
 @pipeline_def
@@ -122,8 +123,12 @@ class DaliLoader:
             raise ValueError(f"shard_id={self.shard_id} outside 0..{self.num_shards - 1}")
         self.scan, self.teacher_kind = _scan(self.role, cfg, self.shards)
         self.role.check_shards(self.shards)
-        check_checksums(self.shards, [t for t, _ in reading_order(self.shards, self.scan, self.shard_id,
-                                                                   self.num_shards)], progress=self.shard_id == 0)
+        # a damaged image must never reach DALI (its decoder can crash on one, kdkit.shards.headers): shards
+        # with a manifest checksum are hashed against it, the image headers of any other are walked
+        unverified = check_checksums(self.shards, [t for t, _ in reading_order(self.shards, self.scan, self.shard_id,
+                                                                                self.num_shards)],
+                                     progress=self.shard_id == 0)
+        check_headers(unverified, common.IMAGE_EXT, progress=self.shard_id == 0)
         self.last_batch = cfg.reading.last_batch or self.role.last_batch
         self.last_view_index: torch.Tensor | None = None  # replay: the view each image of the last batch shows
         self.checkpointing = checkpointing or restore is not None

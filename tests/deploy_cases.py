@@ -149,7 +149,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
     for data, words in ((two, ["class"]), (small, ["16 px", "32 px", "--max-size"])):
         assert run_cli(["export", str(trained), "-o", str(out), *base, "--int8", "--data", str(data)]) == 2
         one_line_error(capsys, str(data.name), *words)
-        assert not out.exists() and not (tmp_path / "ir.tmp").exists()
+        assert not out.exists() and not list(tmp_path.glob(".ir.*"))
     assert run_cli(["export", str(trained), "-o", str(out), *base, "--int8"]) == 2
     one_line_error(capsys, "--data")
     # a calibration split the set does not have: the flag that chose it is named
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
     monkeypatch.setattr(deploy, "load_model", lambda *a, **k: (Eigh().eval(), real(*a, **k)[1]))
     assert run_cli(["export", str(trained), "-o", str(out), *base]) == 2
     one_line_error(capsys, "does not convert", "aten::linalg_eigh")
-    assert not out.exists() and not (tmp_path / "ir.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob(".ir.*"))
     monkeypatch.undo()
     # the deploy extra missing: how to install it
     monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` sees when it is not installed
@@ -199,3 +199,31 @@ def test_no_usage_data_is_sent_without_a_consent_file(tmp_path, monkeypatch):
     Path(checker.consent_file()).parent.mkdir(parents=True, exist_ok=True)
     Path(checker.consent_file()).write_text("1")  # a user who opted in keeps their choice
     assert checker.check(enable_opt_in_dialog=False, disable_in_ci=True) == oc.ConsentCheckResult.ACCEPTED
+
+
+def test_a_re_export_touches_nothing_beside_its_folder_and_recovers_a_killed_swap(ckpt, tmp_path, capsys):
+    """The repro: `-o DIR` removed DIR.tmp at every start and DIR.old on a re-export, a user's backup among them.
+    kdkit's own temporary and previous folders have names no user chooses (.DIR.<pid>.kdkit-tmp / -old); a swap
+    killed between its two renames gets the earlier export back."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "ir"
+    for mine, text in (("ir.old", "last week's model, my only copy"), ("ir.tmp", "my notes")):
+        (tmp_path / mine).mkdir()
+        (tmp_path / mine / "file.txt").write_text(text)
+    argv = ["export", str(ckpt), "--format", "openvino", "-o", str(out), "--no-benchmark", "--threads", "1"]
+    for _ in range(2):  # an export, then a re-export over it
+        assert run_cli(argv) == 0
+    assert (tmp_path / "ir.old" / "file.txt").read_text() == "last week's model, my only copy"
+    assert (tmp_path / "ir.tmp" / "file.txt").read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "ir.old", "ir.tmp"]
+    # killed between "the earlier export moved aside" and "the new one renamed in": NAME is missing
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    shutil.move(out, tmp_path / f".ir.{gone.pid}.kdkit-old")
+    (tmp_path / f".ir.{gone.pid}.kdkit-tmp").mkdir()  # and its half-built folder
+    spec = json.loads((tmp_path / f".ir.{gone.pid}.kdkit-old" / "input.json").read_text())
+    deploy.tidy_leftovers(out)
+    assert json.loads((out / "input.json").read_text()) == spec  # the earlier export is back under its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "ir.old", "ir.tmp"]

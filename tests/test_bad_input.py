@@ -379,7 +379,7 @@ def test_checksums_are_hashed_once_and_a_later_change_is_still_caught(tiny_shard
     import shutil
 
     from kdkit.pipelines import DaliLoader, ShardError, loader_config
-    from kdkit.shards import reader as shardset
+    from kdkit.shards import checksums as shardset
 
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "set"
@@ -392,7 +392,7 @@ def test_checksums_are_hashed_once_and_a_later_change_is_still_caught(tiny_shard
     first = len(hashed)
     assert first == len(list((root / "val").glob("*.tar")))
     DaliLoader(root, cfg, split="val")
-    assert len(hashed) == first  # verified once: the second open only stats
+    assert len(hashed) == first + 1  # verified once: the second open stats them, and re-hashes one (the rotation)
     tar = sorted((root / "val").glob("*.tar"))[0]
     data = bytearray(tar.read_bytes())
     data[-2000] ^= 0xFF  # same size, other bytes, a later mtime
@@ -400,13 +400,14 @@ def test_checksums_are_hashed_once_and_a_later_change_is_still_caught(tiny_shard
     os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 10**9))
     with pytest.raises(ShardError, match=f"{tar.name}: its bytes differ"):
         DaliLoader(root, cfg, split="val")
-    # a fresh cache and a damaged first shard: the others are recorded all the same, a rerun hashes only it
+    # a fresh cache and a damaged first shard: the others are recorded all the same, a rerun hashes it again
+    # (and the one shard of the rotation)
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache2"))
     hashed.clear()
     for _ in range(2):
         with pytest.raises(ShardError, match=f"{tar.name}: its bytes differ"):
             DaliLoader(root, cfg, split="val")
-    assert len(hashed) == first + 1 and hashed[-1] == tar
+    assert len(hashed) == first + 2 and tar in hashed[first:]
 
 
 @pytest.mark.timeout(240)
@@ -421,18 +422,152 @@ def test_a_corrupt_jpeg_inside_a_shard_is_one_line_from_every_reader(tiny_shards
             assert any(f"sample {k}: image does not decode" in said for _, k in bad), said
 
 
-def test_ranks_checking_their_shards_at_once_keep_each_others_records(tmp_path):
+def test_ranks_checking_their_shards_at_once_keep_each_others_records(tmp_path, monkeypatch):
     # each rank reads the cache, hashes its own shards and writes: a write merges into what is on disk
     # then, through a temp file of its own, so no rank's records are lost and the file stays valid JSON
     import json
 
-    from kdkit.shards.reader import _record_checked
+    from kdkit.shards import checksums
 
-    cache = tmp_path / "checked" / "set.json"
-    _record_checked(cache, {"/set/train-000000.tar": [1, 2, "a"]})  # rank 0
-    _record_checked(cache, {"/set/train-000001.tar": [3, 4, "b"]})  # rank 1, read the cache before rank 0 wrote
-    assert json.loads(cache.read_text()) == {"/set/train-000000.tar": [1, 2, "a"], "/set/train-000001.tar": [3, 4, "b"]}
-    assert [p.name for p in cache.parent.iterdir()] == ["set.json"]
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "set"
+    checksums._update(folder, {"train-000000.tar": [1, 2, "a", 1]}, set())  # rank 0
+    checksums._update(folder, {"train-000001.tar": [3, 4, "b", 1]}, set())  # rank 1, read the cache before rank 0 wrote
+    cache = checksums._cache_file(folder)
+    assert json.loads(cache.read_text())["shards"] == {"train-000000.tar": [1, 2, "a", 1],
+                                                       "train-000001.tar": [3, 4, "b", 1]}
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]
+
+
+def _flip_keeping_size_and_mtime(tar):
+    """Silent damage: one byte inside an image changes, the size and mtime do not (bit rot)."""
+    import os
+
+    st = tar.stat()
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_damage_that_keeps_size_and_mtime_is_caught_by_the_rotating_recheck(tiny_shards, tmp_path, monkeypatch):
+    """The cache trusts (size, mtime); bit rot keeps both. Each open re-hashes the shards verified longest ago
+    (2% of the bytes, at least one shard), so the damage is caught within as many opens as the set has shards;
+    KDKIT_CHECKSUMS=full catches it at once; `kdkit verify` always hashes, and tells the cache."""
+    import shutil
+
+    from kdkit.pipelines import DaliLoader, ShardError, loader_config
+    from kdkit.shards.verify import verify_set
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    cfg = loader_config("eval", image_size=32, batch_size=4, device="cpu")
+    DaliLoader(root, cfg, split="train")  # every shard verified and cached
+    tars = sorted((root / "train").glob("*.tar"))
+    _flip_keeping_size_and_mtime(tars[-1])  # the last one the rotation reaches
+    monkeypatch.setenv("KDKIT_CHECKSUMS", "full")
+    with pytest.raises(ShardError, match=f"{tars[-1].name}: its bytes differ"):
+        DaliLoader(root, cfg, split="train")
+    monkeypatch.delenv("KDKIT_CHECKSUMS")
+    with pytest.raises(ShardError, match=f"{tars[-1].name}: its bytes differ"):  # the refusal dropped it from the cache
+        DaliLoader(root, cfg, split="train")
+    # a fresh cache: caught by the rotation within len(tars) opens
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache2"))
+    shutil.copy2(tiny_shards / "train" / tars[-1].name, tars[-1])
+    DaliLoader(root, cfg, split="train")
+    _flip_keeping_size_and_mtime(tars[-1])
+    caught = []
+    for attempt in range(1, len(tars) + 1):
+        try:
+            DaliLoader(root, cfg, split="train")
+        except ShardError as e:
+            caught.append((attempt, str(e)))
+            break
+    assert caught and tars[-1].name in caught[0][1], caught
+    # `kdkit verify` hashes whatever the cache says, and a shard it finds damaged is hashed by every reader next
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache3"))
+    shutil.copy2(tiny_shards / "train" / tars[-1].name, tars[-1])
+    DaliLoader(root, cfg, split="train")
+    _flip_keeping_size_and_mtime(tars[-1])
+    assert not verify_set(root / "train", progress=False).ok
+    with pytest.raises(ShardError, match=f"{tars[-1].name}: its bytes differ"):
+        DaliLoader(root, cfg, split="train")
+
+
+def _big_batch_set(tmp_path, n: int = 70):
+    """A one-shard set of n JPEGs (one batch of 64 and more), and a checkpoint for its classes."""
+    import numpy as np
+
+    from kdkit.shards.sources.folder import list_folder
+    from kdkit.shards.writer import ShardConfig, write_dataset
+    from conftest import jpeg_bytes
+    from test_eval import make_checkpoint
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for i in range(n if split == "train" else 6):
+            d = tmp_path / "raw" / split / ["cat", "dog", "eel"][i % 3]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:03d}.jpg").write_bytes(jpeg_bytes(rng, 120, 150))
+    root = tmp_path / "set"
+    write_dataset(list_folder(tmp_path / "raw"), root, ShardConfig(samples_per_shard=n, workers=1, progress=False))
+    return root, make_checkpoint(tmp_path / "c.pth", root)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_a_jpeg_whose_header_is_damaged_never_crashes_a_reader_even_unchecked(tmp_path):
+    """The repro: a JPEG's bytes between FF D8 and its last two zeroed, with the checksum check off; DALI 2.4's
+    CPU decoder then segfaulted `kdkit eval` and the teacher pass in most runs (a plain DALI pipeline does too,
+    at a batch of 32 or more). Shards no checksum vouched for get their image headers checked first: one line
+    naming the sample, exit 2, run after run."""
+    import os
+    import subprocess
+    import sys
+
+    from kdkit.shards import tario
+
+    root, ckpt = _big_batch_set(tmp_path)
+    tar = sorted((root / "train").glob("*.tar"))[0]
+    samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(tar)]
+    jpg = bytearray(samples[3]["jpg"])
+    jpg[2:-2] = bytes(len(jpg) - 4)
+    samples[3]["jpg"] = bytes(jpg)
+    tario.write_shard(tar, samples)  # the manifest still holds the original checksum
+    env = {**os.environ, "KDKIT_CHECKSUMS": "0", "KDKIT_CACHE": str(tmp_path / "cache")}
+    runs = [["eval", str(ckpt), "--data", str(root), "--split", "train", "--out", str(tmp_path / "ev"),
+             "--device", "cpu"]] * 3 + \
+        [["add-teacher-logits", str(root), "--checkpoint", str(ckpt), "--out", str(tmp_path / "kd"), "--device",
+          "cpu", "--quiet"]]
+    for argv in runs:
+        r = subprocess.run([sys.executable, "-m", "kdkit", *argv], capture_output=True, text=True, timeout=120, env=env)
+        said = [line for line in r.stderr.splitlines() if line.startswith("kdkit: error:")]
+        assert r.returncode == 2 and len(said) == 1, (argv[0], r.returncode, r.stderr[-800:])
+        assert f"{tar}: sample {samples[3]['__key__']}: image does not decode (no JPEG marker at byte 2" in said[0]
+
+
+def test_the_header_check_passes_every_image_format_dali_reads():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from kdkit.shards.headers import problem
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for fmt, kw in (("JPEG", {}), ("JPEG", dict(progressive=True, optimize=True)), ("JPEG", dict(exif=exif.tobytes())),
+                    ("JPEG", dict(icc_profile=b"x" * 70_000)), ("PNG", {}), ("WEBP", {}), ("BMP", {}), ("TIFF", {})):
+        one = io.BytesIO()
+        (img.convert("CMYK") if kw.get("optimize") else img).save(one, format=fmt, **kw)
+        data = one.getvalue()
+        assert problem(io.BytesIO(bytes(512) + data), 512, len(data)) is None, (fmt, kw)  # as a tar member
+    cut = io.BytesIO()
+    img.save(cut, format="JPEG")
+    assert "runs past the image" in problem(cut, 0, 200)
+    assert "no image format" in problem(io.BytesIO(bytes(100)), 0, 100)
 
 
 def test_a_split_folder_without_its_manifest_is_named(tiny_shards, tmp_path, capsys):

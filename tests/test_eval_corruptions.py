@@ -233,7 +233,8 @@ def test_corrupted_sets_resume_an_interrupted_write_and_refuse_other_options(cor
     with pytest.raises(KeyboardInterrupt):
         write_corrupted(tiny_shards, out, SIZE, batch_size=5, progress=False, **PAIRS)
     monkeypatch.undo()
-    assert not list(out.glob("*/*.tmp")) and not list(out.glob("*/manifest.json"))
+    assert not list(out.glob("*/*.tmp")) and not list(out.glob("*/*.kdkit-tmp"))
+    assert not list(out.glob("*/manifest.json"))
     write_corrupted(tiny_shards, out, SIZE, batch_size=5, progress=False, **PAIRS)
     for folder in sorted(ref.glob("*-*")):  # the same bytes as an uninterrupted write
         assert {p.name: p.read_bytes() for p in folder.glob("*.tar")} == \

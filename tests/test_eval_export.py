@@ -79,3 +79,41 @@ def test_a_set_without_val_is_read_from_its_only_split(ckpt, tiny_shards, tmp_pa
     assert run_cli(["export", str(ckpt), "-o", str(out), "--data", str(root), "--no-benchmark"]) == 2
     said = capsys.readouterr()
     assert "holds no val split but test, train; name the one to read with --split" in said.out + said.err
+
+
+def test_an_interrupted_re_export_never_leaves_a_report_of_another_model(ckpt, tiny_shards, tmp_path, monkeypatch):
+    """The repro: re-exporting into a folder with an earlier export, Ctrl-C between "the new model.onnx is in
+    place" and "its report is written" left the old checkpoint's "parity OK" beside the new model. Now the
+    model is checked before it replaces the old one, and the report comes last: an interruption at any point
+    leaves a report that describes the model beside it, or no report."""
+    from kdkit import atomic
+    from kdkit.evaluate import export as export_mod
+    from test_eval import make_checkpoint
+
+    out = tmp_path / "deploy" / "model.onnx"
+    report = out.with_suffix(".export.json")
+    argv = ["-o", str(out), "--no-benchmark", "--parity-samples", "2", "--exporter", "torchscript"]
+    assert run_cli(["export", str(ckpt), *argv]) == 0
+    other = make_checkpoint(tmp_path / "other.pth", tiny_shards, seed=5)
+    x = torch.randn(2, 3, SIZE, SIZE)
+
+    def described() -> bool:  # the report's checkpoint gives the logits of the model beside it
+        model, _ = load_model(json.loads(report.read_text())["checkpoint"])
+        with torch.no_grad():
+            want = model(x).numpy()
+        return np.abs(ort_session(out).run(["logits"], {"images": x.numpy()})[0] - want).max() < 1e-4
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    for where in ("while the new model is checked", "after it is in place, before its report"):
+        if where.startswith("while"):
+            monkeypatch.setattr(export_mod, "check_parity", interrupt)
+        else:
+            monkeypatch.setattr(export_mod.atomic, "write_json", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_cli(["export", str(other), *argv])
+        monkeypatch.undo()
+        assert not report.exists() or described(), where
+        assert not list(out.parent.glob("*" + atomic.TMP_TAG)) and not list(out.parent.glob("*.tmp"))
+    assert run_cli(["export", str(other), *argv]) == 0 and described()

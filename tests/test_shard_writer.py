@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kdkit import atomic
 from kdkit.cli import main
 from kdkit.errors import KdkitError
 from kdkit.shards import contract, tario
@@ -197,7 +198,7 @@ def test_resume_after_crash_is_identical(tmp_path, monkeypatch):
         if path.parent.name == contract.STATE_DIR and path.name.startswith("train-"):
             calls["n"] += 1
             if calls["n"] == 3:  # killed after the 3rd tar was renamed but before it was recorded
-                (path.parent.parent / "train-000003.tar.tmp").write_bytes(b"half a tar")
+                atomic.temp_path(path.parent.parent / "train-000003.tar").write_bytes(b"half a tar")
                 raise KeyboardInterrupt
         return real(path, obj)
 
@@ -206,7 +207,7 @@ def test_resume_after_crash_is_identical(tmp_path, monkeypatch):
         write_dataset(list_folder(root), out, cfg(samples_per_shard=3))
     monkeypatch.setattr(tario, "atomic_write_json", real)
     assert not (out / "train" / contract.MANIFEST).exists()
-    assert not list((out / "train").glob("*.tmp"))
+    assert not list((out / "train").glob("*.tmp")) and not list((out / "train").glob("*" + atomic.TMP_TAG))
     write_dataset(list_folder(root), out, cfg(samples_per_shard=3))
     assert shard_digests(out / "train") == shard_digests(ref / "train")
     assert json.loads((out / "train" / contract.MANIFEST).read_text())["shards"] == \
@@ -232,6 +233,7 @@ def write(self, name, samples, extra=None):
     return real(self, name, cut(), extra)
 
 resume.ShardJob.write = write
+from kdkit import atomic
 from kdkit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -432,3 +434,54 @@ def test_bad_max_pixels_variable_is_a_one_line_error(value, why, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"KDKIT_MAX_PIXELS={value}" in r.stderr and why in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_named_pipe_called_x_jpg_is_skipped_and_reported_not_waited_on(tmp_path):
+    """The repro: a FIFO named like an image blocked `kdkit shard` forever (opening it waits for a writer)."""
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=3)
+    os.mkfifo(root / "train" / "cat" / "pipe.jpg")
+    out = tmp_path / "out"
+    write_dataset(list_folder(root), out, cfg())
+    report = (out / "train" / contract.SKIP_REPORT).read_text()
+    assert f"{root / 'train' / 'cat' / 'pipe.jpg'}\tnot a regular file but a named pipe (FIFO)" in report
+    assert len(read_with_webdataset(out / "train")) == 3 * len(CLASSES)
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_that_dies_ends_the_writer_with_one_line_and_keeps_finished_shards(tmp_path, monkeypatch, capsys):
+    """multiprocessing.Pool replaced a dead worker and waited forever for its lost result (the repro's writer
+    hung 13 minutes); the writer's pool notices, says so in one line, and its rerun continues."""
+    import multiprocessing
+
+    root = tmp_path / "raw"
+    make_class_tree(root, per_class=40, size=(24, 24))
+    out = tmp_path / "out"
+    argv = ["shard", "folder", str(root), str(out), "--quiet", "--workers", "2", "--samples-per-shard", "10"]
+    real, calls = tario.write_shard, []
+
+    def kill_a_worker_after_the_first_shard(path, samples):
+        calls.append(path)
+        if len(calls) == 2:  # the first shard is written; a worker is killed (the OOM killer, a kill -9)
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        return real(path, samples)
+
+    monkeypatch.setattr(tario, "write_shard", kill_a_worker_after_the_first_shard)
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("kdkit: error:") and "a worker process died while preparing images" \
+        in err[0] and "run the same command again to continue" in err[0], err
+    assert (out / "train" / "train-000000.tar").exists()  # finished before: kept
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert len(read_with_webdataset(out / "train")) == 40 * len(CLASSES)
+
+
+def test_a_worker_that_raises_names_the_image_in_one_line(tmp_path):
+    from kdkit.workers import WorkerPool
+
+    with WorkerPool(2, "preparing images") as pool, pytest.raises(KdkitError) as e:
+        pool.map(int, ["1", "2", "x", "4"], chunksize=2, describe=lambda s: f"image {s}")
+    assert str(e.value).startswith("image x: a worker process failed while preparing images (ValueError: invalid "
+                                   "literal for int() with base 10: 'x'); what was finished is kept")

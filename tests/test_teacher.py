@@ -382,8 +382,8 @@ def test_in_place_survives_a_crash_between_tar_and_index(tiny_shards, ckpts, sin
     monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
 
     def crash_on_second(src, dst):  # the first shard's tar is swapped in, its index not yet
-        if (tmp_path / "cache") in Path(dst).parents:  # the loader's record of verified checksums
-            return real(src, dst)
+        if contract.STATE_DIR not in Path(src).parts or Path(dst).parent != tmp_path / "val":
+            return real(src, dst)  # not the swap of a staged shard over the old one (every atomic write renames)
         calls.append(dst)
         if len(calls) == 2:
             raise OSError("simulated power cut")
@@ -508,3 +508,93 @@ def test_a_pass_started_on_one_device_is_not_finished_on_another(tiny_shards, ck
     with pytest.raises(KdkitError, match=r"holds a different teacher pass \(unfinished.*device 'gpu' then, 'cpu' now, "
                                          r"amp True then, False now\)"):
         add_teacher_logits(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# a rerun notices what was lost since; no advice deletes the only copy of data
+
+def test_a_rerun_writes_again_a_deleted_or_damaged_shard_of_a_finished_set(tiny_shards, ckpts, single, tmp_path,
+                                                                           monkeypatch):
+    """The checksum error says "rerun the command that wrote it": the rerun writes the deleted shard, and the
+    shard damaged without a change of size or mtime (bit rot), again; before, it said "nothing to do"."""
+    import os
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "kd"
+    shutil.copytree(single[0], out)
+    cfg = config(tiny_shards, ckpts["main"], out=out)
+    want = tar_bytes(out / "train")
+    first, second = sorted((out / "train").glob("*.tar"))[:2]
+    first.unlink()
+    data = bytearray(second.read_bytes())
+    st = second.stat()
+    data[len(data) // 2] ^= 0xFF
+    second.write_bytes(bytes(data))
+    os.utime(second, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reports = {r.split: r for r in add_teacher_logits(cfg)}
+    assert reports["train"].written == 2 and reports["val"].written == 0
+    assert tar_bytes(out / "train") == want and verify_set(out / "train", progress=False).ok
+
+
+def test_an_in_place_set_never_advises_deleting_its_only_copy(tiny_shards, ckpts, tmp_path, monkeypatch):
+    """In place, a shard is the only copy of its images: a damaged one is refused with advice to restore it
+    (not to delete it), and the rerun after a deletion refuses instead of saying "nothing to do"."""
+    from kdkit.shards.reader import ShardError
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_shards / "train", tmp_path / "set")
+    cfg = config(tmp_path / "set", ckpts["main"], in_place=True)
+    add_teacher_logits(cfg)
+    tar = sorted((tmp_path / "set").glob("*.tar"))[1]
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError) as e:
+        eval_loader(tmp_path / "set")
+    said = str(e.value)
+    assert f"{tar}: its bytes differ" in said and "only copy of its images" in said and "Do not delete it" in said
+    assert "delete the shard" not in said
+    with pytest.raises(KdkitError, match=f"{tar.name}: damaged, and this set was rewritten in place"):
+        add_teacher_logits(cfg)  # the rerun cannot write it from itself either
+    tar.unlink()
+    with pytest.raises(KdkitError, match=f"{tar.name}: missing, and this set was rewritten in place.*only copy"):
+        add_teacher_logits(cfg)
+
+
+def test_training_on_an_interrupted_in_place_set_says_to_finish_the_pass(tiny_shards, ckpts, tmp_path, monkeypatch):
+    """A shard already rewritten by an unfinished in-place pass differs from the (old) manifest: the reader says
+    which command to rerun, not that the shard is damaged."""
+    from kdkit.shards.reader import ShardError
+
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_shards / "train", tmp_path / "set")
+    fail_after(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        add_teacher_logits(config(tmp_path / "set", ckpts["main"], in_place=True, command="kdkit add-teacher-logits X"))
+    monkeypatch.undo()
+    monkeypatch.setenv("KDKIT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ShardError, match=r"an unfinished in-place job rewrote it \(`kdkit add-teacher-logits X`\); "
+                                         r"rerun that command to finish it.*not damaged"):
+        eval_loader(tmp_path / "set")
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs that are not finite
+
+@pytest.mark.parametrize("how", ["nan", "big"])
+def test_non_finite_teacher_outputs_are_refused_naming_the_first_sample(tiny_shards, ckpts, tmp_path, how):
+    """A diverged teacher (NaN weights), or logits beyond float16's range (stored as inf), are refused at the
+    pass: before, the set was written (exit 0) and the student died at step 1 advising a lower --lr."""
+    ckpt = torch.load(ckpts["main"], weights_only=False)
+    for k in ("fc.weight", "fc.bias"):
+        ckpt["state_dict"][k] = ckpt["state_dict"][k].fill_(float("nan")) if how == "nan" else ckpt["state_dict"][k] * 1e6
+    ckpt["ema_state_dict"] = None
+    torch.save(ckpt, tmp_path / "t.pth")
+    out = tmp_path / "kd"
+    with pytest.raises(KdkitError) as e:
+        add_teacher_logits(config(tiny_shards / "val", tmp_path / "t.pth", out=out))
+    first = sorted((tiny_shards / "val").glob("*.tar"))[0]
+    key = next(tario.iter_tar_samples(first))[0]
+    assert str(e.value).startswith(f"{out / first.name}: sample {key}: the teacher outputs (.logits.npy) are "), e.value
+    assert ("NaN" if how == "nan" else "beyond float16's range") in str(e.value)
+    assert not list(out.glob("*.tar")) and not (out / contract.MANIFEST).exists()

@@ -327,6 +327,38 @@ def test_resume_restores_the_loader_state_and_falls_back_where_it_cannot(colour_
 # ---------------------------------------------------------------------------------------------
 # failures: NaN, bad input
 
+def poison_one_sample(folder: Path, value: float) -> str:
+    """Overwrite one sample's stored logits with `value` (NaN, inf), as a diverged teacher would have stored
+    them, keeping the manifest's checksums right; returns its key."""
+    man = json.loads((folder / contract.MANIFEST).read_text())
+    rec = man["shards"][0]
+    samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(folder / rec["tar"])]
+    logits = np.load(io.BytesIO(samples[0][contract.LOGITS_EXT]))
+    logits[0] = value
+    samples[0][contract.LOGITS_EXT] = npy(logits)
+    rec.update(tario.write_shard(folder / rec["tar"], samples))
+    man["teacher"].update(members={"logits": contract.LOGITS_EXT}, views=None)  # as the teacher pass writes it
+    (folder / contract.MANIFEST).write_text(json.dumps(man))
+    return samples[0]["__key__"]
+
+
+def test_nan_from_non_finite_teacher_targets_names_them_not_the_learning_rate(colour_kd, tmp_path):
+    """Stored teacher outputs holding NaN (written by a diverged teacher before the pass refused them): the
+    student stops naming the teacher targets as the cause and how to check them; `kdkit verify` finds them."""
+    from kdkit.shards.verify import verify_set
+
+    data = tmp_path / "kd"
+    shutil.copytree(colour_kd, data)
+    key = poison_one_sample(data / "train", float("nan"))
+    with pytest.raises(TrainingDiverged) as e:
+        fit(cfg_for(data, tmp_path, epochs=1, name="s", kd="stored"))
+    said = str(e.value)
+    assert "the teacher targets of step" in said and "are not finite" in said and "Lower --lr" not in said, said
+    assert f"kdkit verify --decode {data}" in said
+    rep = verify_set(data / "train", decode=True, progress=False)
+    assert any(f"sample {key} .logits.npy holds NaN teacher outputs" in p for p in rep.problems), rep.problems
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(colour, tmp_path, monkeypatch):
     from kdkit.train import build as build_mod
 

@@ -202,7 +202,7 @@ def _add_predict(sub) -> None:
 # kdkit export
 
 def _run_export(a: argparse.Namespace) -> int:
-    from kdkit.evaluate.export import ExportConfig, export, format_export
+    from kdkit.evaluate.export import ExportConfig, export, format_export, report_path
 
     report = export(ExportConfig(checkpoint=a.checkpoint, output=a.output, exporter=a.exporter, opset=a.opset,
                                  data=a.data, images=a.images or [], split=a.split, crop_ratio=a.crop_ratio,
@@ -221,9 +221,7 @@ def _run_export(a: argparse.Namespace) -> int:
               + (", model_int8.xml/.bin)" if "int8" in report else ")"))
         return 0 if report["parity"]["ok"] and report.get("accuracy", {"ok": True})["ok"] else 1
     print(format_export(report))
-    json_path = Path(report["onnx"]).with_suffix(".export.json")
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {report['onnx']}, {json_path}")
+    print(f"wrote {report['onnx']}, {report_path(report['onnx'])}")
     return 0 if report["parity"]["ok"] else 1
 
 

@@ -15,18 +15,19 @@ passes `kdkit verify` and reads like any other set (`kdkit eval CKPT --data OUT/
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from kdkit import __version__
+from kdkit import __version__, atomic
 from kdkit.errors import KdkitError
 from kdkit.evaluate.corruptions import corrupt, encode_jpeg, jpeg_roundtrip, sample_rng
 from kdkit.shards import contract, tario
 from kdkit.shards.resume import fingerprint, open_job
+from kdkit.workers import WorkerPool
 
 STORE_QUALITY = 85  # ImageNet-C saved its images as JPEG, quality 85 (make_imagenet_c.py)
 
@@ -65,20 +66,21 @@ def corrupt_views(task) -> list:
 
 class CorruptionPool:
     """Maps corrupt_views over tasks, in order: in this process, or in `workers` processes
-    (spawned: forking a process that runs DALI threads is unsafe)."""
+    (kdkit.workers: spawned, and a worker that fails or dies ends the map with one line)."""
 
     def __init__(self, workers: int = 1):
         self.workers = workers
-        self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        self.pool = WorkerPool(workers, "corrupting images") if workers > 1 else None
 
     def map(self, tasks: list) -> list:
         if self.pool is None:
             return [corrupt_views(t) for t in tasks]
-        return self.pool.map(corrupt_views, tasks, chunksize=max(1, len(tasks) // (4 * self.workers)))
+        return self.pool.map(corrupt_views, tasks, chunksize=max(1, len(tasks) // (4 * self.workers)),
+                             describe=lambda task: f"sample {task[1]}, {task[2]}")
 
     def close(self):
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.close()
 
     def __enter__(self):
         return self
@@ -110,36 +112,42 @@ def write_corrupted(data, out, image_size: int, corruptions: list[str], severiti
     names = [contract.tar_name(split, i) for i in range(len(src.tars))]
     source = {"converter": "kdkit-corrupt", "root": str(src.folder),
               "shards_sha256": [r.sha256 for r in src.manifest.shards]}
-    jobs = {}
-    for c, s in pairs:
-        options = {"corruption": c, "severity": s, "image_size": image_size, "crop_ratio": crop_ratio,
-                   "quality": quality, "seed": seed, "frost": "photos" if frost_dir else "procedural"}
-        fp = fingerprint({**options, **source})
-        jobs[(c, s)] = (open_job(out / set_name(c, s), fp, command, "corrupted set")[0], options)
-    # only the source shards some set still lacks are decoded: a rerun continues where it stopped
-    todo = [i for i, n in enumerate(names) if any(job.done(n) is None for job, _ in jobs.values())]
-    for job, _ in jobs.values():
-        job.clear_temps([names[i] for i in todo])
-    if todo:
-        _write(ShardSet(tars=[src.tars[i] for i in todo]), [names[i] for i in todo], jobs, corruptions, severities,
-               image_size, crop_ratio, seed, quality, frost_dir, batch_size, num_threads, workers, progress)
-    folders = []
-    for (c, s), (job, options) in jobs.items():
-        records = job.complete(names)
-        man = contract.Manifest(
-            split=src.manifest.split, classes=src.manifest.classes,
-            shards=[contract.ShardRecord(r["tar"], r["idx"], r["num_samples"], r["bytes"], r["sha256"])
-                    for r in records],
-            source={"converter": "kdkit-corrupt", "root": str(src.folder), "corruption": c, "severity": s},
-            options=options, command=command, kdkit_version=__version__)
-        (job.folder / contract.SKIP_REPORT).write_text("path\treason\n")
-        tario.atomic_write_json(job.folder / contract.MANIFEST, man.to_json())
-        folders.append(job.folder)
+    with contextlib.ExitStack() as held:  # every set's folder stays locked until its manifest is written
+        jobs = {}
+        for c, s in pairs:
+            options = {"corruption": c, "severity": s, "image_size": image_size, "crop_ratio": crop_ratio,
+                       "quality": quality, "seed": seed, "frost": "photos" if frost_dir else "procedural"}
+            fp = fingerprint({**options, **source})
+            jobs[(c, s)] = (held.enter_context(open_job(out / set_name(c, s), fp, command, "corrupted set")[0]),
+                            options)
+        # only the source shards some set still lacks (missing, or damaged since) are decoded: a rerun continues
+        lacking = {(c, s): set(job.todo(names, progress)) for (c, s), (job, _) in jobs.items()}
+        todo = [i for i, n in enumerate(names) if any(n in missing for missing in lacking.values())]
+        for job, _ in jobs.values():
+            job.clear_temps([names[i] for i in todo])
+        if todo:
+            tars = [src.tars[i] for i in todo]
+            _write(ShardSet(tars=tars, checksums={t: src.checksums[t] for t in tars if t in src.checksums}),
+                   [names[i] for i in todo], jobs, lacking, corruptions,
+                   severities, image_size, crop_ratio, seed, quality, frost_dir, batch_size, num_threads, workers,
+                   progress)
+        folders = []
+        for (c, s), (job, options) in jobs.items():
+            records = job.complete(names)
+            man = contract.Manifest(
+                split=src.manifest.split, classes=src.manifest.classes,
+                shards=[contract.ShardRecord(r["tar"], r["idx"], r["num_samples"], r["bytes"], r["sha256"])
+                        for r in records],
+                source={"converter": "kdkit-corrupt", "root": str(src.folder), "corruption": c, "severity": s},
+                options=options, command=command, kdkit_version=__version__)
+            atomic.write_text(job.folder / contract.SKIP_REPORT, "path\treason\n")
+            tario.atomic_write_json(job.folder / contract.MANIFEST, man.to_json())
+            folders.append(job.folder)
     return folders
 
 
-def _write(shards, names: list[str], jobs: dict, corruptions, severities, image_size, crop_ratio, seed, quality,
-           frost_dir, batch_size, num_threads, workers, progress) -> None:
+def _write(shards, names: list[str], jobs: dict, lacking: dict, corruptions, severities, image_size, crop_ratio, seed,
+           quality, frost_dir, batch_size, num_threads, workers, progress) -> None:
     """Decode `shards` once and write each of their corrupted copies that a job still lacks."""
     loader = raw_view_loader(shards, image_size, crop_ratio, batch_size, num_threads)
     order = loader.keys()
@@ -150,7 +158,7 @@ def _write(shards, names: list[str], jobs: dict, corruptions, severities, image_
     def flush(tar: Path, pool: CorruptionPool):
         name = name_of[tar]
         for c in corruptions:
-            todo = [s for s in severities if jobs[(c, s)][0].done(name) is None]
+            todo = [s for s in severities if name in lacking[(c, s)]]
             if todo:
                 jpegs = pool.map([(img, key, c, todo, seed, quality, frost_dir, True) for key, img, _ in pending])
                 for j, s in enumerate(todo):

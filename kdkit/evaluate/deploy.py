@@ -6,7 +6,9 @@ checked against PyTorch through the OpenVINO runtime, and optionally quantised t
 The output is a folder: model.xml/.bin (fp32 weights), input.json (the input spec: size, layout,
 RGB, mean/std, crop ratio, classes, the checkpoint's sha256), report.json, and with --int8
 model_int8.xml/.bin. The spec is also stored in each IR's rt_info (kdkit/spec), so an IR alone is
-enough for `kdkit predict model.xml`. The folder is built under NAME.tmp and renamed when complete.
+enough for `kdkit predict model.xml`. The folder is built under a temporary name of kdkit's own
+(`.NAME.<pid>.kdkit-tmp`, kdkit.atomic) and renamed when complete; a re-export moves the earlier one
+to `.NAME.<pid>.kdkit-old` for the moment of the swap. Nothing else beside NAME is touched.
 
 Conversion is OpenVINO's own (`openvino.convert_model` on the PyTorch module, dynamic batch);
 `--embed-preprocessing` adds OpenVINO's PrePostProcessor steps so the IR takes uint8 NHWC RGB
@@ -16,7 +18,9 @@ openvino and nncf are the optional `deploy` extra (pip install -e ".[deploy]").
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import re
 import shutil
 import warnings
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdkit import atomic
 from kdkit.errors import KdkitError
 from kdkit.evaluate.ensemble import denormalize_uint8, normalize_uint8, open_eval_set
 from kdkit.evaluate.openvino import IR, IR_INT8, REPORT, RT_KEY, SPEC, OpenVINOModel, require
@@ -191,6 +196,7 @@ def export_openvino(cfg) -> dict:
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "-openvino")
     spec = input_spec(info, cfg.crop_ratio, cfg.embed_preprocessing, Path(cfg.checkpoint))
+    tidy_leftovers(out)  # first: a killed re-export's earlier export comes back before NAME is checked
     check_output_folder(out, spec["checkpoint_sha256"])
     sets = None
     if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
@@ -208,15 +214,14 @@ def export_openvino(cfg) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = cfg.threads or torch.get_num_threads()
-    # everything is built in NAME.tmp and renamed at the end: a failure leaves nothing under NAME
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # everything is built in a temporary folder of kdkit's own and swapped in at the end: a failure leaves
+    # the earlier export (or nothing) under NAME
+    tmp = atomic.temp_path(out)
     tmp.mkdir(parents=True)
     try:
         report = _build(cfg, model, info, spec, tmp, out, threads, ov, sets)
         if out.exists():  # an earlier export of this checkpoint (check_output_folder): replaced whole
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            old = out.with_name(f".{out.name}.{os.getpid()}{OLD_TAG}")
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old)
@@ -228,10 +233,37 @@ def export_openvino(cfg) -> dict:
     return report
 
 
+OLD_TAG = ".kdkit-old"  # an earlier export being replaced: `.NAME.<pid>.kdkit-old`
+
+
+def tidy_leftovers(out: Path) -> None:
+    """What a killed export of `out` left, and only that (names only kdkit makes, of processes that are gone):
+    its temporary folder is removed; an earlier export it was replacing comes back if NAME is gone (killed
+    between the two renames of the swap), else is removed."""
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
+        pid = p.name[len(out.name) + 2:].split(".")[0]
+        if not (p.is_dir() and pid.isdigit() and p.name.endswith((atomic.TMP_TAG, OLD_TAG)) and not _alive(int(pid))):
+            continue
+        if p.name.endswith(OLD_TAG) and not out.exists():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, threads: int, ov, sets) -> dict:
     ir_model = convert_ir(model, info, spec)
     ov.save_model(ir_model, str(tmp / IR), compress_to_fp16=False)  # fp32 weights: parity within 1e-3
-    (tmp / SPEC).write_text(json.dumps(spec, indent=1) + "\n")
+    atomic.write_json(tmp / SPEC, spec)
     ir = OpenVINOModel(tmp / IR, threads)
     inputs, source = parity_inputs(cfg, info)
     report = {"checkpoint": str(cfg.checkpoint), "format": "openvino", "output": str(out),
@@ -270,7 +302,7 @@ def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, thread
             rates = time_runners(calls, cfg.batch_size, cfg.iterations, cfg.warmup)
         report["throughput"] = {"batch_size": cfg.batch_size, "iterations": cfg.iterations, "warmup": cfg.warmup,
                                 "threads": threads, **{f"{k}_img_s": v for k, v in rates.items()}}
-    (tmp / REPORT).write_text(json.dumps(report, indent=1) + "\n")
+    atomic.write_json(tmp / REPORT, report)
     return report
 
 

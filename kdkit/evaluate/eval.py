@@ -10,7 +10,6 @@ Probabilities are averaged over views, then over the checkpoints of an ensemble 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from kdkit import __version__, runtime
+from kdkit import __version__, atomic, runtime
 from kdkit.errors import KdkitError
 from kdkit.evaluate import metrics
 from kdkit.evaluate.ensemble import ensemble_probs, load_models, open_eval_set
@@ -112,7 +111,7 @@ def write_outputs(report: dict, out: Path, json_path: Path | None = None, plots:
     out.mkdir(parents=True, exist_ok=True)
     json_path = Path(json_path) if json_path else out / "metrics.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    atomic.write_json(json_path, report)
     written = [json_path]
     if plots:
         from kdkit.evaluate.plots import confusion_png, reliability_png

@@ -8,7 +8,9 @@ says, and returns `logits` (N, classes). The transform and the class list travel
 metadata (kdkit.image_size, kdkit.mean, kdkit.std, kdkit.crop_ratio, kdkit.classes) so a runtime
 can rebuild the preprocessing. Exporter: torch.export-based ("dynamo", PyTorch's default since
 2.9) first; the TorchScript-based exporter if that fails (the report says which, and why).
-EXPORT.md describes the next steps to TensorRT. `format="openvino"` writes an OpenVINO IR folder
+The report (parity, throughput, the file's sha256) is written beside the model as NAME.export.json,
+after the model is in place: a report always describes the model beside it. EXPORT.md describes the
+next steps to TensorRT. `format="openvino"` writes an OpenVINO IR folder
 instead, optionally with an NNCF int8 model (kdkit.evaluate.deploy).
 """
 from __future__ import annotations
@@ -24,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdkit import atomic
 from kdkit.errors import KdkitError
 from kdkit.evaluate.parity import check_parity, parity_inputs, time_runners
 from kdkit.models.checkpoint import ModelInfo, load_model
+from kdkit.shards.tario import sha256_file
 
 INPUT, OUTPUT = "images", "logits"
 
@@ -152,29 +156,35 @@ def export(cfg: ExportConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # written under a temporary name and renamed when complete: a failed export leaves nothing under the
-    # real name. The exporter may put the weights in NAME.data beside the graph; add_metadata embeds them
-    # in the one file, so that side file goes too.
-    tmp = out.with_name(out.name + ".tmp")
+    # built and checked under a temporary name (kdkit.atomic), then put in place with its report: a failed or
+    # interrupted export leaves the previous model and report as they were, or (interrupted between the
+    # two renames) a model without a report, never a report that describes another model. The exporter may
+    # put the weights in NAME.data beside the graph; add_metadata embeds them in the one file, so that goes too.
     try:
-        how = export_onnx(model, info.image_size, tmp, cfg.opset, cfg.exporter)
-        add_metadata(tmp, info, cfg.crop_ratio)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic.replacing(out) as tmp:
+            how = export_onnx(model, info.image_size, tmp, cfg.opset, cfg.exporter)
+            add_metadata(tmp, info, cfg.crop_ratio)
+            session = ort_session(tmp, cfg.threads or torch.get_num_threads())
+            inputs, source = parity_inputs(cfg, info)
+            report = {"checkpoint": str(cfg.checkpoint), "onnx": str(out), "bytes": tmp.stat().st_size,
+                      "sha256": sha256_file(tmp), **how,
+                      "opset": cfg.opset if how["exporter"] == "dynamo" else min(cfg.opset, 17),
+                      "model": info.to_json(),
+                      "input": {"name": INPUT, "shape": ["batch", 3, info.image_size, info.image_size]},
+                      "parity": {"inputs": source, **check_parity(model, ort_runner(session), inputs, cfg.atol)}}
+            if cfg.benchmark:
+                report["throughput"] = throughput(model, session, inputs, cfg.batch_size, cfg.iterations, cfg.warmup)
+            report_path(out).unlink(missing_ok=True)  # the old report goes before its model is replaced ...
+        atomic.write_json(report_path(out), report)  # ... and the new one comes after the new model
     finally:
-        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
-    session = ort_session(out, cfg.threads or torch.get_num_threads())
-    inputs, source = parity_inputs(cfg, info)
-    report = {"checkpoint": str(cfg.checkpoint), "onnx": str(out), "bytes": out.stat().st_size, **how,
-              "opset": cfg.opset if how["exporter"] == "dynamo" else min(cfg.opset, 17),
-              "model": info.to_json(),
-              "input": {"name": INPUT, "shape": ["batch", 3, info.image_size, info.image_size]},
-              "parity": {"inputs": source, **check_parity(model, ort_runner(session), inputs, cfg.atol)}}
-    if cfg.benchmark:
-        report["throughput"] = throughput(model, session, inputs, cfg.batch_size, cfg.iterations, cfg.warmup)
+        data = atomic.temp_path(out)
+        data.with_name(data.name + ".data").unlink(missing_ok=True)
     return report
+
+
+def report_path(onnx: Path) -> Path:
+    """The report of an ONNX export, beside it: model.onnx -> model.export.json."""
+    return Path(onnx).with_suffix(".export.json")
 
 
 def format_export(r: dict) -> str:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdkit import atomic
+
 MAX_TICK_LABELS = 40  # above this many classes, axis labels would be unreadable: none are drawn
 
 
@@ -41,8 +43,10 @@ def confusion_png(confusion: list[list[int]], names: list[str], path: Path, titl
     ax.set_ylabel("true class")
     ax.set_title(title or "confusion matrix")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def reliability_png(bins: list[dict], ece: float, path: Path, title: str = "") -> None:
@@ -66,5 +70,7 @@ def reliability_png(bins: list[dict], ece: float, path: Path, title: str = "") -
     bottom.set_xlabel("confidence (top probability)")
     bottom.set_ylabel("share")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        atomic.save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

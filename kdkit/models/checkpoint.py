@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from kdkit import atomic
 from kdkit.errors import KdkitError
 from kdkit.models.factory import create_model
 from kdkit.models.heads import apply_head, classifier_width
@@ -127,12 +128,9 @@ def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
 
 
 def save_checkpoint(path: Path | str, obj: dict) -> None:
-    """Atomic: a crash while saving never leaves a half-written file under the real name."""
-    path = Path(path)
-    obj = {"format": FORMAT, "version": VERSION, **obj}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """Atomic (kdkit.atomic): a crash or a full disk while saving leaves the previous file, and no partial one."""
+    with atomic.writing(Path(path)) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **obj}, f)
 
 
 @dataclass

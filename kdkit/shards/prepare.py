@@ -5,7 +5,8 @@ pulls in torch and costs seconds per process).
 """
 from __future__ import annotations
 
-import signal
+import os
+import stat
 
 from kdkit.errors import BadImage
 from kdkit.shards.images import ImageOptions, prepare_image
@@ -17,8 +18,7 @@ def read_ref(ref: tuple):
     sources list refs; reading them here keeps the sources free of each other)."""
     kind = ref[0]
     if kind == "file":
-        with open(ref[1], "rb") as f:
-            return f.read()
+        return read_file(ref[1])
     if kind == "tfrecord":
         from kdkit.shards.sources import tfrecord  # only where a set comes from TFRecords / HDF5
 
@@ -30,8 +30,17 @@ def read_ref(ref: tuple):
     raise ValueError(f"unknown sample ref kind {kind!r}")
 
 
-def init_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+def read_file(path: str) -> bytes:
+    """A regular file's bytes. Anything else named like an image is refused (BadImage) without waiting:
+    opening a named pipe (FIFO) blocks until a writer appears, which may be never, and a device may
+    never end (O_NONBLOCK makes the open return at once; it changes nothing for a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise BadImage(f"not a regular file but {kind}: only files are read as images")
+        return f.read()
 
 
 def process_sample(args: tuple[SourceSample, ImageOptions]) -> tuple[SourceSample, bytes | None, str | None, list]:

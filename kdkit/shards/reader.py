@@ -15,21 +15,17 @@ with Pillow until the bad one is found.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.shards import contract
-from kdkit.shards.location import BucketPath, location, open_read, version
-from kdkit.shards.tario import parse_dali_index, sha256_file
+from kdkit.shards import checksums, contract
+from kdkit.shards.location import BucketPath, location, open_read
+from kdkit.shards.tario import parse_dali_index
 from kdkit.shards.verify import find_sets, load_manifest
 
 
@@ -210,79 +206,25 @@ def reading_order(shards: ShardSet, scan: ShardScan, shard_id: int = 0, num_shar
     return flat[begin:end]
 
 
-def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -> None:
+def check_checksums(shards: ShardSet, tars: list[Path], progress: bool = True) -> list[Path]:
     """Refuse a shard whose bytes differ from the sha256 its manifest recorded, before DALI reads it.
+    Returns the tars of `tars` that no checksum vouched for (none recorded, or KDKIT_CHECKSUMS=0): the
+    loader checks their image headers instead (kdkit.shards.headers says why).
 
     Why here and not after DALI fails: DALI cannot skip a damaged image inside a pipeline; its decoders
     report most damage as an error (explain_failure then names the sample), but a JPEG damaged after
-    its shard was written was also reported to crash the process in DALI's share_outputs (a segfault;
-    not reproduced with DALI 2.4 here), and no error handler runs after a segfault. A shard changed
-    since kdkit wrote it is caught by its checksum, every time, whatever the damage. Cost: one read of
-    each shard the first time; a verified shard's (size, mtime) is cached in $KDKIT_CACHE/checked/, so
-    later runs only stat it (a shard in a bucket: its size and ETag, which every new upload changes).
-    KDKIT_CHECKSUMS=0 skips the check (e.g. a set being rewritten on purpose).
+    its shard was written can crash DALI 2.4's CPU decoder with a segfault, and no error handler runs
+    after a segfault. A shard changed since kdkit wrote it is caught by its checksum, whatever the
+    damage (the others' image headers are checked: kdkit.shards.headers). Cost and what the cache of
+    verified shards promises: kdkit.shards.checksums (one read of
+    each shard the first time, then a stat, plus 2% of the bytes re-hashed per check against silent
+    damage; KDKIT_CHECKSUMS=full re-hashes all, KDKIT_CHECKSUMS=0 skips the check).
     """
-    todo = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
-    if not todo or os.environ.get("KDKIT_CHECKSUMS") == "0":
-        return
-    from kdkit import cache_root
-
-    folder = (shards.folder or next(iter(todo)).parent).resolve()
-    cache_file = cache_root("checked") / (hashlib.sha256(str(folder).encode()).hexdigest()[:16] + ".json")
-    try:
-        seen = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        seen = {}
-
-    stats = {t: t.stat() for t in todo}
-    stamps = {t: [st.st_size, version(st), todo[t]] for t, st in stats.items()}
-    todo = {t: want for t, want in todo.items() if seen.get(str(t.resolve())) != stamps[t]}
-    if not todo:
-        return
-    checked = {str(t.resolve()) for t in todo}  # what this call adds to the cache
-    from tqdm import tqdm
-
-    # hashlib releases the GIL while it hashes, so threads hash several shards at once; the shards that
-    # match are recorded even when another differs, so a rerun hashes only what is left
-    try:
-        with tqdm(total=sum(stats[t].st_size for t in todo), unit="B", unit_scale=True, file=sys.stderr,
-                  desc="checking shard checksums (once per change)",
-                  disable=not progress or sum(stats[t].st_size for t in todo) < 1 << 30) as bar, \
-                ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            differ = []
-            for (tar, want), got in zip(todo.items(), pool.map(sha256_file, todo)):
-                if got == want:
-                    seen[str(tar.resolve())] = stamps[tar]
-                else:
-                    differ.append(tar)
-                bar.update(stats[tar].st_size)
-        if differ:
-            more = f" (and {len(differ) - 1} more shards)" if len(differ) > 1 else ""
-            raise ShardError(f"{differ[0]}{more}: its bytes differ from the checksum in its manifest (changed or "
-                             f"damaged since it was written); `kdkit verify --decode {differ[0].parent}` names the "
-                             "damaged samples; delete the shard and rerun the command that wrote it (the manifest's "
-                             "`command`: only missing shards are written again), or set KDKIT_CHECKSUMS=0 to read "
-                             "it as it is")
-    finally:
-        _record_checked(cache_file, {t: v for t, v in seen.items() if t in checked})
-
-
-def _record_checked(cache_file: Path, new: dict) -> None:
-    """Add `new` to the cache of verified shards. The ranks of one job check their own shards at the same
-    moment: each merges into what is on disk just before writing, through a temp file of its own."""
-    if not new:
-        return
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            current = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            current = {}
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**current, **new}))
-        os.replace(tmp, cache_file)
-    except OSError:  # an unwritable cache only costs the same check next time
-        pass
+    expected = {t: shards.checksums[t] for t in dict.fromkeys(tars) if t in shards.checksums}
+    differ = checksums.changed(expected, progress, "checking shard checksums")
+    if differ:
+        raise ShardError(checksums.refusal(shards.manifest, differ))
+    return [t for t in dict.fromkeys(tars) if t not in expected or checksums.mode() == "0"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,35 +12,19 @@ local scratch and uploaded whole, index first, so an object under a shard's name
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from kdkit import atomic
 from kdkit.shards import contract
-from kdkit.shards.location import BucketPath, local_side, open_read, replace
+from kdkit.shards.location import BucketPath, open_read
 
-TMP_SUFFIX = ".tmp"
+TMP_SUFFIX = ".tmp"  # kdkit's own files take temp names from kdkit.atomic; this one is for sources' caches
 
-
-def local_temp(path: Path | BucketPath) -> Path:
-    """The local file `path` is written to before it takes its name: NAME.tmp beside it, or in this
-    machine's scratch for a bucket (kdkit.shards.location.local_side)."""
-    return local_side(path.parent) / (path.name + TMP_SUFFIX)
-
-
-def atomic_write_bytes(path: Path | BucketPath, data: bytes) -> None:
-    tmp = local_temp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    replace(tmp, path)  # a rename, or one upload: the object appears whole or not at all
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"))
+# the write-to-temp-then-rename of every file kdkit writes (kdkit.atomic), under the names shard code uses
+atomic_write_bytes = atomic.write_bytes
+atomic_write_json = atomic.write_json
 
 
 def sha256_file(path: Path | BucketPath, chunk: int = 1 << 22) -> str:
@@ -104,24 +88,22 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     """Write samples ({"__key__": str, ext: bytes, ...}) to tar_path + its DALI index, atomically.
 
     Returns the shard record fields (num_samples, bytes, sha256). The tar is renamed into place last,
-    after its index, so a present tar always has its index beside it; a failure (or Ctrl-C) leaves
-    neither temp file behind.
+    after its index, so a present tar always has its index beside it; a failure (Ctrl-C, a full disk)
+    leaves no temporary file behind (kdkit.atomic).
     """
-    tmp = local_temp(tar_path)
-    try:
-        return _write_shard(tar_path, tmp, samples)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        local_temp(tar_path.with_suffix(".idx")).unlink(missing_ok=True)
-        raise
+    with atomic.replacing(tar_path) as tmp:
+        count = _write_tar(tmp, samples)
+        write_dali_index(tmp, tar_path.with_suffix(".idx"))
+        digest = sha256_file(tmp)
+        size = tmp.stat().st_size
+    return {"num_samples": count, "bytes": size, "sha256": digest}
 
 
-def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]]) -> dict:
+def _write_tar(path: Path, samples: Iterable[dict[str, bytes]]) -> int:
     import webdataset as wds  # imported here: it pulls in torch, which readers of shards don't need
 
-    idx_path = tar_path.with_suffix(".idx")
     count = 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         # mtime fixed and owner neutral: the same samples give byte-identical tars on every run. An int
         # mtime: tarfile gives a float one (0.0) a PAX header of its own, 1 KB more for every member
         writer = wds.TarWriter(f, user="kdkit", group="kdkit", mode=0o444, mtime=0, encoder=False)
@@ -135,13 +117,7 @@ def _write_shard(tar_path: Path, tmp: Path, samples: Iterable[dict[str, bytes]])
             getattr(writer.tarstream.fileobj, "__dict__", {})["closed"] = True
             raise
         writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    write_dali_index(tmp, idx_path)
-    digest = sha256_file(tmp)
-    size = tmp.stat().st_size
-    replace(tmp, tar_path, sha256=digest)  # after its index; in a bucket: whole or not at all
-    return {"num_samples": count, "bytes": size, "sha256": digest}
+    return count
 
 
 def iter_tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdkit.errors import KdkitError
-from kdkit.shards import contract, tario
+from kdkit.shards import checksums, contract, tario
 from kdkit.shards.location import location
 
 
@@ -115,6 +115,9 @@ def _check_teacher(key: str, members: dict[str, bytes], teacher: dict, where: st
         elif ext == contract.VIEWS_EXT and not (np.isfinite(arr).all() and (arr >= 0).all()
                                                 and (arr <= 1 + 1e-6).all()):
             problems.append(f"{where}: sample {key} .{ext} holds view boxes outside [0, 1]")
+        elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            problems.append(f"{where}: sample {key} .{ext} holds {'NaN' if np.isnan(arr).any() else 'infinite'} "
+                            "teacher outputs (a diverged teacher, or logits beyond float16's range)")
 
 
 def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> VerifyReport:
@@ -133,8 +136,11 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
         size = tar.stat().st_size
         if size != s.bytes:
             rep.problems.append(f"{tar}: {size} bytes, manifest says {s.bytes} (truncated or replaced)")
-        elif tario.sha256_file(tar) != s.sha256:
+        elif tario.sha256_file(tar) != s.sha256:  # always hashed: verify never trusts the readers' cache
             rep.problems.append(f"{tar}: checksum differs from the manifest (modified after writing)")
+            checksums.forget(tar)  # so that no reader trusts its cached stamps either
+        else:
+            checksums.remember(tar, s.sha256)
         keys = []
         try:
             for key, members in tario.iter_tar_samples(tar):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -34,8 +33,9 @@ from kdkit.shards import contract, tario
 from kdkit.shards.images import ImageOptions
 from kdkit.shards.location import BucketPath, location
 from kdkit.shards.resume import ShardJob, open_job
-from kdkit.shards.prepare import init_worker, process_sample
+from kdkit.shards.prepare import process_sample
 from kdkit.shards.sources.base import SourceDataset, SourceSample, SourceSplit
+from kdkit.workers import WorkerPool
 
 ESTIMATE_SAMPLES = 32  # images encoded up front to turn --shard-size-mb into samples per shard
 
@@ -95,7 +95,7 @@ def _open(folder: Path, split: SourceSplit, order: list[SourceSample], cfg: Shar
         return {"samples_per_shard": per, "num_shards": (len(order) + per - 1) // per}
 
     return open_job(folder, fingerprint(split, cfg), cfg.command, "shard set",
-                    facts={"options": cfg.output_options(), "num_samples": len(order)}, plan=plan)
+                    facts={"options": cfg.output_options(), "num_samples": len(order)}, plan=plan, part=cfg.part)
 
 
 def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConfig) -> contract.Manifest | None:
@@ -105,10 +105,18 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
     folder = out / split.name
     order = ordered_samples(split.samples, cfg.seed)
     job, plan = _open(folder, split, order, cfg)
+    with job:  # the folder's writer lock (kdkit.locks), until the split is written
+        return _write(ds, split, order, job, plan, cfg)
+
+
+def _write(ds: SourceDataset, split: SourceSplit, order: list[SourceSample], job: ShardJob, plan: dict,
+           cfg: ShardConfig) -> contract.Manifest | None:
+    folder = job.folder
     per, n_shards = plan["samples_per_shard"], plan["num_shards"]
     part_i, part_n = cfg.part
     mine = [i for i in range(n_shards) if i % part_n == part_i]
-    todo = [i for i in mine if job.done(contract.tar_name(split.name, i)) is None]
+    names = {contract.tar_name(split.name, i): i for i in mine}
+    todo = [names[n] for n in job.todo(list(names), cfg.progress)]  # missing, or damaged since written
     job.clear_temps([contract.tar_name(split.name, i) for i in todo])  # a killed run's, never a real name
     kept = len(mine) - len(todo)
     if kept and cfg.progress:
@@ -120,8 +128,8 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
     pool = None
     try:
         if cfg.workers > 1 and len(work) > 1:
-            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=init_worker)
-            results = pool.imap(process_sample, work, chunksize=8)
+            pool = WorkerPool(cfg.workers, "preparing images")
+            results = pool.imap(process_sample, work, chunksize=8, describe=lambda w: w[0].origin)
         else:
             results = map(process_sample, work)
         for i in todo:
@@ -153,7 +161,7 @@ def write_split(ds: SourceDataset, split: SourceSplit, out: Path, cfg: ShardConf
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.close()
     elapsed = time.perf_counter() - t0
     return _finish(ds, split, job, plan, cfg, written=len(work), elapsed=elapsed)
 

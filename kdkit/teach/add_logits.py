@@ -19,6 +19,7 @@ before the first image is decoded.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -26,12 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from kdkit import __version__, runtime
 from kdkit.errors import KdkitError
-from kdkit.shards import contract, tario
+from kdkit.shards import checksums, contract, tario
 from kdkit.shards.location import copy_file, location
 from kdkit.shards.resume import ShardJob, fingerprint, open_job
 from kdkit.shards.verify import find_sets, load_manifest
@@ -149,8 +151,10 @@ class _Source:
                 first = next((i for i, (a, b) in enumerate(zip(res.labels, labels)) if a != b), len(labels))
                 raise KdkitError(f"{tar}: the pipeline's sample {first} does not match the tar's (label or count "
                                  "differs); its outputs cannot be joined by key")
-            yield index, samples, {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i],
-                                                 self.cfg.topk) for i, k in enumerate(keys)}
+            with np.errstate(over="ignore"):  # float16 overflow: refused with the sample named (refuse_nonfinite)
+                encoded = {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
+                           for i, k in enumerate(keys)}
+            yield index, samples, encoded
 
     def describe(self) -> str:
         if self.h5 is not None:
@@ -161,7 +165,7 @@ class _Source:
     def block(self, split: str, fp: str, num_classes: int) -> dict:
         cfg = self.cfg
         common = {"fingerprint": fp, "num_classes": num_classes, "dtype": "float16", "topk": cfg.topk,
-                  "command": cfg.command, "kdkit_version": __version__}
+                  "command": cfg.command, "in_place": cfg.in_place, "kdkit_version": __version__}
         if self.h5 is None:
             return {**common, "source": "computed", "model": "+".join(t.info.model for t in self.teachers),
                     "checkpoint_sha256": "+".join(t.record["checkpoint_sha256"] for t in self.teachers),
@@ -182,14 +186,29 @@ class _Source:
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 
-def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict) -> dict:
+def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict, source: str) -> dict:
     """Write one shard again: its own members unchanged, plus the teacher members, and record it."""
+    refuse_nonfinite(job.folder / rec.tar, [k for k, _ in samples], outputs, source)
     payload = in_tar = 0
     for key, _ in samples:
         p, b = mem.added_bytes(key, outputs[key])
         payload, in_tar = payload + p, in_tar + b
     new = ({"__key__": k, **mem.without_teacher(m), **outputs[k]} for k, m in samples)
     return job.write(rec.tar, new, {"teacher_payload": payload, "teacher_bytes": in_tar})
+
+
+def refuse_nonfinite(tar: Path, keys: list[str], outputs: dict, source: str) -> None:
+    """Refuse teacher outputs that are not finite, as they would be stored (float16), naming the first sample:
+    a diverged teacher (NaN weights), or logits beyond float16's range (|x| > 65504 is stored as inf). A
+    student trained on them dies at its first step, far from the cause."""
+    for key in keys:
+        for ext, a in mem.decode(outputs[key]).items():
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                what = ("NaN (a diverged teacher, or damaged weights?)" if np.isnan(a).any() else
+                        "infinite: beyond float16's range (|x| > 65504), far larger than a trained classifier's "
+                        "outputs (a diverged or rescaled teacher?)")
+                raise KdkitError(f"{tar}: sample {key}: the teacher outputs (.{ext}) are {what}; nothing was written "
+                                 f"for this shard. Check the teacher ({source}), e.g. with `kdkit eval`")
 
 
 def _storage(records: list[dict], samples: int) -> dict:
@@ -203,11 +222,11 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
     """Run the pass described by cfg (see the module docstring); one report per split. Under torchrun,
     one process per rank, in one process group."""
     cfg.check()
-    with runtime.start(cfg.device, announce="kdkit add-teacher-logits") as rt:
-        return _run(cfg, rt)
+    with runtime.start(cfg.device, announce="kdkit add-teacher-logits") as rt, contextlib.ExitStack() as held:
+        return _run(cfg, rt, held)
 
 
-def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
+def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack) -> list[SplitReport]:
     sets, is_root = select_sets(cfg.shards, cfg.splits)
     rank, world = parts(cfg, rt)
     if not (cfg.teachers or cfg.import_h5):  # export only: one writer of the file
@@ -229,19 +248,24 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
     for split, folder in sets:
         man = mans[split]
         out = folder if cfg.in_place else (location(cfg.out) / split if is_root else location(cfg.out))
-        if teacher_fingerprint(out) == fp:
-            print(f"{split}: {out} already holds the outputs of this teacher pass; nothing to do", file=sys.stderr)
-            reports.append(_report(split, out, load_manifest(out), 0, len(man.shards), None))
-            done_sets.append((split, out))
-            continue
-        # rank 0 checks the destination and writes the plan; the others then find it
+        # rank 0 checks the destination and writes the plan; the others then find it. Each rank holds the
+        # lock of its own part of the output (kdkit.locks): a second pass into it is refused at once
         job = None
         if rt.is_main:
-            job = _open(out, fp, cfg, source)
+            job = _open(out, fp, cfg, source, (rank, world))
         rt.barrier()
-        job = job or _open(out, fp, cfg, source)
+        job = held.enter_context(job or _open(out, fp, cfg, source, (rank, world)))
         mine = my_shards(len(man.shards), rank, world)
-        todo = [i for i in mine if job.done(man.shards[i].tar) is None]
+        finished = teacher_fingerprint(out) == fp
+        todo = _todo(job, out, man, mine, finished, cfg.progress)
+        if cfg.in_place:  # a missing shard, or a damaged one of the finished set, was the only copy of its images
+            _refuse_lost(folder, man, [i for i in todo if finished or not (folder / man.shards[i].tar).exists()])
+        if not todo and finished:
+            print(f"{split}: {out} already holds the outputs of this teacher pass, every shard present and intact; "
+                  "nothing to do", file=sys.stderr)
+            reports.append(_report(split, out, load_manifest(out), 0, len(mine), None))
+            done_sets.append((split, out))
+            continue
         job.clear_temps([man.shards[i].tar for i in todo])
         bar = tqdm(total=sum(man.shards[i].num_samples for i in todo), unit="img", desc=f"teacher {split}",
                    disable=not cfg.progress, smoothing=0.1)
@@ -250,7 +274,7 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
             with cpu_threads(cfg, rt):
                 for i, samples, outputs in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
                     bar.set_postfix_str(man.shards[i].tar)
-                    _process_shard(job, man.shards[i], samples, outputs)
+                    _process_shard(job, man.shards[i], samples, outputs, source.describe())
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
@@ -267,6 +291,9 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
 
                     write_timm_info(location(cfg.out))
                 done_sets.append((split, out))
+            elif finished:  # shards written again into a finished set whose records are gone
+                new_man = patch_manifest(job, load_manifest(out))
+                done_sets.append((split, out))
             else:
                 print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
                       "(the last one to finish writes the manifest)", file=sys.stderr)
@@ -282,12 +309,54 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime) -> list[SplitReport]:
     return reports
 
 
-def _open(out: Path, fp: str, cfg: TeacherPassConfig, source: _Source) -> ShardJob:
+def _open(out: Path, fp: str, cfg: TeacherPassConfig, source: _Source, part: tuple[int, int]) -> ShardJob:
     # device and AMP are in the fingerprint (one set must not mix CPU and GPU logits): named when they differ
     facts = {k: source.identity.get(k) for k in ("device", "amp")}
     job, _ = open_job(out, fp, cfg.command, "teacher pass", job=STATE_JOB, staged=cfg.in_place,
-                      finished=teacher_fingerprint(out), facts=facts)
+                      finished=teacher_fingerprint(out), facts=facts, part=part)
     return job
+
+
+def _todo(job: ShardJob, out: Path, man: contract.Manifest, mine: list[int], finished: bool,
+          progress: bool) -> list[int]:
+    """This process's shards still to write. A shard deleted or damaged since it was written is written
+    again, never trusted: a finished set is checked against its manifest (its job records may be gone),
+    an unfinished one against the job's records (kdkit.shards.resume)."""
+    tars = [man.shards[i].tar for i in mine]
+    if finished:
+        want = {out / s.tar: s.sha256 for s in load_manifest(out).shards if s.tar in tars and (out / s.tar).exists()}
+        differ = checksums.changed(want, progress, "checking the shards already written")
+        redo = {t for t in tars if out / t not in want or out / t in differ}
+    else:
+        redo = set(job.todo(tars, progress))
+    return [i for i in mine if man.shards[i].tar in redo]
+
+
+def _refuse_lost(folder: Path, man: contract.Manifest, lost: list[int]) -> None:
+    """An in-place set's shard that is missing or damaged held the only copy of its images: nothing can
+    write it again from here."""
+    if lost:
+        tar = folder / man.shards[lost[0]].tar
+        more = f" (and {len(lost) - 1} more)" if len(lost) > 1 else ""
+        source = f" (`{man.command}`, into a new folder)" if man.command else ""
+        damaged = tar.exists()
+        raise KdkitError(f"{tar}{more}: {'damaged' if damaged else 'missing'}, and this set was rewritten in place, so "
+                         "that shard holds the only copy of its images; nothing was changed. "
+                         + ("Do not delete it: restore" if damaged else "Restore")
+                         + f" it from a backup, or write the set again from its source images{source} and run the "
+                         "teacher pass on that")
+
+
+def patch_manifest(job: ShardJob, man: contract.Manifest) -> contract.Manifest:
+    """A finished set's manifest with the sizes and checksums of the shards this job wrote again (the
+    others were checked against it: _todo)."""
+    shards = []
+    for s in man.shards:
+        rec = job.done(s.tar)
+        shards.append(dataclasses.replace(s, bytes=rec["bytes"], sha256=rec["sha256"]) if rec else s)
+    new = dataclasses.replace(man, shards=shards)
+    tario.atomic_write_json(job.folder / contract.MANIFEST, new.to_json())
+    return new
 
 
 def teacher_fingerprint(folder: Path) -> str | None:

@@ -32,7 +32,7 @@ from kdkit.train.losses import AugMixJsdLoss, DistillationLoss
 from kdkit.train.model import build_model, load_finetune, set_backbone_frozen
 from kdkit.train.mutual import peer_config
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
-from kdkit.train.runs import BEST, LAST, PEER_BEST, PEER_LAST, RunDir
+from kdkit.train.runs import BEST, LAST, PEER_BEST, PEER_LAST, RunDir, lock_run
 from kdkit.train.state import (check_same_train_set, loader_state, read_resume_checkpoint, restore,
                               seed_everything, train_identity)
 
@@ -121,7 +121,20 @@ def student_model(cfg: TrainConfig, data: data_mod.DataInfo, rt: Runtime, finetu
 
 
 def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Trainer:
-    """All parts of a run; start_run=False (the LR finder) neither writes a run folder nor resumes."""
+    """All parts of a run; start_run=False (the LR finder) neither writes a run folder nor resumes.
+    The run folder is locked first (rank 0): a second run there is refused before any work."""
+    lock = lock_run(cfg.run_dir) if start_run and rt.is_main else None
+    try:
+        t = _build(cfg, rt, start_run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    t.run.lock = lock  # released by t.run.close()
+    return t
+
+
+def _build(cfg: TrainConfig, rt: Runtime, start_run: bool) -> Trainer:
     if cfg.freeze_epochs and not cfg.finetune:
         raise KdkitError("--freeze-epochs freezes a loaded backbone: give --finetune CHECKPOINT")
     kd = kd_mode(cfg.kd)(cfg)

@@ -270,7 +270,9 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     """The resolved config (every field, after recipe and flags), loadable again with -c."""
     d = cfg.to_dict()
     d.pop("resume", None)  # a property of one invocation, not of the run
-    Path(path).write_text(yaml.safe_dump(d, sort_keys=False))
+    from kdkit import atomic
+
+    atomic.write_text(Path(path), yaml.safe_dump(d, sort_keys=False))
 
 
 def config_diff(old: dict, new: TrainConfig) -> dict:

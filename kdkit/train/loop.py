@@ -37,8 +37,10 @@ class TrainingDiverged(KdkitError):
 # ---------------------------------------------------------------------------------------------
 # one step
 
-def train_step(t: Trainer, batch, step: int, steps: int, mixing: bool) -> tuple[torch.Tensor, bool]:
-    """One micro-batch; returns (its loss per student, detached; whether the optimizer stepped).
+def train_step(t: Trainer, batch, step: int, steps: int,
+               mixing: bool) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """One micro-batch; returns (its loss per student, detached; whether the optimizer stepped; whether
+    its teacher targets were unusable, a device tensor read only if the loss is not finite).
 
     With the GPU backend the batch is already on the device. A CPU-backend batch feeding a GPU arrives
     in pageable memory, so its copy is synchronous; pinning it first would add a full copy on the CPU,
@@ -51,6 +53,7 @@ def train_step(t: Trainer, batch, step: int, steps: int, mixing: bool) -> tuple[
     images, target, mix = (mix_batch(images, target, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob)
                            if mixing else (images, target, NO_MIX))
     teacher = t.kd.targets(batch, images, mix)
+    bad_target = unusable_targets(teacher)
     # forward and backward; DDP syncs gradients only at the last micro-batch of an accumulation group
     group_start = step - step % cfg.grad_accum
     group_size = min(cfg.grad_accum, steps - group_start)  # the epoch's last group may be short
@@ -71,7 +74,16 @@ def train_step(t: Trainer, batch, step: int, steps: int, mixing: bool) -> tuple[
                     return s.criterion(s.net(images), target, teacher)
             t.sam.second_pass(loss_there, s.model)
         optimizer_update(t)
-    return loss.detach(), update
+    return loss.detach(), update, bad_target
+
+
+def unusable_targets(teacher) -> torch.Tensor | None:
+    """Whether a batch's teacher targets hold what no loss survives: NaN, +inf, or a row of -inf only (a
+    single -inf is top-k storage's "class left out"). A 0-dim device tensor: no sync per step."""
+    if teacher is None:
+        return None
+    x = teacher.logits
+    return torch.isnan(x).any() | torch.isposinf(x).any() | torch.isneginf(x).all(dim=-1).any()
 
 
 def student_losses(students: list[Student], logits: list[torch.Tensor], target, teacher) -> torch.Tensor:
@@ -101,9 +113,12 @@ def optimizer_update(t: Trainer) -> None:
 # ---------------------------------------------------------------------------------------------
 # one epoch
 
-def check_finite(t: Trainer, window: list[torch.Tensor], first_step: int, epoch: int, steps: int) -> None:
+def check_finite(t: Trainer, window: list[torch.Tensor], first_step: int, epoch: int, steps: int,
+                 targets: list | None = None) -> None:
     """Stop on a NaN / inf loss, naming the first bad step; checked every log_interval steps (one
-    device sync) on every rank together. Nothing is saved after it: last.pth stays the last good one."""
+    device sync) on every rank together. Nothing is saved after it: last.pth stays the last good one.
+    `targets`: per step of the window, whether its teacher targets were unusable (train_step): then the
+    message names them as the cause, instead of advising a lower learning rate."""
     if not window:
         return
     # per step, the first student's loss, or the first non-finite one among the students
@@ -115,10 +130,23 @@ def check_finite(t: Trainer, window: list[torch.Tensor], first_step: int, epoch:
         i = int(bad.nonzero()[0]) if bad.any() else 0
         where = f"epoch {epoch + 1}, step {first_step + i + 1}/{steps}" if bad.any() else f"epoch {epoch + 1} (another rank)"
         kept = t.run.path / LAST
+        cause = bad_target_step(targets, first_step, i if bad.any() else len(window) - 1)
         raise TrainingDiverged(
             f"loss is {losses[i].item() if bad.any() else 'nan'} at {where}; training stopped. "
             + (f"The last good checkpoint is kept: {kept}. " if kept.exists() else "No checkpoint was written yet. ")
-            + "Lower --lr, add warmup or --clip-grad, or use --amp bf16 instead of fp16.")
+            + (f"Cause: the teacher targets of step {cause} are not finite (NaN or inf) - {t.kd.words()}; "
+               + (f"check the stored outputs with `kdkit verify --decode {t.cfg.data}` and write them again from a "
+                  "sound teacher (a lower --lr will not help)" if t.kd.stored
+                  else "is the teacher checkpoint diverged? (a lower --lr will not help)")
+               if cause is not None else "Lower --lr, add warmup or --clip-grad, or use --amp bf16 instead of fp16."))
+
+
+def bad_target_step(targets: list | None, first_step: int, upto: int) -> int | None:
+    """The first step (1-based) up to window index `upto` whose teacher targets were unusable, if any."""
+    for j, flag in enumerate((targets or [])[:upto + 1]):
+        if flag is not None and bool(flag):
+            return first_step + j + 1
+    return None
 
 
 def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | None = None) -> dict:
@@ -141,6 +169,7 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
     bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (cfg.progress and t.rt.is_main), leave=False, dynamic_ncols=True)
     window, window_start, wait, t0 = [], start_step, 0.0, time.perf_counter()
+    targets: list = []  # per step of the window: its teacher targets were unusable (train_step)
     step = start_step - skip  # the step of the next batch the loader yields
     batches = iter(loader)
     cuda = t.rt.device.type == "cuda"
@@ -157,19 +186,20 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
         if step < start_step:  # a fresh loader after a resume: trained on before the interruption
             step += 1
             continue
-        loss, updated = train_step(t, batch, step, steps, mixing)
+        loss, updated, bad_target = train_step(t, batch, step, steps, mixing)
         window.append(loss)
+        targets.append(bad_target)
         loss_sum += loss * batch.labels.shape[0]
         sums["samples"] += int(batch.labels.shape[0])
         bar.update(1)
         last = step + 1 == steps
         if (step + 1) % cfg.log_interval == 0 or last:
-            check_finite(t, window, window_start, epoch, steps)
+            check_finite(t, window, window_start, epoch, steps, targets)
             bar.set_postfix(loss=f"{window[-1][0].item():.4f}", lr=f"{current_lr(t.student.optimizer):.3g}")
-            window, window_start = [], step + 1
+            window, window_start, targets = [], step + 1, []
         if updated and cfg.checkpoint_every and t.at.updates % cfg.checkpoint_every == 0 and not last:
-            check_finite(t, window, window_start, epoch, steps)
-            window, window_start = [], step + 1
+            check_finite(t, window, window_start, epoch, steps, targets)
+            window, window_start, targets = [], step + 1, []
             saved = {"loss": epoch_losses(sums, loss_sum), "samples": sums["samples"]}
             t.run.save(LAST, make_checkpoint(t, epoch, step + 1, {}, saved))
         step += 1
@@ -315,8 +345,10 @@ def closing_line(t: Trainer) -> str:
 
 def fit(cfg: TrainConfig) -> list[dict]:
     """Train as configured (under torchrun: one rank of a DDP run); returns the per-epoch metrics."""
-    with runtime.start(cfg.device, announce="kdkit train", deterministic=cfg.deterministic) as rt:
+    with runtime.start(cfg.device, announce="kdkit train", deterministic=cfg.deterministic) as rt, \
+            contextlib.ExitStack() as stack:
         t = build(cfg, rt)
+        stack.callback(t.run.close)  # also on an error or Ctrl-C: the run folder's lock is released
         epoch, step, sums = t.at.epoch, t.at.step, t.at.sums
         if rt.is_main:
             print(opening_line(t), flush=True)

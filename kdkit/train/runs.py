@@ -12,7 +12,9 @@
     curves.png      loss, accuracy and LR per epoch
     tb/             TensorBoard events (--tensorboard)
 
-Only rank 0 writes; on other ranks every method here does nothing.
+Only rank 0 writes; on other ranks every method here does nothing. Rank 0 holds `runs/.<name>.kdkit-lock`
+(kdkit.locks) from before it reads or writes the folder: a second run there is refused at once. The lock
+lies beside the folder, so a run refused before it starts leaves no folder behind.
 """
 from __future__ import annotations
 
@@ -22,12 +24,21 @@ from pathlib import Path
 
 import yaml
 
+from kdkit import atomic, locks
 from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import save_checkpoint
 from kdkit.train.config import TrainConfig, config_diff, save_config
 
 CONFIG, METRICS, LAST, BEST, CURVES = "config.yaml", "metrics.jsonl", "last.pth", "best.pth", "curves.png"
 PEER_LAST, PEER_BEST = "peer_last.pth", "peer_best.pth"  # mutual learning's second student (kdkit.train.mutual)
+LOCK_TAG = ".kdkit-lock"
+
+
+def lock_run(folder: Path) -> locks.Lock:
+    """The run folder's lock, taken before anything in it is read or written (kdkit.locks)."""
+    folder = Path(folder)
+    return locks.hold(folder.with_name(f".{folder.name}{LOCK_TAG}"), f"the run folder {folder}",
+                      "wait for that run to finish, or give this one another --name (or --output)")
 
 
 class RunDir:
@@ -38,6 +49,7 @@ class RunDir:
         # the clock starts with the run: a run shorter than 30 s draws its curves once, at the end, not also
         # after its first epoch (a second drawing, matplotlib's ~1 s, for every short run)
         self._plotted = time.monotonic()
+        self.lock: locks.Lock | None = None  # kdkit.train.build takes it first thing; close() releases it
 
     def start(self, cfg: TrainConfig, resuming: bool) -> None:
         """Create the folder and write config.yaml; refuse to overwrite a run that has checkpoints."""
@@ -68,15 +80,14 @@ class RunDir:
         """On resume: drop rows of epochs after the checkpoint's (written, then killed before saving)."""
         if self.is_main and (self.path / METRICS).exists():
             rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= epoch]
-            (self.path / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            atomic.write_text(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def log_epoch(self, row: dict, final: bool = False) -> None:
         """Append the epoch's row; redraw curves.png after the last epoch and at most every 30 s
         before it (drawing costs ~0.5 s, more than a whole epoch of a tiny test run)."""
         if not self.is_main:
             return
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic.append(self.path / METRICS, json.dumps(row) + "\n")  # a full disk never leaves half a row
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
@@ -97,6 +108,10 @@ class RunDir:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def plot_curves(rows: list[dict], out: Path) -> None:
@@ -134,7 +149,7 @@ def plot_curves(rows: list[dict], out: Path) -> None:
     for ax in axes:  # epochs are whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic.save_figure(fig, out, dpi=80)
+    finally:
+        plt.close(fig)
