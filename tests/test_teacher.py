@@ -598,3 +598,29 @@ def test_non_finite_teacher_outputs_are_refused_naming_the_first_sample(tiny_sha
     assert str(e.value).startswith(f"{out / first.name}: sample {key}: the teacher outputs (.logits.npy) are "), e.value
     assert ("NaN" if how == "nan" else "beyond float16's range") in str(e.value)
     assert not list(out.glob("*.tar")) and not (out / contract.MANIFEST).exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_verify_reports_non_finite_teacher_outputs_of_a_set_written_before_the_check(single, tmp_path, value):
+    """A set written before the pass refused non-finite outputs: `kdkit verify` (no --decode needed) names the
+    sample; before, it said OK and the student died at step 1."""
+    src, _ = single
+    out = tmp_path / "set"
+    shutil.copytree(src / "val", out)
+    man = json.loads((out / contract.MANIFEST).read_text())
+    rec = man["shards"][0]
+    tar = out / rec["tar"]
+    samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(tar)]
+    logits = np.load(io.BytesIO(samples[1][contract.LOGITS_EXT]))
+    logits.flat[0] = value
+    buf = io.BytesIO()
+    np.save(buf, logits)
+    samples[1][contract.LOGITS_EXT] = buf.getvalue()
+    info = tario.write_shard(tar, samples)
+    rec.update(bytes=info["bytes"], sha256=info["sha256"])  # the set as such a pass wrote it: checksums agree
+    (out / contract.MANIFEST).write_text(json.dumps(man))
+    rep = verify_set(out, progress=False)
+    assert not rep.ok and len(rep.problems) == 1, rep.problems
+    word = "NaN" if value != value else "infinite"
+    assert rep.problems[0] == (f"{tar}: sample {samples[1]['__key__']} .{contract.LOGITS_EXT} holds {word} teacher "
+                               "outputs (a diverged teacher, or logits beyond float16's range)")
