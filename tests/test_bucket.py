@@ -478,8 +478,9 @@ def test_a_second_writer_of_one_bucket_prefix_on_this_machine_is_refused_and_no_
     real, said = tario.write_shard, []
 
     def second_writer_meanwhile(path, samples):
-        if not said:  # while the first writes its first shard
-            said.append(main(argv))
+        if not said:  # while the first writes its first shard (once: without a lock the second would recurse)
+            said.append(None)
+            said[0] = main(argv)
         return real(path, samples)
 
     monkeypatch.setattr(tario, "write_shard", second_writer_meanwhile)

@@ -71,8 +71,9 @@ def test_a_second_shard_writer_into_the_same_folder_is_refused_and_the_first_fin
     real, said = tario.write_shard, []
 
     def second_writer_meanwhile(path, samples):
-        if not said:  # while the first writes its first shard
-            said.append(main(argv))
+        if not said:  # while the first writes its first shard (once: without a lock the second would recurse)
+            said.append(None)
+            said[0] = main(argv)
         return real(path, samples)
 
     monkeypatch.setattr(tario, "write_shard", second_writer_meanwhile)
@@ -126,11 +127,12 @@ def test_a_second_training_run_in_one_run_folder_is_refused_before_any_work(tiny
     real, second = loop.train_step, []
 
     def second_run_meanwhile(*a, **k):
-        if not second:  # while the first run trains its first step
+        if not second:  # while the first run trains its first step (once: a second that ran would recurse)
+            second.append(None)
             before = {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()}
             with pytest.raises(KdkitError) as e:
                 loop.fit(dataclasses.replace(cfg, lr=0.5, seed=7))
-            second.append(str(e.value))
+            second[0] = str(e.value)
             assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before
         return real(*a, **k)
 
@@ -157,10 +159,11 @@ def test_a_second_teacher_pass_into_the_same_output_is_refused(tiny_shards, tmp_
     real, second = add_logits._process_shard, []
 
     def second_pass_meanwhile(*a, **k):
-        if not second:  # while the first pass writes its first shard
+        if not second:  # while the first pass writes its first shard (once: a second that ran would recurse)
+            second.append(None)
             with pytest.raises(KdkitError) as e:
                 add_logits.add_teacher_logits(cfg)
-            second.append(str(e.value))
+            second[0] = str(e.value)
         return real(*a, **k)
 
     monkeypatch.setattr(add_logits, "_process_shard", second_pass_meanwhile)
