@@ -12,7 +12,6 @@ import fnmatch
 import functools
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,10 +132,10 @@ def _cached_row(name: str, source: str, description: str, cfg: ListingConfig) ->
         pass
     row = _row(name, source, description, cfg)
     try:
+        from kdkit import atomic
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(row)))
-        tmp.replace(path)
+        atomic.write_text(path, json.dumps(asdict(row)))
     except OSError:  # a read-only home: counted again next time
         pass
     return row
