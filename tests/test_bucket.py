@@ -457,38 +457,3 @@ def test_stock_webdataset_and_timm_read_the_bucket_set_through_pipe_urls(tmp_pat
     ds = create_dataset("wds/", root=f"{PIPE} {data}", split="train")  # timm reads _info.json, then the shards
     labels = sorted(int(target) for _, target in ds)
     assert labels == sorted(label for _, label in want.values())
-
-
-def test_a_second_writer_of_one_bucket_prefix_on_this_machine_is_refused_and_no_temp_is_left(
-        tmp_path, bucket, monkeypatch, capsys):
-    """The writer lock of a bucket set is a file in this machine's scratch for its prefix: a second
-    `kdkit shard` into the same prefix is refused at once naming the first, which writes the set as if
-    alone and leaves no temporary file in the scratch."""
-    import os
-
-    from kdkit.cli import main
-    from kdkit.shards import tario
-    from kdkit.shards.location import local_side
-
-    monkeypatch.setenv("KDKIT_SCRATCH", str(tmp_path / "scratch"))
-    root = tmp_path / "raw"
-    make_class_tree(root, per_class=4)
-    out = f"{bucket}/set"
-    argv = ["shard", "folder", str(root), out, "--quiet", "--workers", "1", "--samples-per-shard", "4"]
-    real, said = tario.write_shard, []
-
-    def second_writer_meanwhile(path, samples):
-        if not said:  # while the first writes its first shard (once: without a lock the second would recurse)
-            said.append(None)
-            said[0] = main(argv)
-        return real(path, samples)
-
-    monkeypatch.setattr(tario, "write_shard", second_writer_meanwhile)
-    assert main(argv) == 0
-    assert said == [2]
-    err = [e for e in capsys.readouterr().err.splitlines() if e.startswith("kdkit: error")]
-    assert len(err) == 1 and f"{out}/train (shard set) is being written by another process (pid {os.getpid()}" \
-        in err[0], err
-    assert main([*argv[:3], str(tmp_path / "local"), *argv[4:]]) == 0
-    assert_same_set(tmp_path / "local" / "train", f"{out}/train")
-    assert not [p for p in local_side(location(out) / "train").rglob("*") if p.name.endswith(".kdkit-tmp")]

@@ -61,12 +61,19 @@ def test_a_lock_left_by_a_killed_process_does_not_block_its_resume(tmp_path):
     locks.hold(path, "f", "wait").release()  # the kernel released it with the process
 
 
-def test_a_second_shard_writer_into_the_same_folder_is_refused_and_the_first_finishes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_a_second_shard_writer_into_the_same_folder_is_refused_and_the_first_finishes(tmp_path, monkeypatch, capsys,
+                                                                                       request, where):
     """Two `kdkit shard` runs into one folder (the repro: misleading `.tar.tmp` errors, a hang): the second
-    is refused with one line naming the first, the first writes the set as if alone."""
+    is refused with one line naming the first, the first writes the set as if alone. The lock of a bucket
+    prefix is a file in this machine's scratch for it: the same holds there, and no temp file is left."""
+    from kdkit.shards.location import local_side, location
+    from kdkit.shards.verify import verify_set
+
+    monkeypatch.setenv("KDKIT_SCRATCH", str(tmp_path / "scratch"))
     root = tmp_path / "raw"
     make_class_tree(root, per_class=4)
-    out = tmp_path / "out"
+    out = location(f"{request.getfixturevalue('bucket')}/set" if where == "bucket" else tmp_path / "out")
     argv = ["shard", "folder", str(root), str(out), "--quiet", "--workers", "1", "--samples-per-shard", "4"]
     real, said = tario.write_shard, []
 
@@ -82,9 +89,8 @@ def test_a_second_shard_writer_into_the_same_folder_is_refused_and_the_first_fin
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdkit: error:")]
     assert len(err) == 1 and f"{out / 'train'} (shard set) is being written by another process (pid {os.getpid()}" \
         in err[0] and "nothing was changed" in err[0], err
-    from kdkit.shards.verify import verify_set
-
     assert verify_set(out / "train", progress=False).ok
+    assert not [p for p in local_side(out / "train").rglob("*") if p.name.endswith(".kdkit-tmp")]
 
 
 def test_a_writer_refused_by_the_lock_leaves_a_folder_that_is_not_kdkits_untouched(tmp_path):
