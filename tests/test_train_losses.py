@@ -235,3 +235,138 @@ def test_augmix_jsd_loss_is_timms_on_the_loaders_split_major_views(smoothing):
     same = logits[:B].repeat(3, 1)
     alike = AugMixJsdLoss(smoothing)(same, one_hot_smoothed(labels, C, smoothing))
     assert alike.item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the KD terms (--kd-loss): DKD and logit standardization against the papers' formulas, by hand
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def hand_dkd(s, t, gt, T, alpha, beta):
+    """Zhao et al. 2022, eq. 1-7, one sample: b = (p_gt, 1 - p_gt), p^ = the non-target classes renormalized."""
+    p_t, p_s = softmax([v / T for v in t]), softmax([v / T for v in s])
+    tckd = kl([p_t[gt], 1 - p_t[gt]], [p_s[gt], 1 - p_s[gt]])
+    rest_t = [p / (1 - p_t[gt]) for i, p in enumerate(p_t) if i != gt]
+    rest_s = [p / (1 - p_s[gt]) for i, p in enumerate(p_s) if i != gt]
+    return T * T * (alpha * tckd + beta * kl(rest_t, rest_s)), tckd, kl(rest_t, rest_s), p_t[gt]
+
+
+def zscore(x):
+    """Sun et al. 2024: (x - mean) / std, the authors' unbiased std (n - 1) with 1e-7 added to it."""
+    m = sum(x) / len(x)
+    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+    return [(v - m) / (1e-7 + sd) for v in x]
+
+
+def term_value(name, s, t, labels, T, epoch=0, **kw):
+    from kdkit.train.losses import kd_loss_type
+
+    term = kd_loss_type(name)(**kw) if kw else kd_loss_type(name)()
+    target = one_hot_smoothed(torch.tensor(labels), len(s[0]))
+    return term(torch.tensor(s), target, TeacherTargets(torch.tensor(t)), T, epoch)
+
+
+def test_dkd_matches_the_papers_formula_and_splits_kd_as_its_equation_4():
+    s, t, gt, T = [1.0, 2.0, 0.5, -1.0], [2.0, 0.0, 1.0, 0.3], 1, 2.0
+    expected, tckd, nckd, p_gt = hand_dkd(s, t, gt, T, alpha=1.5, beta=4.0)
+    got = term_value("dkd", [s], [t], [gt], T, alpha=1.5, beta=4.0)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(1.26742, abs=1e-5)  # the number, for the record
+    # eq. 4: KD = TCKD + (1 - p_gt) * NCKD, so alpha = 1, beta = 1 - p_gt gives Hinton's KD term back
+    kd = term_value("kl", [s], [t], [gt], T)
+    assert term_value("dkd", [s], [t], [gt], T, alpha=1.0, beta=1 - p_gt).item() == pytest.approx(kd.item(), rel=1e-5)
+    assert T * T * (tckd + (1 - p_gt) * nckd) == pytest.approx(kd.item(), rel=1e-5)
+    # a batch: the mean of its samples (label smoothing leaves the target class where it was)
+    s2, t2 = [[1.0, 2.0, 0.5, -1.0], [0.0, 0.2, 3.0, 1.0]], [[2.0, 0.0, 1.0, 0.3], [0.5, 0.1, 2.5, 2.0]]
+    both = term_value("dkd", s2, t2, [1, 2], 4.0)
+    hand = [hand_dkd(a, b, g, 4.0, 1.0, 8.0)[0] for a, b, g in zip(s2, t2, [1, 2])]
+    assert both.item() == pytest.approx(sum(hand) / 2, rel=1e-5)
+
+
+def test_dkd_warmup_ramps_in_per_epoch_as_mdistiller():
+    s, t = [[1.0, 2.0, 0.5]], [[2.0, 0.0, 1.0]]
+    full = term_value("dkd", s, t, [0], 4.0, warmup=0).item()
+    ramp = [term_value("dkd", s, t, [0], 4.0, epoch=e, warmup=4).item() / full for e in range(6)]
+    assert ramp == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rel=1e-6)  # min(epoch / 4, 1), epochs from 1
+    loss = DistillationLoss(4.0, 0.5, term=__import__("kdkit.train.losses", fromlist=["DKD"]).DKD(warmup=4))
+    target = one_hot_smoothed(torch.tensor([0]), 3)
+    first = loss(torch.tensor(s), target, TeacherTargets(torch.tensor(t)))
+    loss.set_epoch(3)  # the trainer sets it at the start of every epoch
+    later = loss(torch.tensor(s), target, TeacherTargets(torch.tensor(t)))
+    hard = soft_target_ce(torch.tensor(s), target).item()
+    assert first.item() == pytest.approx(0.5 * hard + 0.5 * full / 4, rel=1e-5)
+    assert later.item() == pytest.approx(0.5 * hard + 0.5 * full, rel=1e-5)
+
+
+def test_logit_standardization_is_the_z_score_then_kl_or_dkd_at_the_base_temperature():
+    s, t, T = [1.0, 2.0, 0.5, -1.0], [6.0, 0.0, 3.0, 1.0], 2.0
+    zs, zt = zscore(s), zscore(t)
+    assert zt == pytest.approx([1.3229, -0.9449, 0.1890, -0.5669], abs=1e-4)  # mean 2.5, std sqrt(21 / 3)
+    expected = T * T * kl(softmax([v / T for v in zt]), softmax([v / T for v in zs]))
+    assert term_value("kl-ls", [s], [t], [0], T).item() == pytest.approx(expected, rel=1e-5)
+    # invariant to the teacher's scale and shift: only the logits' relations are distilled
+    scaled = [[3 * v + 7 for v in t]]
+    assert term_value("kl-ls", [s], scaled, [0], T).item() == pytest.approx(expected, rel=1e-5)
+    assert term_value("kl", [s], scaled, [0], T).item() != pytest.approx(term_value("kl", [s], [t], [0], T).item())
+    # DKD on the z-scores
+    assert term_value("dkd-ls", [s], [t], [2], T, alpha=1.0, beta=2.0).item() == pytest.approx(
+        hand_dkd(zs, zt, 2, T, 1.0, 2.0)[0], rel=1e-5)
+
+
+def test_dkd_on_top_k_targets_reads_the_missing_classes_as_probability_zero():
+    from kdkit.train.losses import kd_loss_type
+
+    s, T = torch.tensor([[1.0, 2.0, 0.5], [0.3, 1.0, -0.5]], requires_grad=True), 2.0
+    # top-2 renormalized: sample 0 left its target class (1) out, sample 1 stored only its target class and one other
+    dense = dense_logits_from_topk(torch.tensor([[3.0, 1.0], [2.0, 0.5]]), torch.tensor([[0, 2], [1, 0]]), 3)
+    loss = kd_loss_type("dkd")()(s, one_hot_smoothed(torch.tensor([1, 1]), 3), TeacherTargets(dense), T, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    p_s = [softmax([v / T for v in row]) for row in s.tolist()]
+    # sample 0: b_t = (0, 1), so TCKD = -log(1 - p_s[1]); NCKD compares the two stored non-target classes
+    tckd0 = -math.log(1 - p_s[0][1])
+    nckd0 = kl(softmax([1.5, 0.5]), [p_s[0][0] / (1 - p_s[0][1]), p_s[0][2] / (1 - p_s[0][1])])
+    # sample 1: class 2 has probability 0 in the teacher, so NCKD puts all of the non-target mass on class 0
+    p_t1 = softmax([2.0 / T, 0.5 / T])  # the stored classes (1, 0)
+    tckd1 = kl([p_t1[0], p_t1[1]], [p_s[1][1], 1 - p_s[1][1]])
+    nckd1 = -math.log(p_s[1][0] / (1 - p_s[1][1]))
+    assert loss.item() == pytest.approx(T * T * ((tckd0 + 8 * nckd0) + (tckd1 + 8 * nckd1)) / 2, rel=1e-5)
+    # a teacher sure of the target class alone (top-1 = the label): no non-target distribution, NCKD adds 0
+    only = dense_logits_from_topk(torch.tensor([[3.0]]), torch.tensor([[1]]), 3)
+    one = kd_loss_type("dkd")()(s[:1], one_hot_smoothed(torch.tensor([1]), 3), TeacherTargets(only), T, 0)
+    assert one.item() == pytest.approx(T * T * -math.log(p_s[0][1]), rel=1e-5)
+
+
+def test_standardized_mixed_and_peer_targets_are_each_distribution_standardized_on_its_own():
+    from kdkit.train.mutual import PeerTargets
+
+    torch.manual_seed(0)
+    logits, peer = torch.randn(4, 5) * 3, torch.randn(4, 5)
+    z = [torch.tensor([zscore(row) for row in x.tolist()]) for x in (logits, peer)]
+    p = MixParams("mixup", 0.3)
+    mixed = TeacherTargets(logits, p)
+    want = [(zz / 2.0).softmax(-1) for zz in z]
+    assert torch.allclose(mixed.probs(2.0, standardize=True), 0.3 * want[0] + 0.7 * want[0].flip(0), atol=1e-6)
+    assert torch.allclose(mixed.log_probs(2.0).exp(), mixed.probs(2.0), atol=1e-6)
+    assert torch.allclose(mixed.probs(2.0), 0.3 * teacher_probs(logits, 2.0) + 0.7 * teacher_probs(logits, 2.0).flip(0),
+                          atol=1e-6)
+    both = PeerTargets(peer, TeacherTargets(logits))
+    assert torch.allclose(both.probs(2.0, standardize=True), (want[0] + want[1]) / 2, atol=1e-6)
+    assert torch.allclose(PeerTargets(peer).probs(2.0, True), want[1], atol=1e-6)
+
+
+def test_kd_loss_is_chosen_by_one_option_and_refuses_dkd_with_mixing():
+    from kdkit.errors import OptionError
+    from kdkit.train.build import criterion
+    from kdkit.train.losses import DKDStandardized
+
+    loss = criterion(TrainConfig(kd="stored", kd_loss="dkd-ls", dkd_alpha=2.0, dkd_beta=0.5, dkd_warmup=3))
+    assert isinstance(loss.term, DKDStandardized) and (loss.term.alpha, loss.term.beta, loss.term.warmup) == (2.0, 0.5, 3)
+    assert type(criterion(TrainConfig(kd="stored")).term).__name__ == "KL"  # Hinton's, the default
+    with pytest.raises(OptionError, match=r"kd_loss=dkd: DKD separates the target class .* --mixup 0 --cutmix 0"):
+        TrainConfig(kd="stored", kd_loss="dkd", mixup=0.2)
+    with pytest.raises(OptionError, match="kd_loss='hint'"):
+        TrainConfig(kd="stored", kd_loss="hint")
+    TrainConfig(kd="stored", kd_loss="kl-ls", cutmix=1.0)  # the KL terms mix as the images do

@@ -28,7 +28,7 @@ from kdkit.runtime import Runtime
 from kdkit.train import data as data_mod
 from kdkit.train.config import TrainConfig
 from kdkit.train.kd import KD, kd_mode
-from kdkit.train.losses import AugMixJsdLoss, DistillationLoss
+from kdkit.train.losses import AugMixJsdLoss, DistillationLoss, kd_loss_type
 from kdkit.train.model import build_model, load_finetune, set_backbone_frozen
 from kdkit.train.mutual import peer_config
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
@@ -102,10 +102,12 @@ def autocast(cfg: TrainConfig, rt: Runtime):
 
 
 def criterion(cfg: TrainConfig) -> DistillationLoss | AugMixJsdLoss:
-    """The loss of a step: AugMix's JSD loss over the loader's three views, else hard-label CE + KD."""
+    """The loss of a step: AugMix's JSD loss over the loader's three views, else hard-label CE + the KD term
+    (--kd-loss)."""
     if cfg.augmix_jsd:
         return AugMixJsdLoss(cfg.label_smoothing)
-    return DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None, cfg.am_margin)
+    return DistillationLoss(cfg.kd_temperature, cfg.kd_alpha, cfg.am_scale if cfg.am_softmax else None, cfg.am_margin,
+                            kd_loss_type(cfg.kd_loss).from_config(cfg))
 
 
 def student_model(cfg: TrainConfig, data: data_mod.DataInfo, rt: Runtime, finetune: bool) -> torch.nn.Module:

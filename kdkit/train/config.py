@@ -24,6 +24,7 @@ from kdkit.pipelines.options import Augment, Backend, CenterCrop, Output, Random
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 KD_MODES = ("none", "stored", "replay", "online")  # kdkit.train.kd.KD_MODES: the objects they name
+KD_LOSSES = ("kl", "kl-ls", "dkd", "dkd-ls")  # kdkit.train.losses.KD_LOSSES: the KD terms they name
 TOPK_TARGETS = ("renormalize", "marginal")  # how top-k teacher outputs become targets (kd.dense_logits_from_topk)
 SCHEDULES = ("cosine", "step", "multistep", "plateau", "linear", "exp", "constant", "none")
 
@@ -78,8 +79,17 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
                               "the mass left is spread evenly over the other classes (needs top-k written as "
                               "log-probabilities, as add-teacher-logits --topk does). Full logits: unused", KD,
                               choices=TOPK_TARGETS)
+    kd_loss: str = option("kl", "the KD term: kl (Hinton et al.), dkd (decoupled KD, Zhao et al. 2022: target class "
+                                "and non-target classes weighted apart), kl-ls / dkd-ls (the same on standardized, "
+                                "z-scored logits, Sun et al. 2024; T is then their base temperature)", KD,
+                          choices=KD_LOSSES)
     kd_temperature: float = option(4.0, "KD temperature T", KD, low=0, above=True)
     kd_alpha: float = option(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", KD, low=0, high=1)
+    dkd_alpha: float = option(1.0, "dkd: weight of TCKD, the target class against the rest", KD, low=0)
+    dkd_beta: float = option(8.0, "dkd: weight of NCKD, the distribution over the non-target classes (the authors: "
+                                  "8 on CIFAR-100, 0.5 on ImageNet)", KD, low=0)
+    dkd_warmup: int = option(0, "dkd: epochs over which the DKD term ramps in linearly (the authors: 20 of 240 on "
+                                "CIFAR-100; 0 = none)", KD, low=0)
     teacher_model: str | None = option(None, "online KD: teacher model name (default: from the checkpoint)", KD)
     teacher_checkpoint: str | None = option(None, "online KD: teacher checkpoint (also checks class counts)", KD)
     checkpoint_ema: bool = option(True, "use the EMA weights of --teacher-checkpoint and --finetune where they have "
@@ -161,10 +171,11 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
     def refusals(self) -> list[tuple[bool, str]]:
         """The combinations no run can train: the augmentations' own, the KD mode's, and the trainer's."""
         from kdkit.train.kd import kd_mode
+        from kdkit.train.losses import kd_loss_type
 
         decays = self.sched in ("linear", "exp")  # from --lr in the first epoch after warmup to --min-lr in the last
         jsd = "augmix_jsd=True: "
-        return Augment.refusals(self) + kd_mode(self.kd).refusals(self) + [
+        return Augment.refusals(self) + kd_mode(self.kd).refusals(self) + kd_loss_type(self.kd_loss).refusals(self) + [
             (decays and self.epochs - self.warmup_epochs < 2,
              f"sched={self.sched}: decays over the epochs after warmup, expected epochs >= warmup_epochs + 2 "
              f"(got epochs={self.epochs}, warmup_epochs={self.warmup_epochs})"),

@@ -27,12 +27,28 @@ from kdkit.errors import KdkitError
 from kdkit.models.checkpoint import check_classes, load_model
 from kdkit.options import option_fields
 from kdkit.shards import contract
-from kdkit.train.mix import MixParams, mix_targets
+from kdkit.train.mix import MixParams, mix_log_targets
 
 
 def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(t / T) in float32 (stored logits are float16); -inf logits get probability 0."""
     return F.softmax(teacher_logits.float() / temperature, dim=-1)
+
+
+def standardized(logits: torch.Tensor) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row's z-score, (z - mean) / (1e-7 + std), in
+    float32. As the authors' code (sunshangquan/logit-standardization-KD, `normalize`): the unbiased
+    standard deviation (torch's default), 1e-7 added to it, not to the variance. Rows must be finite:
+    top-k storage renormalized (-inf for the classes left out) has no mean or spread, and is refused
+    before training (kdkit.train.kd.Stored.check_data)."""
+    x = logits.float()
+    return (x - x.mean(-1, keepdim=True)) / (1e-7 + x.std(-1, keepdim=True))
+
+
+def log_softmax_at(logits: torch.Tensor, temperature: float, standardize: bool = False) -> torch.Tensor:
+    """log softmax(z / T) in float32, z the logits or, with `standardize`, their z-scores."""
+    z = standardized(logits) if standardize else logits.float()
+    return F.log_softmax(z / temperature, dim=-1)
 
 
 def dense_logits_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int,
@@ -86,10 +102,15 @@ class TeacherTargets:
     logits: torch.Tensor  # (B, C) float32; -inf where top-k storage left a class out
     mix: MixParams | None = None
 
-    def probs(self, temperature: float) -> torch.Tensor:
-        """softmax(logits / T), mixed as the images were; -inf logits get probability 0."""
-        p = teacher_probs(self.logits, temperature)
-        return mix_targets(p, self.mix) if self.mix is not None else p
+    def log_probs(self, temperature: float, standardize: bool = False) -> torch.Tensor:
+        """log softmax(logits / T) (of the logits' z-scores with `standardize`: logit standardization,
+        each sample's logits before mixing), mixed as the images were; -inf logits stay -inf."""
+        lp = log_softmax_at(self.logits, temperature, standardize)
+        return mix_log_targets(lp, self.mix) if self.mix is not None else lp
+
+    def probs(self, temperature: float, standardize: bool = False) -> torch.Tensor:
+        """The distribution of log_probs: -inf logits get probability 0."""
+        return self.log_probs(temperature, standardize).exp()
 
 
 class KD:
@@ -173,11 +194,20 @@ class Stored(KD):
             raise KdkitError(f"--topk-target marginal: {where} stores top-k raw logits, which do not say how much mass "
                              "the other classes hold; write the top-k again with this kdkit's `kdkit add-teacher-logits "
                              "--topk` (log-probabilities), or use --topk-target renormalize")
+        if L == contract.TOPK_VALUES_EXT and self.cfg.topk_target == "renormalize" and self.standardizes():
+            raise KdkitError(f"--kd-loss {self.cfg.kd_loss}: standardizing needs every class's logit, and {where} stores "
+                             "top-k renormalized (the other classes at -inf); use --topk-target marginal (they share the "
+                             "mass the k classes leave), or --kd-loss kl / dkd")
         # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
         width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
         if width != num_classes or block.get("num_classes", width) != width:
             raise KdkitError(f"class counts disagree: {where} stores teacher logits over {width} classes, the shards "
                              f"and model have {num_classes}")
+
+    def standardizes(self) -> bool:
+        from kdkit.train.losses import kd_loss_type
+
+        return kd_loss_type(self.cfg.kd_loss).standardize
 
     def check_views(self, where: str, with_views: int, total: int, logits_dims: int) -> None:
         if logits_dims != 1:
@@ -264,4 +294,4 @@ def kd_mode(name: str) -> type[KD]:
 
 
 __all__ = ["KD", "KD_MODES", "Online", "Replay", "Stored", "TeacherTargets", "build_teacher", "dense_logits_from_topk",
-           "kd_mode", "teacher_probs"]
+           "kd_mode", "log_softmax_at", "standardized", "teacher_probs"]

@@ -158,6 +158,7 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
         set_frozen(t, epoch < cfg.freeze_epochs)
     for s in t.students:
         s.model.train()
+        s.criterion.set_epoch(epoch)  # terms that ramp in over epochs (DKD's warmup)
     if t.frozen:
         set_backbone_frozen(t.student.model, True)
     mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and not (cfg.mix_off_epoch and epoch >= cfg.mix_off_epoch)
@@ -322,11 +323,14 @@ def opening_line(t: Trainer) -> str:
 
 
 def what_trains(t: Trainer) -> str:
-    """The KD mode's words, and mutual learning's peer."""
+    """The KD mode's words, mutual learning's peer, and the KD term of a run that has one."""
+    term = getattr(t.student.criterion, "term", None)
+    loss = f" ({term.words})" if term is not None and (t.kd.distills or len(t.students) > 1) else ""
     for peer in t.students[1:]:
         head = " with the AM-softmax head" if peer.cfg.am_softmax else ""
-        return f"mutual learning with {peer.cfg.model}{head}" + (f" and {t.kd.words()}" if t.kd.distills else "")
-    return t.kd.words()
+        return (f"mutual learning with {peer.cfg.model}{head}" + (f" and {t.kd.words()}" if t.kd.distills else "")
+                + loss)
+    return t.kd.words() + loss
 
 
 def closing_line(t: Trainer) -> str:

@@ -16,6 +16,7 @@ An online teacher (kd=online) is run on the mixed images themselves and needs no
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,15 @@ def mix_targets(target: torch.Tensor | None, p: MixParams) -> torch.Tensor | Non
     if target is None or p.kind == "none":
         return target
     return target * p.lam + target.flip(0) * (1.0 - p.lam)
+
+
+def mix_log_targets(log_target: torch.Tensor, p: MixParams) -> torch.Tensor:
+    """mix_targets in log space: log(lam * exp(a_i) + (1 - lam) * exp(a_{B-1-i})), without leaving it
+    (a distribution's log-probabilities stay exact where its probabilities would underflow)."""
+    if p.kind == "none":
+        return log_target
+    own, other = (math.log(w) if w > 0 else -math.inf for w in (p.lam, 1.0 - p.lam))
+    return torch.logaddexp(log_target + own, log_target.flip(0) + other)
 
 
 def mix_batch(images: torch.Tensor, target: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,

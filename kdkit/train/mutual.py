@@ -24,13 +24,14 @@ optimizer and schedule state ride in last.pth's train_state, so the pair resumes
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kdkit.errors import KdkitError
 from kdkit.train.config import TrainConfig
-from kdkit.train.kd import teacher_probs
+from kdkit.train.kd import log_softmax_at
 from kdkit.train.optim import load_scheduler_state, scheduler_state
 
 
@@ -47,9 +48,16 @@ class PeerTargets:
     peer_logits: torch.Tensor
     teacher: object | None = None  # kdkit.train.kd.TeacherTargets
 
-    def probs(self, temperature: float) -> torch.Tensor:
-        peer = teacher_probs(self.peer_logits.detach(), temperature)
-        return peer if self.teacher is None else (peer + self.teacher.probs(temperature)) / 2
+    def log_probs(self, temperature: float, standardize: bool = False) -> torch.Tensor:
+        """log of the peer's softmax at T (of its z-scored logits with `standardize`), or of the mean
+        of the peer's and the teacher's distributions, each standardized on its own."""
+        peer = log_softmax_at(self.peer_logits.detach(), temperature, standardize)
+        if self.teacher is None:
+            return peer
+        return torch.logaddexp(peer, self.teacher.log_probs(temperature, standardize)) - math.log(2.0)
+
+    def probs(self, temperature: float, standardize: bool = False) -> torch.Tensor:
+        return self.log_probs(temperature, standardize).exp()
 
 
 def mutual_losses(logits: list[torch.Tensor], target: torch.Tensor, criteria: list, teacher=None) -> torch.Tensor:
