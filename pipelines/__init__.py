@@ -18,7 +18,7 @@ import importlib
 # what `from kdkit.pipelines import X` finds, and the module holding it: imported on first use, so that
 # kdkit.pipelines.options (the loader's options, no DALI) imports where DALI is not installed
 _EXPORTS = {
-    "IMAGE_EXT": "common", "LABEL_EXT": "common", "LOGITS_EXT": "common", "VIEWS_EXT": "common",
+    "IMAGE_EXT": "common", "LABEL_EXT": "common", "TEACHER_EXT": "common",
     "VIEW_FIELDS": "common", "Backend": "options", "Output": "options", "Reading": "options",
     "Batch": "config", "ViewsBatch": "config", "LoaderConfig": "config", "loader_config": "config",
     "roles": "config", "eval_loader": "loader", "Role": "config", "Eval": "eval", "DaliLoader": "loader",

@@ -21,8 +21,7 @@ if TYPE_CHECKING:
 # --- sample members the pipelines read: the shard contract's names, re-exported -------------------
 IMAGE_EXT = contract.IMAGE_EXT
 LABEL_EXT = contract.LABEL_EXT
-LOGITS_EXT = contract.LOGITS_EXT  # float16 (C,), or (K, C) with one row per stored view
-VIEWS_EXT = contract.VIEWS_EXT  # float32 (K, 5): x, y, w, h (relative to the decoded image), flip
+TEACHER_EXT = contract.TEACHER_EXT  # the packed teacher outputs: values[, class indices][, view boxes]
 VIEW_FIELDS = contract.VIEW_FIELDS
 
 READER_NAME = "Reader"  # what the iterator asks for the epoch size (reader_name=)
@@ -64,40 +63,43 @@ def parse_label(cls):
     return fn.cast(label, dtype=types.INT64)
 
 
-def decode_npy(raw):
-    """A stored .npy member (teacher logits, view boxes) as the array it holds, in-graph."""
-    return fn.decoders.numpy(raw)
+_DALI_TYPES = {"<f2": types.FLOAT16, "<u2": types.UINT16, "<i4": types.INT32}
 
 
-def teacher_exts(kind) -> list[str]:
-    """Members holding the teacher outputs: full logits (kind "full" or True), top-k values + class
-    indices (kind "topk"), or none (False / None)."""
-    if not kind:
+def unpack_teacher(raw, layout) -> dict:
+    """The packed teacher member (raw bytes) split into its arrays in-graph, by the set's layout
+    (contract.teacher_layout: fixed byte offsets and shapes): a byte slice each, reinterpreted as its
+    type. Values stay float16; class indices and boxes become INT32 (graph arithmetic, torch)."""
+    out = {}
+    for part in layout:
+        node = fn.reinterpret(raw[part.offset:part.offset + part.nbytes], dtype=_DALI_TYPES[part.dtype],
+                              shape=list(part.shape))
+        out[part.name] = node if part.name == "values" else fn.cast(node, dtype=types.INT32)
+    return out
+
+
+def teacher_exts(layout) -> list[str]:
+    """The member holding the teacher outputs, when they are read (a layout), else none (False / None)."""
+    return [TEACHER_EXT] if layout else []
+
+
+def teacher_names(layout) -> list[str]:
+    """The iterator's names of the teacher outputs: full logits, or top-k values + class indices."""
+    if not layout:
         return []
-    if kind == "topk":
-        return [contract.TOPK_VALUES_EXT, contract.TOPK_INDICES_EXT]
-    return [LOGITS_EXT]
+    if any(p.name == "indices" for p in layout):
+        return ["teacher_topk_values", "teacher_topk_indices"]
+    return ["teacher_logits"]
 
 
-TEACHER_OUTPUTS = {contract.LOGITS_EXT: "teacher_logits", contract.TOPK_VALUES_EXT: "teacher_topk_values",
-                   contract.TOPK_INDICES_EXT: "teacher_topk_indices"}  # member -> iterator output name
+def teacher_outputs(teacher: dict, backend: Backend) -> tuple:
+    """The teacher's values (and top-k class indices) of unpack_teacher's arrays, as graph outputs."""
+    return tuple(backend.to_output(teacher[name]) for name in ("values", "indices") if name in teacher)
 
 
-def teacher_names(kind) -> list[str]:
-    return [TEACHER_OUTPUTS[e] for e in teacher_exts(kind)]
-
-
-def teacher_outputs(members: list, backend: Backend, row=None) -> tuple:
-    """The teacher members decoded in-graph (row `row` of each, for one of K stored views)."""
-    outs = [decode_npy(m) for m in members]
-    if row is not None:
-        outs = [o[row] for o in outs]
-    return tuple(backend.to_output(o) for o in outs)
-
-
-def teacher_batch(d: dict, kind):
+def teacher_batch(d: dict, layout):
     """The teacher outputs of one iterator dict: logits, (top-k values, class indices), or None."""
-    if kind == "topk":  # top-k storage: (values, class indices); see kdkit.train.losses
+    if "teacher_topk_values" in d:  # top-k storage: (values, class indices); see kdkit.train.kd
         return d["teacher_topk_values"], d["teacher_topk_indices"]
     return d.get("teacher_logits")
 

@@ -37,7 +37,7 @@ class Batch(NamedTuple):
 class ViewsBatch(NamedTuple):
     center: torch.Tensor  # (B, C, H, W)
     views: torch.Tensor  # (B, K, C, H, W)
-    boxes: torch.Tensor  # (B, K, 5) float32: x, y, w, h, flip
+    boxes: torch.Tensor  # (B, K, 5) int32 pixels of the decoded image: x, y, w, h, flip
     labels: torch.Tensor
 
 
@@ -65,8 +65,9 @@ class Role:
     def check_shards(self, shards) -> None:
         """Refuse a shard set this role's options cannot read (an OptionError naming the option)."""
 
-    def graph(self, members: list, teacher_members: list, output: Output, backend: Backend) -> tuple:
-        """The role's DALI outputs from the reader's members (inside a pipeline definition)."""
+    def graph(self, members: list, teacher: dict, output: Output, backend: Backend) -> tuple:
+        """The role's DALI outputs from the reader's members and the teacher outputs' arrays (values[,
+        indices][, boxes]: common.unpack_teacher; empty when not read), inside a pipeline definition."""
         raise NotImplementedError
 
     def output_names(self, teacher_kind) -> list[str]:

@@ -108,11 +108,11 @@ class Eval(CenterCrop, Role):
     def __post_init__(self):
         check_options(self)
 
-    def graph(self, members, teacher_members, output, backend):
+    def graph(self, members, teacher, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         images = eval_views(decode_eval(jpegs, backend), view_list(self.views), self.crop_ratio, output, native_op)
-        return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher_members, backend))
+        return (images, backend.to_output(common.parse_label(cls)), *common.teacher_outputs(teacher, backend))
 
     def resizer(self, backend):
         """Ten-crop keeps one fn.resize and ten crops of it: faster than ten windows through the

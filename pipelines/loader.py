@@ -38,7 +38,7 @@ from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, Role, loader_config
 from kdkit.pipelines.eval import Eval
 from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
-                                      scan_shards, shard_range, teacher_format)
+                                      scan_shards, shard_range, teacher_format, teacher_layout)
 from kdkit.runtime import rank_and_world
 from kdkit.shards.headers import check_headers
 
@@ -50,7 +50,8 @@ def role_pipeline(shards, cfg: LoaderConfig, shard_id: int, num_shards: int, tea
     own = role.members()
     members = common.read_shards(shards, own + common.teacher_exts(teacher_kind), cfg.reading, shard_id, num_shards,
                                  shuffle=role.shuffles and cfg.reading.shuffle)
-    return role.graph(members[:len(own)], members[len(own):], cfg.output, cfg.backend)
+    teacher = common.unpack_teacher(members[len(own)], teacher_kind) if teacher_kind else {}
+    return role.graph(members[:len(own)], teacher, cfg.output, cfg.backend)
 
 
 def device_id(cfg: LoaderConfig) -> int | None:
@@ -77,25 +78,25 @@ def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int
                          enable_conditionals=cfg.role.conditionals(), **extra)
 
 
-def _scan(role: Role, cfg: LoaderConfig, shards) -> tuple[ShardScan, bool | str]:
-    """Check the shards and decide which teacher outputs are read: False (none), "full" (the
-    .logits.npy member) or "topk" (.topk_logits.npy values + .topk_idx.npy class indices).
+def _scan(role: Role, cfg: LoaderConfig, shards) -> tuple[ShardScan, tuple | bool]:
+    """Check the shards and decide whether the teacher outputs are read: False, or the packed member's
+    layout (contract.teacher_layout, from the set's manifest) that the graph splits it by.
 
-    Logits are read when asked for (Reading.teacher_logits=True, or a role that needs them) or,
-    with teacher_logits=None, when every sample holds them. Full logits win when a set holds both;
-    top-k is read when the set holds top-k only (`kdkit add-teacher-logits --topk`).
+    They are read when asked for (Reading.teacher_logits=True, or a role that needs them) or, with
+    teacher_logits=None, when every sample holds them. A set written in the layout before the packed
+    member is refused where its outputs would be read, naming the command that converts it.
     """
     wanted = cfg.reading.teacher_logits if cfg.reading.teacher_logits is not None else role.logits
     if role.logits is False:
         wanted = False
-    kind = teacher_format(shards) or "full"  # "full" when none: a missing-member error names .logits.npy
-    held = common.teacher_exts(kind)[0]
-    # asked for: every sample must hold them (or, with missing="skip", those that don't are left out)
-    required = role.members() + common.teacher_exts(kind if wanted else False)
-    scan = scan_shards(shards, required, probe=[held], missing=cfg.reading.missing)
-    if wanted is None:
-        return scan, (kind if scan.present[held] == sum(len(k) for k in scan.keys) else False)
-    return scan, (kind if wanted else False)
+    if wanted is not False and teacher_format(shards) == "legacy":
+        teacher_layout(shards)  # refuses it, naming the conversion
+    required = role.members() + common.teacher_exts(wanted)
+    scan = scan_shards(shards, required, probe=[common.TEACHER_EXT], missing=cfg.reading.missing)
+    held = scan.present[common.TEACHER_EXT] == sum(len(k) for k in scan.keys)
+    if wanted is False or (wanted is None and not held):
+        return scan, False
+    return scan, teacher_layout(shards)
 
 
 class DaliLoader:

@@ -1,12 +1,12 @@
 """Replay pipeline: the student's training input is one of the K views the teacher saw, cut from
 the same crop box and flipped the same way, with that view's stored logits.
 
-Per sample, in-graph: read the stored (K, 5) view boxes, draw which N of them this load uses (N =
-`views_per_load`, 1 by default), turn their relative boxes back into the integer pixel boxes the
-teacher used (round(x * width), with the width from fn.peek_image_shape, EXIF orientation applied as
-the decoder applies it), decode only the region they cover (fn.decoders.image_slice: ROI decode; for
-one view, that view's box), cut, resize, mirror by each row's flag, and pick the same rows of the
-stored logits. Cropping before resizing on the same pixel grid makes the student's view equal to the
+Per sample, in-graph: split the packed teacher member into its stored (K, 5) integer pixel boxes
+and values (common.unpack_teacher), draw which N of the views this load uses (N = `views_per_load`,
+1 by default), decode only the region they cover (fn.decoders.image_slice: ROI decode; for one view,
+that view's box), cut, resize, mirror by each row's flag, and pick the same rows of the stored
+logits. The boxes are the teacher's pixels of the decoded image (EXIF orientation applied, as
+fn.peek_image_shape reports it), kept inside the image here so a crafted box cannot reach outside. Cropping before resizing on the same pixel grid makes the student's view equal to the
 teacher's up to nothing but the decoder (tested against a full decode cut in numpy).
 
 Several views per decoded image (`views_per_load=N`, FKD's trick: decoding is the costly step, so
@@ -44,7 +44,7 @@ from kdkit.pipelines import common
 from kdkit.pipelines.config import Role
 from kdkit.pipelines.options import Augment, StoredViews
 from kdkit.pipelines.resize import resized_view
-from kdkit.shards.reader import first_member
+from kdkit.shards.reader import teacher_layout
 from kdkit.pipelines.train import jitter_ranges, train_views
 
 if TYPE_CHECKING:
@@ -68,14 +68,11 @@ def take_rows(stored, rows, n: int):
 
 
 def pixel_boxes(views, shape):
-    """Rows (x, y, w, h, flip) relative -> integer (x, y) anchors and (w, h) sizes, INT32 (n, 2) each,
-    inside the image: round(x * width) as the teacher pass stored them (pipelines.teacher_views)."""
-    h_max, w_max = fn.cast(shape[0], dtype=types.INT32), fn.cast(shape[1], dtype=types.INT32)
-    limit = fn.stack(w_max, h_max)
-    extent = fn.cast(fn.stack(w_max, h_max, w_max, h_max), dtype=types.FLOAT)
-    px = fn.cast(dmath.floor(views[:, 0:4] * extent + 0.5), dtype=types.INT32)
-    anchor = dmath.clamp(px[:, 0:2], 0, limit - 1)
-    return anchor, dmath.max(dmath.min(px[:, 2:4], limit - anchor), 1)
+    """Rows (x, y, w, h, flip) INT32 pixels -> (x, y) anchors and (w, h) sizes, INT32 (n, 2) each, inside
+    the image (pipelines.teacher_views drew them there; a crafted box is clamped, not read outside)."""
+    limit = fn.stack(fn.cast(shape[1], dtype=types.INT32), fn.cast(shape[0], dtype=types.INT32))
+    anchor = dmath.clamp(views[:, 0:2], 0, limit - 1)
+    return anchor, dmath.max(dmath.min(views[:, 2:4], limit - anchor), 1)
 
 
 def cut_views(jpegs, views, backend: Backend):
@@ -105,7 +102,7 @@ def replay_views(jpegs, views, augment: Augment, output: Output, backend: Backen
     no operator, an augment policy) fn.slice + train_views per view."""
     n = augment.views_per_load
     region, boxes = cut_views(jpegs, views, backend)
-    flips = views[:, 4:5]
+    flips = fn.cast(views[:, 4:5], dtype=types.FLOAT)
     if augment.resizer(backend) == "kdkit_resize_normalize":
         columns = [fn.cast(boxes, dtype=types.FLOAT), flips]
         if augment.color_jitter or augment.hue:
@@ -136,27 +133,25 @@ class Replay(Augment, StoredViews, Role):
         return Augment.refusals(self) + self.replay_refusals()
 
     def check_shards(self, shards) -> None:
-        """N <= K, the stored views per sample (the manifest's teacher block, else the first sample)."""
-        if self.views_per_load == 1:
-            return
-        block = (shards.manifest.teacher or {}) if shards.manifest else {}
-        k = block.get("views") or first_member(shards, common.VIEWS_EXT).shape[0]
+        """Stored views to replay, and N <= K, the stored views per sample (the teacher block's layout)."""
+        boxes = [p for p in teacher_layout(shards) if p.name == "boxes"]
+        if not boxes:
+            raise OptionError(f"{shards.folder or 'the shard set'} stores single-view teacher outputs (no view boxes) "
+                              "to replay; use kd=stored, or write multi-view outputs (add-teacher-logits --views K)")
+        k = boxes[0].shape[0]
         if self.views_per_load > k:
             raise OptionError(f"views_per_load={self.views_per_load}: expected 1..{k}: {shards.folder or 'the shard set'} "
                               f"stores {k} views per sample, more per load would repeat views")
 
-    def members(self):
-        return [common.IMAGE_EXT, common.LABEL_EXT, common.VIEWS_EXT]
-
-    def graph(self, members, teacher_members, output, backend):
-        jpegs, cls, stored = members
+    def graph(self, members, teacher, output, backend):
+        jpegs, cls = members
         n = self.views_per_load
-        views = common.decode_npy(stored)
+        views = teacher["boxes"]
         rows = view_rows(views, n)
         images = replay_views(jpegs, take_rows(views, rows, n), self, output, backend)
-        logits = [take_rows(common.decode_npy(m), rows, n) for m in teacher_members]
+        chosen = {name: take_rows(teacher[name], rows, n) for name in ("values", "indices") if name in teacher}
         labels = backend.to_output(common.parse_label(cls))
-        return (images, labels, *(backend.to_output(t) for t in logits), backend.to_output(rows))
+        return (images, labels, *common.teacher_outputs(chosen, backend), backend.to_output(rows))
 
     def batch(self, outputs, teacher_kind, channels_last):
         """B samples of N views each -> B x N training images, sample by sample; labels repeated."""

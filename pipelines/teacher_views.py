@@ -8,9 +8,9 @@ the same boxes on every rerun (tested). DALI's random operators keep one generat
 in the batch, so changing the batch size changes the boxes; the boxes are stored next to the
 logits anyway, which is what makes them authoritative, not the seed.
 
-Boxes are computed on the decoded image's integer pixel grid (fn.random_crop_generator on the
-shape fn.peek_image_shape reports, EXIF orientation applied as the decoder applies it) and stored
-relative to it; converting back with round(x * width) gives the same integers again.
+Boxes are the integer pixel boxes of the decoded image (fn.random_crop_generator on the shape
+fn.peek_image_shape reports, EXIF orientation applied as the decoder applies it): x, y, w, h and the
+flip, as the packed teacher member stores them, so replay cuts exactly these pixels again.
 """
 from __future__ import annotations
 
@@ -30,19 +30,17 @@ if TYPE_CHECKING:
     from kdkit.pipelines.config import Output
 
 
-def _as_float(node):
-    return fn.cast(node, dtype=types.FLOAT)
+def _as_int(node):
+    return fn.cast(node, dtype=types.INT32)
 
 
 def random_view(full, shape, crop: RandomCrop, output: Output, native_op: bool):
-    """One random-resized crop of the decoded image: (normalized view, (5,) box x, y, w, h, flip)."""
-    height, width = _as_float(shape[0]), _as_float(shape[1])
+    """One random-resized crop of the decoded image: (normalized view, (5,) INT32 pixel box x, y, w, h, flip)."""
     anchor, size = fn.random_crop_generator(  # (y, x) and (h, w): the order of the shape given
         shape[0:2], random_area=list(crop.random_area), random_aspect_ratio=list(crop.random_aspect_ratio))
     flip = fn.random.coin_flip(probability=0.5 if crop.flip else 0.0, dtype=types.INT32)
     view = resized_view(fn.slice(full, anchor, size, axes=[0, 1]), output, native_op, mirror=flip)
-    box = fn.stack(_as_float(anchor[1]) / width, _as_float(anchor[0]) / height,
-                   _as_float(size[1]) / width, _as_float(size[0]) / height, _as_float(flip))
+    box = fn.stack(_as_int(anchor[1]), _as_int(anchor[0]), _as_int(size[1]), _as_int(size[0]), flip)
     return view, box
 
 
@@ -59,7 +57,7 @@ class TeacherViews(RandomCrop, CenterCrop, Role):
     def __post_init__(self):
         check_options(self)
 
-    def graph(self, members, teacher_members, output, backend):
+    def graph(self, members, teacher, output, backend):
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         shape = fn.peek_image_shape(jpegs)

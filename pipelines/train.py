@@ -163,10 +163,10 @@ class Train(Augment, RandomCrop, Role):
     def __post_init__(self):
         check_options(self)
 
-    def graph(self, members, teacher_members, output, backend):
+    def graph(self, members, teacher, output, backend):
         jpegs, cls = members
         crops, mirror = decode_train(jpegs, self, backend), common.random_flip(self.flip)
-        labels, logits = backend.to_output(common.parse_label(cls)), common.teacher_outputs(teacher_members, backend)
+        labels, logits = backend.to_output(common.parse_label(cls)), common.teacher_outputs(teacher, backend)
         if self.augmix_jsd:
             clean, *augmixed = jsd_views(crops, self, output, mirror)
             return (clean, labels, *logits, *augmixed)

@@ -43,13 +43,13 @@ def write_set(folder: Path, samples: list[dict], per_shard: int) -> int:
     return set_bytes(folder)
 
 
-def teacher_members(rng, views: int | None, classes: int, topk: int | None) -> dict[str, bytes]:
+def teacher_members(rng, views: int | None, classes: int, topk: int | None, size=(700, 525)) -> dict[str, bytes]:
     logits = rng.normal(0, 2, (views or 1, classes)).astype(np.float32)
     boxes = None
-    if views:
-        wh = rng.uniform(0.3, 1.0, (views, 2))
-        xy = rng.uniform(0, 1, (views, 2)) * (1 - wh)
-        boxes = np.concatenate([xy, wh, rng.integers(0, 2, (views, 1))], axis=1).astype(np.float32)
+    if views:  # integer pixel boxes inside a size[0] x size[1] image, as the teacher pass draws them
+        wh = (rng.uniform(0.3, 1.0, (views, 2)) * size).astype(np.int64)
+        xy = (rng.uniform(0, 1, (views, 2)) * (np.array(size) - wh)).astype(np.int64)
+        boxes = np.concatenate([xy, wh, rng.integers(0, 2, (views, 1))], axis=1)
     return mem.encode(logits if views else logits[0], boxes, topk)
 
 
@@ -90,7 +90,7 @@ def main(argv=None) -> list[dict]:
     shutil.rmtree(work / "base")
     print(f"{a.images} JPEGs of {jpeg / 1024:.0f} KB on average ({a.classes} classes); the set without teacher "
           f"outputs: {base_bytes / a.images / 1024:.1f} KB per sample (tars + DALI indexes)\n")
-    print("| views | storage | .npy bytes per sample | in the tar (headers, 512-byte padding) | on disk "
+    print("| views | storage | member bytes per sample | in the tar (headers, 512-byte padding) | on disk "
           "(tars + indexes) | share of the set |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:

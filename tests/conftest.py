@@ -39,6 +39,38 @@ def jpeg_bytes(rng: np.random.Generator, h: int = 40, w: int = 52, quality: int 
     return out.getvalue()
 
 
+def teacher_member(values, indices=None, boxes=None, num_classes: int = 4) -> dict[str, bytes]:
+    """A sample's packed teacher member (kdkit.teach.members.pack) from its arrays."""
+    from kdkit.shards import contract
+    from kdkit.teach.members import pack
+
+    return {contract.TEACHER_EXT: pack(np.asarray(values, np.float16), indices, boxes, num_classes)}
+
+
+def write_manifest(folder: Path, split: str, num_classes: int, teacher: dict | None = None) -> Path:
+    """A manifest.json for tars written by hand in `folder` (every .tar, in name order), with a teacher
+    block whose layout is the packed member's for its num_classes / topk / views (as the teacher pass
+    writes it): what readers take the layout of the .teacher member from."""
+    import json
+
+    from kdkit.shards import contract, tario
+    from kdkit.teach import members
+
+    shards = []
+    for tar in sorted(folder.glob("*.tar")):
+        n = len(tario.parse_dali_index(tar.with_suffix(".idx")))
+        shards.append(contract.ShardRecord(tar.name, tar.with_suffix(".idx").name, n, tar.stat().st_size,
+                                           tario.sha256_file(tar)))
+    classes = [contract.ClassInfo(i, f"c{i}") for i in range(num_classes)]
+    man = contract.Manifest(split, classes, shards, {}, {}, "hand-made", "test")
+    if teacher is not None:
+        block = {"num_classes": num_classes, "topk": None, "views": None, "dtype": "float16", **teacher}
+        layout = contract.teacher_layout(num_classes, block["topk"], block["views"])
+        man.teacher = {**block, "members": members.member_names(), "layout": members.layout_json(layout)}
+    (folder / contract.MANIFEST).write_text(json.dumps(man.to_json()))
+    return folder / contract.MANIFEST
+
+
 def make_class_tree(root: Path, classes=CLASSES, per_class: int = 6, seed: int = 0, size=(40, 52),
                     splits=("train",)) -> dict[str, dict[str, tuple[bytes, int]]]:
     """root/<split>/<class>/<class>_<i>.jpg; returns {split: {relpath: (bytes, label)}}."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, teacher_member, write_manifest
 from kdkit.errors import OptionError
 from kdkit.shards import contract, tario
 from kdkit.pipelines import common
@@ -30,20 +30,19 @@ def cfg(role: str = "train", **kw) -> LoaderConfig:
     return loader_config(role, **{**base, **kw})
 
 
-def write_set(folder: Path, samples: list[dict], per_shard: int = 8) -> list[Path]:
+def write_set(folder: Path, samples: list[dict], per_shard: int = 8, teacher: dict | None = None,
+              num_classes: int = 4) -> list[Path]:
+    """Tars written by hand; with `teacher` (the teacher block's topk / views) a manifest beside them
+    whose layout says how the packed .teacher members are split."""
     folder.mkdir(parents=True, exist_ok=True)
     tars = []
     for i in range(0, len(samples), per_shard):
         tar = folder / contract.tar_name("s", i // per_shard)
         tario.write_shard(tar, samples[i:i + per_shard])
         tars.append(tar)
+    if teacher is not None:
+        write_manifest(folder, "s", num_classes, teacher)
     return tars
-
-
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
 
 
 def make_samples(n: int = 23, seed: int = 3) -> list[dict]:
@@ -237,22 +236,27 @@ def test_teacher_views_are_reproducible(indexed):
     for x, y in zip(a, b):
         assert torch.equal(x.boxes, y.boxes) and torch.equal(x.views, y.views) and torch.equal(x.labels, y.labels)
     assert not torch.equal(a[0].boxes, other[0].boxes)
-    boxes = torch.cat([x.boxes for x in a]).reshape(-1, 5)
-    assert boxes.shape == (23 * 3, 5) and (boxes[:, :4] >= 0).all()
-    assert (boxes[:, 0] + boxes[:, 2] <= 1 + 1e-6).all() and (boxes[:, 1] + boxes[:, 3] <= 1 + 1e-6).all()
-    assert set(boxes[:, 4].tolist()) == {0.0, 1.0}
+    boxes = torch.cat([x.boxes for x in a]).reshape(-1, 5)  # integer pixels of the 64 x 48 images
+    assert boxes.shape == (23 * 3, 5) and boxes.dtype == torch.int32 and (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2:4] >= 1).all() and (boxes[:, 0] + boxes[:, 2] <= W).all() and (boxes[:, 1] + boxes[:, 3] <= H).all()
+    assert set(boxes[:, 4].tolist()) == {0, 1}
 
 
 def with_views(samples, views_of, num_classes: int = 4) -> list[dict]:
-    """Samples plus stored views (K, 5) and logits (K, num_classes) whose row k is [id, k, 0, ...]."""
+    """Samples plus stored pixel boxes (K, 5) and logits (K, num_classes) whose row k is [id, k, 0, ...],
+    packed into the .teacher member."""
     out = []
     for s in samples:
         i = int(s["cls"])
-        views = np.asarray(views_of(i), np.float32)
+        views = np.asarray(views_of(i), np.int64)
         logits = np.zeros((len(views), num_classes), np.float16)
         logits[:, 0], logits[:, 1] = i, np.arange(len(views))
-        out.append({**s, common.VIEWS_EXT: npy(views), common.LOGITS_EXT: npy(logits)})
+        out.append({**s, **teacher_member(logits, None, views, num_classes)})
     return out
+
+
+def write_views(folder: Path, samples, views_of, k: int) -> list[Path]:
+    return write_set(folder, with_views(samples, views_of), teacher={"views": k})
 
 
 def test_replay_cuts_exactly_the_stored_box(indexed, tmp_path):
@@ -260,8 +264,7 @@ def test_replay_cuts_exactly_the_stored_box(indexed, tmp_path):
     # pixel boxes (x, y) of size 24 x 24, one mirrored: no resize at image_size=24, so the output
     # must be the decoded pixels themselves
     pixel = [(0, 0, 0), (40, 24, 1), (17, 9, 0)]
-    stored = with_views(samples, lambda i: [(x / W, y / H, 24 / W, 24 / H, f) for x, y, f in pixel])
-    tars = write_set(tmp_path, stored)
+    tars = write_views(tmp_path, samples, lambda i: [(x, y, 24, 24, f) for x, y, f in pixel], 3)
     c = cfg("replay", image_size=24, layout="HWC", batch_size=8, last_batch="partial", **RAW)
     loader = DaliLoader(tars, c)
     chosen = Counter()
@@ -280,7 +283,7 @@ def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
     teacher = [b for b in DaliLoader(tars, cfg("teacher_views", batch_size=8, num_views=3, **RAW))]
     views = {i: v for b in teacher for i, v in zip(b.labels.tolist(), b.views)}
     boxes = {i: v.numpy() for b in teacher for i, v in zip(b.labels.tolist(), b.boxes)}
-    replay = DaliLoader(write_set(tmp_path, with_views(samples, boxes.__getitem__)),
+    replay = DaliLoader(write_views(tmp_path, samples, boxes.__getitem__, 3),
                         cfg("replay", batch_size=8, last_batch="partial", **RAW))
     n = 0
     for images, labels, _ in replay:
@@ -290,7 +293,7 @@ def test_replay_reproduces_the_teacher_views(indexed, tmp_path):
     assert n == 23
 
 
-BOXES = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0), (0.33, 0.17, 0.6, 0.8, 1.0)]
+BOXES = [(0, 0, 64, 48, 0), (13, 10, 32, 24, 1), (6, 0, 45, 43, 0), (21, 8, 38, 38, 1)]  # pixels of the 64 x 48 images
 
 
 def replay_views(loader) -> dict:
@@ -306,7 +309,7 @@ def replay_views(loader) -> dict:
 @pytest.mark.parametrize("native_resize", [True, False])  # one operator call for N boxes | fn.slice + resize each
 def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp_path, native_resize):
     _, samples = indexed
-    tars = write_set(tmp_path / "all", with_views(samples, lambda i: BOXES))
+    tars = write_views(tmp_path / "all", samples, lambda i: BOXES, 4)
     loader = DaliLoader(tars, cfg("replay", batch_size=4, last_batch="partial", views_per_load=3,
                                   native_resize=native_resize, **RAW))
     batch = next(iter(loader))
@@ -318,7 +321,7 @@ def test_views_per_load_cuts_the_one_view_replay_of_each_stored_box(indexed, tmp
     got = replay_views(DaliLoader(tars, loader.cfg))
     assert len(got) == 23 * 3
     for k, box in enumerate(BOXES):  # the one-view route on a set storing only view k
-        single = DaliLoader(write_set(tmp_path / f"v{k}", with_views(samples, lambda i: [box])),
+        single = DaliLoader(write_views(tmp_path / f"v{k}", samples, lambda i: [box], 1),
                             cfg("replay", batch_size=4, last_batch="partial", native_resize=native_resize, **RAW))
         for images, labels, _ in single:
             for img, i in zip(images, labels.tolist()):
@@ -331,7 +334,7 @@ def test_views_per_load_jitters_each_view_on_its_own(indexed, tmp_path, native_r
     # two stored views with the same box and flip: without jitter the two views of a load are equal,
     # with colour jitter each draws its own factors (on both routes)
     _, samples = indexed
-    tars = write_set(tmp_path, with_views(samples, lambda i: [BOXES[1], BOXES[1]]))
+    tars = write_views(tmp_path, samples, lambda i: [BOXES[1], BOXES[1]], 2)
 
     def pairs(**kw):
         c = cfg("replay", batch_size=4, views_per_load=2, image_size=16, native_resize=native_resize, **kw)
@@ -344,7 +347,7 @@ def test_views_per_load_jitters_each_view_on_its_own(indexed, tmp_path, native_r
 
 def test_views_per_load_draws_distinct_views_and_resumes_the_same_draw(indexed, tmp_path):
     _, samples = indexed
-    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES))
+    tars = write_views(tmp_path, samples, lambda i: BOXES, 4)
     c = cfg("replay", batch_size=4, views_per_load=4, image_size=8, seed=3)
     loader = DaliLoader(tars, c, checkpointing=True)
     first = []
@@ -367,7 +370,7 @@ def test_views_per_load_draws_distinct_views_and_resumes_the_same_draw(indexed, 
 
 def test_views_per_load_beyond_the_stored_views_is_refused(indexed, tmp_path):
     _, samples = indexed
-    tars = write_set(tmp_path, with_views(samples, lambda i: BOXES[:2]))
+    tars = write_views(tmp_path, samples, lambda i: BOXES[:2], 2)
     with pytest.raises(OptionError, match=r"views_per_load=3: expected 1\.\.2: .* stores 2 views per sample"):
         DaliLoader(tars, cfg("replay", views_per_load=3))
     with pytest.raises(OptionError, match="views_per_load=0: expected an integer >= 1"):
@@ -376,9 +379,9 @@ def test_views_per_load_beyond_the_stored_views_is_refused(indexed, tmp_path):
 
 def test_views_per_load_yields_each_views_topk_row(indexed, tmp_path):
     _, samples = indexed
-    stored = [{**s, common.VIEWS_EXT: npy(np.asarray(BOXES[:3], np.float32)), **topk_members(int(s["cls"]), rows=3)}
-              for s in samples]
-    loader = DaliLoader(write_set(tmp_path, stored), cfg("replay", batch_size=4, views_per_load=2, image_size=16))
+    stored = [{**s, **topk_members(int(s["cls"]), rows=3, boxes=BOXES[:3])} for s in samples]
+    loader = DaliLoader(write_set(tmp_path, stored, teacher={"topk": 2, "views": 3}),
+                        cfg("replay", batch_size=4, views_per_load=2, image_size=16))
     for images, labels, (values, idx) in loader:
         assert images.shape[0] == values.shape[0] == idx.shape[0] == len(labels) == 8
         assert values[:, 0].tolist() == labels.tolist() and idx[:, 1].eq(3).all()
@@ -390,27 +393,28 @@ def test_views_per_load_yields_each_views_topk_row(indexed, tmp_path):
 
 def test_logits_are_read_when_every_sample_has_them(indexed, tmp_path):
     _, samples = indexed
-    tars = write_set(tmp_path, [{**s, common.LOGITS_EXT: npy(np.full(5, int(s["cls"]), np.float16))} for s in samples])
+    tars = write_set(tmp_path, [{**s, **teacher_member(np.full(5, int(s["cls"])), num_classes=5)} for s in samples],
+                     teacher={}, num_classes=5)
     images, labels, logits = next(iter(DaliLoader(tars, cfg(shuffle=False))))
     assert logits.shape == (4, 5) and logits.dtype == torch.float16
     assert logits[:, 0].tolist() == labels.tolist()
 
 
-def topk_members(i: int, rows: int | None = None) -> dict:
-    """Top-2 storage as `add-teacher-logits --topk 2` writes it: values (k,) float16 + int32 class
-    indices, or (K, k) per stored view; values [i, k] and indices [i % 4, 3] identify sample and row."""
+def topk_members(i: int, rows: int | None = None, boxes=None) -> dict:
+    """Top-2 storage as `add-teacher-logits --topk 2` writes it: values (k,) float16 + class indices, or
+    (K, k) per stored view (with their boxes); values [i, k] and indices [i % 4, 3] identify sample and row."""
     shape = (2,) if rows is None else (rows, 2)
     values = np.zeros(shape, np.float16)
     idx = np.zeros(shape, np.int32)
     values[..., 0], idx[..., 0], idx[..., 1] = i, i % 4, 3
     if rows is not None:
         values[:, 1] = np.arange(rows)
-    return {contract.TOPK_VALUES_EXT: npy(values), contract.TOPK_INDICES_EXT: npy(idx)}
+    return teacher_member(values, idx, None if boxes is None else np.asarray(boxes), 4)
 
 
 def test_topk_teacher_outputs_are_read_as_values_and_indices(indexed, tmp_path):
     _, samples = indexed
-    tars = write_set(tmp_path, [{**s, **topk_members(int(s["cls"]))} for s in samples])
+    tars = write_set(tmp_path, [{**s, **topk_members(int(s["cls"]))} for s in samples], teacher={"topk": 2})
     seen = 0
     for _, labels, teacher in DaliLoader(tars, cfg(shuffle=False, last_batch="partial")):
         values, idx = teacher  # read because every sample holds them, like full logits
@@ -422,10 +426,9 @@ def test_topk_teacher_outputs_are_read_as_values_and_indices(indexed, tmp_path):
 
 def test_replay_picks_the_chosen_views_topk_row(indexed, tmp_path):
     _, samples = indexed
-    box = [(0.0, 0.0, 1.0, 1.0, 0.0), (0.2, 0.2, 0.5, 0.5, 1.0), (0.1, 0.0, 0.7, 0.9, 0.0)]
-    stored = [{**s, common.VIEWS_EXT: npy(np.asarray(box, np.float32)), **topk_members(int(s["cls"]), rows=3)}
-              for s in samples]
-    loader = DaliLoader(write_set(tmp_path, stored), cfg("replay", batch_size=8, last_batch="partial", image_size=16))
+    stored = [{**s, **topk_members(int(s["cls"]), rows=3, boxes=BOXES[:3])} for s in samples]
+    loader = DaliLoader(write_set(tmp_path, stored, teacher={"topk": 2, "views": 3}),
+                        cfg("replay", batch_size=8, last_batch="partial", image_size=16))
     for _, labels, (values, idx) in loader:
         assert values.shape == (len(labels), 2) and idx[:, 1].eq(3).all()
         assert values[:, 0].tolist() == labels.tolist()
@@ -435,10 +438,10 @@ def test_replay_picks_the_chosen_views_topk_row(indexed, tmp_path):
 @pytest.mark.timeout(60)
 def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_path):
     _, samples = indexed
-    mixed = [{**s, common.LOGITS_EXT: npy(np.zeros(5, np.float16))} if i % 2 else s for i, s in enumerate(samples)]
-    tars = write_set(tmp_path, mixed)
+    mixed = [{**s, **teacher_member(np.zeros(5), num_classes=5)} if i % 2 else s for i, s in enumerate(samples)]
+    tars = write_set(tmp_path, mixed, teacher={}, num_classes=5)
     assert next(iter(DaliLoader(tars, cfg()))).teacher_logits is None  # not every sample: not yielded
-    with pytest.raises(ShardError, match=r"s-000000\.tar: sample s000 has no \.logits\.npy member"):
+    with pytest.raises(ShardError, match=r"s-000000\.tar: sample s000 has no \.teacher member"):
         DaliLoader(tars, cfg(teacher_logits=True))
     loader = DaliLoader(tars, cfg(teacher_logits=True, missing="skip", last_batch="partial", shuffle=False))
     assert loader.skipped == 12 and loader.num_samples == 11
@@ -446,7 +449,7 @@ def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_
     # straight into DALI (no pre-check): its "underful sample" error is translated to the key
     shards = resolve_shards(tars)
     with pytest.raises(RuntimeError) as err:
-        build_pipeline(cfg("eval"), shards, teacher_kind="full").build()
+        build_pipeline(cfg("eval"), shards, teacher_kind=contract.teacher_layout(5, None, None)).build()
     assert "s-000000.tar: sample s000" in str(explain_failure(err.value, shards, None, "jpg", 0, 1))
 
 
@@ -518,7 +521,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(tiny_shards, role, extra):
     # GPU operators, CPU-side arguments, outputs moved with .gpu()
     with warnings.catch_warnings(record=True):  # DALI's auto_aug: deprecated aliases, forced to show
         pipe = build_pipeline(cfg(role, device="gpu", device_id=0, **extra), resolve_shards(tiny_shards),
-                              teacher_kind="full" if role == "replay" else False)
+                              teacher_kind=contract.teacher_layout(3, None, 4) if role == "replay" else False)
     assert pipe.device_id == 0
 
 
@@ -536,7 +539,7 @@ def test_gpu_outputs_are_on_the_device(tiny_shards, role):
 @gpu
 def test_gpu_replay_matches_cpu_replay_geometry(indexed, tmp_path):
     _, samples = indexed
-    tars = write_set(tmp_path, with_views(samples, lambda i: [(0.25, 0.25, 0.5, 0.5, 1)]))
+    tars = write_views(tmp_path, samples, lambda i: [(16, 12, 32, 24, 1)], 1)
     c = dict(shuffle=False, last_batch="partial", batch_size=8, **RAW)
     on_cpu = next(iter(DaliLoader(tars, cfg("replay", **c)))).images
     on_gpu = next(iter(DaliLoader(tars, cfg("replay", device="gpu", **c)))).images.cpu()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kdkit.demo import LOSS_SETTINGS
 from kdkit.options import COUNT, FRACTION, POSITIVE, HelpFormatter, integer, number
 
 
@@ -22,7 +23,8 @@ def add_parser(sub) -> None:
                                 test_size=a.test_size, teacher_epochs=a.teacher_epochs,
                                 student_epochs=a.student_epochs, threads=a.threads, holdout=a.holdout,
                                 random_area=a.random_area and tuple(a.random_area), kd_temperature=a.kd_temperature,
-                                kd_alpha=a.kd_alpha, views_per_load=a.views_per_load)
+                                kd_alpha=a.kd_alpha, views_per_load=a.views_per_load,
+                                losses=a.losses and tuple(dict.fromkeys(a.losses)))
         Demo(cfg).run()
         return 0
 
@@ -56,6 +58,10 @@ def add_parser(sub) -> None:
     p.add_argument("--views-per-load", type=COUNT, default=None,
                    help="replayed rows: N stored views per decoded image (kdkit train --views-per-load), trained "
                         "for E/N epochs of B/N samples, the same training images as every other row (default: 1)")
+    p.add_argument("--losses", nargs="+", default=None, metavar="LOSS", choices=list(LOSS_SETTINGS),
+                   help="KD terms (kdkit train --kd-loss) of the replayed and online rows, one row each, with the "
+                        f"settings chosen on held-out images (docs/demo.md); of {', '.join(LOSS_SETTINGS)} "
+                        "(default: kl)")
     p.add_argument("--teacher-epochs", type=COUNT, default=None)
     p.add_argument("--student-epochs", type=COUNT, default=None)
     p.add_argument("--threads", type=COUNT, default=2, help="DALI threads")

@@ -5,13 +5,32 @@ import json
 import statistics
 from pathlib import Path
 
+def loss_words(loss: str) -> str:
+    from kdkit.train.losses import kd_loss_type
+
+    return kd_loss_type(loss).words
+
+
+def split_way(way: str) -> tuple[str, str]:
+    """(row, KD term) of a way name: `kd-replay4-dkd` -> (`kd-replay4`, `dkd`); kl rows have no suffix."""
+    from kdkit.train.config import KD_LOSSES
+
+    for loss in sorted(KD_LOSSES, key=len, reverse=True):
+        if way.endswith("-" + loss):
+            return way[:-len(loss) - 1], loss
+    return way, "kl"
+
+
 def label(way: str) -> str:
-    """The table's name of a row: no-kd, kd-stored, kd-replay<K>, kd-online."""
-    if way.startswith("kd-replay"):
-        return f"student, KD from replayed {way[len('kd-replay'):]}-view logits"
-    return {"no-kd": "student, labels only (no KD)",
-            "kd-stored": "student, KD from stored single-view (centre) logits",
-            "kd-online": "student, KD from an online teacher on its crop (consistent upper bound)"}[way]
+    """The table's name of a row: no-kd, kd-stored, kd-replay<K>, kd-online, and the last two with a loss."""
+    row, loss = split_way(way)
+    if row.startswith("kd-replay"):
+        text = f"student, KD from replayed {row[len('kd-replay'):]}-view logits"
+    else:
+        text = {"no-kd": "student, labels only (no KD)",
+                "kd-stored": "student, KD from stored single-view (centre) logits",
+                "kd-online": "student, KD from an online teacher on its crop (consistent upper bound)"}[row]
+    return text + (f", {loss_words(loss)}" if loss != "kl" else "")
 
 
 def count(x: float) -> str:
@@ -89,20 +108,25 @@ def verdict(summary: dict, seeds: int) -> list[str]:
             msg += f"; within the spread of {seeds} seeds, so not a clear difference"
         lines.append(msg + ".")
     stored = students["kd-stored"]
-    replays = [w for w in students if w.startswith("kd-replay")]
+    replays = [w for w in students if w.startswith("kd-replay") and split_way(w)[1] == "kl"]
     for way in replays:
         lines.append(_versus(students[way], stored, "single-view logits", seeds))
     if replays and "kd-online" in students:  # how far stored views are from the consistent upper bound
         most = replays[-1]
         lines.append(_versus(students["kd-online"], students[most], f"replayed {most[len('kd-replay'):]}-view logits",
                              seeds))
+    for way, s in students.items():  # each other KD term against KL on the same row
+        row, loss = split_way(way)
+        if loss != "kl" and row in students:
+            lines.append(_versus(s, students[row], "the same row with KL", seeds, f"{loss_words(loss)} ({row})"))
     return lines
 
 
-def _versus(a: dict, b: dict, b_name: str, seeds: int) -> str:
+def _versus(a: dict, b: dict, b_name: str, seeds: int, a_name: str | None = None) -> str:
     """`a` against `b`: the difference of the means, its standard error and whether it is clear."""
     d = b["errors_mean"] - a["errors_mean"]
-    head = f"{a['label'].split('KD from ')[-1].capitalize()} vs {b_name}: {count(abs(d))} {'fewer' if d >= 0 else 'more'} errors"
+    a_name = a_name or a["label"].split("KD from ")[-1].capitalize()
+    head = f"{a_name} vs {b_name}: {count(abs(d))} {'fewer' if d >= 0 else 'more'} errors"
     if seeds == 1:
         return head + "; one seed only, cannot tell."
     se = difference_se(a, b, seeds)
@@ -122,7 +146,10 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
           f"({cfg.teacher_epochs} epochs); student `{cfg.student_model}` ({cfg.student_epochs} epochs, SGD "
           f"{cfg.student_lr} + cosine; the same budget, {seed_words(cfg.seeds)} and augmentation for every row: "
           f"random-resized crops of {cfg.random_area[0]:g}-{cfg.random_area[1]:g} of the area, no flip); KD "
-          f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}; replayed rows: K stored views per image"
+          f"T={cfg.kd_temperature:g}, alpha={cfg.kd_alpha:g}"
+          + "".join(f"; {loss_words(loss)}: " + " ".join(map(str, cfg.loss_flags(loss)))
+                    for loss in cfg.losses if loss != "kl")
+          + "; replayed rows: K stored views per image"
           + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_budget('replay')[0]} epochs "
              f"of {cfg.student_budget('replay')[1]} samples x {cfg.views_per_load} views: the same training "
              "images)" if cfg.views_per_load > 1 else "")
@@ -170,7 +197,7 @@ def plot_students(cfg, out: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
-    for way, (_, kd) in cfg.student_ways().items():
+    for way, (_, kd, _) in cfg.student_ways().items():
         curves = [curve(f"{way}-s{s}") for s in range(cfg.seeds)]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
         if not epochs:

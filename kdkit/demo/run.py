@@ -20,8 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kdkit.demo import LOSS_SETTINGS
 from kdkit.errors import KdkitError, OptionError
 from kdkit.train.kd import kd_mode
+
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DemoConfig:
     random_area: tuple[float, float] = (0.25, 1.0)  # crops for teacher, stored views and every student
     replay_views: tuple[int, ...] = (4, 8)  # K of each replayed-logits row
     views_per_load: int = 1  # replay rows: N stored views per decoded sample, E/N epochs of B/N samples (same images)
+    losses: tuple[str, ...] = ("kl",)  # KD terms of the replayed and online rows (LOSS_SETTINGS); kl for the others
     batch_size: int = 128
     student_lr: float = 0.02
     kd_temperature: float = 4.0
@@ -56,6 +59,9 @@ class DemoConfig:
 
     def __post_init__(self):
         n = self.views_per_load
+        unknown = [loss for loss in self.losses if loss not in LOSS_SETTINGS]
+        if unknown or not self.losses:
+            raise OptionError(f"--losses {' '.join(self.losses)}: expected one or more of {', '.join(LOSS_SETTINGS)}")
         if n > 1 and (n > min(self.replay_views) or self.student_epochs % n or self.batch_size % n):
             raise OptionError(
                 f"--views-per-load {n}: expected at most {min(self.replay_views)} (the fewest stored views) and a "
@@ -73,11 +79,20 @@ class DemoConfig:
         n = self.row_views(kd)
         return self.student_epochs // n, self.batch_size // n
 
-    def student_ways(self) -> dict[str, tuple[str, str]]:
-        """The rows of the comparison, name -> (shard set the student reads, --kd)."""
-        return {"no-kd": ("shards", "none"), "kd-stored": ("shards-kd1", "stored"),
-                **{f"kd-replay{k}": (f"shards-kd{k}", "replay") for k in self.replay_views},
-                "kd-online": ("shards", "online")}
+    def student_ways(self) -> dict[str, tuple[str, str, str]]:
+        """The rows of the comparison, name -> (shard set the student reads, --kd, --kd-loss): no KD, stored
+        single-view, then the replayed and online rows once per loss (`<row>` for kl, `<row>-<loss>`)."""
+        ways = {"no-kd": ("shards", "none", "kl"), "kd-stored": ("shards-kd1", "stored", "kl")}
+        for loss in self.losses:
+            tail = "" if loss == "kl" else f"-{loss}"
+            ways.update({f"kd-replay{k}{tail}": (f"shards-kd{k}", "replay", loss) for k in self.replay_views})
+            ways[f"kd-online{tail}"] = ("shards", "online", loss)
+        return ways
+
+    def loss_flags(self, loss: str) -> list:
+        """`kdkit train` flags of a KD term: --kd-loss and its settings (LOSS_SETTINGS; kl: the demo's T, alpha)."""
+        settings = {"kd_temperature": self.kd_temperature, "kd_alpha": self.kd_alpha, **LOSS_SETTINGS[loss]}
+        return ["--kd-loss", loss, *(x for k, v in settings.items() for x in ("--" + k.replace("_", "-"), v))]
 
 
 class Demo:
@@ -129,8 +144,9 @@ class Demo:
                 self.kdkit("add-teacher-logits", shards, "--split", "train", "--checkpoint", teacher,
                            "--out", self.out / f"shards-kd{k}", "--views", k, *self._aug(), *view)
         for seed in range(cfg.seeds):
-            for way, (data, kd) in cfg.student_ways().items():
-                self._train("student", f"{way}-s{seed}", self.out / data, cfg.student_model, seed=seed, kd=kd)
+            for way, (data, kd, loss) in cfg.student_ways().items():
+                self._train("student", f"{way}-s{seed}", self.out / data, cfg.student_model, seed=seed, kd=kd,
+                            loss=loss)
         results = self._evaluate()
         self._report(results)
         return results
@@ -175,7 +191,7 @@ class Demo:
         the top of a 7), where the teacher's view of that crop and of the whole digit disagree."""
         return ["--random-area", *self.cfg.random_area, "--no-flip"]
 
-    def _train(self, mode: str, name: str, data: Path, model: str, seed: int, kd: str) -> None:
+    def _train(self, mode: str, name: str, data: Path, model: str, seed: int, kd: str, loss: str = "kl") -> None:
         cfg = self.cfg
         epochs, batch = cfg.student_budget(kd) if mode == "student" else (cfg.teacher_epochs, cfg.batch_size)
         run = self.out / "runs" / name
@@ -190,8 +206,7 @@ class Demo:
                 "--device", "cuda" if cfg.device == "gpu" else "cpu",
                 "--loader-device", cfg.device, *self._aug()]
         if mode == "student":  # every student is evaluated on the same plain test set
-            args += ["--val-data", self.out / "shards", "--kd", kd, "--kd-temperature", cfg.kd_temperature,
-                     "--kd-alpha", cfg.kd_alpha]
+            args += ["--val-data", self.out / "shards", "--kd", kd, *cfg.loss_flags(loss)]
             if kd_mode(kd).runs_teacher:  # the teacher run on exactly the crop the student sees
                 args += ["--teacher-checkpoint", self.out / "runs" / "teacher" / "last.pth"]
             if cfg.row_views(kd) > 1:

@@ -24,13 +24,76 @@ LABEL_WIDTH = 6
 MAX_CLASSES = 10**LABEL_WIDTH
 
 # --- teacher outputs (added by `kdkit add-teacher-logits`; absent until then) ----------------------
-# .npy members, so DALI decodes them in-graph with fn.decoders.numpy and webdataset with np.load.
-LOGITS_EXT = "logits.npy"  # float16 (C,) for the single centre-crop view, (K, C) for K stored views
-TOPK_VALUES_EXT = "topk_logits.npy"  # float16 (k,) or (K, k): the k largest logits (top-k storage)
-TOPK_INDICES_EXT = "topk_idx.npy"  # int32 (k,) or (K, k): their class indices
-VIEWS_EXT = "views.npy"  # float32 (K, 5) rows (x, y, w, h, flip): crop box relative to the decoded
-#                          image (x, y top-left corner; w, h size; all in [0, 1]), flip 1.0 = mirrored
-VIEW_FIELDS = ("x", "y", "w", "h", "flip")
+# One member per sample, KEY.teacher: the sample's arrays as raw little-endian bytes, back to back, in
+# the order and shapes teacher_layout gives for the set's (class count, top-k, views), which the
+# manifest's teacher block records ("layout"). No header: the layout is the same for every sample of
+# a set, so DALI splits the member in-graph (byte slices + fn.reinterpret) and numpy with
+# np.frombuffer(raw, dtype, count, offset); one member pays one tar header and one 512-byte padding.
+TEACHER_EXT = "teacher"
+VIEW_FIELDS = ("x", "y", "w", "h", "flip")  # a box row: pixels of the decoded image (EXIF orientation
+#                                            applied, as decoders apply it), x, y its top-left corner,
+#                                            w, h its size; flip 1 = mirrored
+INDEX_DTYPES = ("<u2", "<i4")  # class indices: uint16 where the class count allows (<= 65536), else int32
+# Sets written before 2026-12 hold one .npy member per array, with float32 view boxes relative to the
+# image: readers refuse them, naming `kdkit add-teacher-logits SET --repack` (the one conversion).
+LEGACY_LOGITS_EXT = "logits.npy"  # float16 (C,) or (K, C)
+LEGACY_TOPK_VALUES_EXT = "topk_logits.npy"  # float16 (k,) or (K, k)
+LEGACY_TOPK_INDICES_EXT = "topk_idx.npy"  # int32 (k,) or (K, k)
+LEGACY_VIEWS_EXT = "views.npy"  # float32 (K, 5): x, y, w, h relative to the decoded image, flip
+LEGACY_TEACHER_EXTS = (LEGACY_LOGITS_EXT, LEGACY_TOPK_VALUES_EXT, LEGACY_TOPK_INDICES_EXT, LEGACY_VIEWS_EXT)
+
+
+@dataclass(frozen=True)
+class TeacherPart:
+    """One array of the packed teacher member."""
+
+    name: str  # values | indices | boxes
+    dtype: str  # numpy's name, little-endian: <f2, <u2, <i4
+    shape: tuple[int, ...]
+    offset: int  # in bytes from the member's start
+
+    @property
+    def count(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * int(self.dtype[-1])
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset}
+
+
+def teacher_layout(num_classes: int, topk: int | None, views: int | None) -> tuple[TeacherPart, ...]:
+    """The packed member's arrays, in order: values float16 (W,) or (K, W), W = k (top-k log-probabilities)
+    or C (logits); with top-k, indices (W,) / (K, W), uint16 or int32 (INDEX_DTYPES); with K stored views,
+    boxes uint16 (K, 5) rows VIEW_FIELDS in pixels (a JPEG's sides are 16-bit numbers, so they always fit)."""
+    lead = (int(views),) if views else ()
+    width = int(topk) if topk else int(num_classes)
+    parts = [("values", "<f2", lead + (width,))]
+    if topk:
+        parts.append(("indices", INDEX_DTYPES[0] if num_classes <= 65536 else INDEX_DTYPES[1], lead + (width,)))
+    if views:
+        parts.append(("boxes", "<u2", (int(views), len(VIEW_FIELDS))))
+    out, offset = [], 0
+    for name, dtype, shape in parts:
+        out.append(TeacherPart(name, dtype, shape, offset))
+        offset += out[-1].nbytes
+    return tuple(out)
+
+
+def block_layout(teacher: dict, num_classes: int) -> tuple[TeacherPart, ...]:
+    """The packed layout a manifest's teacher block describes (its class count, top-k and views)."""
+    return teacher_layout(int(teacher.get("num_classes") or num_classes), teacher.get("topk"), teacher.get("views"))
+
+
+def is_legacy_teacher(teacher: dict | None) -> bool:
+    """A teacher block of a set written before the packed member (one .npy member per array)."""
+    return bool(teacher) and "layout" not in teacher
+
 
 # --- files of a shard set (one folder per split) ----------------------------------------------
 MANIFEST = "manifest.json"

@@ -200,6 +200,15 @@ def prepare_image(raw: bytes | np.ndarray, opts: ImageOptions) -> tuple[bytes, l
     return _encode(img, opts.quality or DEFAULT_QUALITY), changed
 
 
+def decoded_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image as decoders hand it over, EXIF orientation applied (rotated by
+    90 degrees for orientations 5-8), from its header alone (no decode)."""
+    with Image.open(io.BytesIO(raw)) as img:
+        w, h = img.size
+        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (h, w) if turned else (w, h)
+
+
 def _from_array(arr: np.ndarray) -> Image.Image:
     if arr.dtype != np.uint8:
         raise BadImage(f"pixel array has dtype {arr.dtype}; expected uint8")

@@ -109,26 +109,40 @@ def _parse_index(idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 def teacher_format(shards: ShardSet) -> str | None:
-    """Which teacher outputs a set holds, from its first sample: "full" (.logits.npy), "topk"
-    (.topk_logits.npy + .topk_idx.npy) or None. `kdkit add-teacher-logits` writes one kind for a whole
-    set; whether every sample has it is scan_shards' job."""
+    """Which teacher outputs a set holds, from its first sample: "packed" (the .teacher member), "legacy"
+    (one .npy member per array: kdkit before 2026-12) or None. `kdkit add-teacher-logits` writes one kind
+    for a whole set; whether every sample has it is scan_shards' job."""
     if not shards.indexes or not shards.indexes[0].exists():
         return None
     first = _parse_index(shards.indexes[0])[:1]
     comps = first[0][1] if first else {}
-    if contract.LOGITS_EXT in comps:
-        return "full"
-    return "topk" if contract.TOPK_VALUES_EXT in comps else None
+    if contract.TEACHER_EXT in comps:
+        return "packed"
+    return "legacy" if set(comps) & set(contract.LEGACY_TEACHER_EXTS) else None
 
 
-def first_member(shards: ShardSet, ext: str):
-    """The first sample's .npy member `ext` as an array, read through the DALI index (no tar walk)."""
-    import numpy as np
+def teacher_block(shards: ShardSet) -> dict | None:
+    """The teacher block of the set's manifest (of the manifest beside the tars, for a set given as tars)."""
+    if shards.manifest is not None:
+        return shards.manifest.teacher
+    beside = shards.tars[0].parent if shards.tars else None
+    if beside is not None and (beside / contract.MANIFEST).exists():
+        return load_manifest(beside).teacher
+    return None
 
-    offset, size = _parse_index(shards.indexes[0])[0][1][ext]
-    with open_read(shards.tars[0]) as f:
-        f.seek(offset)
-        return np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+
+def teacher_layout(shards: ShardSet) -> tuple[contract.TeacherPart, ...]:
+    """The packed teacher member's layout (contract.teacher_layout), from the set's teacher block; a set
+    in the layout before it, or without the manifest that says it, is refused with what to do."""
+    where = shards.folder or (shards.tars[0].parent if shards.tars else "the shard set")
+    block = teacher_block(shards)
+    if teacher_format(shards) == "legacy" or contract.is_legacy_teacher(block):
+        raise ShardError(f"{where}: teacher outputs written by kdkit before 2026-12 (one .npy member per array); "
+                         f"convert them once with `kdkit add-teacher-logits {where} --repack --in-place` (or --out NEW)")
+    if not block:
+        raise ShardError(f"{where}: no teacher block in a manifest.json beside the tars, and the packed .teacher "
+                         "member's layout is written there; read the set through its folder")
+    return contract.block_layout(block, int(block.get("num_classes") or 0))
 
 
 def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
@@ -304,9 +318,9 @@ def explain_failure(err: RuntimeError, shards: ShardSet, scan: ShardScan | None,
         # sample n - 1, an offset's "line n" sample n - 2 (the header line counted as well)
         sample = line - 1 if "Underful" in msg else line - 2
         return ShardError(f"{idx.with_suffix('.tar')}: sample {_key_at(idx, sample)}: {first}")
-    if "decoders.numpy" in msg:
-        return ShardError(f"a stored .npy member (teacher logits or views) in {shards.tars[0].parent} does not "
-                          f"decode: {first}")
+    if "reinterpret" in msg.lower():
+        return ShardError(f"a packed .{contract.TEACHER_EXT} member in {shards.tars[0].parent} is not as long as its "
+                          f"manifest's layout says (`kdkit verify` names it): {first}")
     if "decode" in msg.lower() or "nvimagecodec" in msg.lower():
         found = find_undecodable(shards, scan, image_ext, shard_id, num_shards) if scan else None
         if found:

@@ -88,42 +88,49 @@ def _check_members(key: str, members: dict[str, bytes], man: contract.Manifest, 
 
 
 def _check_teacher(key: str, members: dict[str, bytes], teacher: dict, where: str, problems: list[str]) -> None:
-    """Teacher outputs as the manifest's teacher block promises them: every member present, with
-    the stored dtype and shape (classes, views, top-k), indices and view boxes in range."""
+    """Teacher outputs as the manifest's teacher block promises them: the packed member present, as long
+    as its layout (classes, views, top-k), values finite, class indices and view boxes in range."""
     import numpy as np  # here: plain `kdkit verify` of a set without teacher outputs never needs it
 
-    classes, views, topk = int(teacher["num_classes"]), teacher.get("views"), teacher.get("topk")
-    lead = (int(views),) if views else ()
-    k = min(int(topk), classes) if topk else None
-    want = {contract.LOGITS_EXT: ("float16", lead + (classes,)), contract.TOPK_VALUES_EXT: ("float16", lead + (k,)),
-            contract.TOPK_INDICES_EXT: ("int32", lead + (k,)), contract.VIEWS_EXT: ("float32", lead + (5,))}
-    for ext in (teacher.get("members") or {}).values():
-        if ext not in members:
-            problems.append(f"{where}: sample {key} has no .{ext} member (the manifest's teacher block lists it)")
-            continue
+    from kdkit.shards.images import decoded_size
+
+    ext = contract.TEACHER_EXT
+    if ext not in members:
+        problems.append(f"{where}: sample {key} has no .{ext} member (the manifest's teacher block lists it)")
+        return
+    classes = int(teacher["num_classes"])
+    parts = contract.block_layout(teacher, classes)
+    size = sum(p.nbytes for p in parts)
+    if len(members[ext]) != size:
+        problems.append(f"{where}: sample {key} .{ext} has {len(members[ext])} bytes, the teacher block's layout "
+                        f"{size}")
+        return
+    a = {p.name: np.frombuffer(members[ext], p.dtype, p.count, p.offset).reshape(p.shape) for p in parts}
+    if not np.isfinite(a["values"]).all():
+        problems.append(f"{where}: sample {key} .{ext} holds {'NaN' if np.isnan(a['values']).any() else 'infinite'} "
+                        "teacher outputs (a diverged teacher, or logits beyond float16's range)")
+    if "indices" in a and a["indices"].size and not (0 <= a["indices"].min() and a["indices"].max() < classes):
+        problems.append(f"{where}: sample {key} .{ext} holds class indices outside 0..{classes - 1}")
+    if "boxes" in a:
+        b = a["boxes"].astype(np.int64)
         try:
-            arr = np.load(io.BytesIO(members[ext]), allow_pickle=False)
-        except Exception as e:  # any numpy failure means the member is not a usable .npy
-            problems.append(f"{where}: sample {key} .{ext} is not a readable .npy ({type(e).__name__}: {e})")
-            continue
-        dtype, shape = want.get(ext, (str(arr.dtype), arr.shape))
-        if str(arr.dtype) != dtype or arr.shape != shape:
-            problems.append(f"{where}: sample {key} .{ext} is {arr.dtype} {arr.shape}, the teacher block "
-                            f"implies {dtype} {shape}")
-        elif ext == contract.TOPK_INDICES_EXT and arr.size and not (0 <= arr.min() and arr.max() < classes):
-            problems.append(f"{where}: sample {key} .{ext} holds class indices outside 0..{classes - 1}")
-        elif ext == contract.VIEWS_EXT and not (np.isfinite(arr).all() and (arr >= 0).all()
-                                                and (arr <= 1 + 1e-6).all()):
-            problems.append(f"{where}: sample {key} .{ext} holds view boxes outside [0, 1]")
-        elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            problems.append(f"{where}: sample {key} .{ext} holds {'NaN' if np.isnan(arr).any() else 'infinite'} "
-                            "teacher outputs (a diverged teacher, or logits beyond float16's range)")
+            w, h = decoded_size(members[contract.IMAGE_EXT])
+        except Exception:  # an undecodable image is reported by the image check
+            return
+        inside = ((b[:, 2:4] >= 1).all() and (b[:, 0] + b[:, 2] <= w).all() and (b[:, 1] + b[:, 3] <= h).all()
+                  and np.isin(b[:, 4], (0, 1)).all())
+        if not inside:
+            problems.append(f"{where}: sample {key} .{ext} holds view boxes outside its {w}x{h} image (or a flip "
+                            "other than 0/1)")
 
 
 def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> VerifyReport:
     folder = location(folder)
     man = load_manifest(folder)
     rep = VerifyReport(folder)
+    if contract.is_legacy_teacher(man.teacher):
+        rep.problems.append(f"{folder}: teacher outputs written by kdkit before 2026-12 (one .npy member per array); "
+                            f"convert them once with `kdkit add-teacher-logits {folder} --repack --in-place`")
     listed = {s.tar for s in man.shards}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         rep.problems.append(f"{folder / extra}: tar not listed in the manifest")
@@ -146,7 +153,7 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
             for key, members in tario.iter_tar_samples(tar):
                 keys.append(key)
                 _check_members(key, members, man, str(tar), decode, rep.problems)
-                if man.teacher:
+                if man.teacher and not contract.is_legacy_teacher(man.teacher):
                     _check_teacher(key, members, {"num_classes": len(man.classes), **man.teacher}, str(tar),
                                    rep.problems)
         except (tarfile.TarError, EOFError, OSError) as e:

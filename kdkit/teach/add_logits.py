@@ -89,10 +89,21 @@ def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
 
 
 class _Source:
-    """Where outputs come from: teachers run here, or an HDF5 file. `identity` feeds the fingerprint."""
+    """Where outputs come from: teachers run here, an HDF5 file, or the set's own outputs in the layout
+    before the packed member (--repack). `identity` feeds the fingerprint."""
 
     def __init__(self, cfg: TeacherPassConfig, sets: list[tuple[str, Path]], classes, rt: runtime.Runtime):
-        self.cfg, self.rt, self.h5, self.groups = cfg, rt, None, {}
+        self.cfg, self.rt, self.h5, self.groups, self.repack = cfg, rt, None, {}, {}
+        self.num_classes = len(classes)
+        if cfg.repack:
+            for split, folder in sets:
+                block = load_manifest(folder).teacher
+                if not contract.is_legacy_teacher(block):
+                    raise KdkitError(f"{folder}: " + ("holds no teacher outputs to repack" if not block else
+                                                      "already holds the packed .teacher member; nothing to repack"))
+                self.repack[split] = block
+            self.identity = {"repack": {split: b.get("fingerprint") for split, b in self.repack.items()}}
+            return
         if cfg.teachers:
             from kdkit.teach.teachers import load_teachers
 
@@ -124,12 +135,15 @@ class _Source:
 
     def outputs(self, split: str, src: Path, shards: list[tuple[int, contract.ShardRecord]], bar):
         """(shard index, its samples, {key: teacher members}) for each shard, as each one is ready."""
+        if self.repack:
+            yield from self._repacked(split, src, shards, bar)
+            return
         if self.h5 is not None:
             for index, rec in shards:
                 samples = list(tario.iter_tar_samples(src / rec.tar))
-                keys = [k for k, _ in samples]
-                bar.update(len(keys))
-                yield index, samples, self.h5.members(split, self.groups[split], keys, self.cfg.topk)
+                bar.update(len(samples))
+                yield index, samples, self.h5.members(split, self.groups[split], samples, self.cfg.topk,
+                                                      self.num_classes)
             return
         from kdkit.teach.compute import run_shards
 
@@ -156,7 +170,25 @@ class _Source:
                            for i, k in enumerate(keys)}
             yield index, samples, encoded
 
+    def _repacked(self, split: str, src: Path, shards, bar):
+        from kdkit.shards.images import decoded_size
+
+        classes = int(self.repack[split]["num_classes"])
+        for index, rec in shards:
+            samples = list(tario.iter_tar_samples(src / rec.tar))
+            out = {}
+            for key, m in samples:
+                if not set(m) & set(contract.LEGACY_TEACHER_EXTS):
+                    raise KdkitError(f"{src / rec.tar}: sample {key} has no teacher outputs to repack; check the set "
+                                     "with `kdkit verify`")
+                size = decoded_size(m[contract.IMAGE_EXT]) if contract.LEGACY_VIEWS_EXT in m else None
+                out[key] = mem.legacy_to_packed(m, classes, size)
+            bar.update(len(samples))
+            yield index, samples, out
+
     def describe(self) -> str:
+        if self.repack:
+            return "teacher outputs of the set itself, repacked into one .teacher member per sample"
         if self.h5 is not None:
             return f"teacher outputs from {self.h5.path}"
         return "teacher " + " + ".join(f"{t.info.source} ({t.info.model}, {t.info.weights} weights)"
@@ -164,15 +196,25 @@ class _Source:
 
     def block(self, split: str, fp: str, num_classes: int) -> dict:
         cfg = self.cfg
+        block = self._block(split, fp, num_classes)
+        layout = contract.teacher_layout(num_classes, block["topk"], block["views"])
+        return {**block, "members": mem.member_names(), "layout": mem.layout_json(layout)}
+
+    def _block(self, split: str, fp: str, num_classes: int) -> dict:
+        cfg = self.cfg
         common = {"fingerprint": fp, "num_classes": num_classes, "dtype": "float16", "topk": cfg.topk,
                   "command": cfg.command, "in_place": cfg.in_place, "kdkit_version": __version__}
+        if self.repack:
+            old = self.repack[split]
+            return {**{k: v for k, v in old.items() if k not in ("storage", "members")}, **common,
+                    "topk": old.get("topk"), "views": old.get("views"),
+                    "repacked": {"fingerprint": old.get("fingerprint"), "command": old.get("command")}}
         if self.h5 is None:
             return {**common, "source": "computed", "model": "+".join(t.info.model for t in self.teachers),
                     "checkpoint_sha256": "+".join(t.record["checkpoint_sha256"] for t in self.teachers),
                     "teachers": [t.record for t in self.teachers], "combine": self.ensemble.combine,
                     "views": cfg.views, "transform": self.transform,
                     **({"topk_values": mem.TOPK_VALUES} if cfg.topk else {}),
-                    "members": mem.member_names(cfg.topk, cfg.views is not None),
                     "device": self.rt.dali_device, "amp": cfg.amp and self.rt.device.type == "cuda"}
         g, theirs = self.groups[split], self.h5.teacher_block(self.groups[split])
         views = g["views"].shape[1] if "views" in g else None
@@ -180,15 +222,16 @@ class _Source:
         # top-k computed here from the file's full logits are log-probabilities; the file's own top-k are what
         # its teacher block says they are
         values = mem.TOPK_VALUES if cfg.topk and "logits" in g else theirs.get("topk_values")
-        return {**{k: v for k, v in theirs.items() if k not in ("storage", "fingerprint", "topk_values")}, **common,
+        return {**{k: v for k, v in theirs.items() if k not in ("storage", "fingerprint", "topk_values", "members",
+                                                                "layout")}, **common,
                 **({"topk_values": values} if topk and values else {}), "topk": topk, "views": views,
-                "members": mem.member_names(topk, views is not None),
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 
-def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict, source: str) -> dict:
+def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict, source: str,
+                   layout: tuple[contract.TeacherPart, ...]) -> dict:
     """Write one shard again: its own members unchanged, plus the teacher members, and record it."""
-    refuse_nonfinite(job.folder / rec.tar, [k for k, _ in samples], outputs, source)
+    refuse_nonfinite(job.folder / rec.tar, [k for k, _ in samples], outputs, source, layout)
     payload = in_tar = 0
     for key, _ in samples:
         p, b = mem.added_bytes(key, outputs[key])
@@ -197,17 +240,18 @@ def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outp
     return job.write(rec.tar, new, {"teacher_payload": payload, "teacher_bytes": in_tar})
 
 
-def refuse_nonfinite(tar: Path, keys: list[str], outputs: dict, source: str) -> None:
+def refuse_nonfinite(tar: Path, keys: list[str], outputs: dict, source: str,
+                     layout: tuple[contract.TeacherPart, ...]) -> None:
     """Refuse teacher outputs that are not finite, as they would be stored (float16), naming the first sample:
     a diverged teacher (NaN weights), or logits beyond float16's range (|x| > 65504 is stored as inf). A
     student trained on them dies at its first step, far from the cause."""
     for key in keys:
-        for ext, a in mem.decode(outputs[key]).items():
+        for ext, a in mem.unpack(outputs[key][contract.TEACHER_EXT], layout).items():
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 what = ("NaN (a diverged teacher, or damaged weights?)" if np.isnan(a).any() else
                         "infinite: beyond float16's range (|x| > 65504), far larger than a trained classifier's "
                         "outputs (a diverged or rescaled teacher?)")
-                raise KdkitError(f"{tar}: sample {key}: the teacher outputs (.{ext}) are {what}; nothing was written "
+                raise KdkitError(f"{tar}: sample {key}: the teacher outputs ({ext} in .{contract.TEACHER_EXT}) are {what}; nothing was written "
                                  f"for this shard. Check the teacher ({source}), e.g. with `kdkit eval`")
 
 
@@ -229,7 +273,7 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
 def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack) -> list[SplitReport]:
     sets, is_root = select_sets(cfg.shards, cfg.splits)
     rank, world = parts(cfg, rt)
-    if not (cfg.teachers or cfg.import_h5):  # export only: one writer of the file
+    if not (cfg.teachers or cfg.import_h5 or cfg.repack):  # export only: one writer of the file
         if rank == 0:
             n = export_h5(sets, cfg.export_h5)
             print(f"{cfg.export_h5}: teacher outputs of {n} samples exported", file=sys.stderr)
@@ -270,11 +314,12 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack
         bar = tqdm(total=sum(man.shards[i].num_samples for i in todo), unit="img", desc=f"teacher {split}",
                    disable=not cfg.progress, smoothing=0.1)
         t0 = time.perf_counter()
+        layout = contract.block_layout(source.block(split, fp, num_classes), num_classes)
         try:
             with cpu_threads(cfg, rt):
                 for i, samples, outputs in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
                     bar.set_postfix_str(man.shards[i].tar)
-                    _process_shard(job, man.shards[i], samples, outputs, source.describe())
+                    _process_shard(job, man.shards[i], samples, outputs, source.describe(), layout)
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0

@@ -27,6 +27,7 @@ examples:
   kdkit add-teacher-logits data/train --model resnet50 --checkpoint r50.pth --views 8 --topk 20 --in-place
   kdkit add-teacher-logits data/ --checkpoint a.pth --checkpoint b.pth --out data-ens/ --export-h5 ens.h5
   kdkit add-teacher-logits data/ --import-h5 logits.h5 --out data-kd/
+  kdkit add-teacher-logits data-kd-old/ --repack --in-place     # a set written by kdkit before 2026-12
 """
 
 
@@ -71,6 +72,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--import-h5", type=Path, default=None, metavar="FILE",
                    help="take the outputs from this HDF5 file (joined by key) instead of running a teacher "
                         "(default: none)")
+    g.add_argument("--repack", action="store_true",
+                   help="convert a set written before kdkit stored one packed .teacher member per sample (a .npy "
+                        "member per array) into it: the same outputs, smaller; with --out or --in-place")
     g = p.add_argument_group("Run")
     g.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where DALI and the teacher run (gpu: device LOCAL_RANK; auto: the GPU where torch sees one)")
@@ -95,7 +99,7 @@ def config_from_args(a: argparse.Namespace):
                 for c, m in zip(a.checkpoint, models)]
     return TeacherPassConfig(
         shards=a.shards, teachers=teachers, splits=a.split, out=a.out, in_place=a.in_place, views=a.views,
-        topk=a.topk, import_h5=a.import_h5, export_h5=a.export_h5, image_size=a.image_size, crop_ratio=a.crop_ratio,
+        topk=a.topk, import_h5=a.import_h5, export_h5=a.export_h5, repack=a.repack, image_size=a.image_size, crop_ratio=a.crop_ratio,
         random_area=tuple(a.random_area), random_aspect_ratio=tuple(a.random_aspect_ratio), flip=a.flip,
         seed=a.seed, device=a.device, amp=a.amp, batch_size=a.batch_size, threads=a.threads,
         torch_threads=a.torch_threads,

@@ -36,7 +36,7 @@ class ShardOutputs:
     keys: list[str]  # in tar order, as DALI's index lists them
     labels: list[int]  # as the pipeline decoded them: checked against the tar's before the join by key
     logits: np.ndarray  # float32 (N, C) or (N, K, C)
-    boxes: np.ndarray | None  # float32 (N, K, 5)
+    boxes: np.ndarray | None  # int32 (N, K, 5) pixel boxes x, y, w, h, flip
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
                 images = batch.images
             else:  # (B, K, C, H, W) -> (B*K, C, H, W): the teacher sees every view as one more image
                 images = batch.views.flatten(0, 1)
-                views.append(batch.boxes.cpu().float())
+                views.append(batch.boxes.cpu())
             with torch.autocast(rt.device.type, dtype=torch.float16, enabled=amp):
                 out = ensemble(images.to(rt.device, non_blocking=True)).float().cpu()
             n = len(batch.labels)

@@ -38,6 +38,7 @@ class TeacherPassConfig:
     topk: int | None = None  # store the k largest logits (+ indices) instead of all of them
     import_h5: Path | None = None  # take the outputs from this HDF5 file instead of running a teacher
     export_h5: Path | None = None  # write the set's teacher outputs to this HDF5 file at the end
+    repack: bool = False  # convert the set's teacher outputs from one .npy member per array to the packed member
     # transform: None = what the (first) teacher's checkpoint or timm config says
     image_size: int | None = None
     crop_ratio: float | None = None
@@ -62,14 +63,17 @@ class TeacherPassConfig:
         computing = bool(self.teachers)
         if computing and self.import_h5:
             raise KdkitError("--import-h5 takes the outputs from the file: give it without --model/--checkpoint")
-        writing = computing or self.import_h5 is not None
+        if self.repack and (computing or self.import_h5 or self.views or self.topk):
+            raise KdkitError("--repack converts the outputs the set holds: give it without --checkpoint, --import-h5, "
+                             "--views or --topk")
+        writing = computing or self.import_h5 is not None or self.repack
         if writing and self.out is None and not self.in_place:
             raise KdkitError("say where the result goes: --out NEW_FOLDER (a new set beside the old one) "
                              "or --in-place (replace each shard atomically)")
         if writing and self.out is not None and self.in_place:
             raise KdkitError("--out and --in-place: give one of them, not both")
         if not writing and self.export_h5 is None:
-            raise KdkitError("nothing to do: give a teacher (--checkpoint [--model]), --import-h5 FILE, "
+            raise KdkitError("nothing to do: give a teacher (--checkpoint [--model]), --import-h5 FILE, --repack, "
                              "or --export-h5 FILE to export logits the set already holds")
         if not writing and (self.out is not None or self.in_place):
             raise KdkitError("--out/--in-place need a teacher or --import-h5 to take outputs from")

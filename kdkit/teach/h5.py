@@ -1,10 +1,12 @@
 """Teacher outputs in HDF5, keyed by sample key: the exchange format with other tools and clusters.
 
-    /                      attrs: format "kdkit-teacher-outputs", format_version 1
+    /                      attrs: format "kdkit-teacher-outputs", format_version 2
     /<split>/keys          (N,) UTF-8 strings: the shard set's sample keys
     /<split>/logits        (N, C) or (N, K, C) float16            \\ or, stored as top-k,
-    /<split>/topk_logits   (N, k) or (N, K, k) float16 + topk_idx  / int32 class indices
-    /<split>/views         (N, K, 5) float32 crop boxes (x, y, w, h, flip), multi-view only
+    /<split>/topk_logits   (N, k) or (N, K, k) float16 + topk_idx  / their integer class indices
+    /<split>/views         (N, K, 5) integer crop boxes (x, y, w, h, flip) in pixels of the decoded image,
+                           multi-view only; float boxes relative to the image (format_version 1, kdkit
+                           before 2026-12) are read too, and turned into pixels with each image's size
     /<split>               attrs: num_classes, split, teacher (the manifest's teacher block, JSON)
 
 A file made elsewhere may also hold keys/logits at its root when it covers a single split.
@@ -24,8 +26,19 @@ from kdkit.shards import contract, tario
 from kdkit.teach import members as mem
 
 FORMAT = "kdkit-teacher-outputs"
-# dataset name in the file = member name without ".npy"
-DATASETS = {ext: ext.removesuffix(".npy") for ext in mem.TEACHER_EXTS}
+FORMAT_VERSION = 2
+DATASETS = ("logits", "topk_logits", "topk_idx", "views")
+
+
+def datasets(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed member's arrays under the file's dataset names."""
+    if "indices" in arrays:
+        out = {"topk_logits": arrays["values"], "topk_idx": arrays["indices"]}
+    else:
+        out = {"logits": arrays["values"]}
+    if "boxes" in arrays:
+        out["views"] = arrays["boxes"]
+    return out
 
 
 def export_h5(sets: list[tuple[str, Path]], path: Path) -> int:
@@ -37,25 +50,27 @@ def export_h5(sets: list[tuple[str, Path]], path: Path) -> int:
     total = 0
     tmp = Path(str(path) + tario.TMP_SUFFIX)
     with h5py.File(tmp, "w") as f:
-        f.attrs["format"], f.attrs["format_version"] = FORMAT, 1
+        f.attrs["format"], f.attrs["format_version"] = FORMAT, FORMAT_VERSION
         for split, folder in sets:
             man = load_manifest(folder)
             if not man.teacher:
                 raise KdkitError(f"{folder}: holds no teacher outputs to export (its manifest has no teacher block)")
+            if contract.is_legacy_teacher(man.teacher):
+                raise KdkitError(f"{folder}: teacher outputs in the layout before the packed member; convert them once "
+                                 f"with `kdkit add-teacher-logits {folder} --repack --in-place`, then export")
             g = f.create_group(split)
             g.attrs.update(num_classes=len(man.classes), split=split, teacher=json.dumps(man.teacher))
             n, row, keys, dsets = man.num_samples, 0, [], {}
             for s in man.shards:
                 for key, members in tario.iter_tar_samples(folder / s.tar):
-                    arrays = mem.decode(members)
-                    if not arrays:
+                    if contract.TEACHER_EXT not in members:
                         raise KdkitError(f"{folder / s.tar}: sample {key} has no teacher outputs; "
                                          "check the set with `kdkit verify`")
-                    for ext, a in arrays.items():
-                        if ext not in dsets:
-                            dsets[ext] = g.create_dataset(DATASETS[ext], (n, *a.shape), dtype=a.dtype,
-                                                          chunks=(min(n, 1024), *a.shape))
-                        dsets[ext][row] = a
+                    for name, a in datasets(mem.decode(members, man.teacher, len(man.classes))).items():
+                        if name not in dsets:
+                            dsets[name] = g.create_dataset(name, (n, *a.shape), dtype=a.dtype,
+                                                           chunks=(min(n, 1024), *a.shape))
+                        dsets[name][row] = a
                     keys.append(key)
                     row += 1
             g.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -118,15 +133,20 @@ class H5Outputs:
             raise KdkitError(f"{self.path}: split {split!r} has neither 'logits' nor 'topk_logits' + 'topk_idx'")
         if classes != num_classes:
             raise KdkitError(f"{self.path}: outputs for {classes} classes, the shard set has {num_classes}")
-        short = [n for n in DATASETS.values() if n in g and g[n].shape[0] != len(keys)]
+        short = [n for n in DATASETS if n in g and g[n].shape[0] != len(keys)]
         if short:
             raise KdkitError(f"{self.path}: /{split}/{short[0]} has {g[short[0]].shape[0]} rows for {len(keys)} keys")
         if "logits" in g and g["logits"].ndim == 3 and "views" not in g:
             raise KdkitError(f"{self.path}: multi-view logits (N, K, C) without their 'views' boxes cannot be replayed")
         self._rows[split] = rows
 
-    def members(self, split: str, g, keys: list[str], topk: int | None) -> dict[str, dict[str, bytes]]:
-        """The teacher members of the given keys (one shard's), read with one sorted slice per dataset."""
+    def members(self, split: str, g, samples: list, topk: int | None, num_classes: int
+                ) -> dict[str, dict[str, bytes]]:
+        """The packed teacher member of one shard's samples [(key, members)], read with one sorted slice per
+        dataset; relative float boxes (format_version 1) become pixels with each sample's image size."""
+        from kdkit.shards.images import decoded_size
+
+        keys = [k for k, _ in samples]
         rows = np.array([self._rows[split][k] for k in keys])
         order = np.argsort(rows)
         back = np.empty_like(order)
@@ -138,15 +158,14 @@ class H5Outputs:
         logits, views = take("logits"), take("views")
         values, idx = take("topk_logits"), take("topk_idx")
         out = {}
-        for i, key in enumerate(keys):
+        for i, (key, own) in enumerate(samples):
             boxes = None if views is None else views[i]
+            if boxes is not None and boxes.dtype.kind == "f":
+                boxes = mem.pixel_boxes(boxes, *decoded_size(own[contract.IMAGE_EXT]))
             if logits is not None:
                 out[key] = mem.encode(logits[i], boxes, topk)
             else:
-                out[key] = {contract.TOPK_VALUES_EXT: mem.npy_bytes(values[i].astype(np.float16)),
-                            contract.TOPK_INDICES_EXT: mem.npy_bytes(idx[i].astype(np.int32))}
-                if boxes is not None:
-                    out[key][contract.VIEWS_EXT] = mem.npy_bytes(boxes.astype(np.float32))
+                out[key] = {contract.TEACHER_EXT: mem.pack(values[i].astype(np.float16), idx[i], boxes, num_classes)}
         return out
 
     def teacher_block(self, g) -> dict:

@@ -171,36 +171,34 @@ class Stored(KD):
     views_per_image: ClassVar[str] = "single"
 
     def check_data(self, train, num_classes: int) -> None:
-        """Every train sample holds the teacher outputs this mode reads, for the right number of views
-        and classes (full logits, or top-k values + indices: the kind the loader reads)."""
-        from kdkit.shards.reader import first_member, scan_shards, teacher_format
+        """Every train sample holds the packed teacher outputs, for the right number of views and classes,
+        in a form the run's options can read (top-k as log-probabilities for marginal, ...)."""
+        from kdkit.shards.reader import scan_shards, teacher_block, teacher_format, teacher_layout
         from kdkit.teach.members import TOPK_VALUES
 
         where = str(train.folder or train.tars[0].parent)
-        V = contract.VIEWS_EXT
-        L = contract.TOPK_VALUES_EXT if teacher_format(train) == "topk" else contract.LOGITS_EXT
-        scan = scan_shards(train, [contract.IMAGE_EXT, contract.LABEL_EXT], probe=[L, V])
-        total = scan.num_samples
-        if scan.present[L] == 0:
+        if teacher_format(train) is None:
             raise KdkitError(f"--kd {self.name}: shard set {where} has no teacher logits; add them with "
                              f"`kdkit add-teacher-logits {where} ...` first, or train without KD (--kd none)")
-        if scan.present[L] < total:
-            raise KdkitError(f"{where}: only {scan.present[L]} of {total} samples have teacher logits (an interrupted "
+        layout = {p.name: p for p in teacher_layout(train)}  # refuses a set in the layout before the packed member
+        scan = scan_shards(train, [contract.IMAGE_EXT, contract.LABEL_EXT], probe=[contract.TEACHER_EXT])
+        total, held = scan.num_samples, scan.present[contract.TEACHER_EXT]
+        if held < total:
+            raise KdkitError(f"{where}: only {held} of {total} samples have teacher logits (an interrupted "
                              "teacher pass?); finish `kdkit add-teacher-logits` first")
-        shape = first_member(train, L).shape
-        self.check_views(where, scan.present[V], total, len(shape))
-        block = (train.manifest.teacher or {}) if train.manifest else {}
-        if L == contract.TOPK_VALUES_EXT and self.cfg.topk_target == "marginal" and block.get("topk_values") != TOPK_VALUES:
+        self.check_views(where, "boxes" in layout)
+        block = teacher_block(train)
+        topk = "indices" in layout
+        if topk and self.cfg.topk_target == "marginal" and block.get("topk_values") != TOPK_VALUES:
             raise KdkitError(f"--topk-target marginal: {where} stores top-k raw logits, which do not say how much mass "
                              "the other classes hold; write the top-k again with this kdkit's `kdkit add-teacher-logits "
                              "--topk` (log-probabilities), or use --topk-target renormalize")
-        if L == contract.TOPK_VALUES_EXT and self.cfg.topk_target == "renormalize" and self.standardizes():
+        if topk and self.cfg.topk_target == "renormalize" and self.standardizes():
             raise KdkitError(f"--kd-loss {self.cfg.kd_loss}: standardizing needs every class's logit, and {where} stores "
                              "top-k renormalized (the other classes at -inf); use --topk-target marginal (they share the "
                              "mass the k classes leave), or --kd-loss kl / dkd")
-        # top-k rows are k wide: the class count is the teacher block's (indices >= it would be wrong)
-        width = shape[-1] if L == contract.LOGITS_EXT else block.get("num_classes", num_classes)
-        if width != num_classes or block.get("num_classes", width) != width:
+        width = int(block.get("num_classes") or 0)
+        if width != num_classes:
             raise KdkitError(f"class counts disagree: {where} stores teacher logits over {width} classes, the shards "
                              f"and model have {num_classes}")
 
@@ -209,8 +207,8 @@ class Stored(KD):
 
         return kd_loss_type(self.cfg.kd_loss).standardize
 
-    def check_views(self, where: str, with_views: int, total: int, logits_dims: int) -> None:
-        if logits_dims != 1:
+    def check_views(self, where: str, views: bool) -> None:
+        if views:
             raise KdkitError(f"{where}: logits of several stored views per sample; use --kd replay")
 
     def targets(self, batch, images, mix):
@@ -238,12 +236,10 @@ class Replay(Stored):
 
         return role_from(ReplayRole, self.cfg)
 
-    def check_views(self, where: str, with_views: int, total: int, logits_dims: int) -> None:
-        if with_views < total:
-            raise KdkitError(f"--kd replay: {where} has no stored views (.{contract.VIEWS_EXT}) for "
-                             f"{total - with_views} samples; use --kd stored, or write multi-view logits")
-        if logits_dims != 2:
-            raise KdkitError(f"--kd replay: {where} stores single-view logits; use --kd stored")
+    def check_views(self, where: str, views: bool) -> None:
+        if not views:
+            raise KdkitError(f"--kd replay: {where} stores single-view logits (no view boxes); use --kd stored, or "
+                             "write multi-view logits (add-teacher-logits --views K)")
 
     def words(self) -> str:
         n = self.cfg.views_per_load
