@@ -111,8 +111,18 @@ def multi(tiny_shards, ckpts, tmp_path_factory):
 
 
 def stored(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{key: {values, indices, boxes}} of a set's packed members, split by numpy alone with the layout its
+    manifest records (FORMAT.md's recipe for readers without kdkit)."""
     man = json.loads((folder / contract.MANIFEST).read_text())
-    return {k: members.decode(m) for s in man["shards"] for k, m in tario.iter_tar_samples(folder / s["tar"])}
+    layout = man["teacher"]["layout"]
+    out = {}
+    for s in man["shards"]:
+        for k, m in tario.iter_tar_samples(folder / s["tar"]):
+            raw = m[contract.TEACHER_EXT]
+            out[k] = {p["name"]: np.frombuffer(raw, p["dtype"], int(np.prod(p["shape"])), p["offset"]).reshape(p["shape"])
+                      for p in layout}
+            assert len(raw) == sum(a.nbytes for a in out[k].values())  # nothing else in the member
+    return out
 
 
 def tar_bytes(folder: Path) -> dict[str, bytes]:
@@ -144,8 +154,8 @@ def test_stored_logits_equal_the_teacher_on_the_eval_view(tiny_shards, ckpts, si
     got = stored(out / "train")
     assert sorted(got) == sorted(keys)
     for key, row in zip(keys, ref):
-        logits = got[key][contract.LOGITS_EXT]
-        assert logits.dtype == np.float16 and logits.shape == (3,)
+        logits = got[key]["values"]
+        assert logits.dtype == np.float16 and logits.shape == (3,) and set(got[key]) == {"values"}
         torch.testing.assert_close(torch.from_numpy(logits.astype(np.float32)), row, rtol=1e-3, atol=1e-3)
     assert [r.split for r in reports] == ["train", "val"] and all(r.complete for r in reports)
 
@@ -158,7 +168,7 @@ def test_stored_logits_match_a_reference_computed_without_dali(tiny_shards, ckpt
                        for k, m in tario.iter_tar_samples(tar)])
     with torch.no_grad():
         ref = model(torch.cat([pillow_center_view(j) for j in jpgs]))
-    logits = torch.stack([torch.from_numpy(got[k][contract.LOGITS_EXT].astype(np.float32)) for k in keys])
+    logits = torch.stack([torch.from_numpy(got[k]["values"].astype(np.float32)) for k in keys])
     err = (logits - ref).abs().max(1).values
     # measured: mean 0.03, max 0.06 (decoder + resampler); a 1-pixel shift of the crop: mean 0.37
     assert err.mean() < 0.08 and err.max() < 0.15, err
@@ -173,9 +183,10 @@ def test_result_verifies_and_reports_its_size(single):
     assert block["model"] == "resnet18" and block["num_classes"] == 3 and block["views"] is None
     assert block["dtype"] == "float16" and block["topk"] is None and block["combine"] == "single"
     assert block["transform"]["view"] == "center" and block["transform"]["image_size"] == SIZE
-    assert len(block["checkpoint_sha256"]) == 64 and block["members"] == {"logits": contract.LOGITS_EXT}
-    # one (3,) fp16 .npy = 134 bytes, one tar header + one padded block = 1024 bytes
-    assert block["storage"]["payload_bytes_per_sample"] == 134 and block["storage"]["bytes_per_sample"] == 1024
+    assert len(block["checkpoint_sha256"]) == 64 and block["members"] == {"teacher": contract.TEACHER_EXT}
+    assert block["layout"] == [{"name": "values", "dtype": "<f2", "shape": [3], "offset": 0}]
+    # one packed member of 3 fp16 values = 6 bytes, one tar header + one padded block = 1024 bytes
+    assert block["storage"]["payload_bytes_per_sample"] == 6 and block["storage"]["bytes_per_sample"] == 1024
     assert reports[0].bytes_per_sample == 1024 and 0 < reports[0].share_of_set < 1
     assert (out / contract.TIMM_INFO).exists()
 
@@ -203,8 +214,9 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
         teacher_views = [b for b in DaliLoader(one, same_as_the_pass)]
         views, boxes = torch.cat([b.views for b in teacher_views]), torch.cat([b.boxes for b in teacher_views])
         samples = [m for _, m in tario.iter_tar_samples(tar)]
-        stored_boxes = [torch.from_numpy(members.npy_load(m[contract.VIEWS_EXT])) for m in samples]
-        assert torch.equal(boxes, torch.stack(stored_boxes))  # the pass's boxes are reproducible
+        packed = [members.unpack(m[contract.TEACHER_EXT], contract.teacher_layout(3, None, 3)) for m in samples]
+        stored_boxes = [torch.from_numpy(a["boxes"].astype(np.int32)) for a in packed]
+        assert torch.equal(boxes, torch.stack(stored_boxes))  # the pass's boxes are reproducible, in pixels
         reading = dataclasses.replace(same_as_the_pass.reading, shuffle=False, seed=index + 11, teacher_logits=True)
         replay = DaliLoader(one, LoaderConfig(Replay(), same_as_the_pass.output, reading, same_as_the_pass.backend))
         batches = [(b.images, b.teacher_logits, replay.last_view_index) for b in replay]
@@ -213,7 +225,7 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
             again = model(images)
         for i, (img, row, out_row, k) in enumerate(zip(images, logits, again, chosen.tolist())):
             pixel_err.append(((img - views[i, k]).abs() * torch.tensor(STD).view(3, 1, 1) * 255).max())
-            rows = torch.from_numpy(members.npy_load(samples[i][contract.LOGITS_EXT]).astype(np.float32))
+            rows = torch.from_numpy(packed[i]["values"].astype(np.float32))
             assert torch.equal(row.float(), rows[k])  # the replay pipeline picked the stored row k
             logit_err.append((row.float() - out_row).abs().max())
             other_views.append(min((rows[j] - out_row).abs().max() for j in range(3) if j != k))
@@ -228,9 +240,11 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
 def test_multi_view_block_and_verify(multi):
     block = json.loads((multi / "train" / contract.MANIFEST).read_text())["teacher"]
     assert block["views"] == 3 and block["transform"]["view"] == "random-resized-crop"
-    assert block["members"] == {"logits": contract.LOGITS_EXT, "views": contract.VIEWS_EXT}
+    assert block["members"] == {"teacher": contract.TEACHER_EXT}
+    assert [(p["name"], p["dtype"], p["shape"], p["offset"]) for p in block["layout"]] == [
+        ("values", "<f2", [3, 3], 0), ("boxes", "<u2", [3, 5], 18)]
     got = stored(multi / "train")
-    assert all(a[contract.LOGITS_EXT].shape == (3, 3) and a[contract.VIEWS_EXT].shape == (3, 5) for a in got.values())
+    assert all(a["values"].shape == (3, 3) and a["boxes"].shape == (3, 5) for a in got.values())
     assert verify_set(multi / "train", progress=False).ok
     assert not (multi / "val").exists()  # --split train only
 
@@ -242,10 +256,9 @@ def test_topk_holds_the_largest_logits_as_log_probabilities(tiny_shards, ckpts, 
     add_teacher_logits(config(tiny_shards, ckpts["main"], out=tmp_path / "k", topk=2, splits=["val"]))
     full, topk = stored(single[0] / "val"), stored(tmp_path / "k" / "val")
     for key, arrays in topk.items():
-        assert contract.LOGITS_EXT not in arrays
-        values, idx = arrays[contract.TOPK_VALUES_EXT], arrays[contract.TOPK_INDICES_EXT]
-        logits = full[key][contract.LOGITS_EXT].astype(np.float32)
-        assert values.dtype == np.float16 and idx.dtype == np.int32 and idx.shape == (2,)
+        values, idx = arrays["values"], arrays["indices"]
+        logits = full[key]["values"].astype(np.float32)
+        assert values.dtype == np.float16 and idx.dtype == np.uint16 and idx.shape == (2,)  # 16 bits: 3 classes
         assert list(idx) == list(np.argsort(-logits, kind="stable")[:2])
         # log_softmax of the logits: the same distribution over the k classes, and the rest's mass kept
         log_probs = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
@@ -269,7 +282,7 @@ def test_ensemble_stores_the_log_of_the_mean_probability(tiny_shards, ckpts, tmp
             probs.append(teacher(ckpts[name])(images).softmax(-1))
     got = stored(tmp_path / "e" / "val")
     for key, p in zip(keys, (probs[0] + probs[1]) / 2):
-        logits = torch.from_numpy(got[key][contract.LOGITS_EXT].astype(np.float32))
+        logits = torch.from_numpy(got[key]["values"].astype(np.float32))
         torch.testing.assert_close(logits.softmax(-1), p, rtol=0, atol=2e-3)
     block = json.loads((tmp_path / "e" / "val" / contract.MANIFEST).read_text())["teacher"]
     assert block["combine"] == "mean-prob" and block["model"] == "resnet18+resnet18" and len(block["teachers"]) == 2
@@ -415,22 +428,113 @@ def test_two_parts_write_one_set(tiny_shards, ckpts, single, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # verify and the CLI
 
-def test_verify_catches_a_missing_or_malformed_teacher_member(single, tmp_path):
+def test_verify_catches_a_missing_or_malformed_teacher_member(multi, tmp_path):
     folder = tmp_path / "v"
-    shutil.copytree(single[0] / "train", folder)
+    shutil.copytree(multi / "train", folder)
     man = json.loads((folder / contract.MANIFEST).read_text())
     rec = man["shards"][0]
     samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(folder / rec["tar"])]
-    first, second = samples[0]["__key__"], samples[1]["__key__"]
-    del samples[0][contract.LOGITS_EXT]
-    samples[1][contract.LOGITS_EXT] = members.npy_bytes(np.zeros(4, np.float32))
+    keys = [x["__key__"] for x in samples]
+    layout = contract.teacher_layout(3, None, 3)
+    del samples[0][contract.TEACHER_EXT]
+    samples[1][contract.TEACHER_EXT] = samples[1][contract.TEACHER_EXT][:-2]  # one box value short
+    arrays = [members.unpack(samples[i][contract.TEACHER_EXT], layout) for i in (2, 3)]
+    big = np.array(arrays[0]["boxes"], np.int64)
+    big[0, 2] = 5000  # wider than the image
+    samples[2][contract.TEACHER_EXT] = members.pack(arrays[0]["values"], None, big, 3)
+    nan = np.array(arrays[1]["values"])
+    nan[0, 0] = np.nan
+    samples[3][contract.TEACHER_EXT] = members.pack(nan, None, arrays[1]["boxes"], 3)
     rec.update(tario.write_shard(folder / rec["tar"], samples))  # manifest kept consistent: only teacher problems
     tario.atomic_write_json(folder / contract.MANIFEST, man)
     problems = verify_set(folder, progress=False).problems
-    assert len(problems) == 2
-    assert f"sample {first} has no .{contract.LOGITS_EXT} member" in problems[0]
-    assert (f"sample {second} .{contract.LOGITS_EXT} is float32 (4,), the teacher block implies float16 (3,)"
-            in problems[1])
+    assert len(problems) == 4, problems
+    assert f"sample {keys[0]} has no .teacher member" in problems[0]
+    assert f"sample {keys[1]} .teacher has 46 bytes, the teacher block's layout 48" in problems[1]
+    assert f"sample {keys[2]} .teacher holds view boxes outside its " in problems[2]
+    assert f"sample {keys[3]} .teacher holds values that are not finite" in problems[3]
+
+
+def legacy_copy(src: Path, dst: Path) -> Path:
+    """A set as kdkit wrote it before the packed member: one .npy member per array, float32 boxes relative
+    to the decoded image (the teacher pass divided its integer pixels by the image's sides in float32),
+    and a teacher block without `layout`."""
+    from kdkit.shards.images import decoded_size
+
+    shutil.copytree(src, dst)
+    man = json.loads((dst / contract.MANIFEST).read_text())
+    for rec in man["shards"]:
+        out = []
+        for key, m in tario.iter_tar_samples(dst / rec["tar"]):
+            a = members.decode(m, man["teacher"], 3)
+            old = ({contract.LEGACY_TOPK_VALUES_EXT: members_npy(a["values"]),
+                    contract.LEGACY_TOPK_INDICES_EXT: members_npy(a["indices"].astype(np.int32))} if "indices" in a
+                   else {contract.LEGACY_LOGITS_EXT: members_npy(a["values"])})
+            if "boxes" in a:
+                w, h = decoded_size(m[contract.IMAGE_EXT])
+                b = a["boxes"].astype(np.float32)
+                rel = np.stack([b[:, 0] / np.float32(w), b[:, 1] / np.float32(h), b[:, 2] / np.float32(w),
+                                b[:, 3] / np.float32(h), b[:, 4]], axis=1).astype(np.float32)
+                old[contract.LEGACY_VIEWS_EXT] = members_npy(rel)
+            out.append({"__key__": key, **members.without_teacher(m), **old})
+        rec.update(tario.write_shard(dst / rec["tar"], out))
+    t = man["teacher"]
+    del t["layout"]
+    t["members"] = ({"topk_values": contract.LEGACY_TOPK_VALUES_EXT, "topk_indices": contract.LEGACY_TOPK_INDICES_EXT}
+                    if t["topk"] else {"logits": contract.LEGACY_LOGITS_EXT})
+    if t["views"]:
+        t["members"]["views"] = contract.LEGACY_VIEWS_EXT
+    tario.atomic_write_json(dst / contract.MANIFEST, man)
+    return dst
+
+
+def members_npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_a_set_in_the_old_layout_is_refused_by_name_and_repacks_to_the_same_tars(multi, tmp_path):
+    from kdkit.shards.reader import ShardError
+
+    old = legacy_copy(multi / "train", tmp_path / "old")
+    with pytest.raises(ShardError, match=r"old: teacher outputs written by kdkit before 2026-12 .*"
+                                         r"`kdkit add-teacher-logits .*old --repack --in-place`"):
+        DaliLoader(old, make_loader_config("replay", batch_size=4, num_threads=1, image_size=SIZE))
+    assert "--repack" in verify_set(old, progress=False).problems[0]
+    reports = add_teacher_logits(TeacherPassConfig(old, repack=True, out=tmp_path / "new", progress=False))
+    assert reports[0].complete
+    # the same values and the same pixel boxes, so the same tars as the pass writes today
+    assert tar_bytes(tmp_path / "new") == tar_bytes(multi / "train")
+    block = json.loads((tmp_path / "new" / contract.MANIFEST).read_text())["teacher"]
+    assert block["layout"] == json.loads((multi / "train" / contract.MANIFEST).read_text())["teacher"]["layout"]
+    assert block["transform"]["view"] == "random-resized-crop" and block["repacked"]["fingerprint"]
+    assert verify_set(tmp_path / "new", progress=False).ok
+    add_teacher_logits(TeacherPassConfig(old, repack=True, in_place=True, progress=False))  # or where it is
+    assert tar_bytes(old) == tar_bytes(multi / "train")
+    with pytest.raises(KdkitError, match="already holds the packed .teacher member; nothing to repack"):
+        add_teacher_logits(TeacherPassConfig(old, repack=True, in_place=True, progress=False))
+
+
+def test_hdf5_of_the_old_format_with_relative_boxes_imports_as_pixels(tiny_shards, multi, tmp_path):
+    import h5py
+
+    h5 = tmp_path / "t.h5"
+    add_teacher_logits(TeacherPassConfig(multi, export_h5=h5, progress=False))
+    with h5py.File(h5, "r") as f:
+        assert f.attrs["format_version"] == 2 and f["train/views"].dtype == np.uint16
+    old = legacy_copy(multi / "train", tmp_path / "old")  # its relative boxes, written into the file
+    rel = {k: members.decode_legacy(m)[contract.LEGACY_VIEWS_EXT] for s in sorted(old.glob("*.tar"))
+           for k, m in tario.iter_tar_samples(s)}
+    with h5py.File(h5, "a") as f:
+        g = f["train"]
+        boxes = np.stack([rel[k] for k in g["keys"][()].astype(str)])
+        del g["views"]
+        g.create_dataset("views", data=boxes)
+        f.attrs["format_version"] = 1
+    add_teacher_logits(TeacherPassConfig(tiny_shards, import_h5=h5, out=tmp_path / "imp", splits=["train"],
+                                         progress=False))
+    assert tar_bytes(tmp_path / "imp" / "train") == tar_bytes(multi / "train")
 
 
 def test_cli_runs_a_bare_state_dict_teacher(tiny_shards, ckpts, single, tmp_path, capsys):

@@ -54,16 +54,12 @@ def write_colour_shards(root: Path, num_classes: int = 3, per_class=(8, 4), seed
     return root / "shards"
 
 
-def npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    return buf.getvalue()
-
-
 def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: int = 0, topk: int = 0) -> Path:
-    """A copy of a dataset root whose train set holds teacher members as `kdkit add-teacher-logits`
-    would write them: float16 logits (C,) or, with views=K, (K, C) logits + (K, 5) view boxes;
-    with topk=k the k largest logits and their int32 class indices instead of all."""
+    """A copy of a dataset root whose train set holds the packed teacher member as `kdkit add-teacher-logits`
+    would write it: float16 logits (C,) or, with views=K, (K, C) logits + (K, 5) pixel view boxes; with
+    topk=k the k largest log-probabilities and their class indices instead of all."""
+    from kdkit.teach import members as mem
+
     shutil.copytree(src, dst)
     folder = dst / "train"
     man = json.loads((folder / contract.MANIFEST).read_text())
@@ -77,21 +73,17 @@ def add_teacher_outputs(src: Path, dst: Path, width: int | None = None, views: i
             logits = rng.normal(0, 1, (max(views, 1), width)).astype(np.float16)
             logits[:, label % width] += 3  # a confident, mostly right teacher
             logits = logits[0] if not views else logits
-            if topk:  # log-probabilities, as the teacher pass stores top-k
-                idx = np.argsort(-logits.astype(np.float32), axis=-1, kind="stable")[..., :topk].astype(np.int32)
-                log_probs = torch.from_numpy(logits.astype(np.float32)).log_softmax(-1).numpy().astype(np.float16)
-                extra = {contract.TOPK_VALUES_EXT: npy(np.take_along_axis(log_probs, idx, -1)),
-                         contract.TOPK_INDICES_EXT: npy(idx)}
-            else:
-                extra = {contract.LOGITS_EXT: npy(logits)}
-            if views:
-                boxes = np.tile(np.array([[0.1, 0.1, 0.8, 0.8, 0.0]], np.float32), (views, 1))
-                boxes[1:, 4] = 1.0
-                extra[contract.VIEWS_EXT] = npy(boxes)
-            samples.append({"__key__": key, **members, **extra})
+            boxes = None
+            if views:  # the colour images are 56 x 48: a box inside, the later views mirrored
+                boxes = np.tile(np.array([[6, 5, 45, 38, 0]]), (views, 1))
+                boxes[1:, 4] = 1
+            samples.append({"__key__": key, **mem.without_teacher(members),
+                            **mem.encode(logits.astype(np.float32), boxes, topk or None)})
         rec.update(tario.write_shard(tar, samples))
-    man["teacher"] = {"model": "hand-made", "num_classes": width, "views": views or 1, "dtype": "float16",
-                      **({"topk": topk, "topk_values": "log_softmax"} if topk else {})}
+    layout = contract.teacher_layout(width, topk or None, views or None)
+    man["teacher"] = {"model": "hand-made", "num_classes": width, "views": views or None, "dtype": "float16",
+                      "topk": topk or None, **({"topk_values": "log_softmax"} if topk else {}),
+                      "members": mem.member_names(), "layout": mem.layout_json(layout)}
     (folder / contract.MANIFEST).write_text(json.dumps(man))
     return dst
 
@@ -208,6 +200,40 @@ def test_marginal_topk_target_spreads_the_rest_and_needs_log_probabilities(colou
     manifest.write_text(json.dumps(man))
     with pytest.raises(KdkitError, match="--topk-target marginal: .* stores top-k raw logits"):
         fit(cfg_for(data, tmp_path, epochs=1, name="m2", kd="stored", topk_target="marginal"))
+
+
+@pytest.mark.parametrize("kd_loss, kd, topk", [("dkd", "replay", 0), ("kl-ls", "stored", 2), ("dkd-ls", "replay", 2)])
+def test_kd_losses_train_from_stored_and_replayed_logits_and_topk(colour, tmp_path, kd_loss, kd, topk, monkeypatch):
+    """Each KD term trains from the targets a run gets (full or top-k, single view or replayed), with the
+    term's own numbers: the loss seen each step is the criterion's with that term."""
+    from kdkit.train import losses
+
+    data = add_teacher_outputs(colour, tmp_path / "d", views=3 if kd == "replay" else 0, topk=topk)
+    calls = []
+    real = losses.KD_LOSSES[kd_loss].__call__
+
+    def spy(self, logits, target, teacher, temperature, epoch):
+        value = real(self, logits, target, teacher, temperature, epoch)
+        calls.append((type(self).name, epoch, value.item()))
+        return value
+    monkeypatch.setattr(losses.KD_LOSSES[kd_loss], "__call__", spy)
+    history = fit(cfg_for(data, tmp_path, epochs=2, name="s", kd=kd, kd_loss=kd_loss, kd_temperature=2.0,
+                          topk_target="marginal" if topk else "renormalize", dkd_warmup=2))
+    assert np.isfinite(history[-1]["train_loss"]) and calls
+    assert {c[0] for c in calls} == {kd_loss} and {c[1] for c in calls} == {0, 1}  # the trainer told it the epoch
+    assert all(np.isfinite(c[2]) and c[2] >= 0 for c in calls)
+
+
+def test_standardized_losses_refuse_renormalized_topk_and_old_sets_name_the_conversion(colour, tmp_path):
+    data = add_teacher_outputs(colour, tmp_path / "d", topk=2)
+    with pytest.raises(KdkitError, match="--kd-loss kl-ls: standardizing needs every class's logit.*--topk-target "
+                                         "marginal"):
+        fit(cfg_for(data, tmp_path, epochs=1, name="ls", kd="stored", kd_loss="kl-ls"))
+    man = json.loads((data / "train" / contract.MANIFEST).read_text())
+    del man["teacher"]["layout"]  # a teacher block as kdkit wrote it before the packed member
+    (data / "train" / contract.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(KdkitError, match=r"before 2026-12 .* `kdkit add-teacher-logits .*train --repack --in-place`"):
+        fit(cfg_for(data, tmp_path, epochs=1, name="old", kd="stored"))
 
 
 def test_views_per_load_trains_on_b_x_n_views_and_mixes_within_them(colour, tmp_path, monkeypatch):
