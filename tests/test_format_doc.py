@@ -23,7 +23,13 @@ def test_doc_lists_every_manifest_field():
         assert f"`{key}`" in DOC, f"manifest field {key} is not documented in shards/FORMAT.md"
 
 
-def test_doc_names_the_teacher_members():
-    for ext in (contract.LOGITS_EXT, contract.TOPK_VALUES_EXT, contract.TOPK_INDICES_EXT, contract.VIEWS_EXT):
+def test_doc_names_the_teacher_member_and_its_layout():
+    assert f"`KEY.{contract.TEACHER_EXT}`" in DOC
+    for ext in contract.LEGACY_TEACHER_EXTS:  # the layout before it, which readers refuse naming --repack
         assert f"KEY.{ext}" in DOC, ext
     assert ", ".join(contract.VIEW_FIELDS) in DOC
+    # the documented example is what teacher_layout gives: K = 10 views of top-10 of 1000 classes
+    parts = [(p.name, p.dtype, list(p.shape), p.offset) for p in contract.teacher_layout(1000, 10, 10)]
+    assert parts == [("values", "<f2", [10, 10], 0), ("indices", "<u2", [10, 10], 200), ("boxes", "<u2", [10, 5], 400)]
+    for name, dtype, shape, offset in parts:
+        assert f'{{"name": "{name}", "dtype": "{dtype}", "shape": {shape}, "offset": {offset}}}' in DOC, name

@@ -360,14 +360,14 @@ def test_workers_are_spawned_safely_from_cli(class_tree, tmp_path):
 
 def test_a_small_member_takes_one_header_and_one_block_in_the_tar(tmp_path):
     # what the manifest's storage accounting assumes (kdkit.teach.members.tar_bytes): no PAX header per
-    # member, which tarfile adds for a float mtime (1 KB more for every .cls and teacher .npy)
+    # member, which tarfile adds for a float mtime (1 KB more for every .cls and .teacher member)
     from kdkit.teach.members import tar_bytes
 
-    samples = [{"__key__": f"n01440764/img{i:06d}", "cls": contract.encode_label(i), "views.npy": bytes(300)}
+    samples = [{"__key__": f"n01440764/img{i:06d}", "cls": contract.encode_label(i), "teacher": bytes(500)}
                for i in range(40)]
     tar = tmp_path / contract.tar_name("train", 0)
     tario.write_shard(tar, samples)
-    members = sum(tar_bytes(s["__key__"], ext, len(s[ext])) for s in samples for ext in ("cls", "views.npy"))
+    members = sum(tar_bytes(s["__key__"], ext, len(s[ext])) for s in samples for ext in ("cls", "teacher"))
     assert members == 40 * 2 * 1024
     assert members + 1024 <= tar.stat().st_size < members + 1024 + 10240  # + end blocks, record padding
     assert [k for k, _ in tario.iter_tar_samples(tar)] == [s["__key__"] for s in samples]
