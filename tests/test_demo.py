@@ -10,8 +10,8 @@ from kdkit.cli import main
 
 pytest.importorskip("mnist")
 
-TINY = ["--quick", "--train-size", "300", "--test-size", "100", "--teacher-epochs", "1", "--student-epochs", "1",
-        "--device", "cpu"]
+TINY = ["--quick", "--train-size", "300", "--test-size", "100", "--teacher-epochs", "1", "--losses", "kl", "dkd",
+        "--student-epochs", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_runs_the_flow_and_reports(demo):
     res = json.loads((demo / "results.json").read_text())
-    ways = ["no-kd", "kd-stored", "kd-replay4", "kd-replay8", "kd-online"]
+    ways = ["no-kd", "kd-stored", "kd-replay4", "kd-replay8", "kd-online", "kd-replay4-dkd", "kd-replay8-dkd",
+            "kd-online-dkd"]
     assert set(res["runs"]) == {"teacher", *(f"{w}-s0" for w in ways)}
     for name, row in res["runs"].items():  # every net judged on the same 100 test images
         assert row["samples"] == 100, name
@@ -49,13 +50,14 @@ def test_demo_prints_commands_a_user_can_repeat(demo):
     lines = (demo / "commands.sh").read_text().splitlines()
     verbs = [line.split()[1] if line.startswith("kdkit") else line.split()[2] for line in lines]
     assert verbs[:3] == ["kdkit.demo.mnist", "shard", "shard"]
-    assert verbs.count("train") == 6 and verbs.count("add-teacher-logits") == 3 and verbs.count("eval") == 6
+    assert verbs.count("train") == 9 and verbs.count("add-teacher-logits") == 3 and verbs.count("eval") == 9
     assert all(line.startswith(("kdkit ", "python -m kdkit.demo.mnist")) for line in lines)
     # the same crops for every student, and the online teacher is the demo's own teacher
     students = [line for line in lines if line.startswith("kdkit train student")]
     assert all("--random-area 0.25 1.0 --no-flip" in line for line in students)
     online = [line for line in students if "--kd online" in line]
-    assert len(online) == 1 and "runs/teacher/last.pth" in online[0]
+    assert len(online) == 2 and all("runs/teacher/last.pth" in line for line in online)
+    assert sum("--kd-loss dkd" in line for line in students) == 3
 
 
 @pytest.mark.slow
@@ -128,8 +130,8 @@ def test_demo_replay_rows_with_views_per_load_train_on_the_same_images(tmp_path)
     cfg = DemoConfig.preset(tmp_path, False, student_epochs=8, views_per_load=4)
     demo, seen = Demo(cfg, echo=lambda text: None), {}
     demo.kdkit = lambda *args: seen.__setitem__(args[args.index("--name") + 1], [str(a) for a in args])
-    for way, (data, kd) in cfg.student_ways().items():
-        demo._train("student", way, tmp_path / data, cfg.student_model, seed=0, kd=kd)
+    for way, (data, kd, loss) in cfg.student_ways().items():
+        demo._train("student", way, tmp_path / data, cfg.student_model, seed=0, kd=kd, loss=loss)
 
     def budget(way):
         a = seen[way]
@@ -160,3 +162,36 @@ def test_report_writes_error_counts_as_counts(seeds, tmp_path):
         assert "| 180 | 1.80 |" in md and "±" not in md and "one seed" in md
     else:
         assert "| 180.5 ± 0.7 |" in md and "mean ± standard deviation over 2 seeds" in md
+
+
+def test_demo_trains_the_replayed_and_online_rows_once_per_loss_with_its_settings(tmp_path):
+    from kdkit.demo import LOSS_SETTINGS
+    from kdkit.demo.report import label, summarize, verdict
+    from kdkit.demo.run import Demo, DemoConfig
+
+    cfg = DemoConfig.preset(tmp_path, False, losses=("kl", "dkd", "kl-ls"))
+    assert list(cfg.student_ways()) == ["no-kd", "kd-stored", "kd-replay4", "kd-replay8", "kd-online", "kd-replay4-dkd",
+                                        "kd-replay8-dkd", "kd-online-dkd", "kd-replay4-kl-ls", "kd-replay8-kl-ls",
+                                        "kd-online-kl-ls"]
+    demo, seen = Demo(cfg, echo=lambda text: None), {}
+    demo.kdkit = lambda *args: seen.__setitem__(args[args.index("--name") + 1], [str(a) for a in args])
+    for way, (data, kd, loss) in cfg.student_ways().items():
+        demo._train("student", way, tmp_path / data, cfg.student_model, seed=0, kd=kd, loss=loss)
+
+    def flag(way, name):
+        a = seen[way]
+        return a[a.index(name) + 1]
+
+    assert flag("kd-replay4", "--kd-loss") == "kl" and float(flag("kd-replay4", "--kd-alpha")) == cfg.kd_alpha
+    for way, loss in (("kd-online-dkd", "dkd"), ("kd-replay8-kl-ls", "kl-ls")):
+        assert flag(way, "--kd-loss") == loss
+        for key, value in LOSS_SETTINGS[loss].items():  # each loss's settings chosen on held-out images
+            assert float(flag(way, "--" + key.replace("_", "-"))) == value
+    assert label("kd-online-dkd").endswith("online teacher on its crop (consistent upper bound), DKD")
+    rows = {"teacher": {"errors": 60, "top1": 99.4, "samples": 10000}}
+    for i, way in enumerate(cfg.student_ways()):
+        rows.update({f"{way}-s{s}": {"errors": 150 - 5 * i + s, "samples": 10000} for s in range(3)})
+    lines = verdict(summarize(rows, 3), 3)
+    assert any(line.startswith("DKD (kd-online) vs the same row with KL: 15.0 fewer errors") for line in lines)
+    with pytest.raises(Exception, match="--losses kl hint: expected one or more of kl, dkd, kl-ls, dkd-ls"):
+        DemoConfig.preset(tmp_path, False, losses=("kl", "hint"))
