@@ -41,6 +41,22 @@ def hand_loss(own, peer, labels, alpha, T, am=None, teacher=None):
     return (1 - alpha) * ce + alpha * T * T * kl
 
 
+def test_each_student_takes_dkd_against_its_peer_as_against_a_teacher():
+    from kdkit.train.losses import DKD, DKDStandardized, one_hot_smoothed
+
+    from test_train_losses import hand_dkd, zscore
+
+    torch.manual_seed(1)
+    a, b = torch.randn(3, 4), torch.randn(3, 4) * 2
+    labels = [0, 3, 1]
+    target = one_hot_smoothed(torch.tensor(labels), 4)
+    for term, z in ((DKD(1.0, 2.0), lambda r: r), (DKDStandardized(1.0, 2.0), zscore)):
+        losses = mutual_losses([a, b], target, [DistillationLoss(2.0, 1.0, term=term)] * 2)
+        for got, own, peer in zip(losses.tolist(), (a, b), (b, a)):
+            hand = [hand_dkd(z(o), z(p), y, 2.0, 1.0, 2.0)[0] for o, p, y in zip(own.tolist(), peer.tolist(), labels)]
+            assert got == pytest.approx(sum(hand) / 3, rel=1e-5)
+
+
 def test_each_students_loss_is_the_hand_computed_one():
     torch.manual_seed(0)
     a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                                 test_size=a.test_size, teacher_epochs=a.teacher_epochs,
                                 student_epochs=a.student_epochs, threads=a.threads, holdout=a.holdout,
                                 random_area=a.random_area and tuple(a.random_area), kd_temperature=a.kd_temperature,
-                                kd_alpha=a.kd_alpha, views_per_load=a.views_per_load,
+                                kd_alpha=a.kd_alpha, views_per_load=a.views_per_load, eval_crop_ratio=a.eval_crop_ratio,
                                 losses=a.losses and tuple(dict.fromkeys(a.losses)))
         Demo(cfg).run()
         return 0
@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--random-area", type=FRACTION, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="random-resized-crop area range of the teacher, its stored views and every student "
                         "(default: 0.25 1)")
+    p.add_argument("--eval-crop-ratio", type=FRACTION, default=None,
+                   help="the centre view every net is evaluated on and the teacher's single stored view: image size / "
+                        "resized side (default: 0.875, chosen on held-out images)")
     p.add_argument("--kd-temperature", type=POSITIVE, default=None, help="KD temperature T (default: 4)")
     p.add_argument("--kd-alpha", type=number(0, 1), default=None, help="weight of the KD term (default: 0.5)")
     p.add_argument("--views-per-load", type=COUNT, default=None,

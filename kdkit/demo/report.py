@@ -153,7 +153,8 @@ def write_report(cfg, rows: dict, out: Path) -> list[Path]:
           + (f", {cfg.views_per_load} of them per decoded sample ({cfg.student_budget('replay')[0]} epochs "
              f"of {cfg.student_budget('replay')[1]} samples x {cfg.views_per_load} views: the same training "
              "images)" if cfg.views_per_load > 1 else "")
-          + f"; {cfg.image_size} px; device {cfg.device}.", "",
+          + f"; {cfg.image_size} px; every net evaluated on the centre view at crop ratio {cfg.eval_crop_ratio:g}"
+          + f"; device {cfg.device}.", "",
           f"| net | {'validation' if cfg.holdout else 'test'} errors | error % | gap recovered | per seed |", "| --- | ---: | ---: | ---: | --- |",
           f"| teacher | {summary['teacher']['errors']} | {100 * summary['teacher']['errors'] / n:.2f} | | |"]
     for s in summary["students"].values():
