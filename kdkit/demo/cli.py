@@ -62,9 +62,9 @@ def add_parser(sub) -> None:
                    help="replayed rows: N stored views per decoded image (kdkit train --views-per-load), trained "
                         "for E/N epochs of B/N samples, the same training images as every other row (default: 1)")
     p.add_argument("--losses", nargs="+", default=None, metavar="LOSS", choices=list(LOSS_SETTINGS),
-                   help="KD terms (kdkit train --kd-loss) of the replayed and online rows, one row each, with the "
-                        f"settings chosen on held-out images (docs/demo.md); of {', '.join(LOSS_SETTINGS)} "
-                        "(default: kl)")
+                   help="KD terms (kdkit train --kd-loss) to compare: each besides kl adds a replayed row (the most "
+                        "views) and an online row trained with it, with the settings chosen on held-out images "
+                        f"(docs/demo.md); of {', '.join(LOSS_SETTINGS)} (default: kl)")
     p.add_argument("--teacher-epochs", type=COUNT, default=None)
     p.add_argument("--student-epochs", type=COUNT, default=None)
     p.add_argument("--threads", type=COUNT, default=2, help="DALI threads")

@@ -47,7 +47,7 @@ class DemoConfig:
     eval_crop_ratio: float = 0.875
     replay_views: tuple[int, ...] = (4, 8)  # K of each replayed-logits row
     views_per_load: int = 1  # replay rows: N stored views per decoded sample, E/N epochs of B/N samples (same images)
-    losses: tuple[str, ...] = ("kl",)  # KD terms of the replayed and online rows (LOSS_SETTINGS); kl for the others
+    losses: tuple[str, ...] = ("kl",)  # KD terms compared on the replayed and online rows (LOSS_SETTINGS)
     batch_size: int = 128
     student_lr: float = 0.02
     kd_temperature: float = 4.0
@@ -85,12 +85,17 @@ class DemoConfig:
 
     def student_ways(self) -> dict[str, tuple[str, str, str]]:
         """The rows of the comparison, name -> (shard set the student reads, --kd, --kd-loss): no KD, stored
-        single-view, then the replayed and online rows once per loss (`<row>` for kl, `<row>-<loss>`)."""
-        ways = {"no-kd": ("shards", "none", "kl"), "kd-stored": ("shards-kd1", "stored", "kl")}
+        single-view, replayed K-view for every K and online with KL; then each other loss (`<row>-<loss>`) on
+        the replayed row with the most views and the online row (the rows where a loss is worth comparing,
+        at two students a loss and seed)."""
+        most = max(self.replay_views)
+        ways = {"no-kd": ("shards", "none", "kl"), "kd-stored": ("shards-kd1", "stored", "kl"),
+                **{f"kd-replay{k}": (f"shards-kd{k}", "replay", "kl") for k in self.replay_views},
+                "kd-online": ("shards", "online", "kl")}
         for loss in self.losses:
-            tail = "" if loss == "kl" else f"-{loss}"
-            ways.update({f"kd-replay{k}{tail}": (f"shards-kd{k}", "replay", loss) for k in self.replay_views})
-            ways[f"kd-online{tail}"] = ("shards", "online", loss)
+            if loss != "kl":
+                ways[f"kd-replay{most}-{loss}"] = (f"shards-kd{most}", "replay", loss)
+                ways[f"kd-online-{loss}"] = ("shards", "online", loss)
         return ways
 
     def loss_flags(self, loss: str) -> list:
