@@ -67,6 +67,17 @@ def test_student_distills_by_default_and_teacher_refuses_kd_recipes():
         parse(["train", "teacher", "d", "--kd", "stored"])
 
 
+def test_the_kd_loss_and_its_options_are_flags_of_every_distilling_mode_and_a_recipe_key():
+    for mode in ("student", "mutual"):
+        cfg = config_from_args(parse(["train", mode, "d", "--kd", "online", "--kd-loss", "dkd-ls", "--dkd-beta", "2",
+                                      "--dkd-alpha", "0.5", "--dkd-warmup", "3"]), mode)
+        assert (cfg.kd_loss, cfg.dkd_alpha, cfg.dkd_beta, cfg.dkd_warmup) == ("dkd-ls", 0.5, 2.0, 3)
+    dkd = config_from_args(parse(["train", "student", "d", "-c", "resnet18-dkd"]), "student")
+    assert (dkd.kd, dkd.kd_loss, dkd.dkd_beta, dkd.kd_temperature) == ("replay", "dkd", 0.5, 1.0)
+    with pytest.raises(SystemExit):  # a teacher distills nothing
+        parse(["train", "teacher", "d", "--kd-loss", "dkd"])
+
+
 def test_resume_flag_and_optional_values():
     a = parse(["train", "teacher", "d", "--name", "r1", "--resume", "--auto-augment", "none", "--clip-grad", "1"])
     cfg = config_from_args(a, "teacher")

@@ -53,7 +53,7 @@ class SplitReport:
     kept: int  # shards of this process found done and kept
     images_per_s: float | None
     complete: bool  # manifest written (every shard of the set done)
-    payload_bytes_per_sample: float | None = None  # .npy bytes the teacher members add per sample
+    payload_bytes_per_sample: float | None = None  # bytes of the packed teacher member per sample
     bytes_per_sample: float | None = None  # the same with tar headers and padding
     share_of_set: float | None = None  # teacher bytes / bytes of the whole set after the pass
     source: str = ""  # where the outputs came from: the teachers and the weights used, or the HDF5 file
@@ -452,6 +452,6 @@ def format_report(reports: list[SplitReport]) -> str:
         head = f"{r.split}: {r.written} shards written, {r.kept} kept{speed}"
         if r.complete and r.bytes_per_sample is not None:
             head += (f"; {r.folder}: {r.samples} samples, teacher outputs add {r.bytes_per_sample:.0f} bytes/sample "
-                     f"in the tars ({r.payload_bytes_per_sample:.0f} as .npy), {100 * r.share_of_set:.1f}% of the set")
+                     f"in the tars ({r.payload_bytes_per_sample:.0f} in the packed member), {100 * r.share_of_set:.1f}% of the set")
         lines.append(head)
     return "\n".join(lines)

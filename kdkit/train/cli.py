@@ -24,14 +24,13 @@ from kdkit.train.config import FIELDS, KD_MODES, TrainConfig, list_recipes, load
 
 # what each mode takes besides the options every training has: a teacher never distills, only mutual
 # learning has a peer; `mutual` itself is set by the mode
+DISTILL = ("kd", "topk_target", "kd_loss", "kd_temperature", "kd_alpha", "dkd_alpha", "dkd_beta", "dkd_warmup",
+           "teacher_model", "teacher_checkpoint", "views_per_load")
 MODE_OPTIONS = {
     "teacher": (),
-    "lr-find": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
-                "views_per_load"),
-    "student": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
-                "views_per_load"),
-    "mutual": ("kd", "topk_target", "kd_temperature", "kd_alpha", "teacher_model", "teacher_checkpoint",
-               "views_per_load", "peer_model", "peer_am_softmax"),
+    "lr-find": DISTILL,
+    "student": DISTILL,
+    "mutual": (*DISTILL, "peer_model", "peer_am_softmax"),
 }
 NOT_FLAGS = ("data", "recipe", "mutual", "resume")  # the positional, -c, the mode, and --resume (below)
 PEER = ("peer_model", "peer_am_softmax")
