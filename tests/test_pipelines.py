@@ -457,6 +457,17 @@ def test_missing_teacher_member_is_an_error_or_skipped_and_counted(indexed, tmp_
 # bad input: a clear error naming shard and sample, never a hang
 
 @pytest.mark.timeout(60)
+def test_a_packed_member_shorter_than_its_layout_is_a_clear_error(indexed, tmp_path):
+    _, samples = indexed
+    stored = [{**s, **teacher_member(np.zeros(4))} for s in samples]
+    stored[5][contract.TEACHER_EXT] = stored[5][contract.TEACHER_EXT][:4]
+    tars = write_set(tmp_path, stored, teacher={})
+    with pytest.raises(ShardError, match=r"a packed \.teacher member in .* is not as long as its manifest's layout"):
+        for _ in DaliLoader(tars, cfg(teacher_logits=True)):
+            pass
+
+
+@pytest.mark.timeout(60)
 def test_corrupt_image_names_shard_and_key(indexed, tmp_path):
     _, samples = indexed
     bad = [dict(s, jpg=b"\xff\xd8\xff\xe0" + b"not a jpeg" * 40) if s["__key__"] == "s010" else s for s in samples]
