@@ -310,6 +310,8 @@ def test_logit_standardization_is_the_z_score_then_kl_or_dkd_at_the_base_tempera
     scaled = [[3 * v + 7 for v in t]]
     assert term_value("kl-ls", [s], scaled, [0], T).item() == pytest.approx(expected, rel=1e-5)
     assert term_value("kl", [s], scaled, [0], T).item() != pytest.approx(term_value("kl", [s], [t], [0], T).item())
+    # the authors' KD weight: --kl-weight multiplies the term
+    assert term_value("kl-ls", [s], [t], [0], T, weight=10.0).item() == pytest.approx(10 * expected, rel=1e-5)
     # DKD on the z-scores
     assert term_value("dkd-ls", [s], [t], [2], T, alpha=1.0, beta=2.0).item() == pytest.approx(
         hand_dkd(zs, zt, 2, T, 1.0, 2.0)[0], rel=1e-5)
@@ -364,6 +366,7 @@ def test_kd_loss_is_chosen_by_one_option_and_refuses_dkd_with_mixing():
 
     loss = criterion(TrainConfig(kd="stored", kd_loss="dkd-ls", dkd_alpha=2.0, dkd_beta=0.5, dkd_warmup=3))
     assert isinstance(loss.term, DKDStandardized) and (loss.term.alpha, loss.term.beta, loss.term.warmup) == (2.0, 0.5, 3)
+    assert criterion(TrainConfig(kd="stored", kd_loss="kl-ls", kl_weight=10.0)).term.weight == 10.0
     assert type(criterion(TrainConfig(kd="stored")).term).__name__ == "KL"  # Hinton's, the default
     with pytest.raises(OptionError, match=r"kd_loss=dkd: DKD separates the target class .* --mixup 0 --cutmix 0"):
         TrainConfig(kd="stored", kd_loss="dkd", mixup=0.2)

@@ -24,8 +24,8 @@ from kdkit.train.config import FIELDS, KD_MODES, TrainConfig, list_recipes, load
 
 # what each mode takes besides the options every training has: a teacher never distills, only mutual
 # learning has a peer; `mutual` itself is set by the mode
-DISTILL = ("kd", "topk_target", "kd_loss", "kd_temperature", "kd_alpha", "dkd_alpha", "dkd_beta", "dkd_warmup",
-           "teacher_model", "teacher_checkpoint", "views_per_load")
+DISTILL = ("kd", "topk_target", "kd_loss", "kd_temperature", "kd_alpha", "kl_weight", "dkd_alpha", "dkd_beta",
+           "dkd_warmup", "teacher_model", "teacher_checkpoint", "views_per_load")
 MODE_OPTIONS = {
     "teacher": (),
     "lr-find": DISTILL,

@@ -85,6 +85,8 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
                           choices=KD_LOSSES)
     kd_temperature: float = option(4.0, "KD temperature T", KD, low=0, above=True)
     kd_alpha: float = option(0.9, "weight of the KD term; the hard-label loss gets 1 - alpha", KD, low=0, high=1)
+    kl_weight: float = option(1.0, "kl, kl-ls: weight of the KL term within alpha's share (the logit-standardization "
+                                    "authors: KD 9 against CE 0.1, i.e. --kd-alpha 0.9 --kl-weight 10)", KD, low=0)
     dkd_alpha: float = option(1.0, "dkd: weight of TCKD, the target class against the rest", KD, low=0)
     dkd_beta: float = option(8.0, "dkd: weight of NCKD, the distribution over the non-target classes (the authors: "
                                   "8 on CIFAR-100, 0.5 on ImageNet)", KD, low=0)
