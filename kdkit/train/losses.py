@@ -162,8 +162,8 @@ class DKD(KL):
     """Decoupled KD (`--kd-loss dkd`, see dkd()): dkd_alpha * TCKD + dkd_beta * NCKD, ramped in linearly
     over the first dkd_warmup epochs as mdistiller does it (min(epoch / warmup, 1), epochs counted from 1:
     the first epoch gets 1 / warmup), constant within an epoch. mdistiller's CIFAR-100 recipe (CE weight
-    1, alpha 1, beta 8, T 4, warmup 20 of 240 epochs) is --kd-alpha 0.5 --dkd-alpha 1 --dkd-beta 8 up to a
-    factor 2 on the whole loss."""
+    1, alpha 1, beta 8, T 4, warmup 20 of 240 epochs) is --kd-alpha 0.5 --dkd-alpha 1 --dkd-beta 8 --dkd-warmup
+    20: their loss, halved (the LR's business)."""
 
     name = "dkd"
     words = "DKD"
