@@ -77,7 +77,7 @@ def test_teacher_pass_from_a_bucket_into_a_bucket_equals_the_local_pass(tmp_path
     local, remote = files(tmp_path / "kd"), objects(f"{bucket}/kd")
     assert sorted(remote) == sorted(local) and all(remote[k] == local[k] for k in local)
     man = json.loads(remote["train/manifest.json"])
-    assert list(man["teacher"]["members"].values()) == [contract.LOGITS_EXT] and man["num_samples"] == 18
+    assert list(man["teacher"]["members"].values()) == [contract.TEACHER_EXT] and man["num_samples"] == 18
 
 
 def test_teacher_pass_in_place_in_a_bucket_swaps_each_shard_whole(tmp_path, bucket):
