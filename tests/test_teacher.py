@@ -699,7 +699,7 @@ def test_non_finite_teacher_outputs_are_refused_naming_the_first_sample(tiny_sha
         add_teacher_logits(config(tiny_shards / "val", tmp_path / "t.pth", out=out))
     first = sorted((tiny_shards / "val").glob("*.tar"))[0]
     key = next(tario.iter_tar_samples(first))[0]
-    assert str(e.value).startswith(f"{out / first.name}: sample {key}: the teacher outputs (.logits.npy) are "), e.value
+    assert str(e.value).startswith(f"{out / first.name}: sample {key}: the teacher outputs (values in .teacher) are "), e.value
     assert ("NaN" if how == "nan" else "beyond float16's range") in str(e.value)
     assert not list(out.glob("*.tar")) and not (out / contract.MANIFEST).exists()
 
@@ -715,16 +715,14 @@ def test_verify_reports_non_finite_teacher_outputs_of_a_set_written_before_the_c
     rec = man["shards"][0]
     tar = out / rec["tar"]
     samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(tar)]
-    logits = np.load(io.BytesIO(samples[1][contract.LOGITS_EXT]))
-    logits.flat[0] = value
-    buf = io.BytesIO()
-    np.save(buf, logits)
-    samples[1][contract.LOGITS_EXT] = buf.getvalue()
+    member = bytearray(samples[1][contract.TEACHER_EXT])  # the packed member: float16 values first (FORMAT.md)
+    member[:2] = np.float16(value).tobytes()
+    samples[1][contract.TEACHER_EXT] = bytes(member)
     info = tario.write_shard(tar, samples)
     rec.update(bytes=info["bytes"], sha256=info["sha256"])  # the set as such a pass wrote it: checksums agree
     (out / contract.MANIFEST).write_text(json.dumps(man))
     rep = verify_set(out, progress=False)
     assert not rep.ok and len(rep.problems) == 1, rep.problems
     word = "NaN" if value != value else "infinite"
-    assert rep.problems[0] == (f"{tar}: sample {samples[1]['__key__']} .{contract.LOGITS_EXT} holds {word} teacher "
+    assert rep.problems[0] == (f"{tar}: sample {samples[1]['__key__']} .{contract.TEACHER_EXT} holds {word} teacher "
                                "outputs (a diverged teacher, or logits beyond float16's range)")

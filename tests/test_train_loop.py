@@ -359,11 +359,10 @@ def poison_one_sample(folder: Path, value: float) -> str:
     man = json.loads((folder / contract.MANIFEST).read_text())
     rec = man["shards"][0]
     samples = [{"__key__": k, **m} for k, m in tario.iter_tar_samples(folder / rec["tar"])]
-    logits = np.load(io.BytesIO(samples[0][contract.LOGITS_EXT]))
-    logits[0] = value
-    samples[0][contract.LOGITS_EXT] = npy(logits)
+    member = bytearray(samples[0][contract.TEACHER_EXT])  # the packed member: float16 values first (FORMAT.md)
+    member[:2] = np.float16(value).tobytes()
+    samples[0][contract.TEACHER_EXT] = bytes(member)
     rec.update(tario.write_shard(folder / rec["tar"], samples))
-    man["teacher"].update(members={"logits": contract.LOGITS_EXT}, views=None)  # as the teacher pass writes it
     (folder / contract.MANIFEST).write_text(json.dumps(man))
     return samples[0]["__key__"]
 
@@ -382,7 +381,7 @@ def test_nan_from_non_finite_teacher_targets_names_them_not_the_learning_rate(co
     assert "the teacher targets of step" in said and "are not finite" in said and "Lower --lr" not in said, said
     assert f"kdkit verify --decode {data}" in said
     rep = verify_set(data / "train", decode=True, progress=False)
-    assert any(f"sample {key} .logits.npy holds NaN teacher outputs" in p for p in rep.problems), rep.problems
+    assert any(f"sample {key} .teacher holds NaN teacher outputs" in p for p in rep.problems), rep.problems
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(colour, tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """`kdkit verify`: check a shard set against its manifest and say exactly what is wrong."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from dataclasses import dataclass, field
