@@ -7,13 +7,20 @@ chooses a device.
         model.to(rt.device); DALI on rt.dali_backend("auto"); rank rt.rank of rt.world
         total = rt.reduce_sum([loss_sum, count])
 
-Under torchrun (WORLD_SIZE > 1) `start` joins the process group (NCCL on CUDA, gloo on the CPU)
-and leaves it at the end; each rank uses GPU LOCAL_RANK. Without torchrun everything here is a
-one-process no-op. DALI loaders read their part of the shards from the group (rank_and_world).
+Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) `start` joins the process
+group (NCCL on CUDA, gloo on the CPU), whatever the world size, and leaves it at the end; each rank
+uses GPU LOCAL_RANK. So `torchrun --nproc_per_node 1` runs NCCL and DDP as a job of 8 does (the GPU
+check relies on it). Without torchrun everything here is a one-process no-op. DALI loaders read their
+part of the shards from the group (rank_and_world).
+
+The group's timeout bounds every collective, barriers included: NCCL's default is 10 minutes, and
+its watchdog then kills the job. A command whose ranks can wait on each other longer (the teacher
+pass: a rank whose shards are done waits at the barrier for the others) asks for more (`timeout`).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import sys
@@ -25,6 +32,8 @@ import torch.distributed as dist
 from kdkit.errors import KdkitError
 from kdkit.options import DEVICES, env_integer
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun (and torch.multiprocessing tests) set
+CPU_DALI_THREADS = 4  # DALI threads of a CPU-backend loader by default: torch shares those cores
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a torch.distributed process group (under torchrun, even of one rank)
 
     @property
     def is_main(self) -> bool:
@@ -40,7 +50,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """Collectives and DDP run: in a process group (one rank included), or more than one rank."""
+        return self.grouped or self.world > 1
 
     @property
     def dali_device(self) -> str:
@@ -65,10 +76,13 @@ class Runtime:
             where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         else:
             where = f"the CPU ({torch.get_num_threads()} torch threads)"
-        part = f"; rank {self.rank} of {self.world}" if self.distributed else ""
+        part = ""
+        if self.distributed:
+            group = f", {dist.get_backend()} process group" if dist.is_initialized() else ""
+            part = f"; rank {self.rank} of {self.world}{group}"
         return f"running on {where}{part}"
 
-    # -- collectives: no-ops in one process -----------------------------------------------------
+    # -- collectives: through the process group where there is one, else no-ops -------------------
     def reduce_sum(self, values) -> list[float]:
         """Element-wise sum over ranks, in float64 so sample counts and sums stay exact."""
         t = torch.as_tensor(values, dtype=torch.float64)
@@ -152,6 +166,28 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
     return torch.device("cpu")
 
 
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def local_world() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
+    return env_integer("LOCAL_WORLD_SIZE", 1, low=1)
+
+
+def dali_threads(requested: int | None, gpu: bool) -> int:
+    """DALI worker threads of one loader: `requested`, or by default this machine's cores shared among
+    its local ranks on the GPU backend (each rank's decoder feeds its own GPU from the host's cores:
+    an H100 eats ~3,000 ResNet-50 images/s, a few cores' worth of JPEG parsing), and CPU_DALI_THREADS on
+    the CPU backend, where torch needs the cores too."""
+    if requested is not None:
+        return requested
+    if not gpu:
+        return CPU_DALI_THREADS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world())
+
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the world size of the initialized process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -161,24 +197,27 @@ def rank_and_world() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def start(requested: str = "auto", announce: str | None = None, distributed: bool = True,
-          deterministic: bool = False):
+          deterministic: bool = False, timeout: float | None = None):
     """The Runtime of this process (see the module doc); joins torchrun's process group for the block.
     `announce`: print "<announce>: running on ..." once (rank 0), so every long job says where it runs.
     distributed=False: a command that works alone (eval, predict, the benchmark) stays one process
     of its own even under torchrun, on GPU LOCAL_RANK. deterministic: torch's deterministic algorithms
-    and no cuDNN autotuning (exact reproduction on the GPU, slower)."""
+    and no cuDNN autotuning (exact reproduction on the GPU, slower). timeout: seconds any collective
+    (a barrier) may wait for the other ranks before the job fails (default: torch's, 10 minutes for NCCL)."""
     world = env_integer("WORLD_SIZE", 1, low=1) if distributed else 1  # torchrun's; checked, not a traceback
     local_rank = env_integer("LOCAL_RANK", 0, low=0)
     device = pick_device(requested, local_rank)
     joined = False
-    if world > 1:
+    if distributed and (world > 1 or under_torchrun()):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            extra = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **extra)
             joined = True
-    rank, world = rank_and_world() if distributed else (0, 1)
-    rt = Runtime(device, rank, world, local_rank)
+    grouped = distributed and dist.is_available() and dist.is_initialized()
+    rank, world = rank_and_world() if grouped else (0, 1)
+    rt = Runtime(device, rank, world, local_rank, grouped)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # fixed-size batches everywhere: let cuDNN pick its fastest kernels once (not where runs must repeat exactly)

@@ -50,3 +50,61 @@ def test_every_long_job_says_where_it_runs(capsys):
         assert (rt.rank, rt.world, rt.dali_device, rt.device_id) == (0, 1, "cpu", None)
         assert rt.reduce_sum([1.5, 2]) == [1.5, 2.0] and rt.gather("x") == ["x"] and not rt.any(False)
     assert capsys.readouterr().err.startswith("kdkit train: running on the CPU")
+
+
+def torchrun_env(monkeypatch, rank: int, world: int, port: int) -> None:
+    for k, v in dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=port).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_of_one_process_joins_the_group(monkeypatch, capsys):
+    """`torchrun --nproc_per_node 1` (the GPU check's DDP step) must run the process group and DDP, not
+    the one-process no-ops: otherwise NCCL and DDP go unproven until a job of 8."""
+    import torch.distributed as dist
+
+    torchrun_env(monkeypatch, 0, 1, free_port())
+    with runtime.start("cpu", announce="kdkit train") as rt:
+        assert dist.is_initialized() and rt.distributed and (rt.rank, rt.world) == (0, 1)
+        assert rt.reduce_sum([1.5, 2]) == [1.5, 2.0] and rt.gather("x") == ["x"] and not rt.any(False)
+        rt.barrier()
+    assert not dist.is_initialized()  # left at the end
+    assert "rank 0 of 1, gloo process group" in capsys.readouterr().err
+    with runtime.start("cpu", distributed=False) as rt:  # a command that works alone stays alone
+        assert not dist.is_initialized() and not rt.distributed
+
+
+def _barrier_worker(rank: int, port: int, timeout: float, out: str) -> None:
+    import os
+    import time
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        with runtime.start("cpu", timeout=timeout) as rt:
+            if rank == 1:
+                time.sleep(6)  # a rank still busy (the teacher pass: its shards are not done yet)
+            rt.barrier()
+        result = "passed"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test reads
+        result = f"failed: {type(e).__name__}"
+    Path(out, f"rank{rank}").write_text(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("timeout, rank0", [(2, "failed"), (60, "passed")])
+def test_the_group_timeout_bounds_a_barrier(tmp_path, timeout, rank0):
+    """start(timeout=) reaches the process group: a barrier gives up after it (2 s), and waits out a rank
+    that needs longer than torch's default would allow when given more (here 60 s for a 6 s wait)."""
+    torch.multiprocessing.spawn(_barrier_worker, args=(free_port(), timeout, str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank0").read_text().startswith(rank0)
