@@ -425,6 +425,43 @@ def test_two_parts_write_one_set(tiny_shards, ckpts, single, tmp_path):
     assert tar_bytes(tmp_path / "p" / "train") == tar_bytes(single[0] / "train")
 
 
+def test_shards_are_written_while_the_teacher_computes_the_next(tiny_shards, ckpts, multi, tmp_path, monkeypatch):
+    """The tar of shard n is written in the background: the write of the first shard waits here until the
+    teacher has finished the second one (on the loop thread it would wait for ever), and the set is still
+    byte for byte the one written shard after shard."""
+    import threading
+
+    from kdkit.teach import compute
+
+    second_computed, seen = threading.Event(), []
+    real_run, real_write = compute.run_shards, add_logits._process_shard
+
+    def run_shards(*a, **kw):
+        for n, item in enumerate(real_run(*a, **kw)):
+            if n == 1:
+                second_computed.set()
+            yield item
+
+    def write(job, rec, samples, outputs):
+        if not seen:
+            seen.append(second_computed.wait(30))
+        return real_write(job, rec, samples, outputs)
+
+    monkeypatch.setattr(compute, "run_shards", run_shards)
+    monkeypatch.setattr(add_logits, "_process_shard", write)
+    add_teacher_logits(config(tiny_shards, ckpts["main"], out=tmp_path / "bg", views=3, splits=["train"]))
+    assert seen == [True]
+    assert tar_bytes(tmp_path / "bg" / "train") == tar_bytes(multi / "train")
+
+
+def test_ranks_of_a_resumed_pass_share_the_shards_left():
+    """Shards 0 and 2 done (rank 0's, interleaved): under torchrun both ranks get work instead of rank 1
+    doing the rest while rank 0 waits at the barrier; parts run by hand keep their fixed shares."""
+    pending = [1, 3, 4]
+    assert [add_logits.my_work(pending, 5, r, 2, balanced=True) for r in (0, 1)] == [[1, 4], [3]]
+    assert [add_logits.my_work(pending, 5, r, 2, balanced=False) for r in (0, 1)] == [[4], [1, 3]]
+
+
 # ---------------------------------------------------------------------------------------------
 # verify and the CLI
 

@@ -42,6 +42,10 @@ from kdkit.teach.compute import cpu_threads
 from kdkit.teach.config import TeacherPassConfig
 
 STATE_JOB = "teacher"  # the pass's state folder: DEST/.kdkit-state/teacher/
+# how long a rank may wait at a barrier for the others (NCCL's default, 10 minutes, kills the job): the
+# ranks' remaining shards are balanced, but a shard of a big teacher with many views takes minutes
+BARRIER_TIMEOUT_S = 4 * 3600
+WRITES_AHEAD = 2  # shards computed and waiting for the background writer (bounded: their outputs are in memory)
 
 
 @dataclass
@@ -86,6 +90,41 @@ def parts(cfg: TeacherPassConfig, rt: runtime.Runtime) -> tuple[int, int]:
 def my_shards(num_shards: int, rank: int, world: int) -> list[int]:
     """Whole shards per rank, interleaved, so ranks finish at about the same time."""
     return [i for i in range(num_shards) if i % world == rank]
+
+
+def my_work(pending: list[int], num_shards: int, rank: int, world: int, balanced: bool) -> list[int]:
+    """The shards this part computes of those not done yet. Ranks of one process group (`balanced`)
+    share the pending shards evenly, so a resumed pass keeps every rank busy instead of leaving the
+    ranks whose shards are done to wait at the barrier; parts run by hand (--part) own a fixed share."""
+    if balanced:
+        return pending[rank::world]
+    mine = set(my_shards(num_shards, rank, world))
+    return [i for i in pending if i in mine]
+
+
+class BackgroundWriter:
+    """Shards written on one thread beside the teacher: the GPU computes shard n + 1 while shard n's tar is
+    read, joined, encoded and written. At most WRITES_AHEAD shards wait; a failed write is raised at the
+    next submit (or at close), and close() waits for every submitted shard, so what was computed before
+    an error or an interruption is on disk and recorded as done."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kdkit-teacher-writer")
+        self.pending: list = []
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while self.pending and (self.pending[0].done() or len(self.pending) > WRITES_AHEAD):
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class _Source:
@@ -134,16 +173,18 @@ class _Source:
         self.identity = {"import_sha256": self.h5.sha256, "topk": cfg.topk, "dtype": "float16"}
 
     def outputs(self, split: str, src: Path, shards: list[tuple[int, contract.ShardRecord]], bar):
-        """(shard index, its samples, {key: teacher members}) for each shard, as each one is ready."""
+        """(shard index, join) for each shard, as its outputs are ready: join() reads the tar and returns
+        (its samples, {key: teacher members}); the background writer calls it."""
         if self.repack:
-            yield from self._repacked(split, src, shards, bar)
+            for index, samples, out in self._repacked(split, src, shards, bar):
+                yield index, lambda s=samples, o=out: (s, o)
             return
         if self.h5 is not None:
             for index, rec in shards:
                 samples = list(tario.iter_tar_samples(src / rec.tar))
                 bar.update(len(samples))
-                yield index, samples, self.h5.members(split, self.groups[split], samples, self.cfg.topk,
-                                                      self.num_classes)
+                members = self.h5.members(split, self.groups[split], samples, self.cfg.topk, self.num_classes)
+                yield index, lambda s=samples, m=members: (s, m)
             return
         from kdkit.teach.compute import run_shards
 
@@ -154,21 +195,23 @@ class _Source:
         view = Transform(self.size, self.ratio, tuple(t.mean), tuple(t.std))  # the first teacher's normalisation
         for index, res in run_shards(list(tars.items()), self.ensemble, self.cfg, self.rt, view,
                                      on_images=bar.update, checksums={src / rec.tar: rec.sha256 for _, rec in shards}):
-            tar = tars[index]
-            samples = list(tario.iter_tar_samples(tar))
-            keys = [k for k, _ in samples]
-            labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
-            if res.keys != keys:
-                raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
-                                 "rewrite it with `kdkit verify --fix-index`")
-            if res.labels != labels:
-                first = next((i for i, (a, b) in enumerate(zip(res.labels, labels)) if a != b), len(labels))
-                raise KdkitError(f"{tar}: the pipeline's sample {first} does not match the tar's (label or count "
-                                 "differs); its outputs cannot be joined by key")
-            with np.errstate(over="ignore"):  # float16 overflow: refused with the sample named (refuse_nonfinite)
-                encoded = {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
-                           for i, k in enumerate(keys)}
-            yield index, samples, encoded
+            yield index, lambda tar=tars[index], res=res: self.join(tar, res)
+
+    def join(self, tar: Path, res) -> tuple[list, dict]:
+        """The tar's samples and, by key, the teacher members of its outputs (checked to be the tar's)."""
+        samples = list(tario.iter_tar_samples(tar))
+        keys = [k for k, _ in samples]
+        labels = [contract.decode_label(m[contract.LABEL_EXT]) for _, m in samples]
+        if res.keys != keys:
+            raise KdkitError(f"{tar}: DALI's index lists the samples in another order than the tar; "
+                             "rewrite it with `kdkit verify --fix-index`")
+        if res.labels != labels:
+            first = next((i for i, (a, b) in enumerate(zip(res.labels, labels)) if a != b), len(labels))
+            raise KdkitError(f"{tar}: the pipeline's sample {first} does not match the tar's (label or count "
+                             "differs); its outputs cannot be joined by key")
+        with np.errstate(over="ignore"):  # float16 overflow: refused with the sample named (refuse_nonfinite)
+            return samples, {k: mem.encode(res.logits[i], None if res.boxes is None else res.boxes[i], self.cfg.topk)
+                             for i, k in enumerate(keys)}
 
     def _repacked(self, split: str, src: Path, shards, bar):
         from kdkit.shards.images import decoded_size
@@ -228,6 +271,13 @@ class _Source:
                 "source": {"import_h5": str(self.h5.path), "sha256": self.h5.sha256}}
 
 
+def _write_shard(job: ShardJob, rec: contract.ShardRecord, join, source: str,
+                 layout: tuple[contract.TeacherPart, ...]) -> dict:
+    """The background writer's work for one shard: join its outputs to its samples, write it."""
+    samples, outputs = join()
+    return _process_shard(job, rec, samples, outputs, source, layout)
+
+
 def _process_shard(job: ShardJob, rec: contract.ShardRecord, samples: list, outputs: dict, source: str,
                    layout: tuple[contract.TeacherPart, ...]) -> dict:
     """Write one shard again: its own members unchanged, plus the teacher members, and record it."""
@@ -266,7 +316,8 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
     """Run the pass described by cfg (see the module docstring); one report per split. Under torchrun,
     one process per rank, in one process group."""
     cfg.check()
-    with runtime.start(cfg.device, announce="kdkit add-teacher-logits") as rt, contextlib.ExitStack() as held:
+    with (runtime.start(cfg.device, announce="kdkit add-teacher-logits", timeout=BARRIER_TIMEOUT_S) as rt,
+          contextlib.ExitStack() as held):
         return _run(cfg, rt, held)
 
 
@@ -301,10 +352,15 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack
         job = held.enter_context(job or _open(out, fp, cfg, source, (rank, world)))
         mine = my_shards(len(man.shards), rank, world)
         finished = teacher_fingerprint(out) == fp
-        todo = _todo(job, out, man, mine, finished, cfg.progress)
+        # ranks of one group share what is left of an unfinished split (my_work); each checks its own part of
+        # a finished one. Every rank reads the records before any rank adds one, so they agree on `pending`
+        balanced = rt.distributed and cfg.rank is None and not finished
+        pending = _todo(job, out, man, list(range(len(man.shards))) if balanced else mine, finished, cfg.progress)
+        rt.barrier()
+        todo = my_work(pending, len(man.shards), rank, world, balanced)
         if cfg.in_place:  # a missing shard, or a damaged one of the finished set, was the only copy of its images
             _refuse_lost(folder, man, [i for i in todo if finished or not (folder / man.shards[i].tar).exists()])
-        if not todo and finished:
+        if not pending and finished:
             print(f"{split}: {out} already holds the outputs of this teacher pass, every shard present and intact; "
                   "nothing to do", file=sys.stderr)
             reports.append(_report(split, out, load_manifest(out), 0, len(mine), None))
@@ -315,13 +371,17 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack
                    disable=not cfg.progress, smoothing=0.1)
         t0 = time.perf_counter()
         layout = contract.block_layout(source.block(split, fp, num_classes), num_classes)
+        writer = BackgroundWriter()
         try:
             with cpu_threads(cfg, rt):
-                for i, samples, outputs in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
+                for i, join in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
                     bar.set_postfix_str(man.shards[i].tar)
-                    _process_shard(job, man.shards[i], samples, outputs, source.describe(), layout)
+                    writer.submit(_write_shard, job, man.shards[i], join, source.describe(), layout)
         finally:
-            bar.close()
+            try:
+                writer.close()
+            finally:
+                bar.close()
         elapsed = time.perf_counter() - t0
         rate = sum(man.shards[i].num_samples for i in todo) / elapsed if todo and elapsed > 0 else None
         rt.barrier()
@@ -342,7 +402,7 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack
             else:
                 print(f"{split}: part {rank}/{world} done; other parts still have shards to write "
                       "(the last one to finish writes the manifest)", file=sys.stderr)
-        reports.append(_report(split, out, new_man, len(todo), len(mine) - len(todo), rate))
+        reports.append(_report(split, out, new_man, len(todo), len([i for i in mine if i not in pending]), rate))
     for r in reports:
         r.source = source.describe()
     rt.barrier()

@@ -102,19 +102,23 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]
         starts = [0, *itertools.accumulate(counts)]
-        rows: list[torch.Tensor] = []  # outputs of samples read but not yet handed over, in reading order
+        # outputs, labels and boxes of samples read but not yet handed over, in reading order, kept where
+        # they were made (on the GPU): a batch asks nothing of the device, so the host queues the next
+        # forward while this one runs; one copy per shard brings them back
+        rows: list[torch.Tensor] = []
         views: list[torch.Tensor] = []
-        labels: list[int] = []
-        done = 0
+        labels: list[torch.Tensor] = []
+        read = done = 0
 
         def hand_over():
             nonlocal rows, views, labels, done
             c = counts[done]
             flat = torch.cat(rows) if rows else torch.zeros(0)
+            got = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
             boxes = torch.cat(views) if views else None
-            out = ShardOutputs(order[starts[done]:starts[done] + c], labels[:c], flat[:c].numpy(),
-                               None if boxes is None else boxes[:c].numpy())
-            rows, labels = [flat[c:]], labels[c:]
+            out = ShardOutputs(order[starts[done]:starts[done] + c], got[:c].tolist(), flat[:c].cpu().numpy(),
+                               None if boxes is None else boxes[:c].cpu().numpy())
+            rows, labels = [flat[c:]], [got[c:]]  # the next shard's first samples, still on the device
             views = [boxes[c:]] if boxes is not None else []
             done += 1
             return group[done - 1][0], out
@@ -124,15 +128,16 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
                 images = batch.images
             else:  # (B, K, C, H, W) -> (B*K, C, H, W): the teacher sees every view as one more image
                 images = batch.views.flatten(0, 1)
-                views.append(batch.boxes.cpu())
+                views.append(batch.boxes)  # on the device, as the role gives them (int32 pixel boxes)
             with torch.autocast(rt.device.type, dtype=torch.float16, enabled=amp):
-                out = ensemble(images.to(rt.device, non_blocking=True)).float().cpu()
+                out = ensemble(images.to(rt.device, non_blocking=True)).float()
             n = len(batch.labels)
             rows.append(out.view(n, cfg.views, -1) if cfg.views is not None else out)
-            labels.extend(batch.labels.view(-1).tolist())
+            labels.append(batch.labels.view(-1))
+            read += n
             if on_images is not None:
                 on_images(n)
-            while done < len(group) and len(labels) >= counts[done]:  # a shard is complete: hand it over
+            while done < len(group) and read - starts[done] >= counts[done]:  # a shard is complete: hand it over
                 yield hand_over()
         while done < len(group) and counts[done] == 0:
             yield hand_over()
