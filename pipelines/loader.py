@@ -37,8 +37,8 @@ from nvidia.dali import pipeline_def
 from kdkit.pipelines import common
 from kdkit.pipelines.config import LoaderConfig, Role, loader_config
 from kdkit.pipelines.eval import Eval
-from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, reading_order, resolve_shards,
-                                      scan_shards, shard_range, teacher_format, teacher_layout)
+from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, not_the_data, reading_order,
+                                 resolve_shards, scan_shards, shard_range, teacher_format, teacher_layout)
 from kdkit.runtime import rank_and_world
 from kdkit.shards.headers import check_headers
 
@@ -165,11 +165,12 @@ class DaliLoader:
         return self._it.checkpoints()[0]
 
     def _guarded(self, step):
-        """Run a step that drives DALI; a DALI failure becomes a ShardError naming shard and key."""
+        """Run a step that drives DALI; a DALI failure becomes a ShardError naming shard and key. Errors of
+        the machine (CUDA, out of memory: reader.not_the_data) and errors not DALI's go through unchanged."""
         try:
             return step()
         except RuntimeError as e:
-            if "pipeline" not in str(e).lower():  # not DALI's: let it through unchanged
+            if "pipeline" not in str(e).lower() or not_the_data(e):
                 raise
             raise explain_failure(e, self.shards, self.scan, common.IMAGE_EXT, self.shard_id,
                                   self.num_shards) from e

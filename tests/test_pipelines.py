@@ -479,6 +479,36 @@ def test_corrupt_image_names_shard_and_key(indexed, tmp_path):
                 pass
 
 
+def dali_error(reason: str) -> RuntimeError:
+    return RuntimeError("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`,\n"
+                        "which was used in the pipeline definition with the following traceback:\n  ...\n"
+                        f"encountered:\n\nError in thread 0: decode failed\n{reason}\nC++ context: [...]")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reason", ["CUDA runtime API error cudaErrorMemoryAllocation (2):\nout of memory",
+                                    "std::bad_alloc", "nvjpeg error NVJPEG_STATUS_ALLOCATOR_FAILURE",
+                                    "CUDA driver API error CUDA_ERROR_ILLEGAL_ADDRESS (700): an illegal memory access"])
+def test_gpu_and_memory_failures_are_raised_as_they_are(indexed, tmp_path, monkeypatch, reason):
+    """A decoder that runs out of GPU memory says "decode" too: its error must reach the user unchanged, not
+    start a Pillow scan of the rank's whole share of the set and end in "an image does not decode"."""
+    from kdkit.shards import reader
+
+    loader = DaliLoader(write_set(tmp_path, indexed[1]), cfg())
+    monkeypatch.setattr(reader, "find_undecodable", lambda *a, **k: pytest.fail("scanned the shards"))
+    original = dali_error(reason)
+
+    def fail():
+        raise original
+    with pytest.raises(RuntimeError) as err:
+        loader._guarded(fail)
+    assert err.value is original
+    # a bad image is still looked for and named
+    monkeypatch.setattr(reader, "find_undecodable", lambda *a, **k: (Path("s-000001.tar"), "s010", "truncated"))
+    with pytest.raises(ShardError, match="s-000001.tar: sample s010: image does not decode"):
+        loader._guarded(lambda: (_ for _ in ()).throw(dali_error("nvImageCodec: bitstream corrupted")))
+
+
 @pytest.mark.timeout(60)
 def test_missing_index_is_named(indexed, tmp_path):
     tars = write_set(tmp_path, indexed[1])

@@ -299,6 +299,20 @@ def _dali_reason(msg: str) -> str:
     return lines[0] if lines else msg.strip()
 
 
+# failures of the machine, not of the data: the GPU's memory (a decoder's too), CUDA itself, the host's memory
+_NOT_THE_DATA = re.compile(
+    r"out of memory|cuda(error|_error| error| runtime| driver| allocation| failure)|bad_alloc|cannot allocate|"
+    r"can't allocate|allocation fail|allocator_failure|illegal memory access|device-side assert|"
+    r"nvjpeg_status_(execution_failed|internal_error|arch_mismatch)", re.IGNORECASE)
+
+
+def not_the_data(err: BaseException) -> bool:
+    """Whether a pipeline's error is the machine's (CUDA, GPU or host memory), which no shard explains: such
+    an error is raised as it is, without a scan of the rank's shards for a bad image (a decoder that runs
+    out of GPU memory says "decode" too)."""
+    return isinstance(err, MemoryError) or bool(_NOT_THE_DATA.search(str(err)))
+
+
 def explain_failure(err: RuntimeError, shards: ShardSet, scan: ShardScan | None, image_ext: str,
                     shard_id: int, num_shards: int) -> ShardError:
     """A ShardError for a RuntimeError raised by a DALI pipeline over `shards`, with shard and key."""
