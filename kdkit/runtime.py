@@ -85,7 +85,7 @@ class Runtime:
     # -- collectives: through the process group where there is one, else no-ops -------------------
     def reduce_sum(self, values) -> list[float]:
         """Element-wise sum over ranks, in float64 so sample counts and sums stay exact."""
-        t = torch.as_tensor(values, dtype=torch.float64)
+        t = torch.as_tensor(values, dtype=torch.float64)  # a tensor on the device stays there
         if self.distributed:
             t = t.to(self.device) if self.device.type == "cuda" else t
             dist.all_reduce(t)

@@ -261,3 +261,27 @@ def relay(s3_relay, bucket):
     yield s3_relay
     if s3_relay.proc.poll() is not None:
         s3_relay.start()
+
+
+class HostReads:
+    """Counts the times code reads a tensor's values on the host (item, tolist, numpy, float/int/bool): on
+    a GPU each one waits for the device to finish everything queued."""
+
+    METHODS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__")
+
+    def __init__(self, monkeypatch):
+        import torch
+
+        self.count = 0
+        for name in self.METHODS:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, **kw):
+                self.count += 1
+                return _real(t, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    return lambda: HostReads(monkeypatch)

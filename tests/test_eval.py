@@ -181,6 +181,20 @@ def test_test_time_views_average_softmax_over_views(ckpt, tiny_shards, eval_view
     assert (got_labels == labels).all()
 
 
+def test_probabilities_are_read_back_once_not_per_batch(ckpt, tiny_shards, host_reads):
+    """Evaluation waits for the device once, at the end, however many batches the set has (on a GPU each
+    read of a value per batch stalls the queue); the probabilities are the same whatever the batch."""
+    models, infos = load_models([ckpt])
+    out, reads = {}, {}
+    for batch in (2, 12):
+        counter = host_reads()
+        out[batch] = collect_probs(models, infos, open_set(tiny_shards, infos), EvalConfig([ckpt], tiny_shards,
+                                                                                         batch_size=batch))
+        reads[batch] = counter.count
+    assert reads[2] == reads[12] <= 2
+    assert np.allclose(out[2][0], out[12][0], atol=1e-6) and (out[2][1] == out[12][1]).all()
+
+
 def open_set(shards, infos):
     from kdkit.evaluate.eval import open_eval_set
 

@@ -61,9 +61,16 @@ def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
     probs, labels = [], []
     for images, y, _ in loader:
         with torch.autocast(rt.device.type, dtype=torch.float16, enabled=gpu and cfg.amp):
-            probs.append(ensemble_probs(models, images.to(rt.device)).cpu().numpy())
-        labels.append(y.cpu().numpy())
-    return np.concatenate(probs), np.concatenate(labels)
+            p = ensemble_probs(models, images.to(rt.device))
+        # copied back without waiting (into pinned memory): the host queues the next batch meanwhile, and
+        # the device keeps no more than a batch of probabilities; one sync below, before they are read
+        probs.append(p.to("cpu", non_blocking=gpu))
+        labels.append(y.to("cpu", non_blocking=gpu))
+    if gpu:
+        torch.cuda.synchronize(rt.device)
+    if not probs:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).view(-1).numpy()
 
 
 def evaluate(cfg: EvalConfig) -> dict:

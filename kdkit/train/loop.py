@@ -233,19 +233,20 @@ def evaluate(model: torch.nn.Module, loader, t: Trainer) -> dict:
     names it) over the val set; every sample counted once across the ranks."""
     model.eval()
     k = min(5, t.data.num_classes)
-    loss = top1 = topk = n = 0.0
+    # summed on the device (float64: counts stay exact): no batch waits for the device to answer, one
+    # transfer at the end (reduce_sum)
+    totals = torch.zeros(4, dtype=torch.float64, device=t.rt.device)  # loss, top-1 hits, top-k hits, samples
     for batch in loader:
         images = batch.images.to(t.rt.device, non_blocking=True)
         labels = batch.labels.to(t.rt.device, non_blocking=True).view(-1)
         with t.autocast():
             logits = model(images)
         logits = logits.float()
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
         hits = logits.topk(k, dim=1).indices == labels[:, None]
-        top1 += hits[:, 0].sum().item()
-        topk += hits.any(dim=1).sum().item()
-        n += labels.shape[0]
-    loss, top1, topk, n = t.rt.reduce_sum([loss, top1, topk, n])
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                               torch.full((), labels.shape[0], dtype=torch.float64, device=t.rt.device)])
+    loss, top1, topk, n = t.rt.reduce_sum(totals)
     return {"loss": loss / max(n, 1), "top1": 100 * top1 / max(n, 1), f"top{k}": 100 * topk / max(n, 1), "count": int(n)}
 
 
