@@ -149,6 +149,51 @@ def bad_target_step(targets: list | None, first_step: int, upto: int) -> int | N
     return None
 
 
+class LoaderWait:
+    """How long training waited for the loader in an epoch (the metrics' loader_wait_share), measured
+    without making the host wait for the device every step.
+
+    On the CPU it is the host's time in the loader's next(). On CUDA the host runs ahead of the GPU, so
+    its own wait says little: two CUDA events on the training stream, one queued before asking the
+    loader for a batch and one after, time the gap the GPU itself saw between the end of one step's
+    work and the start of the next (the batch's copy into torch's tensors included): zero while the
+    loader keeps ahead, the GPU's idle time when it does not. The events are read every log_interval
+    steps, when the loop checks the loss anyway (that read waits for the device), and at the end of
+    the epoch."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.seconds = 0.0
+        self.pairs: list[tuple] = []
+        self._start = None
+
+    def before(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def after(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pairs.append((self._start, end))
+        else:
+            self.seconds += time.perf_counter() - self._start
+
+    def collect(self, finish: bool = False) -> float:
+        """The seconds waited so far; finish=True at the end of the epoch waits for the device once."""
+        if self.cuda and finish:
+            torch.cuda.synchronize(self.device)
+        if self.pairs:
+            self.pairs[-1][1].synchronize()
+            self.seconds += sum(a.elapsed_time(b) for a, b in self.pairs) / 1000  # ms
+            self.pairs = []
+        return self.seconds
+
+
 def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | None = None) -> dict:
     """One epoch of the run's loader from step `start_step` on (a resumed loader yields just the rest
     of its epoch; one that could not be restored skips t.at.skip_batches first)."""
@@ -169,21 +214,16 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
     skip, t.at.skip_batches = t.at.skip_batches, 0
     bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                disable=not (cfg.progress and t.rt.is_main), leave=False, dynamic_ncols=True)
-    window, window_start, wait, t0 = [], start_step, 0.0, time.perf_counter()
+    window, window_start, wait, t0 = [], start_step, LoaderWait(t.rt.device), time.perf_counter()
     targets: list = []  # per step of the window: its teacher targets were unusable (train_step)
     step = start_step - skip  # the step of the next batch the loader yields
     batches = iter(loader)
-    cuda = t.rt.device.type == "cuda"
     while True:  # the loader's whole epoch: DALI's iterator starts the next one once this one is exhausted
-        # the wait for data starts once the GPU has finished the previous step: without the sync, next()
-        # would also wait for the model (DALI's iterator syncs the host anyway, so this costs nothing)
-        if cuda:
-            torch.cuda.synchronize(t.rt.device)
-        t1 = time.perf_counter()
+        wait.before()
         batch = next(batches, None)
-        wait += time.perf_counter() - t1
         if batch is None:
             break
+        wait.after()
         if step < start_step:  # a fresh loader after a resume: trained on before the interruption
             step += 1
             continue
@@ -196,6 +236,7 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
         last = step + 1 == steps
         if (step + 1) % cfg.log_interval == 0 or last:
             check_finite(t, window, window_start, epoch, steps, targets)
+            wait.collect()
             bar.set_postfix(loss=f"{window[-1][0].item():.4f}", lr=f"{current_lr(t.student.optimizer):.3g}")
             window, window_start, targets = [], step + 1, []
         if updated and cfg.checkpoint_every and t.at.updates % cfg.checkpoint_every == 0 and not last:
@@ -208,9 +249,10 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
     if step != steps:
         raise KdkitError(f"epoch {epoch + 1}: the loader gave {step} of {steps} batches; did the shards change "
                          "since the run started? (`kdkit verify` them)")
+    waited = wait.collect(finish=True)
     elapsed = time.perf_counter() - t0
     *loss_total, samples, wait_sum, time_sum = t.rt.reduce_sum(
-        [*epoch_losses(sums, loss_sum), sums["samples"], wait, elapsed])
+        [*epoch_losses(sums, loss_sum), sums["samples"], waited, elapsed])
     row = {"samples": int(samples), "images_per_s": samples / max(time_sum / t.rt.world, 1e-9),
            "loader_wait_share": wait_sum / max(time_sum, 1e-9), "epoch_time_s": elapsed}
     for s, total in zip(t.students, loss_total):
