@@ -63,6 +63,13 @@ class Runtime:
         """DALI's device_id: this process's GPU, or None for DALI's CPU-only mode."""
         return self.device.index if self.device.type == "cuda" else None
 
+    def training_defaults(self) -> dict:
+        """What training uses on this device unless told otherwise: on CUDA, bf16 autocast (where the GPU
+        has bf16: Ampere and newer) and channels-last tensors, about twice the images/s of fp32 NCHW on
+        an H100; on the CPU neither (bf16 autocast is slower than fp32 on most CPUs)."""
+        cuda = self.device.type == "cuda"
+        return {"amp": "bf16" if cuda and torch.cuda.is_bf16_supported() else "none", "channels_last": cuda}
+
     def dali_backend(self, requested: str = "auto") -> tuple[str, int | None]:
         """(DALI device, device_id) for a loader: "auto" follows the torch device; "gpu" decodes on this
         process's GPU even where the model runs on the CPU; "cpu" is DALI's CPU backend."""

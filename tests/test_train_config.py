@@ -165,3 +165,34 @@ def test_a_short_run_draws_its_curves_once(tmp_path, monkeypatch):
     for epoch in (1, 2, 3):
         run.log_epoch({"epoch": epoch, "train_loss": 1.0}, final=epoch == 3)
     assert drawn == [3]
+
+
+def test_cuda_trains_in_bf16_channels_last_unless_told_and_the_cpu_as_before(monkeypatch):
+    """An H100 run of a recipe that says nothing about precision gets bf16 autocast and channels-last
+    (about twice the images/s of fp32 NCHW); --amp none / --no-channels-last win; the CPU keeps fp32 NCHW.
+    The opening line says which the device chose."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kdkit.runtime import Runtime
+    from kdkit.train.loop import precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cpu, gpu = Runtime(), Runtime(device=torch.device("cuda", 0))
+    for recipe in (None, "assemble-resnet50-kd"):
+        cfg = make_config({"data": "x"}, recipe=recipe)
+        assert (cfg.on(cpu).amp, cfg.on(cpu).channels_last) == ("none", False)
+        assert (cfg.on(gpu).amp, cfg.on(gpu).channels_last) == ("bf16", True)
+    told = make_config({"data": "x", "amp": "none", "channels_last": False})
+    assert (told.on(gpu).amp, told.on(gpu).channels_last) == ("none", False) and told.auto_options() == []
+    fp16 = make_config({"data": "x", "amp": "fp16"})
+    assert (fp16.on(gpu).amp, fp16.on(gpu).channels_last) == ("fp16", True)
+
+    cfg = make_config({"data": "x"})
+    t = SimpleNamespace(rt=gpu, cfg=cfg.on(gpu), device_defaults=cfg.auto_options())
+    assert precision(t) == "; bf16 autocast, channels-last (the CUDA defaults; --amp none / --no-channels-last to " \
+                           "turn off)"
+    t = SimpleNamespace(rt=gpu, cfg=told.on(gpu), device_defaults=told.auto_options())
+    assert precision(t) == "; no autocast, NCHW"
+    assert precision(SimpleNamespace(rt=cpu, cfg=cfg.on(cpu), device_defaults=cfg.auto_options())) == ""

@@ -84,6 +84,7 @@ class Trainer:
     sam: SAM | None = None
     at: Position = field(default_factory=Position)
     frozen: bool = False
+    device_defaults: list[str] = field(default_factory=list)  # options the device chose (TrainConfig.on)
 
     @property
     def student(self) -> Student:
@@ -137,6 +138,7 @@ def build(cfg: TrainConfig, rt: Runtime, start_run: bool = True) -> Trainer:
 
 
 def _build(cfg: TrainConfig, rt: Runtime, start_run: bool) -> Trainer:
+    defaults, cfg = cfg.auto_options(), cfg.on(rt)  # from here on: what this device trains with
     if cfg.freeze_epochs and not cfg.finetune:
         raise KdkitError("--freeze-epochs freezes a loaded backbone: give --finetune CHECKPOINT")
     kd = kd_mode(cfg.kd)(cfg)
@@ -160,6 +162,7 @@ def _build(cfg: TrainConfig, rt: Runtime, start_run: bool) -> Trainer:
                 loaders=Loaders(train_loader, data_mod.eval_loader(cfg, data, rt)), run=RunDir(cfg, rt.is_main),
                 scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
                 sam=SAM(optimizers[0], cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None)
+    t.device_defaults = defaults
     if start_run:
         t.run.start(cfg, resuming=resume is not None)
     # each rank mixes and drops out differently; a resume replaces these with the saved states

@@ -11,6 +11,7 @@ back as YAML into the run folder. Precedence, as in timm's train.py: dataclass d
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +143,11 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
     ema_warmup: bool = option(False, "EMA decay warmup (timm ModelEmaV3 use_warmup)", EMA)
     # --- device and performance -----------------------------------------------------------------
     device: str = option("auto", "cpu, cuda, or auto", DEVICE, choices=("auto", "cpu", "cuda"))
-    amp: str = option("none", "mixed precision: none, bf16 or fp16 (fp16 with a grad scaler)", DEVICE,
-                      choices=("none", "bf16", "fp16"))
-    channels_last: bool = option(False, "channels-last memory format (faster convolutions on GPU)", DEVICE)
+    amp: str = option("auto", "mixed precision: none, bf16 or fp16 (fp16 with a grad scaler); auto: bf16 on a CUDA GPU "
+                              "that has it (Ampere and newer), none on the CPU", DEVICE,
+                      choices=("auto", "none", "bf16", "fp16"))
+    channels_last: bool | None = option(None, "channels-last memory format, faster convolutions on GPU (default: on "
+                                              "with CUDA, off on the CPU)", DEVICE)
     compile: bool = option(False, "torch.compile the model", DEVICE)
     deterministic: bool = option(False, "torch deterministic algorithms (slower; for exact reproduction on GPU)",
                                  DEVICE)
@@ -208,6 +211,17 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
 
     def to_dict(self) -> dict:
         return as_dict(self)
+
+    def on(self, rt) -> TrainConfig:
+        """This config with the runtime's defaults (kdkit.runtime.Runtime.training_defaults) where it says
+        auto (amp) or nothing (channels_last): what a run on that device trains with."""
+        auto = {k: v for k, v in rt.training_defaults().items()
+                if getattr(self, k) is None or getattr(self, k) == "auto"}
+        return dataclasses.replace(self, **auto) if auto else self
+
+    def auto_options(self) -> list[str]:
+        """The options this config leaves to the device (see `on`)."""
+        return [k for k in ("amp", "channels_last") if getattr(self, k) in (None, "auto")]
 
     @property
     def run_name(self) -> str:

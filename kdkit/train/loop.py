@@ -362,7 +362,18 @@ def opening_line(t: Trainer) -> str:
     return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {t.loaders.train.scan.num_samples} train "
             f"samples of {d.num_classes} classes, {val}; {what_trains(t)}; {cfg.epochs} epochs of {len(t.loaders.train)} "
             f"steps, batch {cfg.batch_size}{f' samples x {cfg.views_per_load} views' if cfg.views_per_load > 1 else ''}"
-            f"{f' x {t.rt.world} ranks' if t.rt.distributed else ''}; run folder {t.run.path}{start}")
+            f"{f' x {t.rt.world} ranks' if t.rt.distributed else ''}{precision(t)}; run folder {t.run.path}{start}")
+
+
+def precision(t: Trainer) -> str:
+    """On CUDA: the autocast and memory format, and which of them are the device's defaults."""
+    if t.rt.device.type != "cuda":
+        return ""
+    amp = "no" if t.cfg.amp == "none" else t.cfg.amp
+    words = f"; {amp} autocast, {'channels-last' if t.cfg.channels_last else 'NCHW'}"
+    flags = {"amp": "--amp none", "channels_last": "--no-channels-last"}
+    chosen = [flags[k] for k in t.device_defaults if k in flags]
+    return words + (f" (the CUDA defaults; {' / '.join(chosen)} to turn off)" if chosen else "")
 
 
 def what_trains(t: Trainer) -> str:
