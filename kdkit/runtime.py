@@ -182,15 +182,15 @@ def local_world() -> int:
     return env_integer("LOCAL_WORLD_SIZE", 1, low=1)
 
 
-def dali_threads(requested: int | None, gpu: bool) -> int:
+def dali_threads(requested: int | None, gpu: bool, cpu: int = CPU_DALI_THREADS) -> int:
     """DALI worker threads of one loader: `requested`, or by default this machine's cores shared among
     its local ranks on the GPU backend (each rank's decoder feeds its own GPU from the host's cores:
-    an H100 eats ~3,000 ResNet-50 images/s, a few cores' worth of JPEG parsing), and CPU_DALI_THREADS on
-    the CPU backend, where torch needs the cores too."""
+    JPEG parsing, Huffman decoding of what the hardware decoder does not take, the readers), and the
+    command's own CPU default (`cpu`) on the CPU backend, where torch needs the cores too."""
     if requested is not None:
         return requested
     if not gpu:
-        return CPU_DALI_THREADS
+        return cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local_world())
 

@@ -39,7 +39,7 @@ from kdkit.pipelines.config import LoaderConfig, Role, loader_config
 from kdkit.pipelines.eval import Eval
 from kdkit.shards.reader import (ShardScan, check_checksums, explain_failure, not_the_data, reading_order,
                                  resolve_shards, scan_shards, shard_range, teacher_format, teacher_layout)
-from kdkit.runtime import rank_and_world
+from kdkit.runtime import dali_threads, rank_and_world
 from kdkit.shards.headers import check_headers
 
 
@@ -73,7 +73,7 @@ def build_pipeline(cfg: LoaderConfig, shards, shard_id: int = 0, num_shards: int
     b = cfg.backend
     extra = dict(enable_checkpointing=True, checkpoint=restore) if checkpointing else {}
     return role_pipeline(shards, cfg, shard_id, num_shards, teacher_kind, batch_size=cfg.reading.batch_size,
-                         num_threads=b.num_threads, device_id=device_id(cfg),
+                         num_threads=dali_threads(b.num_threads, b.gpu), device_id=device_id(cfg),
                          prefetch_queue_depth=b.prefetch_queue_depth, seed=cfg.role.seed(cfg.reading, shard_id),
                          enable_conditionals=cfg.role.conditionals(), **extra)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdkit.options import AUGMENT, DATA, DEVICE, KD, check_options, option
+from kdkit.options import AUGMENT, DATA, DEVICE, KD, check_options, check_value, option
 
 AUTO_AUGMENTS = ("autoaugment", "randaugment", "trivialaugment")
 LAYOUTS = ("CHW", "HWC", "channels_last")  # channels_last: HWC in DALI, an NCHW view in torch
@@ -182,12 +182,20 @@ class Backend:
     device: str = option("cpu", "gpu: 'mixed' decode and GPU operators, CUDA tensors out; cpu: device_id=None",
                          choices=("cpu", "gpu"))
     device_id: int | None = option(None, "GPU index (default: LOCAL_RANK)", low=0)
-    num_threads: int = option(4, "DALI worker threads per process", DATA, low=1)
+    num_threads: int | None = option(None, "DALI worker threads per process (default: the machine's cores / its "
+                                           "local ranks on the GPU backend, 4 on the CPU backend)", DATA, low=1)
     prefetch_queue_depth: int = option(2, "batches DALI prepares ahead", low=1)
     fast_idct: bool = option(False, "decode JPEGs with libjpeg-turbo's fast IDCT (CPU decoder; ~1 grey level off)",
                              DEVICE)
-    hw_decoder_load: float | None = option(None, "GPU: share of JPEGs for the hardware decoder (default: DALI's)",
-                                           DEVICE, low=0, high=1)
+    # the GPU decoder's options (DECODING): the commands that read images on the GPU re-declare them (same_as)
+    hw_decoder_load: float | None = option(None, "GPU: share of each batch's JPEGs for the hardware JPEG decoder (A100, "
+                                                 "H100), the rest on CUDA (default: DALI's, 0.65; about 0.9 suits an "
+                                                 "H100)", DEVICE, low=0, high=1)
+    preallocate_width_hint: int | None = option(None, "GPU: image width the hardware JPEG decoder preallocates for, "
+                                                      "so a larger image does not reallocate mid-run (default: "
+                                                      "DALI's)", DEVICE, low=1)
+    preallocate_height_hint: int | None = option(None, "GPU: image height the hardware JPEG decoder preallocates "
+                                                       "for (default: DALI's)", DEVICE, low=1)
     native_resize: bool = option(True, "CPU: kdkit's resize + normalize operator (pipelines.resize); "
                                        "--no-native-resize: DALI's fn.resize, same pixels, slower")
 
@@ -211,13 +219,21 @@ class Backend:
         args = {"use_fast_idct": True} if self.fast_idct else {}
         if self.gpu:
             args["jpeg_fancy_upsampling"] = True
-            if self.hw_decoder_load is not None:
-                args["hw_decoder_load"] = self.hw_decoder_load
+            args.update({k: v for k, v in decoding(self).items() if v is not None})
         return args
 
     def to_output(self, node):
         """Small CPU-side outputs (labels, logits, boxes) follow the images onto the GPU."""
         return node.gpu() if self.gpu else node
+
+
+DECODING = ("hw_decoder_load", "preallocate_width_hint", "preallocate_height_hint")  # Backend's GPU decoder options
+
+
+def decoding(cfg) -> dict:
+    """The GPU decoder's options (DECODING) of a config that declares them, as loader_config takes them,
+    each checked against Backend's declaration (an OptionError naming it)."""
+    return {name: check_value(Backend, name, getattr(cfg, name)) for name in DECODING}
 
 
 @dataclass(frozen=True)

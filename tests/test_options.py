@@ -247,3 +247,52 @@ def test_every_flag_of_every_command_says_its_default_once():
         for action in parser._actions:  # argparse's "(default: %(default)s)" only where the help names none
             added = "%(default)" in (formatter._get_help_string(action) or "")
             assert not (added and "default:" in (action.help or "")), (words, action.option_strings, action.help)
+
+
+def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp_path, capsys):
+    """hw_decoder_load (the hardware JPEG decoder's share: about 0.9 suits an H100) and the preallocation
+    hints are Backend's options, re-declared by train, add-teacher-logits and eval: one flag each, one range,
+    and the values end up in DALI's decoder arguments."""
+    from kdkit.evaluate.eval import EvalConfig
+    from kdkit.pipelines import loader_config
+    from kdkit.pipelines.options import DECODING, Backend, decoding
+    from kdkit.teach.cli import config_from_args
+    from kdkit.train.cli import config_from_args as train_config
+    from kdkit.train.config import TrainConfig
+
+    given = ["--hw-decoder-load", "0.9", "--preallocate-width-hint", "4000", "--preallocate-height-hint", "3000"]
+    wanted = {"hw_decoder_load": 0.9, "preallocate_width_hint": 4000, "preallocate_height_hint": 3000}
+    teach = config_from_args(parse(["add-teacher-logits", "d", "--checkpoint", "c", "--out", "o", *given]))
+    train = train_config(parse(["train", "teacher", "d", *given]), "teacher")
+    a = parse(["eval", "c", "--data", "d", *given])
+    for cfg in (teach, train, EvalConfig([a.checkpoints[0]], a.data, **decoding(a))):
+        assert decoding(cfg) == wanted
+    args = loader_config("eval", device="gpu", device_id=0, **decoding(train)).backend.decoder_args()
+    assert args == {"jpeg_fancy_upsampling": True, **wanted}
+    assert loader_config("eval", device="cpu", **decoding(train)).backend.decoder_args() == {}  # the CPU decoder
+    for name in DECODING:  # one range: the flags, the configs and the loaders refuse the same values
+        for bad in bad_values(Backend, name):
+            with pytest.raises(OptionError) as role:
+                loader_config("eval", **{name: bad})
+            with pytest.raises(OptionError) as config:
+                TrainConfig(**{name: bad})
+            assert str(role.value) == str(config.value)
+            with pytest.raises(OptionError, match=f"^{name}="):
+                decoding(EvalConfig([tmp_path], tmp_path, **{name: bad}))
+            for command in (["add-teacher-logits", "d", "--checkpoint", "c", "--out", "o"],
+                            ["eval", "c", "--data", "d"], ["train", "teacher", "d"]):
+                with pytest.raises(SystemExit):
+                    parse([*command, flag_of(Backend, name), str(bad)])
+                assert flag_of(Backend, name) in capsys.readouterr().err
+
+
+def test_dali_threads_default_to_the_cores_each_local_rank_gets_on_the_gpu(monkeypatch):
+    from kdkit import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert runtime.dali_threads(None, gpu=True) == 2  # 16 cores, 8 GPUs
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.dali_threads(None, gpu=True) == 16
+    assert runtime.dali_threads(None, gpu=False) == runtime.CPU_DALI_THREADS == 4  # the CPU as before
+    assert runtime.dali_threads(None, gpu=False, cpu=2) == 2 and runtime.dali_threads(3, gpu=True) == 3

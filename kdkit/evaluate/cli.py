@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, command_line, csv_paths, integer, number
+from kdkit.options import (COUNT, FRACTION, POSITIVE, SEED, HelpFormatter, add_options, command_line, csv_paths,
+                           integer, number)
+from kdkit.pipelines.options import DECODING, Backend, decoding
 from kdkit.shards.location import location_arg
 
 EXPORT_EPILOG = """next steps (see kdkit/evaluate/EXPORT.md):
@@ -61,7 +63,7 @@ def _run_eval(a: argparse.Namespace) -> int:
         folders = write_corrupted(a.data, a.write_corrupted, size, corruptions or parse_corruptions("all"), severities,
                                   split=a.split, crop_ratio=a.crop_ratio, seed=a.corruption_seed,
                                   quality=a.store_quality,
-                                  frost_dir=a.frost_dir, batch_size=a.batch_size, num_threads=a.threads,
+                                  frost_dir=a.frost_dir, batch_size=a.batch_size, num_threads=a.threads or 2,
                                   workers=a.workers, command=command_line(), progress=not a.quiet)
         print(f"wrote {len(folders)} corrupted shard sets ({size} px) under {a.write_corrupted}; "
               f"check them with `kdkit verify {a.write_corrupted}`")
@@ -89,7 +91,7 @@ def _run_eval(a: argparse.Namespace) -> int:
     cfg = EvalConfig(checkpoints=a.checkpoints, data=a.data, split=a.split, views=a.views, crop_ratio=a.crop_ratio,
                      batch_size=a.batch_size, num_threads=a.threads, device=a.device, amp=a.amp, prefer_ema=a.ema,
                      model_name=a.model, trust_checkpoint=a.trust_checkpoint, robustness=robust,
-                     extra={"command": command_line()})
+                     extra={"command": command_line()}, **decoding(a))
     report = evaluate(cfg)
     print(format_report(report))
     # one folder per checkpoint, split and views: evaluations of other settings never overwrite each other
@@ -120,10 +122,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--views", choices=["center", "flip", "tencrop"], default="center",
                    help="test-time views: centre crop, + its mirror image, or ten crops (corners + centre, mirrored)")
     p.add_argument("--batch-size", type=COUNT, default=64, help="images per batch (x views with --views)")
-    p.add_argument("--threads", type=COUNT, default=2, help="DALI CPU threads")
+    p.add_argument("--threads", type=COUNT, default=None,
+                   help="DALI threads (default: the cores on the GPU, 2 on the CPU)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="on the GPU: fp16 autocast and channels-last, as in training")
     _add_model_args(p)
+    add_options(p, Backend, include=DECODING, group=p.add_argument_group("GPU decoder"))
     g = p.add_argument_group("Output")
     g.add_argument("--out", type=Path, default=None,
                    help="folder for metrics.json, confusion.png, reliability.png (default: eval/CKPT-SPLIT-VIEWS/ "

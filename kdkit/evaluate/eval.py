@@ -10,6 +10,7 @@ Probabilities are averaged over views, then over the checkpoints of an ensemble 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from kdkit.errors import KdkitError
 from kdkit.evaluate import metrics
 from kdkit.evaluate.ensemble import ensemble_probs, load_models, open_eval_set
 from kdkit.models.checkpoint import ModelInfo
+from kdkit.options import same_as
+from kdkit.pipelines.options import Backend, decoding
 
 if TYPE_CHECKING:
     from kdkit.evaluate.robustness import RobustnessConfig  # imported when used: it pulls in scipy
@@ -36,7 +39,7 @@ class EvalConfig:
     views: str = "center"  # "center" | "flip" | "tencrop"
     crop_ratio: float = 0.875  # image_size / resized shorter side (224/256)
     batch_size: int = 64
-    num_threads: int = 2  # DALI CPU threads
+    num_threads: int | None = None  # DALI threads; None: the cores / local ranks on the GPU, 2 on the CPU
     device: str = "cpu"  # "gpu": DALI decodes on the GPU and the models run there; "auto": the GPU if any
     amp: bool = True  # on the GPU: fp16 autocast and channels-last, as in training (probabilities in fp32)
     prefer_ema: bool = True  # use the checkpoint's EMA weights when it has them
@@ -45,6 +48,14 @@ class EvalConfig:
     ece_bins: int = metrics.ECE_BINS
     robustness: RobustnessConfig | None = None  # corruption errors and mCE too, when given
     extra: dict = field(default_factory=dict)  # recorded in the report as given (e.g. the command line)
+    hw_decoder_load: float | None = same_as(Backend, "hw_decoder_load")  # the GPU decoder (DECODING)
+    preallocate_width_hint: int | None = same_as(Backend, "preallocate_width_hint")
+    preallocate_height_hint: int | None = same_as(Backend, "preallocate_height_hint")
+
+
+def threads(cfg: EvalConfig, rt: runtime.Runtime) -> int:
+    """DALI threads: as given, else the GPU's default (kdkit.runtime.dali_threads) or 2 on the CPU."""
+    return runtime.dali_threads(cfg.num_threads, rt.dali_device == "gpu", cpu=2)
 
 
 def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
@@ -54,8 +65,8 @@ def collect_probs(models, infos: list[ModelInfo], shards, cfg: EvalConfig,
 
     rt = rt or runtime.Runtime()
     gpu = rt.device.type == "cuda"
-    loader = eval_loader(shards, infos[0].transform(cfg.crop_ratio), cfg.batch_size, cfg.num_threads, rt,
-                         views=cfg.views)
+    loader = eval_loader(shards, infos[0].transform(cfg.crop_ratio), cfg.batch_size,
+                         threads(cfg, rt), rt, views=cfg.views, **decoding(cfg))
     if gpu:
         models = [m.to(memory_format=torch.channels_last) for m in models]
     probs, labels = [], []
@@ -79,8 +90,10 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     if cfg.views not in EVAL_VIEWS:
         raise KdkitError(f"views {cfg.views!r}: expected one of {', '.join(EVAL_VIEWS)}")
+    decoding(cfg)  # the decoder's options, checked as the flags check them
     t0 = time.perf_counter()
     with runtime.start(cfg.device, announce="kdkit eval", distributed=False) as rt:
+        cfg = dataclasses.replace(cfg, num_threads=threads(cfg, rt))
         models, infos = load_models(cfg.checkpoints, cfg.prefer_ema, cfg.model_name, rt.device, cfg.trust_checkpoint)
         shards = open_eval_set(cfg.data, cfg.split, infos)
         probs, labels = collect_probs(models, infos, shards, cfg, rt)

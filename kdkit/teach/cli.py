@@ -6,12 +6,11 @@ only when the command runs, so `kdkit --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from kdkit.errors import KdkitError
 from kdkit.options import COUNT, FRACTION, SEED, HelpFormatter, add_options, command_line, csv_list, integer
-from kdkit.pipelines.options import RandomCrop
+from kdkit.pipelines.options import DECODING, Backend, RandomCrop, decoding
 from kdkit.shards.location import location_arg
 
 
@@ -80,7 +79,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="where DALI and the teacher run (gpu: device LOCAL_RANK; auto: the GPU where torch sees one)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="fp16 autocast on the GPU")
     g.add_argument("--batch-size", type=COUNT, default=64, help="images per teacher forward (x K with --views)")
-    g.add_argument("--threads", type=COUNT, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    g.add_argument("--threads", type=COUNT, default=None,
+                   help="DALI threads (default: the cores / local ranks on the GPU, min(8, cores) on the CPU)")
+    add_options(p, Backend, include=DECODING, group=g)  # the GPU decoder's options (TeacherPassConfig's too)
     g.add_argument("--torch-threads", type=COUNT, default=None,
                    help="CPU teacher: torch threads (default: the cores DALI's --threads leave, at least 1)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -102,7 +103,7 @@ def config_from_args(a: argparse.Namespace):
         topk=a.topk, import_h5=a.import_h5, export_h5=a.export_h5, repack=a.repack, image_size=a.image_size, crop_ratio=a.crop_ratio,
         random_area=tuple(a.random_area), random_aspect_ratio=tuple(a.random_aspect_ratio), flip=a.flip,
         seed=a.seed, device=a.device, amp=a.amp, batch_size=a.batch_size, threads=a.threads,
-        torch_threads=a.torch_threads,
+        torch_threads=a.torch_threads, **decoding(a),
         progress=not a.quiet, command=command_line())
 
 

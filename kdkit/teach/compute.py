@@ -59,6 +59,7 @@ def cpu_threads(cfg: TeacherPassConfig, rt: Runtime):
 def views_config(cfg: TeacherPassConfig, rt: Runtime, transform, shard_index: int):
     """The LoaderConfig of one shard's K random views (the teacher_views role), seeded by the shard."""
     from kdkit.pipelines import TeacherViews, loader_config
+    from kdkit.pipelines.options import decoding
 
     role = TeacherViews(num_views=cfg.views, crop_ratio=transform.crop_ratio, random_area=tuple(cfg.random_area),
                         random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip)
@@ -67,16 +68,18 @@ def views_config(cfg: TeacherPassConfig, rt: Runtime, transform, shard_index: in
                          batch_size=cfg.batch_size, shuffle=False, seed=shard_seed(cfg.seed, shard_index),
                          last_batch="partial", teacher_logits=False,
                          shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard
-                         num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id)
+                         num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id, **decoding(cfg))
 
 
 def shard_loader(cfg: TeacherPassConfig, rt: Runtime, shards, transform, shard_index: int):
     """The loader of the views the teacher sees: the eval centre crop (kdkit.pipelines.eval_loader), or
     the K random views of views_config."""
     from kdkit.pipelines import DaliLoader, eval_loader
+    from kdkit.pipelines.options import decoding
 
     if cfg.views is None:
-        return eval_loader(shards, transform, cfg.batch_size, cfg.threads, rt, antialias=cfg.antialias)
+        return eval_loader(shards, transform, cfg.batch_size, cfg.threads, rt, antialias=cfg.antialias,
+                           **decoding(cfg))
     return DaliLoader(shards, views_config(cfg, rt, transform, shard_index))
 
 

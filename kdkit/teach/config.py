@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdkit.errors import KdkitError
-from kdkit.options import DEVICES
+from kdkit.options import DEVICES, same_as
+from kdkit.pipelines.options import Backend, decoding
 from kdkit.shards.location import location
 
 
@@ -51,7 +52,11 @@ class TeacherPassConfig:
     device: str = "cpu"  # "gpu": CUDA device LOCAL_RANK, DALI on the GPU, AMP; "auto": the GPU where one is visible
     amp: bool = True  # fp16 autocast on the GPU (ignored on the CPU)
     batch_size: int = 64
-    threads: int = 4  # DALI CPU threads
+    threads: int | None = None  # DALI threads; None: cores / local ranks on the GPU, min(8, cores) on the CPU
+    # the GPU decoder (pipelines.options.DECODING): how fast, not what, so not in the fingerprint
+    hw_decoder_load: float | None = same_as(Backend, "hw_decoder_load")
+    preallocate_width_hint: int | None = same_as(Backend, "preallocate_width_hint")
+    preallocate_height_hint: int | None = same_as(Backend, "preallocate_height_hint")
     torch_threads: int | None = None  # CPU teacher: torch intra-op threads; None = cores left by DALI (>= 1)
     rank: int | None = None  # this process's part; default: torch.distributed rank (0 alone)
     world: int | None = None  # number of parts; default: torch.distributed world size (1 alone)
@@ -85,8 +90,9 @@ class TeacherPassConfig:
             raise KdkitError(f"--topk {self.topk}: expected k >= 1")
         if self.device not in DEVICES:
             raise KdkitError(f"--device {self.device}: expected one of {', '.join(DEVICES)}")
-        if self.batch_size < 1 or self.threads < 1:
+        if self.batch_size < 1 or (self.threads is not None and self.threads < 1):
             raise KdkitError("--batch-size and --threads must be at least 1")
+        decoding(self)  # the decoder's options, checked as the flags check them
         if self.crop_ratio is not None and not 0 < self.crop_ratio <= 1:
             raise KdkitError(f"--crop-ratio {self.crop_ratio}: expected 0 < ratio <= 1")
 

@@ -91,7 +91,8 @@ def add_train_arguments(p: argparse.ArgumentParser, mode: str, kd_default: str |
 # it goes on; everything else would make it another run (a new --name, or --finetune from its weights)
 RESUME_MAY_CHANGE = {"data", "val_data", "output", "name", "resume", "epochs", "checkpoint_every", "eval_every",
                      "log_interval", "progress", "tensorboard", "loader_threads", "device", "loader_device",
-                     "compile", "trust_checkpoint"}
+                     "compile", "trust_checkpoint", "hw_decoder_load", "preallocate_width_hint",
+                     "preallocate_height_hint"}
 
 
 def config_from_args(a: argparse.Namespace, mode: str) -> TrainConfig:

@@ -44,12 +44,15 @@ class TrainConfig(Augment, RandomCrop, StoredViews):
     eval_crop_ratio: float = same_as(CenterCrop, "crop_ratio", group=DATA,
                                      help="evaluation centre crop: image_size / resized shorter side")
     batch_size: int = same_as(Reading, "batch_size")
-    loader_threads: int = same_as(Backend, "num_threads")
+    loader_threads: int | None = same_as(Backend, "num_threads")
     loader_device: str = option("auto", "DALI backend: cpu, gpu, or auto (gpu where training runs on CUDA)", DATA,
                                 choices=("auto", "cpu", "gpu"))
     shuffle_buffer: int = same_as(Reading, "shuffle_buffer")
     antialias: bool = same_as(Output, "antialias")
     fast_idct: bool = same_as(Backend, "fast_idct")
+    hw_decoder_load: float | None = same_as(Backend, "hw_decoder_load")
+    preallocate_width_hint: int | None = same_as(Backend, "preallocate_width_hint")
+    preallocate_height_hint: int | None = same_as(Backend, "preallocate_height_hint")
     # --- model ------------------------------------------------------------------------------
     model: str = option("resnet50", "timm or kdkit model name (kdkit models lists kdkit's variants)", MODEL)
     model_kwargs: dict = option({}, "extra create_model kwargs, KEY=VALUE (e.g. drop_rate=0.2 zero_init_last=true)",

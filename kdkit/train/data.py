@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from kdkit.errors import KdkitError
 from kdkit.pipelines import DaliLoader, eval_loader as make_eval_loader, loader_config
-from kdkit.pipelines.options import Transform
+from kdkit.pipelines.options import DECODING, Transform, decoding
 from kdkit.runtime import Runtime
 from kdkit.shards import contract
 from kdkit.shards.location import location
@@ -108,14 +108,15 @@ def train_loader_config(cfg: TrainConfig, kd, data: DataInfo, rt: Runtime):
     return loader_config(kd.role(), image_size=t.image_size, mean=t.mean, std=t.std, antialias=cfg.antialias,
                          layout="channels_last" if cfg.channels_last else "CHW", batch_size=cfg.batch_size,
                          num_threads=cfg.loader_threads, fast_idct=cfg.fast_idct, device=device, device_id=device_id,
-                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, teacher_logits=kd.stored)
+                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, teacher_logits=kd.stored, **decoding(cfg))
 
 
 def stream_key(cfg: TrainConfig, kd, data: DataInfo, rt: Runtime) -> str:
     """What decides the train loader's stream of batches: its config (threads and queue depths aside)
     and its shards. A saved loader state is only restored into a loader with the same key."""
     lc = train_loader_config(cfg, kd, data, rt)
-    backend = dataclasses.replace(lc.backend, num_threads=1, prefetch_queue_depth=1, device_id=None)
+    backend = dataclasses.replace(lc.backend, num_threads=1, prefetch_queue_depth=1, device_id=None,
+                                  **dict.fromkeys(DECODING))  # how fast, not what: the decoder's load and buffers
     reading = dataclasses.replace(lc.reading, reader_queue_depth=1)
     return repr((lc.role, lc.output, reading, backend, [t.name for t in data.train.tars]))
 
@@ -137,4 +138,4 @@ def eval_loader(cfg: TrainConfig, data: DataInfo, rt: Runtime) -> DaliLoader | N
     device, device_id = rt.dali_backend(cfg.loader_device)
     return make_eval_loader(data.val, data.transform, cfg.batch_size, cfg.loader_threads, per_rank=True,
                             antialias=cfg.antialias, fast_idct=cfg.fast_idct, device=device, device_id=device_id,
-                            layout="channels_last" if cfg.channels_last else "CHW")
+                            layout="channels_last" if cfg.channels_last else "CHW", **decoding(cfg))
