@@ -188,9 +188,9 @@ class Backend:
     fast_idct: bool = option(False, "decode JPEGs with libjpeg-turbo's fast IDCT (CPU decoder; ~1 grey level off)",
                              DEVICE)
     # the GPU decoder's options (DECODING): the commands that read images on the GPU re-declare them (same_as)
-    hw_decoder_load: float | None = option(None, "GPU: share of each batch's JPEGs for the hardware JPEG decoder (A100, "
-                                                 "H100), the rest on CUDA (default: DALI's, 0.65; about 0.9 suits an "
-                                                 "H100)", DEVICE, low=0, high=1)
+    hw_decoder_load: float | None = option(None, "GPU: share of each batch's JPEGs for the hardware JPEG decoder "
+                                                 "(A100, H100), the rest on CUDA (default: DALI's, 0.65; about 0.9 "
+                                                 "suits an H100)", DEVICE, low=0, high=1)
     preallocate_width_hint: int | None = option(None, "GPU: image width the hardware JPEG decoder preallocates for, "
                                                       "so a larger image does not reallocate mid-run (default: "
                                                       "DALI's)", DEVICE, low=1)
