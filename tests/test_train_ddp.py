@@ -119,3 +119,84 @@ def test_ddp_two_cpu_ranks(tmp_path):
         assert rows[-1][f"{prefix}_top1"] == pytest.approx(single["top1"], abs=1e-9)
         assert rows[-1][f"{prefix}_top5"] == pytest.approx(single["top5"], abs=1e-9)
         assert rows[-1][f"{prefix}_loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with another number of ranks
+
+class Interrupted(Exception):
+    pass
+
+
+def phase(rank: int, world: int, port: int, data: str, out: str, tag: str, stop_after, resume: bool) -> None:
+    """One rank of a run of 2 epochs at batch 2 that saves last.pth after every step, stopped before
+    its step `stop_after` (as a kill would stop it) or run to the end; writes the labels it trained on,
+    per epoch. world 1 runs in the calling process, without torchrun's environment."""
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+    from kdkit.train import loop
+    from kdkit.train.config import make_config
+
+    seen: dict[int, list[int]] = {}
+    state = {"epoch": None, "steps": 0}
+    real_epoch, real_step = loop.train_one_epoch, loop.train_step
+
+    def epoch(p, e, *a, **k):
+        state["epoch"] = e
+        return real_epoch(p, e, *a, **k)
+
+    def step(p, batch, *a, **k):
+        if state["steps"] == stop_after:
+            raise Interrupted
+        out_ = real_step(p, batch, *a, **k)
+        seen.setdefault(state["epoch"], []).extend(batch.labels.view(-1).tolist())
+        state["steps"] += 1
+        return out_
+
+    loop.train_one_epoch, loop.train_step = epoch, step
+    try:
+        loop.fit(make_config(dict(data=data, output=out, name="resized", model="test_efficientnet", image_size=32,
+                                  batch_size=2, loader_threads=1, shuffle_buffer=8, epochs=2, progress=False,
+                                  opt="sgd", lr=0.05, device="cpu", checkpoint_every=1,
+                                  resume="last" if resume else None)))
+    except Interrupted:
+        pass
+    finally:
+        loop.train_one_epoch, loop.train_step = real_epoch, real_step
+    Path(out, f"{tag}-rank{rank}.json").write_text(json.dumps(seen))
+
+
+def run_phase(world: int, data: Path, out: Path, tag: str, stop_after=None, resume=False) -> list[dict]:
+    args = (world, free_port(), str(data), str(out), tag, stop_after, resume)
+    if world == 1:
+        phase(0, *args)
+    else:
+        torch.multiprocessing.spawn(phase, args=args, nprocs=world, join=True)
+    return [{int(e): v for e, v in json.loads((out / f"{tag}-rank{r}.json").read_text()).items()} for r in range(world)]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after, stop", [(2, 1, 2), (1, 2, 4)])
+def test_resuming_with_another_number_of_ranks_trains_each_sample_once(tmp_path, before, after, stop):
+    """8 -> 4 GPUs must not repeat half an epoch, nor 4 -> 8 skip the rest of it: an epoch interrupted
+    with `before` ranks and resumed with `after` trains each of its samples exactly once, its metrics
+    count every sample, and the next epoch is a whole one at the new world size."""
+    data = one_per_class_shards(tmp_path / "d")
+    out = tmp_path / "runs"
+    out.mkdir()
+    first = run_phase(before, data, out, "first", stop_after=stop)
+    assert all(len(r[0]) == 2 * stop for r in first)  # stopped inside epoch 1, last.pth written at that step
+    if after == 1:  # in this process: its warning is seen here
+        with pytest.warns(UserWarning, match=f"written by {before} ranks, this run has {after}"):
+            rest = run_phase(after, data, out, "rest", resume=True)
+    else:
+        rest = run_phase(after, data, out, "rest", resume=True)
+    epoch1 = [x for r in first for x in r[0]] + [x for r in rest for x in r.get(0, [])]
+    assert sorted(epoch1) == list(range(SAMPLES))  # each sample once: none repeated, none skipped
+    assert sorted(x for r in rest for x in r[1]) == list(range(SAMPLES))  # then a whole epoch
+    assert len({len(r[0]) for r in rest}) == 1  # the ranks ran equal steps (DDP)
+    rows = [json.loads(line) for line in (out / "resized" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["samples"]) for r in rows] == [(1, SAMPLES), (2, SAMPLES)]

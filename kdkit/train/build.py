@@ -33,7 +33,7 @@ from kdkit.train.model import build_model, load_finetune, set_backbone_frozen
 from kdkit.train.mutual import peer_config
 from kdkit.train.optim import SAM, build_optimizer, build_scheduler
 from kdkit.train.runs import BEST, LAST, PEER_BEST, PEER_LAST, RunDir, lock_run
-from kdkit.train.state import (check_same_train_set, loader_state, read_resume_checkpoint, restore,
+from kdkit.train.state import (check_same_train_set, loader_state, read_resume_checkpoint, rest_of_epoch, restore,
                               seed_everything, train_identity)
 
 
@@ -57,6 +57,7 @@ class Student:
 class Loaders:
     train: object  # kdkit.pipelines.DaliLoader: one per run (kdkit.train.data)
     val: object | None
+    rest: object | None = None  # a run resumed with another number of ranks: the interrupted epoch's rest first
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Position:
     epoch: int = 0  # the epoch to continue from ...
     step: int = 0  # ... and its micro-batches already trained
     sums: dict | None = None  # that epoch's partial train-loss sums
-    skip_batches: int = 0  # a resume whose loader could not be restored: batches of its first epoch already trained
+    skip_batches: int = 0  # a resume on a fresh loader: its first batches, standing for the samples already trained
     history: list[dict] = field(default_factory=list)  # the metrics rows of the epochs done
 
 
@@ -151,15 +152,17 @@ def _build(cfg: TrainConfig, rt: Runtime, start_run: bool) -> Trainer:
     kd.prepare(data, rt, lambda: autocast(cfg, rt))
     optimizers = [build_optimizer(c, m) for c, m in zip(configs, models)]  # before freezing: frozen parameters join later
     check_same_train_set(resume, data)
-    train_loader = data_mod.train_loader(cfg, kd, data, rt, loader_state(resume, cfg, kd, data, rt))
+    saved = loader_state(resume, cfg, kd, data, rt)
+    train_loader = data_mod.train_loader(cfg, kd, data, rt, None if isinstance(saved, list) else saved)
     data.train_identity = train_identity(data, train_loader.scan.keys)
+    rest = rest_of_epoch(resume, saved, cfg, kd, data, rt) if isinstance(saved, list) else None
     updates_per_epoch = -(-len(train_loader) // cfg.grad_accum)
     students = [Student(c, m, m, o, build_scheduler(c, o, updates_per_epoch), criterion(c),
                         ema=ModelEmaV3(m, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema and i == 0 else None,
                         prefix="peer_" if i else "", files=(PEER_LAST, PEER_BEST) if i else (LAST, BEST))
                 for i, (c, m, o) in enumerate(zip(configs, models, optimizers))]
     t = Trainer(cfg=cfg, rt=rt, data=data, kd=kd, students=students,
-                loaders=Loaders(train_loader, data_mod.eval_loader(cfg, data, rt)), run=RunDir(cfg, rt.is_main),
+                loaders=Loaders(train_loader, data_mod.eval_loader(cfg, data, rt), rest), run=RunDir(cfg, rt.is_main),
                 scaler=torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16"),
                 sam=SAM(optimizers[0], cfg.sam_rho, cfg.sam_adaptive) if cfg.sam_rho > 0 else None)
     t.device_defaults = defaults

@@ -9,9 +9,12 @@ the tar order every epoch and its random streams run on). Every checkpoint store
 checkpoint of its loader (reader position and random generators, ~1 KB; kdkit.pipelines.DaliLoader
 .state), so a resumed run builds the loader from it and continues exactly where the checkpoint was
 taken, mid-epoch too, without decoding anything twice (tested: the same weights as a run never
-stopped). Where that state cannot be used (another number of ranks, other loader options), the run
-builds a fresh loader, starts that epoch over with it and skips as many batches as were trained
-before the interruption (kdkit.train.state says what that does to the samples seen), and says so.
+stopped). With another number of ranks and the same options, the interrupted epoch is finished by
+the old ranks' loaders, rebuilt from their states and their remaining batches shared among the new
+ranks (RestOfEpoch): each sample of that epoch is still trained once. Where the state cannot be used
+at all (other loader options or shards, or none saved), the run builds a fresh loader, starts that
+epoch over with it and skips as many samples as were trained before the interruption (kdkit.train.state
+says what that does to the samples seen), and says so.
 """
 from __future__ import annotations
 
@@ -129,6 +132,55 @@ def train_loader(cfg: TrainConfig, kd, data: DataInfo, rt: Runtime, restore=None
         raise KdkitError(f"{_set_name(data.train)}: {loader.num_samples} samples on this rank, fewer than one "
                          f"batch of {cfg.batch_size}; lower --batch-size")
     return loader
+
+
+class RestOfEpoch:
+    """The batches an epoch had left when it was interrupted, for a run resumed with another number of
+    ranks (the loader states in the checkpoint are the old ranks', one each).
+
+    This rank rebuilds the old ranks' loaders it needs, each with the run's options on the old rank's
+    part of the shards (shard_id = old rank, num_shards = old world) and restored from that rank's
+    state, so each continues exactly where it stopped. Their remaining batches are numbered in turn
+    (batch b of old rank o is number b * old_world + o) and number j goes to the new rank j % world.
+    Every sample the epoch had left is trained once, by one rank; to keep the ranks' step counts equal
+    (DDP), the last (count % world) batches are left out, as last_batch="drop" leaves out a remainder.
+    Growing the world, several new ranks share one old rank's batches and each decodes all of them (it
+    keeps its own): the rest of one epoch at the old rank's speed. Shrinking it, each new rank reads
+    whole old shares. No DALI state describes this position, so no checkpoint is taken inside it: an
+    interruption here resumes from the same checkpoint again."""
+
+    def __init__(self, cfg: TrainConfig, kd, data: DataInfo, rt: Runtime, states: list, left: int):
+        """states: each old rank's loader state; left: the batches each old rank had left of its epoch."""
+        self.old_world, self.rank, self.world, self.left = len(states), rt.rank, rt.world, left
+        total = left * self.old_world
+        self.kept = total - total % self.world  # numbers 0 .. kept - 1 are trained
+        self.steps = self.kept // self.world
+        base = train_loader_config(cfg, kd, data, rt)
+        needed = sorted({j % self.old_world for j in range(self.rank, self.kept, self.world)})
+        self.loaders = {o: DaliLoader(data.train, dataclasses.replace(base, reading=dataclasses.replace(
+            base.reading, shard_id=o, num_shards=self.old_world)), checkpointing=True, restore=states[o])
+            for o in needed}
+
+    def owner(self, b: int, o: int) -> int:
+        """The new rank that trains batch b of old rank o."""
+        return (b * self.old_world + o) % self.world
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        iterators = {o: iter(loader) for o, loader in self.loaders.items()}
+        for b in range(self.left):
+            for o in range(self.old_world):
+                if b * self.old_world + o >= self.kept:
+                    return
+                if o in iterators:  # an old rank none of whose batches are this rank's is not even built
+                    batch = next(iterators[o], None)  # decoded either way: the old loader's stream goes on
+                    if batch is None:
+                        raise KdkitError(f"{_set_name(self.loaders[o].shards)}: rank {o} of the interrupted run had "
+                                         f"fewer batches left than its checkpoint says; did the shards change?")
+                    if self.owner(b, o) == self.rank:
+                        yield batch
 
 
 def eval_loader(cfg: TrainConfig, data: DataInfo, rt: Runtime) -> DaliLoader | None:

@@ -196,9 +196,11 @@ class LoaderWait:
 
 def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | None = None) -> dict:
     """One epoch of the run's loader from step `start_step` on (a resumed loader yields just the rest
-    of its epoch; one that could not be restored skips t.at.skip_batches first)."""
+    of its epoch; one that could not be restored skips t.at.skip_batches first). A run resumed with
+    another number of ranks first finishes the interrupted epoch from the old ranks' loaders
+    (t.loaders.rest, kdkit.train.data.RestOfEpoch), without mid-epoch checkpoints."""
     cfg = t.cfg
-    loader = t.loaders.train
+    loader = t.loaders.train if t.loaders.rest is None else t.loaders.rest
     if (epoch < cfg.freeze_epochs) != t.frozen:
         set_frozen(t, epoch < cfg.freeze_epochs)
     for s in t.students:
@@ -239,13 +241,15 @@ def train_one_epoch(t: Trainer, epoch: int, start_step: int = 0, sums: dict | No
             wait.collect()
             bar.set_postfix(loss=f"{window[-1][0].item():.4f}", lr=f"{current_lr(t.student.optimizer):.3g}")
             window, window_start, targets = [], step + 1, []
-        if updated and cfg.checkpoint_every and t.at.updates % cfg.checkpoint_every == 0 and not last:
+        if (updated and cfg.checkpoint_every and t.at.updates % cfg.checkpoint_every == 0 and not last
+                and loader is t.loaders.train):
             check_finite(t, window, window_start, epoch, steps, targets)
             window, window_start, targets = [], step + 1, []
             saved = {"loss": epoch_losses(sums, loss_sum), "samples": sums["samples"]}
             t.run.save(LAST, make_checkpoint(t, epoch, step + 1, {}, saved))
         step += 1
     bar.close()
+    t.loaders.rest = None  # the interrupted epoch is done: its loaders go
     if step != steps:
         raise KdkitError(f"epoch {epoch + 1}: the loader gave {step} of {steps} batches; did the shards change "
                          "since the run started? (`kdkit verify` them)")
@@ -359,6 +363,10 @@ def opening_line(t: Trainer) -> str:
            "no val set (no evaluation)")
     start = (f"; resuming at epoch {at.epoch + 1}" + (f", step {at.step + 1}" if at.step else "")
              if (at.epoch, at.step) != (0, 0) else "")
+    rest = t.loaders.rest
+    if rest is not None:
+        start = (f"; resuming epoch {at.epoch + 1} where {rest.old_world} ranks left it: its remaining batches, "
+                 f"{len(rest)} steps per rank here (no checkpoint until it ends)")
     return (f"kdkit train: {cfg.model} on {d.train.folder or cfg.data}: {t.loaders.train.scan.num_samples} train "
             f"samples of {d.num_classes} classes, {val}; {what_trains(t)}; {cfg.epochs} epochs of {len(t.loaders.train)} "
             f"steps, batch {cfg.batch_size}{f' samples x {cfg.views_per_load} views' if cfg.views_per_load > 1 else ''}"

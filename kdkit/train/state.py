@@ -6,6 +6,7 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     optimizer, scheduler (plateau counters included), scaler     their state_dicts
     updates                 optimizer updates so far (the scheduler's position, EMA warmup)
     step_in_epoch           micro-batches of the current epoch already trained (0 at a boundary)
+    epoch_steps             micro-batches per epoch of each rank of the run that wrote it
     epoch_sums              that epoch's partial train-loss sums (so its metrics come out the same)
     best                    best val top-1 so far (which epoch best.pth holds)
     rng                     per rank: python, numpy, torch (and CUDA) generator states
@@ -15,10 +16,18 @@ depends on, so a run killed and resumed reaches the same weights as one that nev
     peer                    `kdkit train mutual`: the second student's weights, optimizer, scheduler
                             and best val top-1 (kdkit.train.mutual)
 
-The data position is (epoch, step_in_epoch) and the loader state at it. Where the loader state
-cannot be restored (another number of ranks, other loader options), the resumed run builds a fresh
-loader and skips its first step_in_epoch batches of that epoch: the epoch is finished with as many
-steps as it had left, but on a fresh shuffle, so some samples of it are seen twice and others not.
+The data position is (epoch, step_in_epoch) and the loader state at it. A run resumed with the same
+number of ranks and loader options continues each rank's loader exactly there. With another number
+of ranks (the same options), the old ranks' loaders are rebuilt from their states and finish the
+epoch, their remaining batches shared among the new ranks (kdkit.train.data.RestOfEpoch): every
+sample of the epoch once, none twice, up to world - 1 batches left out; the next epochs come from a
+fresh loader at the new world size. Counts kept in steps are rescaled to the new world (samples, not
+batches): the optimizer updates (the LR schedule's position) and the epoch's partial loss sums.
+Where the loader state cannot be used at all (other loader options or shards, a checkpoint without
+loader states), the resumed run builds a fresh loader and skips as many of its first batches as
+hold the samples already trained in that epoch: the epoch is finished with the samples it had left
+in number, but on a fresh shuffle, so some samples of it are seen twice and others not (said when
+the run starts).
 """
 from __future__ import annotations
 
@@ -73,6 +82,7 @@ def make_checkpoint(t, epoch: int, step_in_epoch: int, metrics: dict, epoch_sums
     ckpt["train_state"] = {
         "optimizer": s.optimizer.state_dict(), "scheduler": scheduler_state(s.scheduler),
         "scaler": t.scaler.state_dict(), "updates": t.at.updates, "step_in_epoch": step_in_epoch,
+        "epoch_steps": len(t.loaders.train),
         "epoch_sums": epoch_sums, "best": s.best, "rng": rngs, "world": t.rt.world,
         "loader": loaders, "loader_stream": stream_key(t.cfg, t.kd, t.data, t.rt),
         "config": t.cfg.to_dict(), "train_set": t.data.train_identity,
@@ -150,24 +160,41 @@ def check_same_train_set(resume: tuple[str, dict] | None, data) -> None:
 
 
 def loader_state(resume: tuple[str, dict] | None, cfg, kd, data, rt):
-    """This rank's saved loader state, where the resumed run's loader can continue from it; else None
-    (with a warning: the run then skips the batches already trained with a fresh loader, see restore)."""
+    """Where the resumed run's data comes from: this rank's saved loader state, where its loader can
+    continue from it; the old ranks' states (a list), where the run has another number of ranks but the
+    same loader and stopped inside an epoch (kdkit.train.data.RestOfEpoch finishes that epoch from them);
+    else None: a fresh loader (with a warning where an epoch was interrupted, see restore)."""
     if resume is None:
         return None
     path, ckpt = resume
     ts = ckpt["train_state"]
     states, why = ts.get("loader"), None
+    same_stream = bool(states) and ts.get("loader_stream") == stream_key(cfg, kd, data, rt)
+    if states and len(states) != rt.world:
+        if not ts["step_in_epoch"]:
+            return None  # at an epoch boundary: a fresh loader at the new world size is exactly right
+        if same_stream and "epoch_steps" in ts:
+            return list(states)
     if not states:
         why = "it holds no loader state"
-    elif len(states) != rt.world:
-        why = f"it was written by {len(states)} ranks, this run has {rt.world}"
-    elif ts.get("loader_stream") != stream_key(cfg, kd, data, rt):
+    elif not same_stream:
         why = "the loader's options or shards differ from the run's"
+    elif len(states) != rt.world:
+        why = f"it was written by {len(states)} ranks (this run has {rt.world}) without the length of its epoch"
     if why:
         warnings.warn(f"{path}: the data position cannot be restored exactly ({why}); training continues "
                       "with a freshly shuffled loader", stacklevel=2)
         return None
     return states[rt.rank]
+
+
+def rest_of_epoch(resume: tuple[str, dict], saved: list, cfg, kd, data, rt):
+    """The loader of the interrupted epoch's remaining batches (kdkit.train.data.RestOfEpoch) from the old
+    ranks' saved loader states."""
+    from kdkit.train.data import RestOfEpoch
+
+    ts = resume[1]["train_state"]
+    return RestOfEpoch(cfg, kd, data, rt, saved, int(ts["epoch_steps"]) - int(ts["step_in_epoch"]))
 
 
 def restore(t, path: str, ckpt: dict) -> None:
@@ -190,13 +217,23 @@ def restore(t, path: str, ckpt: dict) -> None:
     for peer in t.students[1:]:
         load_peer_state(peer, ts.get("peer"), path)
     rngs = ts["rng"]
-    if ts.get("world", 1) != t.rt.world:
-        warnings.warn(f"{path} was written by {ts.get('world', 1)} ranks, this run has {t.rt.world}: "
+    old_world, step, sums = ts.get("world", 1), int(ts["step_in_epoch"]), ts.get("epoch_sums")
+    if old_world != t.rt.world:
+        warnings.warn(f"{path} was written by {old_world} ranks, this run has {t.rt.world}: "
                       "training continues, but not bit-for-bit as the original would have")
+        # counted in steps of the old world: the same samples are old_world / world as many steps now
+        scale = old_world / t.rt.world
+        t.at.updates = round(t.at.updates * scale)
+        if sums:  # rank 0's partial sums stand for each rank's (as with the same world): old_world of them
+            loss = sums["loss"] if isinstance(sums["loss"], list) else [sums["loss"]]
+            sums = {**sums, "samples": sums["samples"] * scale, "loss": [x * scale for x in loss]}
     set_rng_state(rngs[t.rt.rank % len(rngs)])
-    if not t.loaders.train.restored:  # a fresh loader: its first epoch is a whole one, the first steps skipped
-        t.at.skip_batches = int(ts["step_in_epoch"])
-    t.at.epoch, t.at.step, t.at.sums = int(ckpt["epoch"]), int(ts["step_in_epoch"]), ts.get("epoch_sums")
+    if t.loaders.rest is not None:  # the old ranks' loaders finish the epoch: its steps counted from 0 here
+        step = 0
+    elif not t.loaders.train.restored and step:  # a fresh loader: skip the samples already trained, in number
+        old_batch = (ts.get("config") or {}).get("batch_size", t.cfg.batch_size)
+        step = t.at.skip_batches = step * old_world * old_batch // (t.rt.world * t.cfg.batch_size)
+    t.at.epoch, t.at.step, t.at.sums = int(ckpt["epoch"]), step, sums
     started = (ts.get("config") or {}).get("epochs")
     if started is not None and started != t.cfg.epochs and t.cfg.sched != "plateau":
         reschedule(t, started)
