@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from kdkit.bench.sysinfo import machine  # noqa: E402
-from kdkit.evaluate.export import check_parity, export_onnx, ort_runner, ort_session, time_runners  # noqa: E402
-from kdkit.models.factory import create_model  # noqa: E402
+from kdkit.bench.sysinfo import machine
+from kdkit.evaluate.export import check_parity, export_onnx, ort_runner, ort_session, time_runners
+from kdkit.models.factory import create_model
 
 LABELS = {"torch_eager": "PyTorch eager", "onnxruntime": "ONNX Runtime", "openvino_fp32": "OpenVINO fp32",
           "openvino_int8": "OpenVINO int8"}

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kdkit.bench.synthetic import photo_like_jpeg  # noqa: E402
-from kdkit.bench.sysinfo import save_report  # noqa: E402
-from kdkit.shards import contract, tario  # noqa: E402
-from kdkit.teach import members as mem  # noqa: E402
+from kdkit.bench.synthetic import photo_like_jpeg
+from kdkit.bench.sysinfo import save_report
+from kdkit.shards import contract, tario
+from kdkit.teach import members as mem
 
 
 def set_bytes(folder: Path) -> int:

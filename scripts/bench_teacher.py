@@ -14,6 +14,7 @@ JPEGs (kdkit.bench.synthetic), so the numbers are reproducible anywhere.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -83,11 +84,17 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, nargs="*", default=[4], help="also time multi-view passes with these K")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of forward and pass (medians)")
     p.add_argument("--work", type=Path, default=None, help="folder for the data (default: a temporary one)")
+    p.add_argument("--shards", type=Path, default=None,
+                   help="an existing dataset root to read (its train split; --images and --classes from its "
+                        "manifest) instead of writing synthetic images")
     a = p.parse_args(argv)
 
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-teacher-"))
-    raw, shards = work / "raw", work / "shards"
-    if not shards.exists():
+    raw, shards = work / "raw", a.shards or work / "shards"
+    if a.shards is not None:
+        manifest = json.loads((a.shards / "train" / "manifest.json").read_text())
+        a.images, a.classes = manifest["num_samples"], len(manifest["classes"])
+    elif not shards.exists():
         write_tree(raw / "train", images=a.images, classes=a.classes, seed=0)
         write_dataset(list_folder(raw), shards, ShardConfig(samples_per_shard=max(1, a.images // 4), workers=1,
                                                             progress=False))

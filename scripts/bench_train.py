@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kdkit.bench.sysinfo import machine, save_report  # noqa: E402
-from kdkit.train.build import build  # noqa: E402
-from kdkit.train.config import make_config  # noqa: E402
-from kdkit.runtime import Runtime, pick_device  # noqa: E402
-from kdkit.train.loop import train_step  # noqa: E402
+from kdkit.bench.sysinfo import machine, save_report
+from kdkit.train.build import build
+from kdkit.train.config import make_config
+from kdkit.runtime import Runtime, pick_device
+from kdkit.train.loop import train_step
 
 
 def synthetic_shards(out: Path, images: int, max_size: int | None) -> Path:

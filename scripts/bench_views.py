@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+# bench_train beside this file (also when loaded by path); never the repository root: the source kdkit/ has no
+# pipelines subpackage (that is a package-dir mapping), so it must not shadow the installed package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_train import batches_forever, synthetic_shards, timed  # noqa: E402
 from kdkit.bench.sysinfo import machine, save_report  # noqa: E402
@@ -58,6 +59,10 @@ def with_views(shards: Path, out: Path, views: int, threads: int, device: str) -
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("bench-out/views"), help="where the synthetic shards go")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="a dataset root whose train split already holds K stored views (`kdkit add-teacher-logits "
+                         "--views K`) instead of synthetic shards; take a sample count that is a multiple of "
+                         "--batch-size, so no configuration drops a partial batch of decoded images")
     ap.add_argument("--images", type=int, default=400, help="synthetic images")
     ap.add_argument("--views", type=int, default=4, help="K: stored views per sample")
     ap.add_argument("--per-load", type=int, nargs="+", default=[4], help="views per load to time besides 1")
@@ -74,8 +79,18 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
 
     device = pick_device(a.device)
-    data = with_views(synthetic_shards(a.out, a.images, None), a.out, a.views, a.threads,
-                      "gpu" if device.type == "cuda" else "cpu")
+    if a.data is not None:
+        manifest = json.loads((a.data / "train" / "manifest.json").read_text())
+        data, a.views, a.images = a.data, manifest["teacher"]["views"], manifest["num_samples"]
+    else:
+        data = with_views(synthetic_shards(a.out, a.images, None), a.out, a.views, a.threads,
+                          "gpu" if device.type == "cuda" else "cpu")
+    # the last partial batch of an epoch is decoded and dropped: a sample count that is not a multiple of
+    # the samples per step would charge that waste unevenly (batch 256 vs 64 samples with 4 views per load)
+    dropped = {n: a.images % (a.batch_size // n) for n in [1, *a.per_load]}
+    if any(dropped.values()):
+        print(f"note: {a.images} images leave {dropped} decoded samples per epoch out of the batches (views per "
+              "load: samples); a multiple of the batch size compares the configurations evenly", file=sys.stderr)
     configs = {"none": dict(kd="none"), "replay N=1": dict(kd="replay")}
     configs.update({f"replay N={n}": dict(kd="replay", views_per_load=n, batch_size=a.batch_size // n)
                     for n in a.per_load})

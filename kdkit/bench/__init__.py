@@ -46,6 +46,9 @@ class BenchConfig(Augment, RandomCrop):
     fast_idct: bool = same_as(Backend, "fast_idct", help="DALI decodes with libjpeg-turbo's fast IDCT (Pillow uses "
                                                          "the exact one: faster, not bit-equal)")
     native_resize: bool = same_as(Backend, "native_resize", group=DEVICE)
+    hw_decoder_load: float | None = same_as(Backend, "hw_decoder_load")  # the GPU decoder (DECODING)
+    preallocate_width_hint: int | None = same_as(Backend, "preallocate_width_hint")
+    preallocate_height_hint: int | None = same_as(Backend, "preallocate_height_hint")
     gpu_feed: str | None = option(None, "also time a training step of this timm model (AMP on GPU), e.g. resnet50 "
                                         "(default: none)", DEVICE, none=True)
 

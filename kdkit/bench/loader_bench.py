@@ -48,6 +48,7 @@ class RunResult:
 
 def dali_loader(cfg: BenchConfig, rt):
     from kdkit.pipelines import DaliLoader, Train, loader_config
+    from kdkit.pipelines.options import decoding
 
     # last_batch="partial": like the baseline, the end of an epoch yields a short batch (images are
     # counted, not batches) instead of a full one computed and dropped
@@ -56,7 +57,7 @@ def dali_loader(cfg: BenchConfig, rt):
                        layout="channels_last" if cfg.gpu_feed else "CHW", batch_size=cfg.batch_size,
                        shuffle_buffer=cfg.shuffle_buffer, teacher_logits=False, last_batch="partial",
                        num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id,
-                       fast_idct=cfg.fast_idct, native_resize=cfg.native_resize)
+                       fast_idct=cfg.fast_idct, native_resize=cfg.native_resize, **decoding(cfg))
     return DaliLoader(cfg.shards, lc, split=cfg.split)
 
 

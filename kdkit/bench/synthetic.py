@@ -33,17 +33,26 @@ def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: 
 
 
 def write_tree(root: Path, images: int = 800, classes: int = 10, seed: int = 0, quality: int = 90,
-               width: tuple[int, int] = (380, 500), height: tuple[int, int] = (300, 400)) -> int:
-    """root/c<k>/img<i>.jpg, classes round-robin; returns the total bytes written."""
-    rng = np.random.default_rng(seed)
-    total = 0
-    for i in range(images):
-        folder = Path(root) / f"c{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        data = photo_like_jpeg(rng, int(rng.integers(*width)), int(rng.integers(*height)), quality)
-        (folder / f"img{i:05d}.jpg").write_bytes(data)
-        total += len(data)
-    return total
+               width: tuple[int, int] = (380, 500), height: tuple[int, int] = (300, 400), workers: int = 1) -> int:
+    """root/c<k>/img<i>.jpg, classes round-robin; returns the total bytes written. Image i is drawn from its
+    own generator (seed, i), so the tree is the same whatever `workers` (processes) write it."""
+    jobs = [(Path(root), i, classes, seed, quality, width, height) for i in range(images)]
+    if workers <= 1:
+        return sum(map(_write_one, jobs))
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        return sum(pool.map(_write_one, jobs, chunksize=max(1, images // (4 * workers))))
+
+
+def _write_one(job) -> int:
+    root, i, classes, seed, quality, width, height = job
+    rng = np.random.default_rng([seed, i])
+    folder = root / f"c{i % classes}"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = photo_like_jpeg(rng, int(rng.integers(*width)), int(rng.integers(*height)), quality)
+    (folder / f"img{i:05d}.jpg").write_bytes(data)
+    return len(data)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=COUNT, default=10)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--quality", type=integer(1, 100), default=90)
+    p.add_argument("--workers", type=COUNT, default=1, help="processes writing images (the same images either way)")
     a = p.parse_args(argv)
-    total = write_tree(a.out, a.images, a.classes, a.seed, a.quality)
+    total = write_tree(a.out, a.images, a.classes, a.seed, a.quality, workers=a.workers)
     print(f"{a.out}: {a.images} JPEGs, {total / a.images / 1024:.0f} KB on average")
 
 
