@@ -251,9 +251,11 @@ def test_every_flag_of_every_command_says_its_default_once():
 
 def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp_path, capsys):
     """hw_decoder_load (the hardware JPEG decoder's share: about 0.9 suits an H100) and the preallocation
-    hints are Backend's options, re-declared by train, add-teacher-logits and eval: one flag each, one range,
-    and the values end up in DALI's decoder arguments."""
+    hints are Backend's options, re-declared by train, add-teacher-logits, eval and bench-loader: one flag
+    each, one range, and the values end up in DALI's decoder arguments."""
+    from kdkit.bench import BenchConfig
     from kdkit.evaluate.eval import EvalConfig
+    from kdkit.options import given_options
     from kdkit.pipelines import loader_config
     from kdkit.pipelines.options import DECODING, Backend, decoding
     from kdkit.teach.cli import config_from_args
@@ -265,7 +267,9 @@ def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp
     teach = config_from_args(parse(["add-teacher-logits", "d", "--checkpoint", "c", "--out", "o", *given]))
     train = train_config(parse(["train", "teacher", "d", *given]), "teacher")
     a = parse(["eval", "c", "--data", "d", *given])
-    for cfg in (teach, train, EvalConfig([a.checkpoints[0]], a.data, **decoding(a))):
+    b = parse(["bench-loader", str(tmp_path), *given])
+    bench = BenchConfig(b.shards, **given_options(b, BenchConfig))
+    for cfg in (teach, train, EvalConfig([a.checkpoints[0]], a.data, **decoding(a)), bench):
         assert decoding(cfg) == wanted
     args = loader_config("eval", device="gpu", device_id=0, **decoding(train)).backend.decoder_args()
     assert args == {"jpeg_fancy_upsampling": True, **wanted}
@@ -280,7 +284,7 @@ def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp
             with pytest.raises(OptionError, match=f"^{name}="):
                 decoding(EvalConfig([tmp_path], tmp_path, **{name: bad}))
             for command in (["add-teacher-logits", "d", "--checkpoint", "c", "--out", "o"],
-                            ["eval", "c", "--data", "d"], ["train", "teacher", "d"]):
+                            ["eval", "c", "--data", "d"], ["train", "teacher", "d"], ["bench-loader", "d"]):
                 with pytest.raises(SystemExit):
                     parse([*command, flag_of(Backend, name), str(bad)])
                 assert flag_of(Backend, name) in capsys.readouterr().err
