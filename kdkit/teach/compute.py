@@ -94,6 +94,10 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
     once per rank, not once per shard. Random views keep one loader per shard, seeded by the shard
     (shard_seed): DALI cannot re-seed a built pipeline, and a shard's boxes must not depend on which
     shards ran before it on this rank (resume, another world size), so that a rerun stores the same.
+    One pipeline per rank would need the boxes drawn from per-sample random numbers fed into the graph
+    instead of DALI's random operators (whose generators, one per batch slot, run on across shards);
+    until then each shard pays a pipeline build (1-3 s on a GPU). Outputs stay on the device until a
+    shard is complete (no wait for the device per batch); the caller writes shards in the background.
     """
     from kdkit.shards.reader import ShardSet, reading_order
 
