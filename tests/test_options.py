@@ -120,17 +120,22 @@ def test_the_roles_and_the_configs_share_one_declaration(cls_name):
             assert option_fields(config)[name] is f or option_fields(config)[name].metadata == f.metadata, name
 
 
-@pytest.mark.parametrize("name", list(option_fields(Augment)))
-def test_a_train_role_refuses_what_the_config_refuses(name):
+def refused_alike(role: str, name: str, bad) -> None:
+    """A loader of `role` and TrainConfig refuse option `name` = `bad` with the same message."""
     from kdkit.pipelines import loader_config
     from kdkit.train.config import TrainConfig
 
+    with pytest.raises(OptionError) as loader:
+        loader_config(role, **{name: bad})
+    with pytest.raises(OptionError) as config:
+        TrainConfig(**{name: bad})
+    assert str(loader.value) == str(config.value)
+
+
+@pytest.mark.parametrize("name", list(option_fields(Augment)))
+def test_a_train_role_refuses_what_the_config_refuses(name):
     for bad in bad_values(Augment, name):
-        with pytest.raises(OptionError) as role:
-            loader_config("train", **{name: bad})
-        with pytest.raises(OptionError) as config:
-            TrainConfig(**{name: bad})
-        assert str(role.value) == str(config.value)
+        refused_alike("train", name, bad)
 
 
 def test_bench_flags_come_from_its_config(tiny_shards, capsys):
@@ -260,7 +265,6 @@ def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp
     from kdkit.pipelines.options import DECODING, Backend, decoding
     from kdkit.teach.cli import config_from_args
     from kdkit.train.cli import config_from_args as train_config
-    from kdkit.train.config import TrainConfig
 
     given = ["--hw-decoder-load", "0.9", "--preallocate-width-hint", "4000", "--preallocate-height-hint", "3000"]
     wanted = {"hw_decoder_load": 0.9, "preallocate_width_hint": 4000, "preallocate_height_hint": 3000}
@@ -276,11 +280,7 @@ def test_the_gpu_decoder_options_reach_every_command_that_decodes_on_the_gpu(tmp
     assert loader_config("eval", device="cpu", **decoding(train)).backend.decoder_args() == {}  # the CPU decoder
     for name in DECODING:  # one range: the flags, the configs and the loaders refuse the same values
         for bad in bad_values(Backend, name):
-            with pytest.raises(OptionError) as role:
-                loader_config("eval", **{name: bad})
-            with pytest.raises(OptionError) as config:
-                TrainConfig(**{name: bad})
-            assert str(role.value) == str(config.value)
+            refused_alike("eval", name, bad)
             with pytest.raises(OptionError, match=f"^{name}="):
                 decoding(EvalConfig([tmp_path], tmp_path, **{name: bad}))
             for command in (["add-teacher-logits", "d", "--checkpoint", "c", "--out", "o"],
