@@ -242,6 +242,62 @@ def test_teacher_views_are_reproducible(indexed):
     assert set(boxes[:, 4].tolist()) == {0, 1}
 
 
+def torchvision_box(height: int, width: int, u: np.ndarray, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params with the given numbers in place of its random ones
+    (float32 as the graph computes; halves round up)."""
+    tries = len(u[:-3]) // 2
+    for t in range(tries):
+        share = np.float32(area[0] + u[2 * t] * (area[1] - area[0]))
+        r = np.float32(np.exp(np.log(ratio[0]) + u[2 * t + 1] * (np.log(ratio[1]) - np.log(ratio[0]))))
+        w = np.floor(np.sqrt(np.float32(height * width) * share * r) + 0.5)
+        h = np.floor(np.sqrt(np.float32(height * width) * share / r) + 0.5)
+        if 1 <= w <= width and 1 <= h <= height:
+            x, y = np.floor(u[-3] * (width - w + 1)), np.floor(u[-2] * (height - h + 1))
+            return min(x, width - w), min(y, height - h), w, h
+    if width / height < ratio[0]:
+        w, h = width, np.floor(width / ratio[0] + 0.5)
+    elif width / height > ratio[1]:
+        w, h = np.floor(height * ratio[1] + 0.5), height
+    else:
+        w, h = width, height
+    return np.floor((width - w) / 2), np.floor((height - h) / 2), w, h
+
+
+def test_random_view_boxes_follow_torchvisions_rule():
+    """The teacher views' boxes are computed in the graph from per-sample random numbers (so they do not
+    depend on batch slots): the same boxes as torchvision's RandomResizedCrop given those numbers, its
+    centre-crop fallback included (extreme aspect ratios with large areas)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from kdkit.pipelines.options import RandomCrop
+    from kdkit.pipelines.teacher_views import DRAWS, random_box
+
+    rng = np.random.default_rng(0)
+    shapes = [np.array([rng.integers(20, 600), rng.integers(20, 600), 3], np.int64) for _ in range(62)]
+    shapes += [np.array([100, 1000, 3]), np.array([1000, 100, 3])]
+    draws = [rng.random(DRAWS, dtype=np.float32) for _ in shapes]
+    for u in draws[-2:]:
+        u[0:-3:2] = 0.99  # large areas never fit these shapes: the fallback
+    crop = RandomCrop()
+
+    @pipeline_def(batch_size=len(shapes), num_threads=1, device_id=None)
+    def boxes():
+        shape = fn.external_source(source=lambda: shapes, dtype=types.INT64)
+        u = fn.external_source(source=lambda: draws, dtype=types.FLOAT)
+        height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+        return fn.stack(*random_box(height, width, u, crop))
+
+    pipe = boxes()
+    pipe.build()
+    got = pipe.run()[0]
+    for i, (shape, u) in enumerate(zip(shapes, draws)):
+        x, y, w, h, flip = np.asarray(got[i])
+        assert (x, y, w, h) == torchvision_box(int(shape[0]), int(shape[1]), u), i
+        assert flip == float(u[-1] < 0.5)
+    fallbacks = [np.asarray(got[i])[2:4].tolist() for i in (-2, -1)]
+    assert fallbacks == [[133.0, 100.0], [100.0, 133.0]]  # the whole side, cut to the nearest allowed aspect
+
+
 def with_views(samples, views_of, num_classes: int = 4) -> list[dict]:
     """Samples plus stored pixel boxes (K, 5) and logits (K, num_classes) whose row k is [id, k, 0, ...],
     packed into the .teacher member."""

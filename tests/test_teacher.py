@@ -210,7 +210,8 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
     seen, pixel_err, logit_err, other_views = 0, [], [], []
     for index, tar in enumerate(shards.tars):
         one = ShardSet(tars=[tar])
-        same_as_the_pass = views_config(cfg, Runtime(), Transform(SIZE, RATIO, MEAN, STD), index)
+        count = len(list(tario.iter_tar_samples(tar)))
+        same_as_the_pass = views_config(cfg, Runtime(), Transform(SIZE, RATIO, MEAN, STD), [(index, count)])
         teacher_views = [b for b in DaliLoader(one, same_as_the_pass)]
         views, boxes = torch.cat([b.views for b in teacher_views]), torch.cat([b.boxes for b in teacher_views])
         samples = [m for _, m in tario.iter_tar_samples(tar)]
@@ -235,6 +236,40 @@ def test_replayed_views_give_the_stored_pixels_and_logits(ckpts, multi):
     assert max(pixel_err) <= 1.01
     assert max(logit_err) < 1e-2 and min(other_views) > 10 * max(logit_err)
     assert seen == 24
+
+
+def test_one_views_pipeline_per_rank_and_a_shards_boxes_are_its_own(tiny_shards, ckpts, multi, tmp_path,
+                                                                      monkeypatch):
+    """The random-view pass builds one DALI pipeline for all of a rank's shards (a GPU pipeline costs 1-3 s to
+    start), and a shard's boxes are still its own: the same read alone, after another shard, or at another
+    batch size, so a resumed or re-split pass stores the same set."""
+    import kdkit.pipelines as pipelines
+
+    built, real = [], pipelines.DaliLoader
+
+    def counted(*a, **kw):
+        built.append(1)
+        return real(*a, **kw)
+    monkeypatch.setattr(pipelines, "DaliLoader", counted)
+    add_teacher_logits(config(tiny_shards, ckpts["main"], out=tmp_path / "one", views=3, splits=["train"]))
+    assert len(built) == 1 and len(list((tiny_shards / "train").glob("*.tar"))) == 3
+    assert tar_bytes(tmp_path / "one" / "train") == tar_bytes(multi / "train")
+    monkeypatch.undo()
+
+    cfg = config(multi, ckpts["main"], out=Path("unused"), views=3)
+    tars = resolve_shards(multi, "train").tars
+    counts = [len(list(tario.iter_tar_samples(t))) for t in tars]
+    view = Transform(SIZE, RATIO, MEAN, STD)
+
+    def boxes(indexes, batch):
+        c = dataclasses.replace(cfg, batch_size=batch)
+        loader = DaliLoader(ShardSet(tars=[tars[i] for i in indexes]),
+                            views_config(c, Runtime(), view, [(i, counts[i]) for i in indexes]))
+        return torch.cat([b.boxes for b in loader])
+
+    alone, after_another, other_batch = boxes([2], 8), boxes([0, 2], 8)[counts[0]:], boxes([1, 2], 5)[counts[1]:]
+    assert torch.equal(alone, after_another) and torch.equal(alone, other_batch)
+    assert not torch.equal(boxes([0], 8)[:4], alone[:4])  # and shards differ from each other
 
 
 def test_multi_view_block_and_verify(multi):

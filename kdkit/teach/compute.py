@@ -3,8 +3,8 @@
 The loaders read in stored order and yield no keys, but an unshuffled reader yields the samples
 exactly in `reading_order` (tar after tar, tar order within), and the labels DALI decodes are
 compared with the tar's own, so a join by position that went wrong fails loudly instead of storing
-one sample's logits under another's key. The centre view reads all of a rank's shards with one
-loader; random views use one loader per shard (run_shards says why).
+one sample's logits under another's key. One loader reads all of a rank's shards, centre view or
+random views (run_shards says why that keeps the boxes reproducible).
 """
 from __future__ import annotations
 
@@ -23,12 +23,6 @@ from kdkit.runtime import Runtime
 from kdkit.shards.location import location
 from kdkit.teach.config import TeacherPassConfig
 from kdkit.teach.teachers import TeacherEnsemble
-
-
-def shard_seed(seed: int, shard_index: int) -> int:
-    """The DALI seed of one shard's random views: distinct per shard (one seed for every shard
-    would give sample j of each shard the same relative box), fixed for a given (seed, shard)."""
-    return (seed * 1_000_003 + shard_index * 7_919 + 1) % (2**31 - 1)
 
 
 @dataclass
@@ -56,31 +50,38 @@ def cpu_threads(cfg: TeacherPassConfig, rt: Runtime):
         torch.set_num_threads(before)
 
 
-def views_config(cfg: TeacherPassConfig, rt: Runtime, transform, shard_index: int):
-    """The LoaderConfig of one shard's K random views (the teacher_views role), seeded by the shard."""
+def views_config(cfg: TeacherPassConfig, rt: Runtime, transform, shards: list[tuple[int, int]]):
+    """The LoaderConfig of the K random views (the teacher_views role) of the tars of `shards`, (shard
+    index, samples) in reading order: one pipeline for all of them, each sample's views drawn from
+    (seed, shard index, its index in the shard) (pipelines.teacher_views.ViewDraws)."""
     from kdkit.pipelines import TeacherViews, loader_config
     from kdkit.pipelines.options import decoding
+    from kdkit.pipelines.teacher_views import ViewDraws
 
     role = TeacherViews(num_views=cfg.views, crop_ratio=transform.crop_ratio, random_area=tuple(cfg.random_area),
-                        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip)
+                        random_aspect_ratio=tuple(cfg.random_aspect_ratio), flip=cfg.flip,
+                        draws=ViewDraws(cfg.seed, cfg.views, tuple(shards)))
     return loader_config(role, image_size=transform.image_size, mean=tuple(transform.mean), std=tuple(transform.std),
                          antialias=cfg.antialias, layout="channels_last" if rt.device.type == "cuda" else "CHW",
-                         batch_size=cfg.batch_size, shuffle=False, seed=shard_seed(cfg.seed, shard_index),
-                         last_batch="partial", teacher_logits=False,
-                         shard_id=0, num_shards=1,  # one tar, read whole: this process's part is chosen by shard
+                         batch_size=cfg.batch_size, shuffle=False, seed=cfg.seed, last_batch="partial",
+                         teacher_logits=False,
+                         shard_id=0, num_shards=1,  # these tars, read whole: this process's part is chosen by shard
                          num_threads=cfg.threads, device=rt.dali_device, device_id=rt.device_id, **decoding(cfg))
 
 
-def shard_loader(cfg: TeacherPassConfig, rt: Runtime, shards, transform, shard_index: int):
-    """The loader of the views the teacher sees: the eval centre crop (kdkit.pipelines.eval_loader), or
-    the K random views of views_config."""
+def shard_loader(cfg: TeacherPassConfig, rt: Runtime, shards, transform, indexes: list[int]):
+    """The loader of the views the teacher sees over the tars of `shards` (their shard indexes: `indexes`):
+    the eval centre crop (kdkit.pipelines.eval_loader), or the K random views of views_config."""
     from kdkit.pipelines import DaliLoader, eval_loader
     from kdkit.pipelines.options import decoding
+    from kdkit.shards import contract
+    from kdkit.shards.reader import scan_shards
 
     if cfg.views is None:
         return eval_loader(shards, transform, cfg.batch_size, cfg.threads, rt, antialias=cfg.antialias,
                            **decoding(cfg))
-    return DaliLoader(shards, views_config(cfg, rt, transform, shard_index))
+    counts = [sum(u) for u in scan_shards(shards, [contract.IMAGE_EXT, contract.LABEL_EXT]).usable]
+    return DaliLoader(shards, views_config(cfg, rt, transform, list(zip(indexes, counts))))
 
 
 def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: TeacherPassConfig, rt: Runtime,
@@ -89,23 +90,20 @@ def run_shards(shards: list[tuple[int, Path]], ensemble: TeacherEnsemble, cfg: T
     """(shard index, its outputs in tar order) for each (index, tar) of `shards`, as each one completes;
     a tar named in `checksums` (its manifest's sha256) must still have those bytes (check_checksums).
 
-    The centre view has no randomness, so one loader reads all of this process's shards: a GPU
-    pipeline's start-up (decoder init, device and pinned buffers, an empty prefetch queue) is paid
-    once per rank, not once per shard. Random views keep one loader per shard, seeded by the shard
-    (shard_seed): DALI cannot re-seed a built pipeline, and a shard's boxes must not depend on which
-    shards ran before it on this rank (resume, another world size), so that a rerun stores the same.
-    One pipeline per rank would need the boxes drawn from per-sample random numbers fed into the graph
-    instead of DALI's random operators (whose generators, one per batch slot, run on across shards);
-    until then each shard pays a pipeline build (1-3 s on a GPU). Outputs stay on the device until a
-    shard is complete (no wait for the device per batch); the caller writes shards in the background.
+    One loader reads all of this process's shards, so a GPU pipeline's start-up (decoder init, device and
+    pinned buffers, an empty prefetch queue) is paid once per rank, not once per shard: the centre view
+    has no randomness, and the random views' numbers are drawn per sample from (seed, shard, index in
+    the shard) (pipelines.teacher_views.ViewDraws), so a shard's boxes do not depend on which shards ran
+    before it on this rank (resume, another world size) and a rerun stores the same. Outputs stay on
+    the device until a shard is complete (no wait for the device per batch); the caller writes shards
+    in the background.
     """
     from kdkit.shards.reader import ShardSet, reading_order
 
-    groups = [shards] if cfg.views is None else [[s] for s in shards]
     amp = cfg.amp and rt.device.type == "cuda"
-    for group in groups:
+    for group in [shards] if shards else []:
         loader = shard_loader(cfg, rt, ShardSet(tars=[location(t) for _, t in group], checksums=checksums or {}),
-                              transform, group[0][0])
+                              transform, [i for i, _ in group])
         order = [k for _, k in reading_order(loader.shards, loader.scan)]
         counts = [sum(u) for u in loader.scan.usable]
         starts = [0, *itertools.accumulate(counts)]

@@ -47,7 +47,7 @@ class TeacherPassConfig:
     random_aspect_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     antialias: bool = True
-    seed: int = 0  # seed of the random views; each shard derives its own from it (views.shard_seed)
+    seed: int = 0  # seed of the random views: sample j of shard s draws from (seed, s, j) (teacher_views.ViewDraws)
     # running
     device: str = "cpu"  # "gpu": CUDA device LOCAL_RANK, DALI on the GPU, AMP; "auto": the GPU where one is visible
     amp: bool = True  # fp16 autocast on the GPU (ignored on the CPU)
@@ -102,8 +102,8 @@ class TeacherPassConfig:
         if self.views is None:
             return {"view": "center", "resize_shorter": int(round(image_size / crop_ratio)),
                     "crop_ratio": crop_ratio, **t}
-        # the random boxes depend on the seed and the batch size (DALI draws per batch slot);
-        # the stored boxes are what counts, these say how they were drawn
+        # the stored boxes are what counts, these say how they were drawn: per sample, from numpy's
+        # default_rng((seed, shard index, index in the shard)), whatever the batch size or the ranks
         return {"view": "random-resized-crop", "views": self.views, "random_area": list(self.random_area),
                 "random_aspect_ratio": list(self.random_aspect_ratio), "flip": self.flip, "seed": self.seed,
-                "batch_size": self.batch_size, **t}
+                "draws": "per sample: default_rng((seed, shard, index))", **t}
