@@ -159,3 +159,15 @@ def test_nonsense_augmentation_flags_are_refused(tiny_shards, capsys, flags, exp
     with pytest.raises(SystemExit) as e:
         cli.main(["bench-loader", str(tiny_shards), *flags])
     assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_synthetic_images_are_the_same_whatever_the_processes_that_write_them(tmp_path):
+    """The GPU check makes its JPEGs once, in parallel: image i comes from its own generator, so the set (and
+    every benchmark on it) is the same with one process or several."""
+    from kdkit.bench.synthetic import write_tree
+
+    one, two = write_tree(tmp_path / "a", images=6, classes=2, workers=1), write_tree(tmp_path / "b", images=6,
+                                                                                     classes=2, workers=2)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert one == two and len(files) == 6
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
