@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -555,3 +556,37 @@ def test_evaluation_reads_the_device_once_not_per_batch(host_reads):
         reads.append(counter.count)
         assert got == pytest.approx(expected, rel=1e-6)
     assert reads[0] == reads[1]
+
+
+def test_the_loader_wait_is_timed_without_a_device_sync_per_step(colour, tmp_path, monkeypatch):
+    """On CUDA the loop used to synchronize the whole device before every next() to time the loader wait,
+    so the host could never queue a step ahead. Now two CUDA events per step time it, read (one host wait)
+    every log_interval steps and once at the end of the epoch. Faked here: the loader's wait on a 'GPU'
+    whose events are host timestamps; 6 steps, log_interval 3."""
+    waits = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            waits.append("event")
+
+        def elapsed_time(self, end):
+            return 1000 * (end.at - self.at)
+
+    class OnCuda(loop.LoaderWait):
+        def __init__(self, device):
+            super().__init__(device)
+            self.cuda = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: waits.append("device"))
+    monkeypatch.setattr(loop, "LoaderWait", OnCuda)
+    history = fit(cfg_for(colour, tmp_path, epochs=1, name="w", batch_size=4, log_interval=3))
+    assert history[0]["samples"] == 24  # 6 steps
+    assert waits == ["event", "event", "device"]  # steps 3 and 6, then the epoch's end: not one per step
+    assert 0 < history[0]["loader_wait_share"] < 1  # the events' gaps were summed
