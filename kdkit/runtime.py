@@ -177,6 +177,11 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in TORCHRUN_ENV)
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def local_world() -> int:
     """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 alone)."""
     return env_integer("LOCAL_WORLD_SIZE", 1, low=1)
@@ -191,8 +196,7 @@ def dali_threads(requested: int | None, gpu: bool, cpu: int = CPU_DALI_THREADS) 
         return requested
     if not gpu:
         return cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // local_world())
+    return max(1, cores() // local_world())
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -323,8 +322,8 @@ def add_teacher_logits(cfg: TeacherPassConfig) -> list[SplitReport]:
 
 
 def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack) -> list[SplitReport]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cfg = dataclasses.replace(cfg, threads=runtime.dali_threads(cfg.threads, rt.dali_device == "gpu", min(8, cores)))
+    cfg = dataclasses.replace(cfg, threads=runtime.dali_threads(cfg.threads, rt.dali_device == "gpu",
+                                                                min(8, runtime.cores())))
     sets, is_root = select_sets(cfg.shards, cfg.splits)
     rank, world = parts(cfg, rt)
     if not (cfg.teachers or cfg.import_h5 or cfg.repack):  # export only: one writer of the file

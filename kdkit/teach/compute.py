@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from kdkit.errors import KdkitError
-from kdkit.runtime import Runtime
+from kdkit.runtime import Runtime, cores
 from kdkit.shards.location import location
 from kdkit.teach.config import TeacherPassConfig
 from kdkit.teach.teachers import TeacherEnsemble
@@ -42,8 +41,7 @@ def cpu_threads(cfg: TeacherPassConfig, rt: Runtime):
         yield
         return
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cfg.torch_threads or max(1, cores - cfg.threads))
+    torch.set_num_threads(cfg.torch_threads or max(1, cores() - cfg.threads))
     try:
         yield
     finally:
