@@ -39,8 +39,11 @@ It installs and builds nothing (KDKIT_NATIVE=0: the GPU backend never uses kdkit
 from a scratch folder (a source checkout cannot shadow the installed kdkit) and starts every command
 with this Python, so kdkit and its dependencies must import from a venv or PYTHONPATH. Without CUDA it
 says so on one line and exits 0. `--device cpu` runs every step on the CPU instead, at the GPU run's
-tensor sizes (batch 256, 224 px, ResNet-50, 64-image pixel batches) with a few batches each: it finds
-import, shape and plumbing faults on any machine, and measures nothing. Exit status 1 if a step failed.
+tensor sizes (224 px, ResNet-50, loader and teacher batches of 256, 64-image pixel batches) with a few
+batches each: it finds import, shape and plumbing faults on any machine, and measures nothing. Training
+steps take batches of 32 there (TRAIN_BATCH_CPU: a ResNet-50 step at 256 holds some 25 GB of
+activations, more than a small machine has; the GPU run uses 256), and the teacher step its own 64
+images (a forward-only ResNet-50 pass over the whole set would take the CPU half an hour). Exit status 1 if a step failed.
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]  # tests/ and scripts/ are read from 
 # (step, budget in seconds on one H100, 16 cores)
 PLAN = [("data", 40), ("decoders", 20), ("pixels", 35), ("ddp", 35), ("tests", 80), ("teach", 45),
         ("train", 60), ("views", 50), ("loader", 60), ("teacher", 45)]
+TRAIN_BATCH_CPU = 32  # --device cpu: images per training step (see the docstring)
 LIMITS = {"mean": 1.0, "p99": 4.0, "image_mean": 2.0}  # the pixels step's pass limits (grey levels)
 EXIF_ORIENTATIONS = (1, 3, 6, 8)  # image i of the pixel set carries EXIF_ORIENTATIONS[i % 4]
 
@@ -84,6 +88,7 @@ class Ctx:
     warmup: int
     repeats: int
     steps: int  # training steps of the train step
+    train_batch: int  # images per training step (train, views, loader's ResNet-50 step)
     log: Path
 
     def limit(self, budget: float) -> float:
@@ -374,7 +379,7 @@ def teach(ctx: Ctx, budget: float) -> dict:
 
 def train(ctx: Ctx, budget: float) -> dict:
     kd = ctx.path("kd4")
-    batch = 256
+    batch = ctx.train_batch
     samples = json.loads((kd / "train" / "manifest.json").read_text())["num_samples"]
     epochs = max(1, -(-ctx.steps * batch // samples))
     r = checked(sh(ctx, "train", kdkit("train", "student", kd, "--kd", "replay", "--model", "resnet50",
@@ -396,7 +401,8 @@ def views(ctx: Ctx, budget: float) -> dict:
     js = ctx.path("views.json")
     checked(sh(ctx, "views", [sys.executable, REPO / "scripts" / "bench_views.py", "--data", ctx.path("kd4"),
                               "--device", ctx.torch_device, "--model", "resnet50", "--image-size", 224,
-                              "--batch-size", 256, "--threads", ctx.threads, "--amp", "bf16" if ctx.gpu else "none",
+                              "--batch-size", ctx.train_batch, "--threads", ctx.threads,
+                              "--amp", "bf16" if ctx.gpu else "none",
                               "--steps", 10 if ctx.gpu else 1, "--warmup", ctx.warmup, "--repeats", ctx.repeats,
                               "--json", js], ctx.limit(budget)))
     rates = json.loads(js.read_text())["images_per_s"]
@@ -409,7 +415,8 @@ def loader(ctx: Ctx, budget: float) -> dict:
     for name in ("full", "320"):
         js = ctx.path(f"loader-{name}.json")
         checked(sh(ctx, "loader", kdkit("bench-loader", ctx.path(f"shards-{name}"), "--device", ctx.dali,
-                                        "--batch-size", 256, "--threads", ctx.threads, "--size", 224, "--batches",
+                                        "--batch-size", ctx.train_batch, "--threads", ctx.threads, "--size", 224,
+                                        "--batches",
                                         ctx.batches, "--warmup", ctx.warmup, "--repeats", ctx.repeats,
                                         "--gpu-feed", "resnet50", "--no-baseline", "--json", js), ctx.limit(budget)))
         rep = json.loads(js.read_text())
@@ -423,8 +430,9 @@ def loader(ctx: Ctx, budget: float) -> dict:
 
 
 def teacher(ctx: Ctx, budget: float) -> dict:
+    data = ["--shards", ctx.path("shards-320")] if ctx.gpu else ["--images", 64, "--classes", 100]
     r = checked(sh(ctx, "teacher", [sys.executable, REPO / "scripts" / "bench_teacher.py", "--device", ctx.dali,
-                                    "--model", "resnet50", "--size", 224, "--shards", ctx.path("shards-320"),
+                                    "--model", "resnet50", "--size", 224, *data,
                                     "--batch-size", 256 if ctx.gpu else 64, "--threads", ctx.threads,
                                     "--views", 4, "--repeats", 1, "--work", ctx.path("teacher")], ctx.limit(budget)))
     rows = re.findall(r"^\| (teacher pass[^|]*) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \|$", r.stdout, re.M)
@@ -523,6 +531,7 @@ def main() -> int:
     threads = len(os.sched_getaffinity(0))
     ctx = Ctx(work=a.work, out=out, gpu=gpu, threads=threads, images=5120 if gpu else 512, pixel_images=256,
               batches=40 if gpu else 1, warmup=5 if gpu else 0, repeats=2 if gpu else 1, steps=200 if gpu else 2,
+              train_batch=256 if gpu else TRAIN_BATCH_CPU,
               log=out / "gpu_check.log")
     ctx.log.write_text("")
     machine = describe_machine(gpu, threads)

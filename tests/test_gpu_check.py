@@ -58,6 +58,7 @@ def test_the_json_is_written_after_every_step_and_a_failure_does_not_stop_the_re
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--device", "cpu", "--work", str(tmp_path / "w"), "--out",
                                       str(tmp_path / "o"), "--deadline", "50"])
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDKIT_NATIVE", "0")  # main() sets it for its commands: undone after the test
     assert check.main() == 1
     assert on_disk == [{"first": {"ok": True, "x": 1, "seconds": on_disk[0]["first"]["seconds"], "budget_s": 1}}]
     results = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["results"]
