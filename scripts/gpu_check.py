@@ -327,7 +327,15 @@ def compare(a: dict, b: dict) -> dict:
     return {"all": stats(keys), "exif": stats(rotated)}
 
 
+def fresh_run(ctx: Ctx, name: str) -> None:
+    """The check's own run folder, emptied: a rerun after a run cut short must not meet "already holds a run"."""
+    import shutil
+
+    shutil.rmtree(ctx.path("runs") / name, ignore_errors=True)
+
+
 def ddp(ctx: Ctx, budget: float) -> dict:
+    fresh_run(ctx, "ddp")
     r = checked(sh(ctx, "ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 1,
                                 "-m", "kdkit", "train", "teacher", ctx.path("shards-320"), "--model", "resnet18",
                                 "--image-size", 112, "--batch-size", 128, "--epochs", 1, "--val-split", "none",
@@ -380,6 +388,7 @@ def teach(ctx: Ctx, budget: float) -> dict:
 def train(ctx: Ctx, budget: float) -> dict:
     kd = ctx.path("kd4")
     batch = ctx.train_batch
+    fresh_run(ctx, "replay")
     samples = json.loads((kd / "train" / "manifest.json").read_text())["num_samples"]
     epochs = max(1, -(-ctx.steps * batch // samples))
     r = checked(sh(ctx, "train", kdkit("train", "student", kd, "--kd", "replay", "--model", "resnet50",
