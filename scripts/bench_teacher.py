@@ -28,7 +28,7 @@ import torch
 from kdkit.bench.synthetic import write_tree
 from kdkit.models.checkpoint import save_checkpoint
 from kdkit.models.factory import create_model
-from kdkit.runtime import pick_device
+from kdkit.runtime import cores, pick_device
 from kdkit.shards.sources.folder import list_folder
 from kdkit.shards.writer import ShardConfig, write_dataset
 from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
     # measured alternately, `repeats` times, and medians reported: on a shared machine the load
     # changes from minute to minute, and alternating keeps both sides under the same conditions.
     rows = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    counts = sorted({torch.get_num_threads(), max(1, cores - a.threads)})  # see kdkit.teach.compute.cpu_threads
+    counts = sorted({torch.get_num_threads(), max(1, cores() - a.threads)})  # see kdkit.teach.compute.cpu_threads
     images = torch.randn(a.images, 3, a.size, a.size)
     model = model.to(device)
     for views in [None, *a.views]:
