@@ -119,10 +119,12 @@ class BackgroundWriter:
         while self.pending and (self.pending[0].done() or len(self.pending) > WRITES_AHEAD):
             self.pending.pop(0).result()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Wait for every submitted shard; raise the first failure, or (quiet: an error is already on its
+        way out) none, so the error the user sees is the first one, not a later shard's."""
         try:
             for f in self.pending:
-                f.result()
+                f.exception() if quiet else f.result()
         finally:
             self.pool.shutdown(wait=True)
 
@@ -379,11 +381,16 @@ def _run(cfg: TeacherPassConfig, rt: runtime.Runtime, held: contextlib.ExitStack
                 for i, join in source.outputs(split, folder, [(i, man.shards[i]) for i in todo], bar):
                     bar.set_postfix_str(man.shards[i].tar)
                     writer.submit(_write_shard, job, man.shards[i], join, source.describe(), layout)
-        finally:
+        except BaseException:
             try:
-                writer.close()
+                writer.close(quiet=True)  # what was computed is written; the first error is the one raised
             finally:
                 bar.close()
+            raise
+        try:
+            writer.close()
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - t0
         rate = sum(man.shards[i].num_samples for i in todo) / elapsed if todo and elapsed > 0 else None
         rt.barrier()
