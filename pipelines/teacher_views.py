@@ -10,17 +10,11 @@ and whichever shards one pipeline read before it: the teacher pass reads all of 
 with one pipeline and a resumed or re-split pass stores the same boxes (tested). The boxes are
 stored next to the logits anyway, which is what makes them authoritative, not the seed.
 
-<<<<<<< HEAD
-Boxes are the integer pixel boxes of the decoded image (fn.random_crop_generator on the shape
-fn.peek_image_shape reports, EXIF orientation applied as the decoder applies it): x, y, w, h and the
-flip, as the packed teacher member stores them, so replay cuts exactly these pixels again.
-=======
-Boxes are computed on the decoded image's integer pixel grid (the shape fn.peek_image_shape reports,
-EXIF orientation applied as the decoder applies it) with torchvision's RandomResizedCrop rule (ten
+Boxes are the integer pixel boxes of the decoded image (the shape fn.peek_image_shape reports, EXIF
+orientation applied as the decoder applies it), computed with torchvision's RandomResizedCrop rule (ten
 tries of an area share and a log-uniform aspect ratio, else the centre crop of the clamped aspect
-ratio), written as DALI arithmetic (random_box), and stored relative to that grid; converting back
-with round(x * width) gives the same integers again.
->>>>>>> 7c6e412 (teacher pass: one DALI pipeline per rank for random views too; each sample's views drawn on the host from (seed, shard, index) and boxed in the graph by torchvision's RandomResizedCrop rule, so a shard's boxes do not depend on batch size, rank or the shards read before it)
+ratio) written as DALI arithmetic (random_box): x, y, w, h and the flip, as the packed teacher member
+stores them, so replay cuts exactly these pixels again.
 """
 from __future__ import annotations
 
@@ -79,20 +73,14 @@ class ViewDraws:
         return np.random.default_rng([self.seed, shard, j]).random((self.num_views, DRAWS), dtype=np.float32)
 
 
+def _as_float(node):
+    return fn.cast(node, dtype=types.FLOAT)
+
+
 def _as_int(node):
     return fn.cast(node, dtype=types.INT32)
 
 
-<<<<<<< HEAD
-def random_view(full, shape, crop: RandomCrop, output: Output, native_op: bool):
-    """One random-resized crop of the decoded image: (normalized view, (5,) INT32 pixel box x, y, w, h, flip)."""
-    anchor, size = fn.random_crop_generator(  # (y, x) and (h, w): the order of the shape given
-        shape[0:2], random_area=list(crop.random_area), random_aspect_ratio=list(crop.random_aspect_ratio))
-    flip = fn.random.coin_flip(probability=0.5 if crop.flip else 0.0, dtype=types.INT32)
-    view = resized_view(fn.slice(full, anchor, size, axes=[0, 1]), output, native_op, mirror=flip)
-    box = fn.stack(_as_int(anchor[1]), _as_int(anchor[0]), _as_int(size[1]), _as_int(size[0]), flip)
-    return view, box
-=======
 def random_box(height, width, u, crop: RandomCrop):
     """(x, y, w, h, flip) of one random-resized crop of an image of height x width pixels (float scalars)
     from its DRAWS numbers u: torchvision's RandomResizedCrop.get_params, vectorised over the tries.
@@ -124,16 +112,15 @@ def random_box(height, width, u, crop: RandomCrop):
 
 
 def random_view(full, shape, u, crop: RandomCrop, output: Output, native_op: bool):
-    """One random-resized crop of the decoded image from its DRAWS numbers u: (normalized view, (5,) box
-    x, y, w, h relative to the image, flip)."""
+    """One random-resized crop of the decoded image from its DRAWS numbers u: (normalized view, (5,) INT32
+    pixel box x, y, w, h, flip)."""
     height, width = _as_float(shape[0]), _as_float(shape[1])
     x, y, w, h, flip = random_box(height, width, u, crop)
     anchor = fn.cast(fn.stack(y, x), dtype=types.INT64)  # (y, x) and (h, w): the shape's order
     size = fn.cast(fn.stack(h, w), dtype=types.INT64)
     view = resized_view(fn.slice(full, anchor, size, axes=[0, 1]), output, native_op,
                         mirror=fn.cast(flip, dtype=types.INT32))
-    return view, fn.stack(x / width, y / height, w / width, h / height, flip)
->>>>>>> 7c6e412 (teacher pass: one DALI pipeline per rank for random views too; each sample's views drawn on the host from (seed, shard, index) and boxed in the graph by torchvision's RandomResizedCrop rule, so a shard's boxes do not depend on batch size, rank or the shards read before it)
+    return view, fn.stack(_as_int(x), _as_int(y), _as_int(w), _as_int(h), _as_int(flip))
 
 
 @dataclass(frozen=True)
@@ -151,13 +138,9 @@ class TeacherViews(RandomCrop, CenterCrop, Role):
     def __post_init__(self):
         check_options(self)
 
-<<<<<<< HEAD
     def graph(self, members, teacher, output, backend):
-=======
-    def graph(self, members, teacher_members, output, backend):
         from nvidia.dali.pipeline import Pipeline
 
->>>>>>> 7c6e412 (teacher pass: one DALI pipeline per rank for random views too; each sample's views drawn on the host from (seed, shard, index) and boxed in the graph by torchvision's RandomResizedCrop rule, so a shard's boxes do not depend on batch size, rank or the shards read before it)
         jpegs, cls = members
         native_op = self.resizer(backend) == "kdkit_resize_normalize"
         shape = fn.peek_image_shape(jpegs)
