@@ -477,10 +477,10 @@ def test_shards_are_written_while_the_teacher_computes_the_next(tiny_shards, ckp
                 second_computed.set()
             yield item
 
-    def write(job, rec, samples, outputs, source):
+    def write(job, rec, samples, outputs, source, layout):
         if not seen:
             seen.append(second_computed.wait(30))
-        return real_write(job, rec, samples, outputs, source)
+        return real_write(job, rec, samples, outputs, source, layout)
 
     monkeypatch.setattr(compute, "run_shards", run_shards)
     monkeypatch.setattr(add_logits, "_process_shard", write)
