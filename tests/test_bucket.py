@@ -392,12 +392,15 @@ def test_bucket_end_to_end_shard_teacher_torchrun_student_eval(tmp_path, bucket,
     classes = 16  # one image per class, so a label names its sample
     make_class_tree(tmp_path / "raw", [f"c{c:02d}" for c in range(classes)], per_class=1, seed=3, size=(40, 48),
                     splits=("train", "val"))
-    env = {**os.environ, **s3_env(s3_server), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAKDKITE2EKEY", "AWS_SECRET_ACCESS_KEY": "kdkit-e2e-secret-value"}
+    env = {**os.environ, **s3_env(s3_server), **secrets, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     kdkit = [sys.executable, "-m", "kdkit"]
+    said = []  # everything the commands printed
 
     def run(*cmd, **kw):
         r = subprocess.run(cmd, capture_output=True, text=True, env={**env, **kw}, timeout=400)
         assert r.returncode == 0, r.stderr[-3000:]
+        said.append(r.stdout + r.stderr)
         return r
 
     data, kd = f"{bucket}/set", f"{bucket}/set-kd"
@@ -437,6 +440,16 @@ def test_bucket_end_to_end_shard_teacher_torchrun_student_eval(tmp_path, bucket,
         reports.append(json.loads(out.read_text()))
     assert reports[0]["data"]["path"] == f"{kd}/val" and reports[0]["metrics"]["num_samples"] == classes
     assert reports[0]["metrics"] == reports[1]["metrics"]
+
+    # no credential printed, logged or stored: not in any output, run folder, eval output or object written
+    written = {str(f): f.read_bytes() for f in tmp_path.rglob("*") if f.is_file() and f.name != "rank.py"}
+    import s3fs
+
+    store = s3fs.S3FileSystem(use_listings_cache=False)  # every object in the bucket, job state included
+    written.update({key: store.cat_file(key) for key in store.find(bucket.split("://", 1)[1])})
+    for secret in secrets.values():
+        assert not any(secret in text for text in said), secret
+        assert [name for name, body in written.items() if secret.encode() in body] == [], secret
 
 
 def test_stock_webdataset_and_timm_read_the_bucket_set_through_pipe_urls(tmp_path, bucket):
