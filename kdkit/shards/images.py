@@ -205,7 +205,7 @@ def decoded_size(raw: bytes) -> tuple[int, int]:
     90 degrees for orientations 5-8), from its header alone (no decode)."""
     with Image.open(io.BytesIO(raw)) as img:
         w, h = img.size
-        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        turned = orientation(img) in (5, 6, 7, 8)
     return (h, w) if turned else (w, h)
 
 
