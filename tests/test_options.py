@@ -172,9 +172,12 @@ def test_names_the_trainer_implements_are_the_ones_it_offers():
 
     from kdkit.pipelines.options import IMAGENET_MEAN, IMAGENET_STD
     from kdkit.train.config import KD_MODES
+    from kdkit.train.config import KD_LOSSES
     from kdkit.train.kd import KD_MODES as IMPLEMENTED
+    from kdkit.train.losses import KD_LOSSES as LOSSES
 
     assert set(KD_MODES) == set(IMPLEMENTED)
+    assert set(KD_LOSSES) == set(LOSSES)
     assert IMAGENET_MEAN == tuple(IMAGENET_DEFAULT_MEAN) and IMAGENET_STD == tuple(IMAGENET_DEFAULT_STD)
 
 

@@ -108,7 +108,8 @@ def changed(expected: dict[Path, str], progress: bool = True, what: str = "check
         entries = cache["shards"]
         cached = [t for t, want in tars.items()
                   if entries.get(t.name, [None] * 3)[:3] == [stats[t].st_size, version(stats[t]), want]]
-        todo = [t for t in tars if t not in cached] if how == "on" else list(tars)
+        known = set(cached)  # a set: a list's membership test is quadratic over a folder of shards
+        todo = [t for t in tars if t not in known] if how == "on" else list(tars)
         if how == "on" and cached:  # the rotating re-check: longest since verified first
             budget = RECHECK_SHARE * sum(st.st_size for st in stats.values())
             spent = 0
