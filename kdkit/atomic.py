@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -75,26 +74,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
-def replacing(path, fsync: bool = True):
+def replacing(path, fsync: bool = True, sha256=None):
     """Yields the temporary path to write; renamed over `path` when the block ends (uploaded, for a
-    bucket), removed if it fails."""
+    bucket, with its sha256 as object metadata: `sha256()` where the caller has hashed the file
+    already, else hashed here), removed if it fails."""
     from kdkit.shards.location import BucketPath, location, replace
+    from kdkit.shards.tario import sha256_file
 
     path = location(path)
     tmp = temp_path(path)
     try:
         yield tmp
         if isinstance(path, BucketPath):
-            replace(tmp, path, sha256=_sha256(tmp))  # one put: the object appears whole or not at all
+            replace(tmp, path, sha256=sha256() if sha256 else sha256_file(tmp))  # one put: the object appears whole or not at all
         else:
             if fsync:
                 _fsync(tmp)

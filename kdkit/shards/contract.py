@@ -95,6 +95,12 @@ def is_legacy_teacher(teacher: dict | None) -> bool:
     return bool(teacher) and "layout" not in teacher
 
 
+def legacy_teacher_problem(folder) -> str:
+    """What to say of a set whose teacher outputs are in the layout before the packed member."""
+    return (f"{folder}: teacher outputs written by kdkit before 2026-12 (one .npy member per array); convert them "
+            f"once with `kdkit add-teacher-logits {folder} --repack --in-place` (or --out NEW)")
+
+
 # --- files of a shard set (one folder per split) ----------------------------------------------
 MANIFEST = "manifest.json"
 SKIP_REPORT = "skipped.tsv"  # source path <TAB> reason, for every sample left out

@@ -137,8 +137,7 @@ def teacher_layout(shards: ShardSet) -> tuple[contract.TeacherPart, ...]:
     where = shards.folder or (shards.tars[0].parent if shards.tars else "the shard set")
     block = teacher_block(shards)
     if teacher_format(shards) == "legacy" or contract.is_legacy_teacher(block):
-        raise ShardError(f"{where}: teacher outputs written by kdkit before 2026-12 (one .npy member per array); "
-                         f"convert them once with `kdkit add-teacher-logits {where} --repack --in-place` (or --out NEW)")
+        raise ShardError(contract.legacy_teacher_problem(where))
     if not block:
         raise ShardError(f"{where}: no teacher block in a manifest.json beside the tars, and the packed .teacher "
                          "member's layout is written there; read the set through its folder")

@@ -91,12 +91,13 @@ def write_shard(tar_path: Path, samples: Iterable[dict[str, bytes]]) -> dict:
     after its index, so a present tar always has its index beside it; a failure (Ctrl-C, a full disk)
     leaves no temporary file behind (kdkit.atomic).
     """
-    with atomic.replacing(tar_path) as tmp:
-        count = _write_tar(tmp, samples)
+    record = {}
+    with atomic.replacing(tar_path, sha256=lambda: record["sha256"]) as tmp:  # hashed once, kept in a bucket too
+        record["num_samples"] = _write_tar(tmp, samples)
         write_dali_index(tmp, tar_path.with_suffix(".idx"))
-        digest = sha256_file(tmp)
-        size = tmp.stat().st_size
-    return {"num_samples": count, "bytes": size, "sha256": digest}
+        record["sha256"] = sha256_file(tmp)
+        record["bytes"] = tmp.stat().st_size
+    return record
 
 
 def _write_tar(path: Path, samples: Iterable[dict[str, bytes]]) -> int:

@@ -128,8 +128,7 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
     man = load_manifest(folder)
     rep = VerifyReport(folder)
     if contract.is_legacy_teacher(man.teacher):
-        rep.problems.append(f"{folder}: teacher outputs written by kdkit before 2026-12 (one .npy member per array); "
-                            f"convert them once with `kdkit add-teacher-logits {folder} --repack --in-place`")
+        rep.problems.append(contract.legacy_teacher_problem(folder))
     listed = {s.tar for s in man.shards}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         rep.problems.append(f"{folder / extra}: tar not listed in the manifest")
