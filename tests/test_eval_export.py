@@ -81,6 +81,24 @@ def test_a_set_without_val_is_read_from_its_only_split(ckpt, tiny_shards, tmp_pa
     assert "holds no val split but test, train; name the one to read with --split" in said.out + said.err
 
 
+def test_a_bare_tar_or_a_folder_of_tars_is_read_as_given(ckpt, tiny_shards, tmp_path, capsys):
+    """No split to choose in one tar or a manifest-less folder of tars: read as given, nothing said about val."""
+    import shutil
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    tar = sorted((tiny_shards / "train").glob("*.tar"))[0]
+    shutil.copy(tar, loose / tar.name)
+    shutil.copy(tar.with_suffix(".idx"), loose / tar.with_suffix(".idx").name)
+    for data in (loose / tar.name, loose):
+        out = tmp_path / f"{data.name}.onnx"
+        assert run_cli(["export", str(ckpt), "-o", str(out), "--data", str(data), "--exporter", "torchscript",
+                        "--no-benchmark", "--parity-samples", "2", "--threads", "1"]) == 0
+        said = capsys.readouterr()
+        assert "val split" not in said.out + said.err
+        assert "eval views from" in json.loads(out.with_suffix(".export.json").read_text())["parity"]["inputs"]
+
+
 def test_an_interrupted_re_export_never_leaves_a_report_of_another_model(ckpt, tiny_shards, tmp_path, monkeypatch):
     """The repro: re-exporting into a folder with an earlier export, Ctrl-C between "the new model.onnx is in
     place" and "its report is written" left the old checkpoint's "parity OK" beside the new model. Now the

@@ -39,10 +39,11 @@ def write_tree(root: Path, images: int = 800, classes: int = 10, seed: int = 0, 
     jobs = [(Path(root), i, classes, seed, quality, width, height) for i in range(images)]
     if workers <= 1:
         return sum(map(_write_one, jobs))
-    from concurrent.futures import ProcessPoolExecutor
+    from kdkit.workers import WorkerPool  # spawned workers; one that dies ends the run with one line
 
-    with ProcessPoolExecutor(workers) as pool:
-        return sum(pool.map(_write_one, jobs, chunksize=max(1, images // (4 * workers))))
+    with WorkerPool(workers, "writing synthetic images") as pool:
+        return sum(pool.imap(_write_one, jobs, chunksize=max(1, images // (4 * workers)),
+                             describe=lambda job: f"{job[0]}/c{job[1] % job[2]}/img{job[1]:05d}.jpg"))
 
 
 def _write_one(job) -> int:

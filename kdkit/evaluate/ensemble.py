@@ -6,8 +6,6 @@ Models come from kdkit.models.checkpoint.load_model (one way from a file to a mo
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from kdkit.errors import KdkitError
@@ -89,11 +87,16 @@ def default_split(data, what: str = "kdkit export") -> str:
     number is never read off another split unawares)."""
     import sys
 
+    from kdkit.shards.location import location
     from kdkit.shards.verify import find_sets
 
-    if data is None or (Path(data) / contract.MANIFEST).exists() or (Path(data) / "val").is_dir():
+    if data is None or isinstance(data, (list, tuple)):
+        return "val"  # tars named one by one: read as given, no split (kdkit.shards.reader.resolve_shards)
+    path = location(data)  # a local path or a bucket URL, as every reader takes it
+    if (path.suffix == ".tar" or (path / contract.MANIFEST).exists() or (path / "val").is_dir()
+            or (path.is_dir() and any(path.glob("*.tar")))):  # one set (a tar, a set, a folder of tars): no split
         return "val"
-    found = [s.name for s in find_sets(Path(data))]
+    found = [s.name for s in find_sets(path)]
     if len(found) != 1:
         raise KdkitError(f"{data}: holds no val split but {', '.join(found)}; name the one to read with --split")
     print(f"{what}: {data} holds no val split; reading its only split, {found[0]} (--split names another)",

@@ -76,17 +76,27 @@ def _update(folder, verified: dict[str, list], dropped: set[str], checks: int | 
         pass
 
 
+def record(matched: dict[Path, str], differ=(), stats: dict | None = None) -> None:
+    """The tars of `matched` ({tar: sha256}) hold these bytes (their writer just hashed them, or `kdkit
+    verify` did), with the stamps of `stats` ({tar: stat taken before hashing}; else taken now); those
+    of `differ` no longer match what was recorded: the next check hashes them, whatever their stamps
+    say. One update of each folder's cache file, however many tars."""
+    by_folder: dict = {}
+    for tar, sha256 in matched.items():
+        st = (stats or {}).get(tar)
+        tar = location(tar).resolve()
+        st = st or tar.stat()
+        by_folder.setdefault(tar.parent, ({}, set()))[0][tar.name] = [st.st_size, version(st), sha256, None]
+    for tar in differ:
+        tar = location(tar).resolve()
+        by_folder.setdefault(tar.parent, ({}, set()))[1].add(tar.name)
+    for folder, (verified, dropped) in by_folder.items():
+        _update(folder, verified, dropped)
+
+
 def remember(tar: Path, sha256: str) -> None:
-    """`tar` holds these bytes now (its writer just hashed them, or `kdkit verify` did)."""
-    tar = location(tar).resolve()
-    st = tar.stat()
-    _update(tar.parent, {tar.name: [st.st_size, version(st), sha256, None]}, set())
-
-
-def forget(tar: Path) -> None:
-    """`tar` no longer matches what was recorded: the next check hashes it, whatever its stamps say."""
-    tar = location(tar).resolve()
-    _update(tar.parent, {}, {tar.name})
+    """`tar` holds these bytes now (its writer just hashed them)."""
+    record({tar: sha256})
 
 
 def changed(expected: dict[Path, str], progress: bool = True, what: str = "checking shard checksums"

@@ -132,46 +132,51 @@ def verify_set(folder: Path, decode: bool = False, progress: bool = True) -> Ver
     listed = {s.tar for s in man.shards}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
         rep.problems.append(f"{folder / extra}: tar not listed in the manifest")
-    for s in tqdm(man.shards, desc=f"verify {folder.name}", unit="shard", disable=not progress):
-        tar, idx = folder / s.tar, folder / s.idx
-        rep.shards += 1
-        if not tar.exists():
-            rep.problems.append(f"{tar}: missing")
-            continue
-        size = tar.stat().st_size
-        if size != s.bytes:
-            rep.problems.append(f"{tar}: {size} bytes, manifest says {s.bytes} (truncated or replaced)")
-        elif tario.sha256_file(tar) != s.sha256:  # always hashed: verify never trusts the readers' cache
-            rep.problems.append(f"{tar}: checksum differs from the manifest (modified after writing)")
-            checksums.forget(tar)  # so that no reader trusts its cached stamps either
-        else:
-            checksums.remember(tar, s.sha256)
-        keys = []
-        try:
-            for key, members in tario.iter_tar_samples(tar):
-                keys.append(key)
-                _check_members(key, members, man, str(tar), decode, rep.problems)
-                if man.teacher and not contract.is_legacy_teacher(man.teacher):
-                    _check_teacher(key, members, {"num_classes": len(man.classes), **man.teacher}, str(tar),
-                                   rep.problems)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            rep.problems.append(f"{tar}: unreadable tar after {len(keys)} samples ({e})")
-        if len(set(keys)) != len(keys):
-            rep.problems.append(f"{tar}: sample keys repeat (members of one sample not adjacent?)")
-        if len(keys) != s.num_samples:
-            rep.problems.append(f"{tar}: {len(keys)} samples, manifest says {s.num_samples}")
-        rep.samples += len(keys)
-        if not idx.exists():
-            rep.problems.append(f"{idx}: DALI index missing (recreate with `kdkit verify --fix-index`)")
-        else:
+    matched, differ, stats = {}, [], {}  # recorded once at the end (one cache write, not one a shard); kept if stopped
+    try:
+        for s in tqdm(man.shards, desc=f"verify {folder.name}", unit="shard", disable=not progress):
+            tar, idx = folder / s.tar, folder / s.idx
+            rep.shards += 1
+            if not tar.exists():
+                rep.problems.append(f"{tar}: missing")
+                continue
+            stats[tar] = tar.stat()  # before hashing: a tar changed meanwhile is hashed again by the next check
+            size = stats[tar].st_size
+            if size != s.bytes:
+                rep.problems.append(f"{tar}: {size} bytes, manifest says {s.bytes} (truncated or replaced)")
+            elif tario.sha256_file(tar) != s.sha256:  # always hashed: verify never trusts the readers' cache
+                rep.problems.append(f"{tar}: checksum differs from the manifest (modified after writing)")
+                differ.append(tar)  # so that no reader trusts its cached stamps either
+            else:
+                matched[tar] = s.sha256
+            keys = []
             try:
-                entries = tario.read_dali_index(idx)
-                if len(entries) != len(keys):
-                    rep.problems.append(f"{idx}: indexes {len(entries)} samples, tar holds {len(keys)}")
-                elif tar.exists() and tario.dali_index_lines(tar) != idx.read_text().splitlines()[1:]:
-                    rep.problems.append(f"{idx}: offsets do not match the tar (stale index)")
-            except (ValueError, tarfile.TarError, EOFError, OSError) as e:
-                rep.problems.append(f"{idx}: {e}")
+                for key, members in tario.iter_tar_samples(tar):
+                    keys.append(key)
+                    _check_members(key, members, man, str(tar), decode, rep.problems)
+                    if man.teacher and not contract.is_legacy_teacher(man.teacher):
+                        _check_teacher(key, members, {"num_classes": len(man.classes), **man.teacher}, str(tar),
+                                       rep.problems)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                rep.problems.append(f"{tar}: unreadable tar after {len(keys)} samples ({e})")
+            if len(set(keys)) != len(keys):
+                rep.problems.append(f"{tar}: sample keys repeat (members of one sample not adjacent?)")
+            if len(keys) != s.num_samples:
+                rep.problems.append(f"{tar}: {len(keys)} samples, manifest says {s.num_samples}")
+            rep.samples += len(keys)
+            if not idx.exists():
+                rep.problems.append(f"{idx}: DALI index missing (recreate with `kdkit verify --fix-index`)")
+            else:
+                try:
+                    entries = tario.read_dali_index(idx)
+                    if len(entries) != len(keys):
+                        rep.problems.append(f"{idx}: indexes {len(entries)} samples, tar holds {len(keys)}")
+                    elif tar.exists() and tario.dali_index_lines(tar) != idx.read_text().splitlines()[1:]:
+                        rep.problems.append(f"{idx}: offsets do not match the tar (stale index)")
+                except (ValueError, tarfile.TarError, EOFError, OSError) as e:
+                    rep.problems.append(f"{idx}: {e}")
+    finally:
+        checksums.record(matched, differ, stats)
     if rep.samples != man.num_samples and not rep.problems:
         rep.problems.append(f"{folder}: {rep.samples} samples, manifest says {man.num_samples}")
     return rep
