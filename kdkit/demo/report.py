@@ -198,16 +198,23 @@ def plot_students(cfg, out: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
+    # colour = row (no KD, stored, replayed, online), line and marker = KD term: 10 ways or more stay apart
+    rows = list(dict.fromkeys(split_way(way)[0] for way in cfg.student_ways()))
+    styles = {"kl": ("-", "o"), "dkd": ("--", "^"), "kl-ls": (":", "s"), "dkd-ls": ("-.", "D")}
     for way, (_, kd, _) in cfg.student_ways().items():
+        row, loss = split_way(way)
+        ls, marker = styles.get(loss, ("-", "o"))
+        colour = plt.get_cmap("tab10")(rows.index(row) % 10)
         curves = [curve(f"{way}-s{s}") for s in range(cfg.seeds)]
         epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
         if not epochs:
             continue
         ys = [[c[e] for c in curves] for e in epochs]
         x = [e * cfg.row_views(kd) for e in epochs]  # an epoch of N views per load is N passes
-        ax.plot(x, [statistics.fmean(y) for y in ys], marker="o", label=label(way).replace("student, ", ""))
+        ax.plot(x, [statistics.fmean(y) for y in ys], ls=ls, marker=marker, color=colour,
+                label=label(way).replace("student, ", ""))
         if cfg.seeds > 1:
-            ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], alpha=0.2)
+            ax.fill_between(x, [min(y) for y in ys], [max(y) for y in ys], color=colour, alpha=0.12 if loss != "kl" else 0.2)
         drawn = True
     t = curve("teacher")
     if t:
