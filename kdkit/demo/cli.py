@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     p.add_argument("--kd-alpha", type=number(0, 1), default=None, help="weight of the KD term (default: 0.5)")
     p.add_argument("--views-per-load", type=COUNT, default=None,
                    help="replayed rows: N stored views per decoded image (kdkit train --views-per-load), trained "
-                        "for E/N epochs of B/N samples, the same training images as every other row (default: 2, chosen on held-out images)")
+                        "for E/N epochs of B/N samples, the same training images as every other row (default: 2, chosen on held-out images; 1 when --student-epochs is odd)")
     p.add_argument("--losses", nargs="+", default=None, metavar="LOSS", choices=list(LOSS_SETTINGS),
                    help="KD terms (kdkit train --kd-loss) to compare: each besides kl adds a replayed row (the most "
                         "views) and an online row trained with it, with the settings chosen on held-out images "

@@ -60,6 +60,8 @@ class DemoConfig:
         base = (dict(train_size=6000, test_size=2000, teacher_epochs=5, student_epochs=4, seeds=1) if quick
                 else dict(seeds=3))
         base.update({k: v for k, v in over.items() if v is not None})
+        if over.get("views_per_load") is None:  # 2 where the student epochs split in two, else 1 (same budget)
+            base["views_per_load"] = 2 if base.get("student_epochs", cls.student_epochs) % 2 == 0 else 1
         return cls(out=Path(out), quick=quick, **base)
 
     def __post_init__(self):
