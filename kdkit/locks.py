@@ -1,5 +1,6 @@
 """One writer per folder: the lock every kdkit command that writes a folder takes first (a training
-run's folder, a shard set being written, a teacher pass's output, a corrupted-set folder).
+run's folder, a shard set being written, a teacher pass's output, a corrupted-set folder,
+an OpenVINO export).
 
     lock = locks.hold(folder / ".kdkit-lock", "training run in runs/r18", "give this run another --name")
     ...
@@ -32,6 +33,9 @@ import sys
 from pathlib import Path
 
 from kdkit.errors import KdkitError
+
+
+LOCK_TAG = ".kdkit-lock"
 
 
 class Busy(KdkitError):
@@ -124,6 +128,14 @@ def hold(path: Path, what: str, hint: str, part: tuple[int, int] = (0, 1)) -> Lo
                    f"nothing was changed: {hint}")
     _note(part_fd)
     return Lock([fd, part_fd], part_fd)
+
+
+def beside(folder: Path, what: str, hint: str) -> Lock:
+    """The lock of a folder that is replaced or created whole (a run folder, an export swapped in at its
+    end): `.NAME.kdkit-lock` beside it, so a writer refused before it starts leaves no folder behind and
+    the lock outlives the swap."""
+    folder = Path(folder)
+    return hold(folder.with_name(f".{folder.name}{LOCK_TAG}"), what, hint)
 
 
 def _held(path: Path) -> bool:

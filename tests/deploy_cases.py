@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
+from kdkit import locks  # noqa: E402
 from kdkit.evaluate import deploy  # noqa: E402
 from kdkit.evaluate.deploy import EvalViews, OpenVINOModel  # noqa: E402
 from kdkit.evaluate.predict import PredictConfig, predict  # noqa: E402
@@ -173,7 +174,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(exported, trained, ckpt, colou
     monkeypatch.setattr(deploy, "load_model", lambda *a, **k: (Eigh().eval(), real(*a, **k)[1]))
     assert run_cli(["export", str(trained), "-o", str(out), *base]) == 2
     one_line_error(capsys, "does not convert", "aten::linalg_eigh")
-    assert not out.exists() and not list(tmp_path.glob(".ir.*"))
+    assert not out.exists() and [p.name for p in tmp_path.glob(".ir.*")] == [".ir.kdkit-lock"]  # its lock only
     monkeypatch.undo()
     # the deploy extra missing: how to install it
     monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` sees when it is not installed
@@ -204,9 +205,9 @@ def test_no_usage_data_is_sent_without_a_consent_file(tmp_path, monkeypatch):
 def test_a_re_export_touches_nothing_beside_its_folder_and_recovers_a_killed_swap(ckpt, tmp_path, capsys):
     """The repro: `-o DIR` removed DIR.tmp at every start and DIR.old on a re-export, a user's backup among them.
     kdkit's own temporary and previous folders have names no user chooses (.DIR.<pid>.kdkit-tmp / -old); a swap
-    killed between its two renames gets the earlier export back."""
+    killed between its two renames gets the earlier export back. Which leftovers are dead is decided by the
+    export's lock, not by their pid: the pid of a killed export may be a live process's now."""
     import shutil
-    import subprocess
 
     out = tmp_path / "ir"
     for mine, text in (("ir.old", "last week's model, my only copy"), ("ir.tmp", "my notes")):
@@ -217,13 +218,18 @@ def test_a_re_export_touches_nothing_beside_its_folder_and_recovers_a_killed_swa
         assert run_cli(argv) == 0
     assert (tmp_path / "ir.old" / "file.txt").read_text() == "last week's model, my only copy"
     assert (tmp_path / "ir.tmp" / "file.txt").read_text() == "my notes"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "ir.old", "ir.tmp"]
-    # killed between "the earlier export moved aside" and "the new one renamed in": NAME is missing
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a pid no process has now
-    shutil.move(out, tmp_path / f".ir.{gone.pid}.kdkit-old")
-    (tmp_path / f".ir.{gone.pid}.kdkit-tmp").mkdir()  # and its half-built folder
-    spec = json.loads((tmp_path / f".ir.{gone.pid}.kdkit-old" / "input.json").read_text())
-    deploy.tidy_leftovers(out)
+    mine = ["ir", "ir.old", "ir.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".ir.kdkit-lock", *mine])
+    # killed between "the earlier export moved aside" and "the new one renamed in": NAME is missing; its pid
+    # is reused by a live process (this one)
+    reused = os.getpid()
+    shutil.move(out, tmp_path / f".ir.{reused}.kdkit-old")
+    (tmp_path / f".ir.{reused}.kdkit-tmp").mkdir()  # and its half-built folder
+    spec = json.loads((tmp_path / f".ir.{reused}.kdkit-old" / "input.json").read_text())
+    with locks.beside(out, "export", ""):  # another export running: refused, nothing touched
+        assert run_cli(argv) == 2
+        assert f"the export folder {out} is being written by another process (pid {os.getpid()}" in capsys.readouterr().out
+        assert not out.exists() and (tmp_path / f".ir.{reused}.kdkit-tmp").is_dir()
+    deploy.tidy_leftovers(out)  # what the next export does first, under its lock
     assert json.loads((out / "input.json").read_text()) == spec  # the earlier export is back under its name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "ir.old", "ir.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".ir.kdkit-lock", *mine])

@@ -8,7 +8,8 @@ RGB, mean/std, crop ratio, classes, the checkpoint's sha256), report.json, and w
 model_int8.xml/.bin. The spec is also stored in each IR's rt_info (kdkit/spec), so an IR alone is
 enough for `kdkit predict model.xml`. The folder is built under a temporary name of kdkit's own
 (`.NAME.<pid>.kdkit-tmp`, kdkit.atomic) and renamed when complete; a re-export moves the earlier one
-to `.NAME.<pid>.kdkit-old` for the moment of the swap. Nothing else beside NAME is touched.
+to `.NAME.<pid>.kdkit-old` for the moment of the swap. Nothing else beside NAME is touched but its lock,
+`.NAME.kdkit-lock` (kdkit.locks): one export of NAME at a time.
 
 Conversion is OpenVINO's own (`openvino.convert_model` on the PyTorch module, dynamic batch);
 `--embed-preprocessing` adds OpenVINO's PrePostProcessor steps so the IR takes uint8 NHWC RGB
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdkit import atomic
+from kdkit import atomic, locks
 from kdkit.errors import KdkitError
 from kdkit.evaluate.ensemble import denormalize_uint8, normalize_uint8, open_eval_set
 from kdkit.evaluate.openvino import IR, IR_INT8, REPORT, RT_KEY, SPEC, OpenVINOModel, require
@@ -196,8 +197,6 @@ def export_openvino(cfg) -> dict:
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "-openvino")
     spec = input_spec(info, cfg.crop_ratio, cfg.embed_preprocessing, Path(cfg.checkpoint))
-    tidy_leftovers(out)  # first: a killed re-export's earlier export comes back before NAME is checked
-    check_output_folder(out, spec["checkpoint_sha256"])
     sets = None
     if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
         dali_threads = cfg.threads or 2  # DALI's CPU threads, as `kdkit eval`'s default
@@ -211,6 +210,16 @@ def export_openvino(cfg) -> dict:
             except ShardError as e:  # the split was a default the user may not know they chose
                 raise KdkitError(f"{e}; --int8 reads {flag} {split} of --data: give {flag} with a split the "
                                  "set has") from None
+    # one export of NAME at a time (kdkit.locks: no pid is trusted, pids are reused and belong to other
+    # hosts on a shared file system), held to the end; under it, what a killed export left is tidied first:
+    # its earlier export comes back before NAME is checked
+    with locks.beside(out, f"the export folder {out}", "wait for that export to finish, or give another -o"):
+        tidy_leftovers(out)
+        check_output_folder(out, spec["checkpoint_sha256"])
+        return _export(cfg, ov, model, info, spec, out, sets)
+
+
+def _export(cfg, ov, model, info: ModelInfo, spec: dict, out: Path, sets) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     threads = cfg.threads or torch.get_num_threads()
@@ -237,27 +246,16 @@ OLD_TAG = ".kdkit-old"  # an earlier export being replaced: `.NAME.<pid>.kdkit-o
 
 
 def tidy_leftovers(out: Path) -> None:
-    """What a killed export of `out` left, and only that (names only kdkit makes, of processes that are gone):
-    its temporary folder is removed; an earlier export it was replacing comes back if NAME is gone (killed
-    between the two renames of the swap), else is removed."""
-    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*")):
-        pid = p.name[len(out.name) + 2:].split(".")[0]
-        if not (p.is_dir() and pid.isdigit() and p.name.endswith((atomic.TMP_TAG, OLD_TAG)) and not _alive(int(pid))):
+    """What killed exports of `out` left, and only that (names only kdkit makes); the caller holds `out`'s
+    lock, so no export that made them is still running: a temporary folder is removed; an earlier export
+    being replaced comes back if NAME is gone (killed between the two renames of the swap), else is removed."""
+    for p in [*sorted(out.parent.glob(f".{glob.escape(out.name)}.*{OLD_TAG}")), *atomic.leftovers(out)]:
+        if not p.is_dir():
             continue
         if p.name.endswith(OLD_TAG) and not out.exists():
             p.rename(out)
         else:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _build(cfg, model, info: ModelInfo, spec: dict, tmp: Path, out: Path, threads: int, ov, sets) -> dict:

@@ -31,14 +31,12 @@ from kdkit.train.config import TrainConfig, config_diff, save_config
 
 CONFIG, METRICS, LAST, BEST, CURVES = "config.yaml", "metrics.jsonl", "last.pth", "best.pth", "curves.png"
 PEER_LAST, PEER_BEST = "peer_last.pth", "peer_best.pth"  # mutual learning's second student (kdkit.train.mutual)
-LOCK_TAG = ".kdkit-lock"
 
 
 def lock_run(folder: Path) -> locks.Lock:
     """The run folder's lock, taken before anything in it is read or written (kdkit.locks)."""
-    folder = Path(folder)
-    return locks.hold(folder.with_name(f".{folder.name}{LOCK_TAG}"), f"the run folder {folder}",
-                      "wait for that run to finish, or give this one another --name (or --output)")
+    return locks.beside(folder, f"the run folder {folder}",
+                        "wait for that run to finish, or give this one another --name (or --output)")
 
 
 class RunDir:
