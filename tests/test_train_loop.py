@@ -299,6 +299,20 @@ def resume_cfg(data, out, name, **kw):
                    ema=True, ema_decay=0.9, warmup_epochs=1, opt="sgd", lr=0.05, model=RESNET, **kw)
 
 
+def count_index_reads(monkeypatch) -> dict[str, int]:
+    """{index path: times the shard reader parsed it}, filled while the patch holds."""
+    from kdkit.shards import reader
+
+    reads, parse = {}, reader.parse_dali_index
+
+    def counted(idx):
+        reads[str(idx)] = reads.get(str(idx), 0) + 1
+        return parse(idx)
+
+    monkeypatch.setattr(reader, "parse_dali_index", counted)
+    return reads
+
+
 def same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -317,7 +331,12 @@ def test_resume_equals_uninterrupted(colour_kd, tmp_path, monkeypatch):
                 fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=every))
         ckpt = read_checkpoint(tmp_path / name / "last.pth")
         assert (ckpt["epoch"], ckpt["train_state"]["step_in_epoch"]) == ((1, 0) if name == "boundary" else (2, 1))
-        fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=every, resume="last"))
+        with monkeypatch.context() as m:
+            reads = count_index_reads(m)
+            fit(resume_cfg(colour_kd, tmp_path, name, checkpoint_every=every, resume="last"))
+        train = sorted(str(p) for p in (colour_kd / "train").glob("*.idx"))
+        # the KD check, the resume's same-set check and the loader: each train index read once (a request in a bucket)
+        assert train and [reads.get(i) for i in train] == [1] * len(train)
         again = read_checkpoint(tmp_path / name / "last.pth")
         same_state(whole["state_dict"], again["state_dict"])
         same_state(whole["ema_state_dict"], again["ema_state_dict"])

@@ -41,6 +41,8 @@ class ShardSet:
     folder: Path | BucketPath | None = None
     manifest: contract.Manifest | None = None
     checksums: dict[Path | BucketPath, str] = field(default_factory=dict)  # tar -> its manifest's sha256
+    # what the indexes say, read once (_samples): a run's checks and its loader each scan the set
+    _samples: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def indexes(self) -> list[Path | BucketPath]:
@@ -112,10 +114,8 @@ def teacher_format(shards: ShardSet) -> str | None:
     """Which teacher outputs a set holds, from its first sample: "packed" (the .teacher member), "legacy"
     (one .npy member per array: kdkit before 2026-12) or None. `kdkit add-teacher-logits` writes one kind
     for a whole set; whether every sample has it is scan_shards' job."""
-    if not shards.indexes or not shards.indexes[0].exists():
-        return None
-    first = _parse_index(shards.indexes[0])[:1]
-    comps = first[0][1] if first else {}
+    table = _sample_table(shards) if shards.tars else []  # read once for this and the scans that follow
+    comps = table[0][2][0][0] if table and table[0][2] else frozenset()
     if contract.TEACHER_EXT in comps:
         return "packed"
     return "legacy" if set(comps) & set(contract.LEGACY_TEACHER_EXTS) else None
@@ -145,26 +145,72 @@ def teacher_layout(shards: ShardSet) -> tuple[contract.TeacherPart, ...]:
 
 
 def scan_shards(shards: ShardSet, required: list[str], probe: list[str] = (),
-                missing: str = "error", label_ext: str | None = contract.LABEL_EXT) -> ShardScan:
+                missing: str = "error") -> ShardScan:
     """Check the indexes before building a pipeline; raise ShardError naming shard and key.
 
     `required` members must be in every sample; with missing="skip" a sample lacking one is
     counted in `skipped` instead (DALI's missing_component_behavior="skip" then leaves it out).
-    `probe` members are only counted (scan.present). Cost: one read of every index file (~5 s of
-    Python for ImageNet's 1.28M samples), once per loader: a run builds its loaders once. The files are
-    read by a few threads at once: in a bucket each is a request of some milliseconds.
+    `probe` members are only counted (scan.present). The indexes are read once per ShardSet
+    (sample_keys), however many scans ask: ~5 s of Python for ImageNet's 1.28M samples, and in a bucket
+    a request per shard.
     """
     if missing not in ("error", "skip"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'skip'")
     scan = ShardScan(present={e: 0 for e in probe})
-    pairs = list(zip(shards.tars, shards.indexes))
-    with ThreadPoolExecutor(min(16, max(1, len(pairs)))) as pool:
-        read = pool.map(lambda pair: _read_shard_index(*pair), pairs)  # in order: the first bad shard is named
-        for (tar, idx), (size, entries) in zip(pairs, read):
-            _scan_shard(scan, tar, size, entries, required, probe, missing, label_ext)
+    for tar, keys, members in _sample_table(shards):
+        usable = []
+        for key, (exts, label_bytes) in zip(keys, members):
+            lacking = [e for e in required if e not in exts]
+            if lacking and missing == "error":
+                raise ShardError(f"{tar}: sample {key} has no .{lacking[0]} member "
+                                 f"(members: {', '.join(sorted(exts))}); pass missing='skip' to leave "
+                                 "such samples out")
+            if label_bytes not in (None, contract.LABEL_WIDTH):
+                raise ShardError(f"{tar}: sample {key}: .{contract.LABEL_EXT} is {label_bytes} bytes, "
+                                 f"the contract wants {contract.LABEL_WIDTH} zero-padded digits")
+            for ext in probe:
+                scan.present[ext] += ext in exts
+            usable.append(not lacking)
+            scan.skipped += bool(lacking)
+        scan.keys.append(keys)
+        scan.usable.append(usable)
     if scan.num_samples == 0:
         raise ShardError(f"{shards.tars[0].parent}: no readable samples with members {', '.join(required)}")
     return scan
+
+
+def sample_keys(shards: ShardSet) -> list[list[str]]:
+    """Every shard's sample keys, in reading order (what ShardScan.keys holds), from the indexes."""
+    return [keys for _, keys, _ in _sample_table(shards)]
+
+
+def _sample_table(shards: ShardSet) -> list[tuple]:
+    """(tar, keys, members) per shard, members per sample as (its member extensions, the byte count of its
+    label member or None): what the scans need of the indexes, read on first use by a few threads at once.
+    A member past the end of its tar is refused here, naming the first such shard and sample. The member
+    sets are shared between samples (a set holds a handful of kinds), so this costs a pointer per sample
+    beside the keys that every scan holds anyway."""
+    if shards._samples is not None:
+        return shards._samples
+    pairs = list(zip(shards.tars, shards.indexes))
+    table, kinds = [], {}
+    with ThreadPoolExecutor(min(16, max(1, len(pairs)))) as pool:
+        read = pool.map(lambda pair: _read_shard_index(*pair), pairs)  # in order: the first bad shard is named
+        for (tar, idx), (size, entries) in zip(pairs, read):
+            keys, members = [], []
+            for key, comps in entries:
+                for ext, (off, n) in comps.items():
+                    if off + n > size:
+                        raise ShardError(f"{tar}: sample {key}: member .{ext} ends at byte {off + n} but the "
+                                         f"tar has {size} bytes (truncated shard? compare with the manifest "
+                                         "via `kdkit verify`)")
+                label = comps.get(contract.LABEL_EXT)
+                kind = (frozenset(comps), label[1] if label else None)
+                keys.append(key)
+                members.append(kinds.setdefault(kind, kind))
+            table.append((tar, keys, members))
+    shards._samples = table
+    return table
 
 
 def _read_shard_index(tar, idx) -> tuple[int, list]:
@@ -175,32 +221,6 @@ def _read_shard_index(tar, idx) -> tuple[int, list]:
         raise ShardError(f"{idx}: DALI index missing for shard {tar.name} "
                          "(recreate it with `kdkit verify --fix-index`)")
     return tar.stat().st_size, _parse_index(idx)
-
-
-def _scan_shard(scan: ShardScan, tar, size: int, entries: list, required, probe, missing, label_ext) -> None:
-    """Add one shard's samples to the scan (scan_shards' check of each sample)."""
-    keys, usable = [], []
-    for key, comps in entries:
-        for ext, (off, n) in comps.items():
-            if off + n > size:
-                raise ShardError(f"{tar}: sample {key}: member .{ext} ends at byte {off + n} but the "
-                                 f"tar has {size} bytes (truncated shard? compare with the manifest "
-                                 "via `kdkit verify`)")
-        lacking = [e for e in required if e not in comps]
-        if lacking and missing == "error":
-            raise ShardError(f"{tar}: sample {key} has no .{lacking[0]} member "
-                             f"(members: {', '.join(sorted(comps))}); pass missing='skip' to leave "
-                             "such samples out")
-        if label_ext and label_ext in comps and comps[label_ext][1] != contract.LABEL_WIDTH:
-            raise ShardError(f"{tar}: sample {key}: .{label_ext} is {comps[label_ext][1]} bytes, "
-                             f"the contract wants {contract.LABEL_WIDTH} zero-padded digits")
-        for ext in probe:
-            scan.present[ext] += ext in comps
-        keys.append(key)
-        usable.append(not lacking)
-        scan.skipped += bool(lacking)
-    scan.keys.append(keys)
-    scan.usable.append(usable)
 
 
 def shard_range(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:

@@ -150,9 +150,9 @@ def check_same_train_set(resume: tuple[str, dict] | None, data) -> None:
     was = ckpt["train_state"].get("train_set")
     if not was:  # a checkpoint written before kdkit recorded its set: not known
         return
-    from kdkit.shards.reader import scan_shards
+    from kdkit.shards.reader import sample_keys
 
-    now = train_identity(data, scan_shards(data.train, [], label_ext=None).keys)
+    now = train_identity(data, sample_keys(data.train))  # the indexes the loader then reads: read once
     if was["keys_sha256"] != now["keys_sha256"]:
         raise KdkitError(f"{path}: this run trained on {was['folder']} ({was['samples']} samples); {now['folder']} "
                          f"holds other samples ({now['samples']}). Resume it on the set it started with, or start "
