@@ -197,26 +197,32 @@ def export_openvino(cfg) -> dict:
                              trust=cfg.trust_checkpoint)
     out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint).with_name(Path(cfg.checkpoint).stem + "-openvino")
     spec = input_spec(info, cfg.crop_ratio, cfg.embed_preprocessing, Path(cfg.checkpoint))
-    sets = None
-    if cfg.int8:  # both sets checked against the model (classes, stored size) before any work
-        dali_threads = cfg.threads or 2  # DALI's CPU threads, as `kdkit eval`'s default
-        from kdkit.shards.reader import ShardError
-
-        sets = []
-        for flag, split, limit in (("--calibration-split", cfg.calibration_split, cfg.calibration_samples),
-                                   ("--split", cfg.split, None)):
-            try:
-                sets.append(EvalViews(cfg.data, split, info, cfg.crop_ratio, 32, limit, dali_threads))
-            except ShardError as e:  # the split was a default the user may not know they chose
-                raise KdkitError(f"{e}; --int8 reads {flag} {split} of --data: give {flag} with a split the "
-                                 "set has") from None
     # one export of NAME at a time (kdkit.locks: no pid is trusted, pids are reused and belong to other
-    # hosts on a shared file system), held to the end; under it, what a killed export left is tidied first:
-    # its earlier export comes back before NAME is checked
+    # hosts on a shared file system), taken first and held to the end; under it, what a killed export left
+    # is tidied first: its earlier export comes back before NAME is checked
     with locks.beside(out, f"the export folder {out}", "wait for that export to finish, or give another -o"):
         tidy_leftovers(out)
         check_output_folder(out, spec["checkpoint_sha256"])
-        return _export(cfg, ov, model, info, spec, out, sets)
+        return _export(cfg, ov, model, info, spec, out, calibration_sets(cfg, info))
+
+
+def calibration_sets(cfg, info: ModelInfo) -> list | None:
+    """--int8: the calibration and evaluation views, both sets checked against the model (classes, stored
+    size) before any work."""
+    if not cfg.int8:
+        return None
+    dali_threads = cfg.threads or 2  # DALI's CPU threads, as `kdkit eval`'s default
+    from kdkit.shards.reader import ShardError
+
+    sets = []
+    for flag, split, limit in (("--calibration-split", cfg.calibration_split, cfg.calibration_samples),
+                               ("--split", cfg.split, None)):
+        try:
+            sets.append(EvalViews(cfg.data, split, info, cfg.crop_ratio, 32, limit, dali_threads))
+        except ShardError as e:  # the split was a default the user may not know they chose
+            raise KdkitError(f"{e}; --int8 reads {flag} {split} of --data: give {flag} with a split the "
+                             "set has") from None
+    return sets
 
 
 def _export(cfg, ov, model, info: ModelInfo, spec: dict, out: Path, sets) -> dict:
