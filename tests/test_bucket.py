@@ -158,7 +158,6 @@ def set_in_bucket(tmp_path, url: str, **kw):
     return location(url)
 
 
-
 def test_image_headers_of_unchecked_bucket_shards_are_read_from_the_bucket(tmp_path, bucket):
     """What a reader does with shards no checksum vouched for (KDKIT_CHECKSUMS=0, or no manifest record):
     walk their image headers before DALI; from a bucket too, and a damaged header is named."""
@@ -174,6 +173,7 @@ def test_image_headers_of_unchecked_bucket_shards_are_read_from_the_bucket(tmp_p
     tars[0].write_bytes(body[:start + 2] + bytes(64) + body[start + 66:])
     with pytest.raises(ShardError, match=str(tars[0]).replace(".", r"\.")):
         check_headers(tars)
+
 
 # a shuffle buffer smaller than the set: DALI fills a larger one by reading the set round and round, one
 # request per member and sample from a bucket

@@ -171,8 +171,7 @@ def test_names_the_trainer_implements_are_the_ones_it_offers():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     from kdkit.pipelines.options import IMAGENET_MEAN, IMAGENET_STD
-    from kdkit.train.config import KD_MODES
-    from kdkit.train.config import KD_LOSSES
+    from kdkit.train.config import KD_LOSSES, KD_MODES
     from kdkit.train.kd import KD_MODES as IMPLEMENTED
     from kdkit.train.losses import KD_LOSSES as LOSSES
 

@@ -42,7 +42,8 @@ class ShardSet:
     folder: Path | BucketPath | None = None
     manifest: contract.Manifest | None = None
     checksums: dict[Path | BucketPath, str] = field(default_factory=dict)  # tar -> its manifest's sha256
-    # what the indexes say, read once (_samples): a run's checks and its loader each scan the set
+    # what the indexes say, read once (_sample_table): a run's checks and its loader each scan the set. A
+    # ShardSet is the set as first read: resolve it again after rewriting the set's indexes
     _samples: list | None = field(default=None, repr=False, compare=False)
 
     @property
