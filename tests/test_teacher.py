@@ -36,7 +36,6 @@ from kdkit.shards import contract, tario
 from kdkit.shards.verify import verify_set
 from kdkit.teach import TeacherPassConfig, TeacherSpec, add_teacher_logits
 from kdkit.runtime import Runtime
-from kdkit.shards import resume
 from kdkit.teach import add_logits, members
 from kdkit.teach.compute import views_config
 from kdkit.teach.teachers import load_teacher

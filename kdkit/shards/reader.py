@@ -15,7 +15,6 @@ with Pillow until the bad one is found.
 """
 from __future__ import annotations
 
-import io
 import re
 import time
 from collections import Counter
